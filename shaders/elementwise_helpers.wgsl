@@ -1,0 +1,56 @@
+// Helpers shared by every generated elementwise kernel.
+
+fn p(i: u32) -> u32 {
+    return params.v[i / 4u][i % 4u];
+}
+
+// Element offset of linear output index `i` in a strided view whose offset
+// and strides start at word `base` (rank at word 1, output shape at 2..10).
+fn strided(base: u32, i: u32) -> u32 {
+    var rem = i;
+    var off = p(base);
+    for (var d = p(1u); d > 0u; d = d - 1u) {
+        let size = p(1u + d);
+        off = off + (rem % size) * p(base + d);
+        rem = rem / size;
+    }
+    return off;
+}
+
+// erf, Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7).
+fn wgrad_erf(x: f32) -> f32 {
+    let t = 1.0 / (1.0 + 0.3275911 * abs(x));
+    let y = 1.0 - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t * exp(-x * x);
+    return select(-y, y, x >= 0.0);
+}
+
+// pow with PyTorch's conventions: x^0 = 1, negative bases with integral
+// exponents keep their sign, negative bases with fractional exponents are NaN.
+fn wgrad_pow(x: f32, y: f32) -> f32 {
+    let r = pow(abs(x), y);
+    let odd = abs(y % 2.0) == 1.0;
+    let integral = fract(y) == 0.0;
+    var out = select(r, -r, x < 0.0 && odd);
+    if (x < 0.0 && !integral) {
+        out = bitcast<f32>(0x7fc00000u);
+    }
+    return select(out, 1.0, y == 0.0);
+}
+
+// PCG hash (Jarzynski & Olano 2020).
+fn wgrad_hash(v: u32) -> u32 {
+    let state = v * 747796405u + 2891336453u;
+    let word = ((state >> ((state >> 28u) + 4u)) ^ state) * 277803737u;
+    return (word >> 22u) ^ word;
+}
+
+fn wgrad_uniform(i: u32, seed_lo: u32, seed_hi: u32) -> f32 {
+    let h = wgrad_hash(wgrad_hash(i ^ wgrad_hash(seed_lo)) + seed_hi);
+    return f32(h >> 8u) * (1.0 / 16777216.0);
+}
+
+fn wgrad_normal(i: u32, seed_lo: u32, seed_hi: u32) -> f32 {
+    let u1 = wgrad_uniform(2u * i, seed_lo, seed_hi);
+    let u2 = wgrad_uniform(2u * i + 1u, seed_lo, seed_hi);
+    return sqrt(-2.0 * log(1.0 - u1)) * cos(6.283185307179586 * u2);
+}

@@ -1,0 +1,155 @@
+//! Nodes and edges of the backward graph.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
+
+use crate::autograd::grad_mode::is_grad_enabled;
+use crate::metadata::InputMetadata;
+use crate::ops::Op;
+use crate::tensor::Tensor;
+
+/// A gradient hook: sees the gradient of a tensor and may replace it.
+pub(crate) type Hook = Arc<dyn Fn(&Tensor) -> Option<Tensor> + Send + Sync>;
+
+/// How a tensor takes part in autograd.
+pub(crate) enum AutogradMeta {
+    /// Not tracked.
+    None,
+    /// A leaf that requires grad; its gradient accumulates in the state.
+    Leaf(Arc<LeafState>),
+    /// The output of a recorded op.
+    Interior(Arc<Node>),
+}
+
+/// A leaf's `.grad`, hooks and (weakly) its accumulator node, shared by
+/// every handle to the leaf.
+pub(crate) struct LeafState {
+    pub metadata: InputMetadata,
+    pub grad: Mutex<Option<Tensor>>,
+    pub hooks: Mutex<Vec<Hook>>,
+    accumulator: Mutex<Weak<Node>>,
+}
+
+impl LeafState {
+    pub fn new(metadata: InputMetadata) -> LeafState {
+        LeafState {
+            metadata,
+            grad: Mutex::new(None),
+            hooks: Mutex::new(Vec::new()),
+            accumulator: Mutex::new(Weak::new()),
+        }
+    }
+
+    /// The leaf's accumulator node, shared by all ops that use the leaf so
+    /// their contributions are summed before hooks and accumulation run.
+    pub fn accumulator(self: &Arc<LeafState>) -> Arc<Node> {
+        let mut slot = self.accumulator.lock();
+        if let Some(node) = slot.upgrade() {
+            return node;
+        }
+        let node =
+            Arc::new(Node::new(NodeKind::AccumulateGrad(self.clone()), Vec::new(), self.metadata.clone(), Vec::new()));
+        *slot = Arc::downgrade(&node);
+        node
+    }
+
+    /// The accumulator if some live graph uses this leaf.
+    pub fn existing_accumulator(&self) -> Option<Arc<Node>> {
+        self.accumulator.lock().upgrade()
+    }
+}
+
+pub(crate) enum NodeKind {
+    /// The backward of a recorded op.
+    Op(Op),
+    /// Accumulates into a leaf's `.grad`.
+    AccumulateGrad(Arc<LeafState>),
+}
+
+/// A node of the backward graph: computes the gradients of an op's inputs
+/// from the gradient of its output.
+pub struct Node {
+    /// Creation order; a node is always created after the nodes it points
+    /// to, so walking in decreasing `seq` is a topological order.
+    pub(crate) seq: u64,
+    pub(crate) kind: NodeKind,
+    /// Where each input's gradient goes (one per op input).
+    pub(crate) edges: Vec<Edge>,
+    /// What the gradient flowing into this node must look like.
+    pub(crate) metadata: InputMetadata,
+    /// Tensors the backward formula needs; `None` once released.
+    pub(crate) saved: Mutex<Option<Vec<Tensor>>>,
+    /// Hooks on the op's output tensor, run before the formula.
+    pub(crate) pre_hooks: Mutex<Vec<Hook>>,
+}
+
+static NEXT_SEQ: AtomicU64 = AtomicU64::new(0);
+
+impl Node {
+    fn new(kind: NodeKind, edges: Vec<Edge>, metadata: InputMetadata, saved: Vec<Tensor>) -> Node {
+        Node {
+            seq: NEXT_SEQ.fetch_add(1, Ordering::Relaxed),
+            kind,
+            edges,
+            metadata,
+            saved: Mutex::new(Some(saved)),
+            pre_hooks: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub(crate) fn name(&self) -> &'static str {
+        match &self.kind {
+            NodeKind::Op(op) => op.name(),
+            NodeKind::AccumulateGrad(_) => "AccumulateGrad",
+        }
+    }
+}
+
+/// An edge of the backward graph: where the gradient of one op input goes.
+/// An edge with no node carries no gradient (the input does not require grad).
+#[derive(Clone)]
+pub struct Edge {
+    pub(crate) node: Option<Arc<Node>>,
+}
+
+impl Edge {
+    /// The metadata of the gradient this edge carries, `None` if it carries none.
+    pub fn metadata(&self) -> Option<InputMetadata> {
+        self.node.as_ref().map(|n| n.metadata.clone())
+    }
+
+    /// Whether a gradient flows along this edge.
+    pub fn is_valid(&self) -> bool {
+        self.node.is_some()
+    }
+}
+
+impl Tensor {
+    /// The edge a gradient of this tensor flows along.
+    pub(crate) fn gradient_edge(&self) -> Edge {
+        let node = match &self.0.autograd {
+            AutogradMeta::None => None,
+            AutogradMeta::Leaf(leaf) => Some(leaf.accumulator()),
+            AutogradMeta::Interior(node) => Some(node.clone()),
+        };
+        Edge { node }
+    }
+
+    /// The edges of the op that produced this tensor (empty for leaves).
+    pub fn next_edges(&self) -> Vec<Edge> {
+        self.grad_fn().map(|n| n.edges.clone()).unwrap_or_default()
+    }
+}
+
+/// Attaches a backward node for `op` to `out` when grad mode is on and some
+/// input requires grad; otherwise returns `out` untouched.
+pub(crate) fn record(op: Op, inputs: &[&Tensor], saved: Vec<Tensor>, out: Tensor) -> Tensor {
+    if !is_grad_enabled() || !inputs.iter().any(|t| t.needs_grad()) {
+        return out;
+    }
+    let edges = inputs.iter().map(|t| t.gradient_edge()).collect();
+    let node = Node::new(NodeKind::Op(op), edges, out.metadata(), saved);
+    out.with_autograd(AutogradMeta::Interior(Arc::new(node)))
+}

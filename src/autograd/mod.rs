@@ -1,0 +1,15 @@
+//! The autograd graph and the eager backward engine.
+//!
+//! Nodes are reference-counted (`Arc`) and owned by the tensors that can
+//! still reach them, so a graph lives exactly as long as someone can
+//! backward through it; the compiled backward lowers graphs into an
+//! arena-based IR of its own.
+
+mod engine;
+mod grad_mode;
+mod graph;
+
+pub use engine::{BackwardOptions, grad};
+pub use grad_mode::{NoGradGuard, is_grad_enabled, no_grad};
+pub use graph::Edge;
+pub(crate) use graph::{AutogradMeta, LeafState, Node, record};

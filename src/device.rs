@@ -1,0 +1,539 @@
+//! Adapter selection, the queue, the pending command batch, uploads and
+//! readback. Ops never submit on their own: they append dispatches to a batch
+//! that is submitted at sync points (readback, [`Device::synchronize`]) or
+//! when it grows large, so a step costs a handful of submits, not one per op.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+use crate::alloc::{MemoryStats, Pool, PooledBuffer, size_class};
+use crate::error::{Error, Result};
+use crate::metadata::DeviceId;
+
+/// Threads per workgroup of the 1-D kernels (elementwise, reductions).
+pub(crate) const WORKGROUP_SIZE: u32 = 256;
+/// Bytes of the uniform arena that holds every pending dispatch's sizes.
+const ARENA_BYTES: u64 = 256 * 1024;
+/// A batch is submitted once it holds this many commands.
+const MAX_BATCH: usize = 2048;
+
+/// What adapter a [`Device`] runs on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Adapter name, e.g. `llvmpipe (LLVM 15.0.6, 256 bits)` or `NVIDIA H200`.
+    pub name: String,
+    /// Backend: Vulkan, Metal, DX12 or GL.
+    pub backend: String,
+    /// Discrete GPU, integrated GPU, CPU (software), ...
+    pub device_type: String,
+    /// Driver name and version as reported by the adapter.
+    pub driver: String,
+}
+
+impl std::fmt::Display for DeviceInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}, {}, {})", self.name, self.backend, self.device_type, self.driver)
+    }
+}
+
+/// Running totals of what the device did; cheap to read, useful in tests
+/// and benchmarks (a steady-state loop creates no pipelines or buffers).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceCounters {
+    /// Compute dispatches recorded.
+    pub dispatches: u64,
+    /// Queue submits.
+    pub submits: u64,
+    /// Compute pipelines created (each distinct kernel source once).
+    pub pipelines_created: u64,
+    /// Host-to-device uploads.
+    pub uploads: u64,
+    /// Device-to-host readbacks.
+    pub readbacks: u64,
+}
+
+/// A GPU device: cheap to clone, `Send + Sync`. Tensors remember the device
+/// they live on; ops on tensors of two devices are an error.
+///
+/// ```no_run
+/// let device = wgrad::Device::new()?;
+/// println!("running on {}", device.info());
+/// # Ok::<(), wgrad::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Device {
+    pub(crate) inner: Arc<DeviceInner>,
+}
+
+pub(crate) struct DeviceInner {
+    id: DeviceId,
+    info: DeviceInfo,
+    pub(crate) device: wgpu::Device,
+    queue: wgpu::Queue,
+    pub(crate) limits: wgpu::Limits,
+    f16: bool,
+    pool: Arc<Mutex<Pool>>,
+    batch: Mutex<Batch>,
+    pipelines: Mutex<HashMap<String, wgpu::ComputePipeline>>,
+    counters: Mutex<DeviceCounters>,
+    /// Errors wgpu reported outside an error scope; surfaced at the next sync.
+    uncaptured: Arc<Mutex<Option<String>>>,
+    arena: wgpu::Buffer,
+}
+
+enum Command {
+    Dispatch { pipeline: wgpu::ComputePipeline, bind_group: wgpu::BindGroup, grid: [u32; 3] },
+    Copy { src: wgpu::Buffer, src_offset: u64, dst: wgpu::Buffer, dst_offset: u64, size: u64 },
+}
+
+#[derive(Default)]
+struct Batch {
+    commands: Vec<Command>,
+    uniforms: Vec<u8>,
+}
+
+static NEXT_DEVICE_ID: AtomicU64 = AtomicU64::new(0);
+
+fn rank_adapter(info: &wgpu::AdapterInfo) -> (u8, u8) {
+    let kind = match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    };
+    // GL's compute support is the weakest of the backends: prefer the others.
+    let backend = u8::from(info.backend == wgpu::Backend::Gl);
+    (kind, backend)
+}
+
+impl Device {
+    /// Picks an adapter and creates a device on it.
+    ///
+    /// `WGRAD_ADAPTER` (a case-insensitive substring of the adapter name)
+    /// chooses one explicitly; wgpu's own `WGPU_BACKEND` restricts the
+    /// backends. Otherwise a discrete GPU is preferred over an integrated one,
+    /// and either over a software adapter such as lavapipe.
+    pub fn new() -> Result<Device> {
+        // WGPU_BACKEND restricts the search; otherwise Vulkan/Metal/DX12
+        // first, and GL (weakest compute support, noisy to probe) only if
+        // they find nothing.
+        let enumerate = |backends: wgpu::Backends| {
+            let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+            desc.backends = backends;
+            pollster::block_on(wgpu::Instance::new(desc).enumerate_adapters(backends))
+        };
+        let adapters = match wgpu::Backends::from_env() {
+            Some(backends) => enumerate(backends),
+            None => {
+                let primary = enumerate(wgpu::Backends::PRIMARY);
+                if primary.is_empty() { enumerate(wgpu::Backends::SECONDARY) } else { primary }
+            }
+        };
+        let seen: Vec<String> =
+            adapters.iter().map(|a| format!("{} ({:?})", a.get_info().name, a.get_info().backend)).collect();
+        let filter = std::env::var("WGRAD_ADAPTER").ok().filter(|f| !f.is_empty());
+        let mut candidates: Vec<wgpu::Adapter> = adapters
+            .into_iter()
+            .filter(|a| match &filter {
+                Some(f) => a.get_info().name.to_lowercase().contains(&f.to_lowercase()),
+                None => true,
+            })
+            .collect();
+        candidates.sort_by_key(|a| rank_adapter(&a.get_info()));
+        let Some(adapter) = candidates.into_iter().next() else {
+            let detail = match filter {
+                Some(f) => format!(" matching WGRAD_ADAPTER={f:?} (adapters present: {seen:?})"),
+                None => String::new(),
+            };
+            return Err(Error::NoAdapter { detail });
+        };
+        Device::from_adapter(adapter)
+    }
+
+    fn from_adapter(adapter: wgpu::Adapter) -> Result<Device> {
+        let ainfo = adapter.get_info();
+        let f16 = adapter.features().contains(wgpu::Features::SHADER_F16);
+        let required_features = if f16 { wgpu::Features::SHADER_F16 } else { wgpu::Features::empty() };
+        // Everything the adapter offers: the runtime needs its full storage
+        // binding size, buffer size and workgroup limits, not WebGPU's defaults.
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("wgrad"),
+            required_features,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| Error::RequestDevice { adapter: ainfo.name.clone(), message: e.to_string() })?;
+
+        let uncaptured = Arc::new(Mutex::new(None));
+        let sink = uncaptured.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            let mut slot = sink.lock();
+            if slot.is_none() {
+                *slot = Some(e.to_string());
+            }
+        }));
+        let arena = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("wgrad uniform arena"),
+            size: ARENA_BYTES,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let info = DeviceInfo {
+            name: ainfo.name.clone(),
+            backend: format!("{:?}", ainfo.backend),
+            device_type: format!("{:?}", ainfo.device_type),
+            driver: format!("{} {}", ainfo.driver, ainfo.driver_info).trim().to_string(),
+        };
+        Ok(Device {
+            inner: Arc::new(DeviceInner {
+                id: DeviceId(NEXT_DEVICE_ID.fetch_add(1, Ordering::Relaxed)),
+                info,
+                device,
+                queue,
+                limits,
+                f16,
+                pool: Arc::new(Mutex::new(Pool::default())),
+                batch: Mutex::new(Batch::default()),
+                pipelines: Mutex::new(HashMap::new()),
+                counters: Mutex::new(DeviceCounters::default()),
+                uncaptured,
+                arena,
+            }),
+        })
+    }
+
+    /// The adapter this device runs on.
+    pub fn info(&self) -> &DeviceInfo {
+        &self.inner.info
+    }
+
+    /// This device's identity.
+    pub fn id(&self) -> DeviceId {
+        self.inner.id
+    }
+
+    /// Whether `DType::F16` tensors can be used (the adapter has `SHADER_F16`).
+    pub fn supports_f16(&self) -> bool {
+        self.inner.f16
+    }
+
+    /// The largest tensor, in bytes, that fits one storage binding.
+    pub fn max_tensor_bytes(&self) -> u64 {
+        (self.inner.limits.max_storage_buffer_binding_size as u64).min(self.inner.limits.max_buffer_size)
+    }
+
+    /// Bytes live, peak and pooled.
+    pub fn memory_stats(&self) -> MemoryStats {
+        self.inner.pool.lock().stats
+    }
+
+    /// Restarts peak tracking from the current live bytes.
+    pub fn reset_peak_memory(&self) {
+        let mut pool = self.inner.pool.lock();
+        pool.stats.peak_bytes = pool.stats.live_bytes;
+    }
+
+    /// Releases every pooled (free) buffer back to the driver.
+    pub fn empty_cache(&self) {
+        self.inner.pool.lock().clear();
+    }
+
+    /// Dispatch, submit, pipeline and transfer counts so far.
+    pub fn counters(&self) -> DeviceCounters {
+        *self.inner.counters.lock()
+    }
+
+    /// Submits pending work and waits until the device has finished it.
+    pub fn synchronize(&self) -> Result<()> {
+        self.flush();
+        self.wait()?;
+        self.take_uncaptured()
+    }
+
+    fn wait(&self) -> Result<()> {
+        self.inner
+            .device
+            .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
+            .map(|_| ())
+            .map_err(|e| Error::Gpu(e.to_string()))
+    }
+
+    fn take_uncaptured(&self) -> Result<()> {
+        match self.inner.uncaptured.lock().take() {
+            Some(message) => Err(Error::Gpu(message)),
+            None => Ok(()),
+        }
+    }
+
+    /// A buffer of at least `bytes` from the pool (or newly created).
+    pub(crate) fn alloc(&self, bytes: u64) -> Result<Arc<PooledBuffer>> {
+        let limit = self.max_tensor_bytes();
+        if bytes > limit {
+            return Err(Error::TensorTooLarge { bytes, limit });
+        }
+        let class = size_class(bytes).min(limit.max(256));
+        let pool = &self.inner.pool;
+        if let Some(buffer) = pool.lock().take(class) {
+            return Ok(Arc::new(PooledBuffer::new(buffer, class, pool.clone())));
+        }
+        let scope = self.inner.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let buffer = self.inner.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("wgrad tensor"),
+            size: class,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let buffer = if pollster::block_on(scope.pop()).is_some() {
+            // Give the pooled buffers back to the driver and try once more.
+            pool.lock().clear();
+            let scope = self.inner.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+            let buffer = self.inner.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("wgrad tensor"),
+                size: class,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            if pollster::block_on(scope.pop()).is_some() {
+                let live = pool.lock().stats.live_bytes;
+                return Err(Error::OutOfMemory { bytes: class, live });
+            }
+            buffer
+        } else {
+            buffer
+        };
+        let mut p = pool.lock();
+        p.mark_live(class);
+        p.stats.buffers_created += 1;
+        drop(p);
+        Ok(Arc::new(PooledBuffer::new(buffer, class, pool.clone())))
+    }
+
+    /// The compute pipeline for a WGSL source, created once and cached by
+    /// its text. Compile errors come back as [`Error::Shader`].
+    pub(crate) fn pipeline(&self, label: &str, source: &str) -> Result<wgpu::ComputePipeline> {
+        if let Some(p) = self.inner.pipelines.lock().get(source) {
+            return Ok(p.clone());
+        }
+        let device = &self.inner.device;
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(label),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(label),
+            layout: None,
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Shader { label: label.to_string(), message: e.to_string() });
+        }
+        if std::env::var_os("WGRAD_LOG_WGSL").is_some() {
+            eprintln!("wgrad: new pipeline `{label}`:\n{source}");
+        }
+        self.inner.counters.lock().pipelines_created += 1;
+        self.inner.pipelines.lock().insert(source.to_string(), pipeline.clone());
+        Ok(pipeline)
+    }
+
+    /// Appends a dispatch: binding 0 is a uniform holding `params`, bindings
+    /// 1.. are the storage buffers in order. `threads` is split into a grid
+    /// that respects the per-dimension workgroup limit (see [`Self::grid_1d`]).
+    pub(crate) fn dispatch(
+        &self,
+        pipeline: &wgpu::ComputePipeline,
+        params: &[u32],
+        buffers: &[&wgpu::Buffer],
+        grid: [u32; 3],
+    ) -> Result<()> {
+        if grid.contains(&0) {
+            return Ok(());
+        }
+        let align = self.inner.limits.min_uniform_buffer_offset_alignment.max(16) as usize;
+        let bytes: &[u8] = bytemuck::cast_slice(params);
+        let size = bytes.len().max(16).next_multiple_of(16);
+        let mut batch = self.inner.batch.lock();
+        let mut offset = batch.uniforms.len().next_multiple_of(align);
+        if offset + size > ARENA_BYTES as usize || batch.commands.len() >= MAX_BATCH {
+            self.submit_batch(&mut batch);
+            offset = 0;
+        }
+        batch.uniforms.resize(offset, 0);
+        batch.uniforms.extend_from_slice(bytes);
+        batch.uniforms.resize(offset + size, 0);
+
+        let layout = pipeline.get_bind_group_layout(0);
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &self.inner.arena,
+                offset: offset as u64,
+                size: wgpu::BufferSize::new(size as u64),
+            }),
+        }];
+        for (i, b) in buffers.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource: b.as_entire_binding() });
+        }
+        let bind_group = self.inner.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &layout,
+            entries: &entries,
+        });
+        batch.commands.push(Command::Dispatch { pipeline: pipeline.clone(), bind_group, grid });
+        self.inner.counters.lock().dispatches += 1;
+        Ok(())
+    }
+
+    /// A grid of `WORKGROUP_SIZE`-thread workgroups covering `threads`
+    /// invocations. Kernels recover the linear id as
+    /// `gid.x + gid.y * num_workgroups.x * WORKGROUP_SIZE`, so grids wider
+    /// than the per-dimension limit fold into a second dimension.
+    pub(crate) fn grid_1d(&self, threads: u64) -> Result<[u32; 3]> {
+        let groups = threads.div_ceil(WORKGROUP_SIZE as u64);
+        let max = self.inner.limits.max_compute_workgroups_per_dimension as u64;
+        if groups <= max {
+            return Ok([groups as u32, 1, 1]);
+        }
+        let y = groups.div_ceil(max);
+        if y > max {
+            return Err(Error::TensorTooLarge { bytes: threads * 4, limit: max * max * WORKGROUP_SIZE as u64 * 4 });
+        }
+        Ok([max as u32, y as u32, 1])
+    }
+
+    /// Copies host bytes into a new pooled buffer, in queue order with the
+    /// pending dispatches (a staging buffer and a recorded copy, so a pooled
+    /// buffer that pending commands still read is never overwritten early).
+    pub(crate) fn upload(&self, bytes: &[u8]) -> Result<Arc<PooledBuffer>> {
+        let buffer = self.alloc(bytes.len() as u64)?;
+        if bytes.is_empty() {
+            return Ok(buffer);
+        }
+        let padded = (bytes.len() as u64).next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT);
+        let staging = self.inner.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("wgrad upload"),
+            size: padded,
+            usage: wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: true,
+        });
+        {
+            let mut view = staging.get_mapped_range_mut(..).map_err(|e| Error::Gpu(e.to_string()))?;
+            view.slice(..bytes.len()).copy_from_slice(bytes);
+        }
+        staging.unmap();
+        let mut batch = self.inner.batch.lock();
+        batch.commands.push(Command::Copy {
+            src: staging,
+            src_offset: 0,
+            dst: buffer.raw().clone(),
+            dst_offset: 0,
+            size: padded,
+        });
+        self.inner.counters.lock().uploads += 1;
+        Ok(buffer)
+    }
+
+    /// Reads `size` bytes at `offset` of a buffer back to the host, after
+    /// all pending work.
+    pub(crate) fn read(&self, buffer: &wgpu::Buffer, offset: u64, size: u64) -> Result<Vec<u8>> {
+        if size == 0 {
+            return Ok(Vec::new());
+        }
+        let start = offset - offset % wgpu::COPY_BUFFER_ALIGNMENT;
+        let end = (offset + size).next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT);
+        let staging = self.inner.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("wgrad readback"),
+            size: end - start,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        {
+            let mut batch = self.inner.batch.lock();
+            batch.commands.push(Command::Copy {
+                src: buffer.clone(),
+                src_offset: start,
+                dst: staging.clone(),
+                dst_offset: 0,
+                size: end - start,
+            });
+            self.submit_batch(&mut batch);
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        self.take_uncaptured()?;
+        rx.recv().map_err(|e| Error::Readback(e.to_string()))?.map_err(|e| Error::Readback(e.to_string()))?;
+        let view = staging.get_mapped_range(..).map_err(|e| Error::Readback(e.to_string()))?;
+        let lo = (offset - start) as usize;
+        let out = view[lo..lo + size as usize].to_vec();
+        drop(view);
+        staging.unmap();
+        self.inner.counters.lock().readbacks += 1;
+        Ok(out)
+    }
+
+    /// Submits the pending batch without waiting.
+    pub(crate) fn flush(&self) {
+        let mut batch = self.inner.batch.lock();
+        self.submit_batch(&mut batch);
+    }
+
+    fn submit_batch(&self, batch: &mut Batch) {
+        if batch.commands.is_empty() {
+            return;
+        }
+        let inner = &self.inner;
+        if !batch.uniforms.is_empty() {
+            inner.queue.write_buffer(&inner.arena, 0, &batch.uniforms);
+        }
+        let mut encoder =
+            inner.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("wgrad batch") });
+        // Consecutive dispatches share one compute pass (wgpu still inserts
+        // the barriers between them); a copy ends the pass.
+        let mut pass: Option<wgpu::ComputePass<'static>> = None;
+        for cmd in batch.commands.drain(..) {
+            match cmd {
+                Command::Dispatch { pipeline, bind_group, grid } => {
+                    let pass = pass.get_or_insert_with(|| {
+                        encoder.begin_compute_pass(&wgpu::ComputePassDescriptor::default()).forget_lifetime()
+                    });
+                    pass.set_pipeline(&pipeline);
+                    pass.set_bind_group(0, &bind_group, &[]);
+                    pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
+                }
+                Command::Copy { src, src_offset, dst, dst_offset, size } => {
+                    pass = None;
+                    encoder.copy_buffer_to_buffer(&src, src_offset, &dst, dst_offset, size);
+                }
+            }
+        }
+        drop(pass);
+        batch.uniforms.clear();
+        inner.queue.submit([encoder.finish()]);
+        inner.counters.lock().submits += 1;
+    }
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Device({}, {})", self.inner.id, self.inner.info)
+    }
+}
+
+impl PartialEq for Device {
+    fn eq(&self, other: &Device) -> bool {
+        self.inner.id == other.inner.id
+    }
+}

@@ -1,0 +1,167 @@
+//! The one error type of the crate. Every variant says what was wrong and
+//! what to do about it; the library never panics on user input.
+
+use crate::metadata::{DType, DeviceId, InputMetadata, Shape};
+
+/// Result alias used throughout wgrad.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Everything that can go wrong in wgrad.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// No usable GPU adapter was found.
+    #[error(
+        "no GPU adapter found{detail}: install a GPU driver with Vulkan, Metal or DX12 support, \
+         or Mesa's software Vulkan driver lavapipe (Debian/Ubuntu: `apt-get install mesa-vulkan-drivers`, \
+         or run scripts/ensure-vulkan.sh)"
+    )]
+    NoAdapter {
+        /// Extra context (the `WGRAD_ADAPTER` filter and the adapters seen).
+        detail: String,
+    },
+    /// The adapter refused to create a device.
+    #[error("the adapter `{adapter}` refused to create a device: {message}")]
+    RequestDevice {
+        /// Adapter name.
+        adapter: String,
+        /// wgpu's message.
+        message: String,
+    },
+    /// Two operand shapes cannot be broadcast together.
+    #[error(
+        "{op}: shapes {lhs} and {rhs} cannot be broadcast together; \
+         trailing dimensions must be equal or 1 (reshape or unsqueeze one operand)"
+    )]
+    ShapeMismatch {
+        /// The op.
+        op: &'static str,
+        /// Left shape.
+        lhs: Shape,
+        /// Right shape.
+        rhs: Shape,
+    },
+    /// An argument (shape, axis, range, ...) is invalid for the op.
+    #[error("{op}: {message}")]
+    InvalidArgument {
+        /// The op.
+        op: &'static str,
+        /// What is wrong and what to do.
+        message: String,
+    },
+    /// Two operands have different dtypes.
+    #[error("{op}: dtype mismatch, {lhs:?} vs {rhs:?}; convert one side with `.to_dtype(..)`")]
+    DTypeMismatch {
+        /// The op.
+        op: &'static str,
+        /// Left dtype.
+        lhs: DType,
+        /// Right dtype.
+        rhs: DType,
+    },
+    /// The op does not support this dtype.
+    #[error("{op}: dtype {dtype:?} is not supported; {hint}")]
+    UnsupportedDType {
+        /// The op.
+        op: &'static str,
+        /// The dtype given.
+        dtype: DType,
+        /// What to use instead.
+        hint: &'static str,
+    },
+    /// Operands live on different devices.
+    #[error("{op}: operands live on different devices ({lhs} and {rhs}); create both on the same `Device`")]
+    DeviceMismatch {
+        /// The op.
+        op: &'static str,
+        /// Left device.
+        lhs: DeviceId,
+        /// Right device.
+        rhs: DeviceId,
+    },
+    /// `backward()` was called on a tensor with more than one element.
+    #[error(
+        "backward() needs a scalar (one-element) output, got shape {shape}; \
+         reduce it first (e.g. `.sum_all()`), or pass a seed gradient with `backward_with`"
+    )]
+    NonScalarBackward {
+        /// Shape of the output.
+        shape: Shape,
+    },
+    /// A tensor that should be differentiated does not require grad.
+    #[error(
+        "{what} does not require grad and has no grad_fn: \
+         call `.requires_grad(true)` on the leaves before building the graph, and do not build it under `no_grad()`"
+    )]
+    NoGradFn {
+        /// Which tensor.
+        what: String,
+    },
+    /// A graph was walked a second time after its saved tensors were released.
+    #[error(
+        "backward through `{op}` a second time: its saved tensors were released by the first backward; \
+         pass `BackwardOptions {{ retain_graph: true, .. }}` to the first call if you need to backward twice"
+    )]
+    GraphReleased {
+        /// The node that was already released.
+        op: &'static str,
+    },
+    /// A backward formula or hook produced a gradient that does not match its input.
+    #[error(
+        "the gradient produced by `{op}` for input {input} is {got:?} but the input is {expected:?}; \
+         a hook must return a gradient of the same shape, dtype and device"
+    )]
+    GradientMismatch {
+        /// The node (or hook) that produced the gradient.
+        op: &'static str,
+        /// Index of the input.
+        input: usize,
+        /// What the edge expects.
+        expected: Box<InputMetadata>,
+        /// What arrived.
+        got: Box<InputMetadata>,
+    },
+    /// A seed gradient has the wrong shape or dtype.
+    #[error("seed gradient is {got:?} but the output is {expected:?}")]
+    SeedMismatch {
+        /// The output's metadata.
+        expected: Box<InputMetadata>,
+        /// The seed's metadata.
+        got: Box<InputMetadata>,
+    },
+    /// A tensor is larger than one storage binding of this device.
+    #[error(
+        "a tensor of {bytes} bytes exceeds this device's largest storage binding ({limit} bytes); \
+         split it into smaller tensors"
+    )]
+    TensorTooLarge {
+        /// Requested size.
+        bytes: u64,
+        /// The device's limit.
+        limit: u64,
+    },
+    /// The device ran out of memory.
+    #[error(
+        "out of device memory allocating {bytes} bytes ({live} bytes live); \
+         free tensors, call `Device::empty_cache()`, or use smaller batches"
+    )]
+    OutOfMemory {
+        /// Requested size.
+        bytes: u64,
+        /// Bytes live at the time.
+        live: u64,
+    },
+    /// A generated or hand-written shader failed to compile.
+    #[error("shader `{label}` failed to compile: {message}")]
+    Shader {
+        /// Kernel label.
+        label: String,
+        /// The compiler's message.
+        message: String,
+    },
+    /// wgpu reported an error on the device.
+    #[error("GPU error: {0}")]
+    Gpu(String),
+    /// Reading a buffer back to the host failed.
+    #[error("reading back from the device failed: {0}")]
+    Readback(String),
+}

@@ -1,0 +1,122 @@
+//! The one WGSL generator. It renders a [`MapKernel`] with a writer: one
+//! `let` per node, sizes and scalars read from a uniform, so one pipeline
+//! serves every size and every scalar value.
+//!
+//! Uniform layout (u32 words, packed in `array<vec4<u32>, N>`):
+//! `[0]` element count, `[1]` rank, `[2..10]` output shape, then 9 words per
+//! input and per output (offset, 8 strides), then one word per scalar.
+
+use std::fmt::Write;
+
+use crate::exec::kernel::{Access, MapKernel, Node, RandomKind};
+use crate::layout::MAX_RANK;
+use crate::metadata::DType;
+
+pub(crate) const HEADER_WORDS: usize = 2 + MAX_RANK;
+pub(crate) const VIEW_WORDS: usize = 1 + MAX_RANK;
+
+/// Word index where the view of binding `slot` (inputs first, then outputs) starts.
+pub(crate) fn view_base(slot: usize) -> usize {
+    HEADER_WORDS + VIEW_WORDS * slot
+}
+
+pub(crate) fn param_words(k: &MapKernel) -> usize {
+    view_base(k.inputs.len() + k.outputs.len()) + k.scalars.len()
+}
+
+/// Shared helpers of generated kernels (kept as WGSL text in one place).
+const HELPERS: &str = include_str!("../../shaders/elementwise_helpers.wgsl");
+
+pub(crate) fn render(k: &MapKernel) -> String {
+    let mut s = String::new();
+    if k.uses_f16() {
+        s.push_str("enable f16;\n\n");
+    }
+    let words = param_words(k).div_ceil(4).max(1);
+    let _ = writeln!(s, "struct Params {{ v: array<vec4<u32>, {words}> }}");
+    s.push_str("@group(0) @binding(0) var<uniform> params: Params;\n");
+    let mut binding = 1;
+    for (i, (dtype, _)) in k.inputs.iter().enumerate() {
+        let _ = writeln!(s, "@group(0) @binding({binding}) var<storage, read> in{i}: array<{}>;", dtype.wgsl());
+        binding += 1;
+    }
+    for (o, (node, _)) in k.outputs.iter().enumerate() {
+        let dtype = k.dtype(*node);
+        let _ = writeln!(s, "@group(0) @binding({binding}) var<storage, read_write> out{o}: array<{}>;", dtype.wgsl());
+        binding += 1;
+    }
+    s.push('\n');
+    s.push_str(HELPERS);
+    s.push_str(
+        "\n@compute @workgroup_size(256)\n\
+         fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {\n\
+         \x20   let i = gid.x + gid.y * nwg.x * 256u;\n\
+         \x20   if (i >= p(0u)) { return; }\n",
+    );
+    let scalar_base = view_base(k.inputs.len() + k.outputs.len());
+    for (id, (node, dtype)) in k.nodes.iter().enumerate() {
+        let t = dtype.wgsl();
+        let v = |n: usize| format!("v{n}");
+        let expr = match *node {
+            Node::Input(j) => format!("in{j}[{}]", index_expr(k.inputs[j].1, view_base(j))),
+            Node::Scalar(j) => scalar_expr(*dtype, scalar_base + j),
+            Node::Index => format!("{t}(i)"),
+            Node::Random(kind, slot) => {
+                let seed = format!("p({}u), p({}u)", scalar_base + slot, scalar_base + slot + 1);
+                match kind {
+                    RandomKind::Uniform => format!("{t}(wgrad_uniform(i, {seed}))"),
+                    RandomKind::Normal => format!("{t}(wgrad_normal(i, {seed}))"),
+                }
+            }
+            Node::Unary(op, a) => op.wgsl(&v(a), *dtype),
+            Node::Binary(op, a, b) => op.wgsl(&v(a), &v(b), *dtype),
+            Node::Compare(op, a, b) => format!("select(0u, 1u, {})", op.wgsl(&v(a), &v(b))),
+            Node::Select(c, a, b) => {
+                let zero = zero_literal(k.dtype(c));
+                format!("select({}, {}, {} != {zero})", v(b), v(a), v(c))
+            }
+            Node::Cast(a) => format!("{t}({})", v(a)),
+        };
+        let _ = writeln!(s, "    let v{id}: {t} = {expr};");
+    }
+    for (o, (node, access)) in k.outputs.iter().enumerate() {
+        let base = view_base(k.inputs.len() + o);
+        let _ = writeln!(s, "    out{o}[{}] = v{node};", index_expr(*access, base));
+    }
+    s.push_str("}\n");
+    s
+}
+
+fn index_expr(access: Access, base: usize) -> String {
+    match access {
+        Access::Linear => format!("p({base}u) + i"),
+        Access::Strided => format!("strided({base}u, i)"),
+    }
+}
+
+fn scalar_expr(dtype: DType, word: usize) -> String {
+    match dtype {
+        DType::F32 => format!("bitcast<f32>(p({word}u))"),
+        DType::F16 => format!("f16(bitcast<f32>(p({word}u)))"),
+        DType::I32 => format!("bitcast<i32>(p({word}u))"),
+        DType::U32 => format!("p({word}u)"),
+    }
+}
+
+pub(crate) fn zero_literal(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "0.0f",
+        DType::F16 => "0.0h",
+        DType::I32 => "0i",
+        DType::U32 => "0u",
+    }
+}
+
+/// The 32-bit pattern a host scalar travels as, for a slot of `dtype`.
+pub(crate) fn scalar_bits(dtype: DType, value: f64) -> u32 {
+    match dtype {
+        DType::F32 | DType::F16 => (value as f32).to_bits(),
+        DType::I32 => (value as i32) as u32,
+        DType::U32 => value as u32,
+    }
+}

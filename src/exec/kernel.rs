@@ -1,0 +1,92 @@
+//! The elementwise kernel IR: a small SSA graph over inputs, scalar uniforms
+//! and the element index. An eager op is the one-node case; the compiled
+//! backward fuses whole subgraphs into one of these.
+
+use crate::metadata::DType;
+use crate::ops::binary::BinaryOp;
+use crate::ops::compare::CmpOp;
+use crate::ops::unary::UnaryOp;
+
+/// Index of a node in [`MapKernel::nodes`].
+pub(crate) type NodeId = usize;
+
+/// How a kernel addresses a buffer: contiguous from an offset, or through
+/// per-dimension strides (broadcasts, transposes, slices).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Access {
+    Linear,
+    Strided,
+}
+
+/// Counter-based random numbers: a pure function of (seed, element index),
+/// so results do not depend on how work is split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum RandomKind {
+    /// Uniform in [0, 1).
+    Uniform,
+    /// Standard normal (Box–Muller).
+    Normal,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Node {
+    /// Element of input binding `i` at the current index.
+    Input(usize),
+    /// Scalar uniform slot `i`, read as the node's dtype.
+    Scalar(usize),
+    /// The linear element index (u32).
+    Index,
+    /// Random number from the element index and two u32 seed slots.
+    Random(RandomKind, usize),
+    Unary(UnaryOp, NodeId),
+    Binary(BinaryOp, NodeId, NodeId),
+    Compare(CmpOp, NodeId, NodeId),
+    /// `cond != 0 ? a : b`.
+    Select(NodeId, NodeId, NodeId),
+    /// Conversion to the node's dtype.
+    Cast(NodeId),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub(crate) struct MapKernel {
+    pub inputs: Vec<(DType, Access)>,
+    pub nodes: Vec<(Node, DType)>,
+    pub outputs: Vec<(NodeId, Access)>,
+    /// dtype of each scalar slot (scalars travel as 32-bit patterns).
+    pub scalars: Vec<DType>,
+}
+
+impl MapKernel {
+    pub fn input(&mut self, dtype: DType) -> NodeId {
+        self.inputs.push((dtype, Access::Linear));
+        self.push(Node::Input(self.inputs.len() - 1), dtype)
+    }
+
+    pub fn scalar(&mut self, dtype: DType) -> NodeId {
+        let slot = self.scalar_slot(dtype);
+        self.push(Node::Scalar(slot), dtype)
+    }
+
+    /// A scalar uniform slot with no node of its own (e.g. a random seed).
+    pub fn scalar_slot(&mut self, dtype: DType) -> usize {
+        self.scalars.push(dtype);
+        self.scalars.len() - 1
+    }
+
+    pub fn push(&mut self, node: Node, dtype: DType) -> NodeId {
+        self.nodes.push((node, dtype));
+        self.nodes.len() - 1
+    }
+
+    pub fn dtype(&self, id: NodeId) -> DType {
+        self.nodes[id].1
+    }
+
+    pub fn output(&mut self, id: NodeId) {
+        self.outputs.push((id, Access::Linear));
+    }
+
+    pub fn uses_f16(&self) -> bool {
+        self.nodes.iter().any(|(_, d)| *d == DType::F16) || self.inputs.iter().any(|(d, _)| *d == DType::F16)
+    }
+}

@@ -1,0 +1,141 @@
+//! Every kind of WGSL module the runtime generates, validated by naga:
+//! each elementwise op for each dtype it supports, both access modes,
+//! multi-output kernels, and the reduce and matmul templates per dtype.
+
+use crate::exec::ReduceKind;
+use crate::exec::codegen::render;
+use crate::exec::kernel::{Access, MapKernel, Node, RandomKind};
+use crate::exec::launch::{matmul_source, reduce_source};
+use crate::metadata::DType;
+use crate::ops::binary::BinaryOp;
+use crate::ops::compare::CmpOp;
+use crate::ops::unary::UnaryOp;
+
+fn validate(label: &str, source: &str) {
+    let module = naga::front::wgsl::parse_str(source)
+        .unwrap_or_else(|e| panic!("{label}: parse error\n{}\n{source}", e.emit_to_string(source)));
+    naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{label}: validation error {e:?}\n{source}"));
+}
+
+const UNARY: [UnaryOp; 13] = [
+    UnaryOp::Neg,
+    UnaryOp::Exp,
+    UnaryOp::Log,
+    UnaryOp::Sqrt,
+    UnaryOp::Rsqrt,
+    UnaryOp::Tanh,
+    UnaryOp::Sigmoid,
+    UnaryOp::Relu,
+    UnaryOp::Sin,
+    UnaryOp::Cos,
+    UnaryOp::Abs,
+    UnaryOp::Erf,
+    UnaryOp::Sign,
+];
+const BINARY: [BinaryOp; 7] =
+    [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Pow, BinaryOp::Maximum, BinaryOp::Minimum];
+const CMP: [CmpOp; 6] = [CmpOp::Eq, CmpOp::Ne, CmpOp::Lt, CmpOp::Le, CmpOp::Gt, CmpOp::Ge];
+const DTYPES: [DType; 4] = [DType::F32, DType::F16, DType::I32, DType::U32];
+
+fn with_access(mut k: MapKernel, access: Access) -> MapKernel {
+    for input in &mut k.inputs {
+        input.1 = access;
+    }
+    for output in &mut k.outputs {
+        output.1 = access;
+    }
+    k
+}
+
+#[test]
+fn unary_kernels_validate() {
+    for op in UNARY {
+        for dtype in DTYPES.into_iter().filter(|&d| op.supports(d)) {
+            let mut k = MapKernel::default();
+            let x = k.input(dtype);
+            let y = k.push(Node::Unary(op, x), dtype);
+            k.output(y);
+            validate(&format!("{op:?} {dtype:?}"), &render(&with_access(k, Access::Strided)));
+        }
+    }
+}
+
+#[test]
+fn binary_and_compare_kernels_validate() {
+    for dtype in DTYPES {
+        for op in BINARY.into_iter().filter(|&op| op.supports(dtype)) {
+            for access in [Access::Linear, Access::Strided] {
+                let mut k = MapKernel::default();
+                let a = k.input(dtype);
+                let b = k.scalar(dtype);
+                let c = k.push(Node::Binary(op, a, b), dtype);
+                k.output(c);
+                validate(&format!("{op:?} {dtype:?} {access:?}"), &render(&with_access(k, access)));
+            }
+        }
+        for op in CMP {
+            let mut k = MapKernel::default();
+            let a = k.input(dtype);
+            let b = k.input(dtype);
+            let m = k.push(Node::Compare(op, a, b), DType::U32);
+            let s = k.push(Node::Select(m, a, b), dtype);
+            k.output(m);
+            k.output(s);
+            validate(&format!("{op:?} {dtype:?}"), &render(&k));
+        }
+        for to in DTYPES {
+            let mut k = MapKernel::default();
+            let a = k.input(dtype);
+            let c = k.push(Node::Cast(a), to);
+            k.output(c);
+            validate(&format!("cast {dtype:?} -> {to:?}"), &render(&k));
+        }
+    }
+}
+
+#[test]
+fn creation_kernels_validate() {
+    for kind in [RandomKind::Uniform, RandomKind::Normal] {
+        let mut k = MapKernel::default();
+        let slot = k.scalar_slot(DType::U32);
+        k.scalar_slot(DType::U32);
+        let r = k.push(Node::Random(kind, slot), DType::F32);
+        k.output(r);
+        validate(&format!("{kind:?}"), &render(&k));
+    }
+    let mut k = MapKernel::default();
+    let i = k.push(Node::Index, DType::F32);
+    let s = k.scalar(DType::F32);
+    let y = k.push(Node::Binary(BinaryOp::Mul, i, s), DType::F32);
+    k.output(y);
+    validate("arange", &render(&k));
+}
+
+#[test]
+fn fused_chain_validates() {
+    // A small fused subgraph: tanh(x * a + b) * sigmoid(x), two outputs.
+    let mut k = MapKernel::default();
+    let x = k.input(DType::F32);
+    let a = k.input(DType::F32);
+    let b = k.input(DType::F32);
+    let xa = k.push(Node::Binary(BinaryOp::Mul, x, a), DType::F32);
+    let z = k.push(Node::Binary(BinaryOp::Add, xa, b), DType::F32);
+    let t = k.push(Node::Unary(UnaryOp::Tanh, z), DType::F32);
+    let s = k.push(Node::Unary(UnaryOp::Sigmoid, x), DType::F32);
+    let y = k.push(Node::Binary(BinaryOp::Mul, t, s), DType::F32);
+    k.output(y);
+    k.output(t);
+    validate("fused", &render(&with_access(k, Access::Strided)));
+}
+
+#[test]
+fn templates_validate() {
+    for dtype in DTYPES {
+        for kind in [ReduceKind::Sum, ReduceKind::Max, ReduceKind::Min] {
+            validate(&format!("reduce {kind:?} {dtype:?}"), &reduce_source(kind, dtype));
+        }
+        validate(&format!("matmul {dtype:?}"), &matmul_source(dtype));
+    }
+}

@@ -1,0 +1,229 @@
+//! Binary elementwise ops with NumPy broadcasting and scalar operands.
+
+use crate::autograd::record;
+use crate::error::{Error, Result};
+use crate::exec::kernel::{MapKernel, Node};
+use crate::metadata::DType;
+use crate::ops::{Op, Operand, common_device, common_dtype};
+use crate::tensor::Tensor;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Pow,
+    Maximum,
+    Minimum,
+}
+
+impl BinaryOp {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            BinaryOp::Add => "add",
+            BinaryOp::Sub => "sub",
+            BinaryOp::Mul => "mul",
+            BinaryOp::Div => "div",
+            BinaryOp::Pow => "pow",
+            BinaryOp::Maximum => "maximum",
+            BinaryOp::Minimum => "minimum",
+        }
+    }
+
+    pub(crate) fn supports(self, dtype: DType) -> bool {
+        match self {
+            BinaryOp::Pow => dtype.is_float(),
+            _ => true,
+        }
+    }
+
+    pub(crate) fn wgsl(self, a: &str, b: &str, dtype: DType) -> String {
+        let t = dtype.wgsl();
+        match self {
+            BinaryOp::Add => format!("{a} + {b}"),
+            BinaryOp::Sub => format!("{a} - {b}"),
+            BinaryOp::Mul => format!("{a} * {b}"),
+            BinaryOp::Div => format!("{a} / {b}"),
+            BinaryOp::Pow => format!("{t}(wgrad_pow(f32({a}), f32({b})))"),
+            BinaryOp::Maximum => format!("max({a}, {b})"),
+            BinaryOp::Minimum => format!("min({a}, {b})"),
+        }
+    }
+
+    /// Gradients w.r.t. `a` and `b` at the output shape (broadcast dims are
+    /// summed away by the caller); only the wanted sides are computed.
+    fn grads(self, a: &Operand, b: &Operand, g: &Tensor, want: [bool; 2]) -> Result<[Option<Tensor>; 2]> {
+        let side = |want: bool, f: &dyn Fn() -> Result<Tensor>| if want { f().map(Some) } else { Ok(None) };
+        Ok(match self {
+            BinaryOp::Add => [side(want[0], &|| Ok(g.clone()))?, side(want[1], &|| Ok(g.clone()))?],
+            BinaryOp::Sub => [side(want[0], &|| Ok(g.clone()))?, side(want[1], &|| g.neg())?],
+            BinaryOp::Mul => [side(want[0], &|| g.mul(b.clone()))?, side(want[1], &|| g.mul(a.clone()))?],
+            BinaryOp::Div => [
+                side(want[0], &|| g.div(b.clone()))?,
+                // -g a / b²
+                side(want[1], &|| g.mul(a.clone())?.div(b.clone())?.div(b.clone())?.neg())?,
+            ],
+            BinaryOp::Pow => [
+                // g b a^(b-1)
+                side(want[0], &|| {
+                    let exponent = match b {
+                        Operand::Scalar(v) => Operand::Scalar(v - 1.0),
+                        Operand::Tensor(t) => Operand::Tensor(t.sub(1.0)?),
+                    };
+                    let power = binary(BinaryOp::Pow, a.clone(), exponent)?;
+                    g.mul(b.clone())?.mul(&power)
+                })?,
+                // g a^b ln a
+                side(want[1], &|| {
+                    let power = binary(BinaryOp::Pow, a.clone(), b.clone())?;
+                    let log_a = match a {
+                        Operand::Scalar(v) => Operand::Scalar(v.ln()),
+                        Operand::Tensor(t) => Operand::Tensor(t.log()?),
+                    };
+                    g.mul(&power)?.mul(log_a)
+                })?,
+            ],
+            // Ties split the gradient evenly, as in PyTorch.
+            BinaryOp::Maximum | BinaryOp::Minimum => {
+                let (at, _) = operand_tensors(a, b)?;
+                let strict = if self == BinaryOp::Maximum {
+                    compare_operands(crate::ops::compare::CmpOp::Gt, a, b)?
+                } else {
+                    compare_operands(crate::ops::compare::CmpOp::Lt, a, b)?
+                };
+                let tie = compare_operands(crate::ops::compare::CmpOp::Eq, a, b)?;
+                let dtype = at.dtype();
+                let weight_a = strict.to_dtype(dtype)?.add(&tie.to_dtype(dtype)?.mul(0.5)?)?;
+                [side(want[0], &|| g.mul(&weight_a))?, side(want[1], &|| g.mul(&weight_a.neg()?.add(1.0)?))?]
+            }
+        })
+    }
+}
+
+fn operand_tensors<'a>(a: &'a Operand, b: &'a Operand) -> Result<(&'a Tensor, Option<&'a Tensor>)> {
+    match (a.tensor(), b.tensor()) {
+        (Some(x), other) => Ok((x, other)),
+        (None, Some(y)) => Ok((y, None)),
+        (None, None) => Err(Error::InvalidArgument { op: "binary", message: "needs a tensor operand".into() }),
+    }
+}
+
+fn compare_operands(op: crate::ops::compare::CmpOp, a: &Operand, b: &Operand) -> Result<Tensor> {
+    crate::ops::compare::compare(op, a.clone(), b.clone())
+}
+
+/// Builds the one-op kernel for `op` over two operands (tensor inputs,
+/// scalars as uniforms) and runs it at the broadcast shape.
+pub(crate) fn binary(op: BinaryOp, a: Operand, b: Operand) -> Result<Tensor> {
+    let dtype = common_dtype(op.name(), &a, &b)?;
+    let device = common_device(op.name(), &[&a, &b])?.clone();
+    if !op.supports(dtype) {
+        return Err(Error::UnsupportedDType { op: op.name(), dtype, hint: "this op needs a float tensor" });
+    }
+    let shape = a.shape().broadcast(&b.shape()).ok_or_else(|| Error::ShapeMismatch {
+        op: op.name(),
+        lhs: a.shape(),
+        rhs: b.shape(),
+    })?;
+    let mut k = MapKernel::default();
+    let mut inputs = Vec::new();
+    let mut scalars = Vec::new();
+    let mut operand = |k: &mut MapKernel, o: &Operand| match o {
+        Operand::Tensor(t) => {
+            inputs.push(t.clone());
+            k.input(dtype)
+        }
+        Operand::Scalar(v) => {
+            scalars.push(*v);
+            k.scalar(dtype)
+        }
+    };
+    let x = operand(&mut k, &a);
+    let y = operand(&mut k, &b);
+    let z = k.push(Node::Binary(op, x, y), dtype);
+    k.output(z);
+    let refs: Vec<&Tensor> = inputs.iter().collect();
+    let out = crate::exec::map(op.name(), k, &refs, &scalars, &shape, &device)?.remove(0);
+    let op = Op::Binary { op, scalars: [a.scalar(), b.scalar()] };
+    Ok(record(op, &refs, inputs.clone(), out))
+}
+
+pub(crate) fn backward(
+    op: BinaryOp,
+    scalars: &[Option<f64>; 2],
+    saved: &[Tensor],
+    g: &Tensor,
+    needs: &[bool],
+) -> Result<Vec<Option<Tensor>>> {
+    let mut tensors = saved.iter();
+    let mut operands = Vec::with_capacity(2);
+    let mut want = [false; 2];
+    let mut edge = 0;
+    for (side, s) in scalars.iter().enumerate() {
+        match s {
+            Some(v) => operands.push(Operand::Scalar(*v)),
+            None => {
+                operands.push(Operand::Tensor(tensors.next().expect("saved tensor per operand").clone()));
+                want[side] = needs[edge];
+                edge += 1;
+            }
+        }
+    }
+    let grads = op.grads(&operands[0], &operands[1], g, want)?;
+    let mut out = Vec::new();
+    for (side, grad) in grads.into_iter().enumerate() {
+        if let Operand::Tensor(t) = &operands[side] {
+            out.push(match grad {
+                Some(grad) => Some(grad.sum_to_shape(t.shape())?),
+                None => None,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Arithmetic with broadcasting; the right side may be a tensor or a scalar.
+impl Tensor {
+    /// `self + rhs`.
+    pub fn add(&self, rhs: impl Into<Operand>) -> Result<Tensor> {
+        binary(BinaryOp::Add, self.into(), rhs.into())
+    }
+    /// `self - rhs`.
+    pub fn sub(&self, rhs: impl Into<Operand>) -> Result<Tensor> {
+        binary(BinaryOp::Sub, self.into(), rhs.into())
+    }
+    /// `self * rhs`.
+    pub fn mul(&self, rhs: impl Into<Operand>) -> Result<Tensor> {
+        binary(BinaryOp::Mul, self.into(), rhs.into())
+    }
+    /// `self / rhs` (integer division truncates).
+    pub fn div(&self, rhs: impl Into<Operand>) -> Result<Tensor> {
+        binary(BinaryOp::Div, self.into(), rhs.into())
+    }
+    /// `self ^ exponent` for a tensor or scalar exponent; negative bases
+    /// with integral exponents work as in PyTorch.
+    pub fn pow(&self, exponent: impl Into<Operand>) -> Result<Tensor> {
+        binary(BinaryOp::Pow, self.into(), exponent.into())
+    }
+    /// `self ^ exponent` for a scalar exponent.
+    pub fn powf(&self, exponent: f64) -> Result<Tensor> {
+        self.pow(exponent)
+    }
+    /// Elementwise maximum (ties split the gradient).
+    pub fn maximum(&self, rhs: impl Into<Operand>) -> Result<Tensor> {
+        binary(BinaryOp::Maximum, self.into(), rhs.into())
+    }
+    /// Elementwise minimum (ties split the gradient).
+    pub fn minimum(&self, rhs: impl Into<Operand>) -> Result<Tensor> {
+        binary(BinaryOp::Minimum, self.into(), rhs.into())
+    }
+    /// `scalar - self`.
+    pub fn rsub(&self, scalar: f64) -> Result<Tensor> {
+        binary(BinaryOp::Sub, Operand::Scalar(scalar), self.into())
+    }
+    /// `scalar / self`.
+    pub fn rdiv(&self, scalar: f64) -> Result<Tensor> {
+        binary(BinaryOp::Div, Operand::Scalar(scalar), self.into())
+    }
+}

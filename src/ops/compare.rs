@@ -1,0 +1,187 @@
+//! Comparisons (masks, no gradient), `where` and dtype conversion.
+
+use crate::autograd::record;
+use crate::error::{Error, Result};
+use crate::exec::kernel::{MapKernel, Node};
+use crate::metadata::DType;
+use crate::ops::{Op, Operand, common_device, common_dtype};
+use crate::tensor::Tensor;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum CmpOp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+impl CmpOp {
+    fn name(self) -> &'static str {
+        match self {
+            CmpOp::Eq => "eq",
+            CmpOp::Ne => "ne",
+            CmpOp::Lt => "lt",
+            CmpOp::Le => "le",
+            CmpOp::Gt => "gt",
+            CmpOp::Ge => "ge",
+        }
+    }
+
+    pub(crate) fn wgsl(self, a: &str, b: &str) -> String {
+        let op = match self {
+            CmpOp::Eq => "==",
+            CmpOp::Ne => "!=",
+            CmpOp::Lt => "<",
+            CmpOp::Le => "<=",
+            CmpOp::Gt => ">",
+            CmpOp::Ge => ">=",
+        };
+        format!("{a} {op} {b}")
+    }
+}
+
+/// A u32 mask (1 where the comparison holds). Masks carry no gradient.
+pub(crate) fn compare(op: CmpOp, a: Operand, b: Operand) -> Result<Tensor> {
+    let dtype = common_dtype(op.name(), &a, &b)?;
+    let device = common_device(op.name(), &[&a, &b])?.clone();
+    let shape = a.shape().broadcast(&b.shape()).ok_or_else(|| Error::ShapeMismatch {
+        op: op.name(),
+        lhs: a.shape(),
+        rhs: b.shape(),
+    })?;
+    let mut k = MapKernel::default();
+    let (mut inputs, mut scalars) = (Vec::new(), Vec::new());
+    let mut ids = Vec::new();
+    for o in [&a, &b] {
+        ids.push(match o {
+            Operand::Tensor(t) => {
+                inputs.push(t);
+                k.input(dtype)
+            }
+            Operand::Scalar(v) => {
+                scalars.push(*v);
+                k.scalar(dtype)
+            }
+        });
+    }
+    let m = k.push(Node::Compare(op, ids[0], ids[1]), DType::U32);
+    k.output(m);
+    Ok(crate::exec::map(op.name(), k, &inputs, &scalars, &shape, &device)?.remove(0))
+}
+
+/// `mask ? on_true : on_false` elementwise, broadcasting all three; the
+/// mask is any tensor, non-zero meaning true. Gradients flow to the chosen side.
+pub fn where_(mask: &Tensor, on_true: impl Into<Operand>, on_false: impl Into<Operand>) -> Result<Tensor> {
+    let (a, b) = (on_true.into(), on_false.into());
+    let dtype = common_dtype("where", &a, &b)?;
+    let mask_operand = Operand::Tensor(mask.clone());
+    let device = common_device("where", &[&mask_operand, &a, &b])?.clone();
+    let shape = mask.shape().broadcast(&a.shape()).and_then(|s| s.broadcast(&b.shape())).ok_or_else(|| {
+        Error::ShapeMismatch {
+            op: "where",
+            lhs: mask.shape().clone(),
+            rhs: a.shape().broadcast(&b.shape()).unwrap_or_else(|| b.shape()),
+        }
+    })?;
+    let mut k = MapKernel::default();
+    let c = k.input(mask.dtype());
+    let mut inputs = vec![mask.clone()];
+    let mut scalars = Vec::new();
+    let mut ids = Vec::new();
+    for o in [&a, &b] {
+        ids.push(match o {
+            Operand::Tensor(t) => {
+                inputs.push(t.clone());
+                k.input(dtype)
+            }
+            Operand::Scalar(v) => {
+                scalars.push(*v);
+                k.scalar(dtype)
+            }
+        });
+    }
+    let y = k.push(Node::Select(c, ids[0], ids[1]), dtype);
+    k.output(y);
+    let refs: Vec<&Tensor> = inputs.iter().collect();
+    let out = crate::exec::map("where", k, &refs, &scalars, &shape, &device)?.remove(0);
+    let saved = inputs.clone();
+    Ok(record(Op::Where { scalars: [a.scalar(), b.scalar()] }, &refs[1..], saved, out))
+}
+
+pub(crate) fn where_backward(
+    scalars: &[Option<f64>; 2],
+    saved: &[Tensor],
+    g: &Tensor,
+    needs: &[bool],
+) -> Result<Vec<Option<Tensor>>> {
+    let mask = &saved[0];
+    let mut tensors = saved[1..].iter();
+    let mut out = Vec::new();
+    for (side, s) in scalars.iter().enumerate() {
+        if s.is_some() {
+            continue;
+        }
+        let t = tensors.next().expect("saved tensor per operand");
+        if !needs[out.len()] {
+            out.push(None);
+            continue;
+        }
+        let grad = if side == 0 { where_(mask, g, 0.0)? } else { where_(mask, 0.0, g)? };
+        out.push(Some(grad.sum_to_shape(t.shape())?));
+    }
+    Ok(out)
+}
+
+/// Comparisons return u32 masks (1 where true, 0 elsewhere), with
+/// broadcasting; scalars compare against every element.
+impl Tensor {
+    /// `self == rhs`.
+    pub fn eq(&self, rhs: impl Into<Operand>) -> Result<Tensor> {
+        compare(CmpOp::Eq, self.into(), rhs.into())
+    }
+    /// `self != rhs`.
+    pub fn ne(&self, rhs: impl Into<Operand>) -> Result<Tensor> {
+        compare(CmpOp::Ne, self.into(), rhs.into())
+    }
+    /// `self < rhs`.
+    pub fn lt(&self, rhs: impl Into<Operand>) -> Result<Tensor> {
+        compare(CmpOp::Lt, self.into(), rhs.into())
+    }
+    /// `self <= rhs`.
+    pub fn le(&self, rhs: impl Into<Operand>) -> Result<Tensor> {
+        compare(CmpOp::Le, self.into(), rhs.into())
+    }
+    /// `self > rhs`.
+    pub fn gt(&self, rhs: impl Into<Operand>) -> Result<Tensor> {
+        compare(CmpOp::Gt, self.into(), rhs.into())
+    }
+    /// `self >= rhs`.
+    pub fn ge(&self, rhs: impl Into<Operand>) -> Result<Tensor> {
+        compare(CmpOp::Ge, self.into(), rhs.into())
+    }
+    /// Uses this tensor as a mask: `where_(self, on_true, on_false)`.
+    pub fn where_(&self, on_true: impl Into<Operand>, on_false: impl Into<Operand>) -> Result<Tensor> {
+        where_(self, on_true, on_false)
+    }
+
+    /// Converts to another dtype (floats truncate toward zero into integers).
+    /// Float-to-float conversions pass gradients back; conversions to
+    /// integers end the graph.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
+        if dtype == self.dtype() {
+            return Ok(self.clone());
+        }
+        let mut k = MapKernel::default();
+        let x = k.input(self.dtype());
+        let y = k.push(Node::Cast(x), dtype);
+        k.output(y);
+        let out = crate::exec::map("to_dtype", k, &[self], &[], self.shape(), self.device())?.remove(0);
+        if dtype.is_float() && self.dtype().is_float() {
+            Ok(record(Op::Cast { from: self.dtype() }, &[self], Vec::new(), out))
+        } else {
+            Ok(out)
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! Movement ops. Reshape (of contiguous data), permute, broadcast and narrow
+//! are views: no kernel runs. `cat` and the padding that is narrow's
+//! gradient copy through the elementwise generator's identity kernel.
+
+use crate::autograd::record;
+use crate::error::{Error, Result};
+use crate::exec::kernel::MapKernel;
+use crate::metadata::{Shape, resolve_axis};
+use crate::ops::Op;
+use crate::tensor::Tensor;
+
+pub(crate) fn inverse_permutation(perm: &[usize]) -> Vec<usize> {
+    let mut inv = vec![0; perm.len()];
+    for (i, &p) in perm.iter().enumerate() {
+        inv[p] = i;
+    }
+    inv
+}
+
+fn copy_kernel(dtype: crate::DType) -> MapKernel {
+    let mut k = MapKernel::default();
+    let x = k.input(dtype);
+    k.output(x);
+    k
+}
+
+impl Tensor {
+    /// A contiguous copy of this view, not recorded.
+    pub(crate) fn contiguous_copy(&self) -> Result<Tensor> {
+        let out = crate::exec::map("copy", copy_kernel(self.dtype()), &[self], &[], self.shape(), self.device())?;
+        Ok(out.into_iter().next().expect("one output"))
+    }
+
+    /// Permuted view, not recorded.
+    pub(crate) fn permute_view(&self, perm: &[usize]) -> Tensor {
+        self.with_layout(self.layout().permute(perm))
+    }
+
+    /// Reshaped view of contiguous data, not recorded.
+    pub(crate) fn reshape_view(&self, shape: Shape) -> Tensor {
+        self.with_layout(self.layout().reshape_contiguous(shape))
+    }
+
+    /// The same elements in a new shape with as many elements. A view when
+    /// the data is contiguous, a copy otherwise.
+    pub fn reshape(&self, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        if shape.numel() != self.numel() {
+            return Err(Error::InvalidArgument {
+                op: "reshape",
+                message: format!(
+                    "cannot reshape {} ({} elements) to {shape} ({} elements)",
+                    self.shape(),
+                    self.numel(),
+                    shape.numel()
+                ),
+            });
+        }
+        if &shape == self.shape() {
+            return Ok(self.clone());
+        }
+        let base = if self.is_contiguous() { self.detach() } else { self.contiguous_copy()? };
+        let out = base.reshape_view(shape);
+        Ok(record(Op::Reshape { input: self.shape().clone() }, &[self], Vec::new(), out))
+    }
+
+    /// All elements as one dimension.
+    pub fn flatten_all(&self) -> Result<Tensor> {
+        self.reshape([self.numel()])
+    }
+
+    /// Reorders dimensions: output dim `i` is input dim `perm[i]` (a view).
+    pub fn permute(&self, perm: &[usize]) -> Result<Tensor> {
+        let mut seen = vec![false; self.rank()];
+        if perm.len() != self.rank() || perm.iter().any(|&p| p >= self.rank() || std::mem::replace(&mut seen[p], true))
+        {
+            return Err(Error::InvalidArgument {
+                op: "permute",
+                message: format!("{perm:?} is not a permutation of the {} dims of {}", self.rank(), self.shape()),
+            });
+        }
+        let out = self.permute_view(perm);
+        Ok(record(Op::Permute { perm: perm.to_vec() }, &[self], Vec::new(), out))
+    }
+
+    /// Swaps two dimensions (a view).
+    pub fn transpose(&self, dim0: isize, dim1: isize) -> Result<Tensor> {
+        let a = resolve_axis("transpose", dim0, self.rank())?;
+        let b = resolve_axis("transpose", dim1, self.rank())?;
+        let mut perm: Vec<usize> = (0..self.rank()).collect();
+        perm.swap(a, b);
+        self.permute(&perm)
+    }
+
+    /// Transpose of a 2-D tensor.
+    pub fn t(&self) -> Result<Tensor> {
+        if self.rank() != 2 {
+            return Err(Error::InvalidArgument {
+                op: "t",
+                message: format!("needs a 2-D tensor, got {}", self.shape()),
+            });
+        }
+        self.transpose(0, 1)
+    }
+
+    /// Broadcasts to `shape` (NumPy rules) without copying.
+    pub fn broadcast_to(&self, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        if &shape == self.shape() {
+            return Ok(self.clone());
+        }
+        let layout = self.layout().broadcast_to("broadcast_to", &shape)?;
+        let out = self.with_layout(layout);
+        Ok(record(Op::Expand { input: self.shape().clone() }, &[self], Vec::new(), out))
+    }
+
+    /// Alias of [`Tensor::broadcast_to`] (PyTorch's `expand`).
+    pub fn expand(&self, shape: impl Into<Shape>) -> Result<Tensor> {
+        self.broadcast_to(shape)
+    }
+
+    /// `len` elements of `dim` starting at `start` (a view).
+    pub fn narrow(&self, dim: isize, start: usize, len: usize) -> Result<Tensor> {
+        let d = resolve_axis("narrow", dim, self.rank())?;
+        if self.rank() == 0 || start + len > self.dims()[d] {
+            return Err(Error::InvalidArgument {
+                op: "narrow",
+                message: format!("range {start}..{} is outside dim {d} of {}", start + len, self.shape()),
+            });
+        }
+        let out = self.with_layout(self.layout().narrow(d, start, len));
+        Ok(record(Op::Narrow { input: self.shape().clone(), dim: d, start }, &[self], Vec::new(), out))
+    }
+
+    /// Elements `range` of `dim` (a view); `x.slice(0, 2..5)` is `x[2:5]`.
+    pub fn slice(&self, dim: isize, range: std::ops::Range<usize>) -> Result<Tensor> {
+        self.narrow(dim, range.start, range.end.saturating_sub(range.start))
+    }
+
+    /// Places this tensor at `start` along `dim` of a zero tensor of
+    /// `shape` (the gradient of narrow).
+    pub(crate) fn pad_narrowed(&self, shape: &Shape, dim: usize, start: usize) -> Result<Tensor> {
+        let out = Tensor::zeros(shape.clone(), self.dtype(), self.device())?;
+        let window = out.with_layout(out.layout().narrow(dim, start, self.dims()[dim]));
+        crate::exec::map_into("pad", copy_kernel(self.dtype()), &[self], &[], &[&window])?;
+        Ok(record(Op::Pad { dim, start, len: self.dims()[dim] }, &[self], Vec::new(), out))
+    }
+
+    /// Removes a dimension of size 1.
+    pub fn squeeze(&self, dim: isize) -> Result<Tensor> {
+        let d = resolve_axis("squeeze", dim, self.rank())?;
+        if self.rank() == 0 || self.dims()[d] != 1 {
+            return Err(Error::InvalidArgument {
+                op: "squeeze",
+                message: format!("dim {d} of {} is not of size 1", self.shape()),
+            });
+        }
+        let mut dims = self.dims().to_vec();
+        dims.remove(d);
+        self.view_as_shape(Shape::new(dims))
+    }
+
+    /// Inserts a dimension of size 1 at `dim` (`-1` appends).
+    pub fn unsqueeze(&self, dim: isize) -> Result<Tensor> {
+        let d = resolve_axis("unsqueeze", dim, self.rank() + 1)?;
+        let mut dims = self.dims().to_vec();
+        dims.insert(d, 1);
+        self.view_as_shape(Shape::new(dims))
+    }
+
+    /// A reshape that only adds or removes size-1 dims: always a view.
+    fn view_as_shape(&self, shape: Shape) -> Result<Tensor> {
+        let mut strides = Vec::with_capacity(shape.rank());
+        let mut src = self.dims().iter().zip(&self.layout().strides).filter(|(d, _)| **d != 1);
+        for &d in shape.dims() {
+            strides.push(if d == 1 { 0 } else { *src.next().map(|(_, s)| s).unwrap_or(&0) });
+        }
+        let layout = crate::layout::Layout { shape: shape.clone(), strides, offset: self.layout().offset };
+        let out = self.with_layout(layout);
+        Ok(record(Op::Reshape { input: self.shape().clone() }, &[self], Vec::new(), out))
+    }
+
+    /// This tensor with row-major contiguous data (a copy only if needed).
+    pub fn contiguous(&self) -> Result<Tensor> {
+        if self.is_contiguous() {
+            return Ok(self.clone());
+        }
+        let out = self.contiguous_copy()?;
+        Ok(record(Op::Copy, &[self], Vec::new(), out))
+    }
+}
+
+/// Concatenates tensors along `dim`; all other dims must agree.
+pub fn cat(tensors: &[&Tensor], dim: isize) -> Result<Tensor> {
+    let Some(first) = tensors.first() else {
+        return Err(Error::InvalidArgument { op: "cat", message: "needs at least one tensor".into() });
+    };
+    let d = resolve_axis("cat", dim, first.rank())?;
+    let mut sizes = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        let same_rest = t.rank() == first.rank()
+            && t.dims().iter().zip(first.dims()).enumerate().all(|(i, (a, b))| i == d || a == b);
+        if !same_rest {
+            return Err(Error::ShapeMismatch { op: "cat", lhs: first.shape().clone(), rhs: t.shape().clone() });
+        }
+        if t.dtype() != first.dtype() {
+            return Err(Error::DTypeMismatch { op: "cat", lhs: first.dtype(), rhs: t.dtype() });
+        }
+        if t.device() != first.device() {
+            return Err(Error::DeviceMismatch { op: "cat", lhs: first.device().id(), rhs: t.device().id() });
+        }
+        sizes.push(t.dims()[d]);
+    }
+    let mut dims = first.dims().to_vec();
+    dims[d] = sizes.iter().sum();
+    let out = Tensor::empty(Shape::new(dims), first.dtype(), first.device())?;
+    let mut start = 0;
+    for (t, &len) in tensors.iter().zip(&sizes) {
+        let window = out.with_layout(out.layout().narrow(d, start, len));
+        crate::exec::map_into("cat", copy_kernel(t.dtype()), &[t], &[], &[&window])?;
+        start += len;
+    }
+    Ok(record(Op::Cat { dim: d, sizes }, tensors, Vec::new(), out))
+}
+
+pub(crate) fn cat_backward(g: &Tensor, dim: usize, sizes: &[usize], needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+    let mut start = 0;
+    let mut out = Vec::with_capacity(sizes.len());
+    for (&len, &need) in sizes.iter().zip(needs) {
+        out.push(if need { Some(g.narrow(dim as isize, start, len)?) } else { None });
+        start += len;
+    }
+    Ok(out)
+}
+
+/// Stacks same-shaped tensors along a new dimension `dim`.
+pub fn stack(tensors: &[&Tensor], dim: isize) -> Result<Tensor> {
+    let Some(first) = tensors.first() else {
+        return Err(Error::InvalidArgument { op: "stack", message: "needs at least one tensor".into() });
+    };
+    let d = resolve_axis("stack", dim, first.rank() + 1)? as isize;
+    let expanded = tensors.iter().map(|t| t.unsqueeze(d)).collect::<Result<Vec<_>>>()?;
+    cat(&expanded.iter().collect::<Vec<_>>(), d)
+}

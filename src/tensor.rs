@@ -1,0 +1,347 @@
+//! [`Tensor`]: a cheap-to-clone handle to a strided view of a device buffer,
+//! plus its place in the autograd graph.
+
+use std::sync::Arc;
+
+use crate::alloc::PooledBuffer;
+use crate::autograd::{AutogradMeta, LeafState, Node};
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::exec::kernel::{MapKernel, Node as K, RandomKind};
+use crate::layout::Layout;
+use crate::metadata::{DType, InputMetadata, Shape};
+
+/// Host element types a tensor can be created from and read back into.
+pub trait Element: bytemuck::Pod + Send + Sync + std::fmt::Debug {
+    /// The matching dtype.
+    const DTYPE: DType;
+}
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+}
+impl Element for half::f16 {
+    const DTYPE: DType = DType::F16;
+}
+impl Element for i32 {
+    const DTYPE: DType = DType::I32;
+}
+impl Element for u32 {
+    const DTYPE: DType = DType::U32;
+}
+
+/// An n-dimensional array on a [`Device`], recording the ops applied to it
+/// when it requires grad. Cloning is cheap (an `Arc`).
+///
+/// ```no_run
+/// use wgrad::{Device, Tensor};
+/// let device = Device::new()?;
+/// let x = Tensor::from_slice(&[1.0f32, 2.0, 3.0], [3], &device)?.requires_grad(true)?;
+/// let y = x.mul(&x)?.sum_all()?; // sum of squares
+/// y.backward()?;
+/// assert_eq!(x.grad().unwrap().to_vec::<f32>()?, vec![2.0, 4.0, 6.0]);
+/// # Ok::<(), wgrad::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Tensor(pub(crate) Arc<TensorImpl>);
+
+pub(crate) struct TensorImpl {
+    storage: Arc<PooledBuffer>,
+    layout: Layout,
+    dtype: DType,
+    device: Device,
+    pub(crate) autograd: AutogradMeta,
+}
+
+impl Tensor {
+    pub(crate) fn from_parts(storage: Arc<PooledBuffer>, layout: Layout, dtype: DType, device: Device) -> Tensor {
+        Tensor(Arc::new(TensorImpl { storage, layout, dtype, device, autograd: AutogradMeta::None }))
+    }
+
+    /// Uninitialised contiguous storage; every element must be written.
+    pub(crate) fn empty(shape: Shape, dtype: DType, device: &Device) -> Result<Tensor> {
+        check_dtype_supported(dtype, device)?;
+        let bytes = (shape.numel() * dtype.size_in_bytes()) as u64;
+        let storage = device.alloc(bytes)?;
+        Ok(Tensor::from_parts(storage, Layout::contiguous(shape), dtype, device.clone()))
+    }
+
+    /// The same data seen through another layout, with no autograd history.
+    pub(crate) fn with_layout(&self, layout: Layout) -> Tensor {
+        Tensor::from_parts(self.0.storage.clone(), layout, self.0.dtype, self.0.device.clone())
+    }
+
+    pub(crate) fn with_autograd(&self, autograd: AutogradMeta) -> Tensor {
+        Tensor(Arc::new(TensorImpl {
+            storage: self.0.storage.clone(),
+            layout: self.0.layout.clone(),
+            dtype: self.0.dtype,
+            device: self.0.device.clone(),
+            autograd,
+        }))
+    }
+
+    pub(crate) fn layout(&self) -> &Layout {
+        &self.0.layout
+    }
+
+    pub(crate) fn buffer(&self) -> &wgpu::Buffer {
+        self.0.storage.raw()
+    }
+
+    /// Copies host data to a new tensor of the given shape.
+    pub fn from_slice<T: Element>(data: &[T], shape: impl Into<Shape>, device: &Device) -> Result<Tensor> {
+        let shape = shape.into();
+        if shape.numel() != data.len() {
+            return Err(Error::InvalidArgument {
+                op: "from_slice",
+                message: format!("{} elements cannot fill shape {shape} ({} elements)", data.len(), shape.numel()),
+            });
+        }
+        check_dtype_supported(T::DTYPE, device)?;
+        let storage = device.upload(bytemuck::cast_slice(data))?;
+        Ok(Tensor::from_parts(storage, Layout::contiguous(shape), T::DTYPE, device.clone()))
+    }
+
+    /// A tensor filled with `value` (converted to `dtype`).
+    pub fn full(shape: impl Into<Shape>, value: f64, dtype: DType, device: &Device) -> Result<Tensor> {
+        let mut k = MapKernel::default();
+        let v = k.scalar(dtype);
+        k.output(v);
+        let out = crate::exec::map("full", k, &[], &[value], &shape.into(), device)?;
+        Ok(out.into_iter().next().expect("one output"))
+    }
+
+    /// A tensor of zeros.
+    pub fn zeros(shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
+        Tensor::full(shape, 0.0, dtype, device)
+    }
+
+    /// A tensor of ones.
+    pub fn ones(shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
+        Tensor::full(shape, 1.0, dtype, device)
+    }
+
+    /// Zeros with this tensor's shape, dtype and device.
+    pub fn zeros_like(&self) -> Result<Tensor> {
+        Tensor::zeros(self.shape().clone(), self.dtype(), self.device())
+    }
+
+    /// Ones with this tensor's shape, dtype and device.
+    pub fn ones_like(&self) -> Result<Tensor> {
+        Tensor::ones(self.shape().clone(), self.dtype(), self.device())
+    }
+
+    /// `start, start + step, ...` up to (excluding) `end`, as f32, like `torch.arange`.
+    pub fn arange(start: f64, end: f64, step: f64, device: &Device) -> Result<Tensor> {
+        if step == 0.0 || !step.is_finite() || !start.is_finite() || !end.is_finite() {
+            return Err(Error::InvalidArgument {
+                op: "arange",
+                message: format!("needs finite start/end and a non-zero step, got {start}..{end} step {step}"),
+            });
+        }
+        let n = ((end - start) / step).ceil().max(0.0) as usize;
+        let mut k = MapKernel::default();
+        let i = k.push(K::Index, DType::F32);
+        let s = k.scalar(DType::F32);
+        let b = k.scalar(DType::F32);
+        let scaled = k.push(K::Binary(crate::ops::binary::BinaryOp::Mul, i, s), DType::F32);
+        let out = k.push(K::Binary(crate::ops::binary::BinaryOp::Add, scaled, b), DType::F32);
+        k.output(out);
+        let t = crate::exec::map("arange", k, &[], &[step, start], &Shape::new([n]), device)?;
+        Ok(t.into_iter().next().expect("one output"))
+    }
+
+    fn random(kind: RandomKind, shape: Shape, seed: u64, device: &Device) -> Result<Tensor> {
+        let mut k = MapKernel::default();
+        // The 64-bit seed travels as two u32 words in consecutive slots.
+        let slot = k.scalar_slot(DType::U32);
+        k.scalar_slot(DType::U32);
+        let r = k.push(K::Random(kind, slot), DType::F32);
+        k.output(r);
+        let seeds = [(seed & 0xffff_ffff) as f64, (seed >> 32) as f64];
+        let t = crate::exec::map("random", k, &[], &seeds, &shape, device)?;
+        Ok(t.into_iter().next().expect("one output"))
+    }
+
+    /// Uniform in [0, 1), f32, from a seed: the same seed gives the same
+    /// values on every device and for every way the work is split.
+    pub fn rand(shape: impl Into<Shape>, seed: u64, device: &Device) -> Result<Tensor> {
+        Tensor::random(RandomKind::Uniform, shape.into(), seed, device)
+    }
+
+    /// Standard normal, f32, from a seed.
+    pub fn randn(shape: impl Into<Shape>, seed: u64, device: &Device) -> Result<Tensor> {
+        Tensor::random(RandomKind::Normal, shape.into(), seed, device)
+    }
+
+    /// Reads the elements back in row-major order. `T` must match the dtype.
+    pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
+        if T::DTYPE != self.dtype() {
+            return Err(Error::DTypeMismatch { op: "to_vec", lhs: self.dtype(), rhs: T::DTYPE });
+        }
+        let t = if self.layout().is_contiguous() { self.clone() } else { self.contiguous_copy()? };
+        let size = t.dtype().size_in_bytes() as u64;
+        let bytes = t.device().read(t.buffer(), t.layout().offset as u64 * size, t.shape().numel() as u64 * size)?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+
+    /// Reads a one-element tensor back.
+    pub fn to_scalar<T: Element>(&self) -> Result<T> {
+        if self.shape().numel() != 1 {
+            return Err(Error::InvalidArgument {
+                op: "to_scalar",
+                message: format!("needs exactly one element, got shape {}; reduce it first", self.shape()),
+            });
+        }
+        Ok(self.to_vec::<T>()?[0])
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &Shape {
+        &self.0.layout.shape
+    }
+
+    /// The dimensions (shorthand for `shape().dims()`).
+    pub fn dims(&self) -> &[usize] {
+        self.0.layout.shape.dims()
+    }
+
+    /// Number of dimensions.
+    pub fn rank(&self) -> usize {
+        self.0.layout.shape.rank()
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.0.layout.shape.numel()
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        self.0.dtype
+    }
+
+    /// The device holding the data.
+    pub fn device(&self) -> &Device {
+        &self.0.device
+    }
+
+    /// Device, dtype and shape: what a gradient of this tensor must match.
+    pub fn metadata(&self) -> InputMetadata {
+        InputMetadata { device: self.0.device.id(), dtype: self.0.dtype, shape: self.0.layout.shape.clone() }
+    }
+
+    /// Whether this tensor's data is laid out row-major without gaps.
+    pub fn is_contiguous(&self) -> bool {
+        self.0.layout.is_contiguous()
+    }
+
+    /// A new handle to the same data with no autograd history; it does not require grad.
+    pub fn detach(&self) -> Tensor {
+        self.with_autograd(AutogradMeta::None)
+    }
+
+    /// Marks this tensor as a leaf whose gradient is accumulated into
+    /// [`Tensor::grad`] (`true`), or returns a detached handle (`false`).
+    /// Only float tensors can require grad, and only leaves can be switched.
+    pub fn requires_grad(&self, on: bool) -> Result<Tensor> {
+        if let AutogradMeta::Interior(_) = self.0.autograd {
+            return Err(Error::InvalidArgument {
+                op: "requires_grad",
+                message: "only leaf tensors can change requires_grad; use `.detach()` to get a leaf".into(),
+            });
+        }
+        if !on {
+            return Ok(self.detach());
+        }
+        if !self.dtype().is_float() {
+            return Err(Error::UnsupportedDType {
+                op: "requires_grad",
+                dtype: self.dtype(),
+                hint: "only float tensors can require grad; convert with `.to_dtype(DType::F32)`",
+            });
+        }
+        if let AutogradMeta::Leaf(_) = self.0.autograd {
+            return Ok(self.clone());
+        }
+        Ok(self.with_autograd(AutogradMeta::Leaf(Arc::new(LeafState::new(self.metadata())))))
+    }
+
+    /// Whether gradients flow to this tensor (a leaf that requires grad, or
+    /// the result of an op on one).
+    pub fn needs_grad(&self) -> bool {
+        !matches!(self.0.autograd, AutogradMeta::None)
+    }
+
+    /// Whether this tensor is a leaf: created by the user rather than by an
+    /// op that recorded a gradient.
+    pub fn is_leaf(&self) -> bool {
+        !matches!(self.0.autograd, AutogradMeta::Interior(_))
+    }
+
+    /// The node that produced this tensor, if it was recorded.
+    pub(crate) fn grad_fn(&self) -> Option<&Arc<Node>> {
+        match &self.0.autograd {
+            AutogradMeta::Interior(node) => Some(node),
+            _ => None,
+        }
+    }
+
+    /// The accumulated gradient of a leaf, if any backward reached it.
+    pub fn grad(&self) -> Option<Tensor> {
+        match &self.0.autograd {
+            AutogradMeta::Leaf(leaf) => leaf.grad.lock().clone(),
+            _ => None,
+        }
+    }
+
+    /// Forgets the accumulated gradient (PyTorch's `zero_grad(set_to_none=True)`).
+    pub fn zero_grad(&self) {
+        if let AutogradMeta::Leaf(leaf) = &self.0.autograd {
+            *leaf.grad.lock() = None;
+        }
+    }
+
+    /// Replaces the accumulated gradient of a leaf (used by optimizers).
+    pub fn set_grad(&self, grad: Option<Tensor>) -> Result<()> {
+        let AutogradMeta::Leaf(leaf) = &self.0.autograd else {
+            return Err(Error::InvalidArgument {
+                op: "set_grad",
+                message: "only leaves that require grad hold a .grad".into(),
+            });
+        };
+        if let Some(g) = &grad {
+            if g.metadata() != leaf.metadata {
+                return Err(Error::GradientMismatch {
+                    op: "set_grad",
+                    input: 0,
+                    expected: Box::new(leaf.metadata.clone()),
+                    got: Box::new(g.metadata()),
+                });
+            }
+        }
+        *leaf.grad.lock() = grad.map(|g| g.detach());
+        Ok(())
+    }
+}
+
+fn check_dtype_supported(dtype: DType, device: &Device) -> Result<()> {
+    if dtype == DType::F16 && !device.supports_f16() {
+        return Err(Error::UnsupportedDType {
+            op: "create",
+            dtype,
+            hint: "this adapter lacks SHADER_F16; use DType::F32 (check `Device::supports_f16()`)",
+        });
+    }
+    Ok(())
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor({:?}{}, {})", self.dtype(), self.shape(), self.device().id())?;
+        if self.needs_grad() {
+            write!(f, " requires_grad")?;
+        }
+        Ok(())
+    }
+}
