@@ -27,7 +27,12 @@ fn wgrad_erf(x: f32) -> f32 {
 // pow with PyTorch's conventions: x^0 = 1, negative bases with integral
 // exponents keep their sign, negative bases with fractional exponents are NaN.
 fn wgrad_pow(x: f32, y: f32) -> f32 {
-    let r = pow(abs(x), y);
+    var r = pow(abs(x), y);
+    // WGSL leaves pow(0, y <= 0) undefined (lavapipe returns 0 for 0^-1);
+    // spell out 0^y: 0 for y > 0, +inf for y < 0 (y == 0 is handled below).
+    if (x == 0.0) {
+        r = select(0.0, bitcast<f32>(0x7f800000u), y < 0.0);
+    }
     let odd = abs(y % 2.0) == 1.0;
     let integral = fract(y) == 0.0;
     var out = select(r, -r, x < 0.0 && odd);

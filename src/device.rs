@@ -58,7 +58,7 @@ pub struct DeviceCounters {
 /// A GPU device: cheap to clone, `Send + Sync`. Tensors remember the device
 /// they live on; ops on tensors of two devices are an error.
 ///
-/// ```no_run
+/// ```
 /// let device = wgrad::Device::new()?;
 /// println!("running on {}", device.info());
 /// # Ok::<(), wgrad::Error>(())
@@ -226,7 +226,7 @@ impl Device {
 
     /// The largest tensor, in bytes, that fits one storage binding.
     pub fn max_tensor_bytes(&self) -> u64 {
-        (self.inner.limits.max_storage_buffer_binding_size as u64).min(self.inner.limits.max_buffer_size)
+        self.inner.limits.max_storage_buffer_binding_size.min(self.inner.limits.max_buffer_size)
     }
 
     /// Bytes live, peak and pooled.

@@ -4,7 +4,7 @@
 //! device buffers, ops record a backward graph, and `backward()` runs it on
 //! the GPU — on Vulkan, Metal, DX12, or headless on Mesa's lavapipe.
 //!
-//! ```no_run
+//! ```
 //! use wgrad::{DType, Device, Tensor};
 //!
 //! let device = Device::new()?; // picks the best adapter; WGRAD_ADAPTER overrides
@@ -38,9 +38,16 @@ pub use alloc::MemoryStats;
 pub use autograd::{BackwardOptions, Edge, NoGradGuard, grad, is_grad_enabled, no_grad};
 pub use device::{Device, DeviceCounters, DeviceInfo};
 pub use error::{Error, Result};
+/// The `half` crate, for building and reading `DType::F16` tensors (`half::f16`).
+pub use half;
 pub use metadata::{DType, DeviceId, InputMetadata, Shape, collect_input_metadata};
 pub use ops::{Operand, cat, stack, where_};
 pub use tensor::{Element, Tensor};
+
+// The README's Rust examples run as doctests, so the tour cannot rot.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
 
 /// Runs `f` with graph recording off.
 pub(crate) fn no_grad_scope<T>(f: impl FnOnce() -> T) -> T {

@@ -32,7 +32,7 @@ impl Element for u32 {
 /// An n-dimensional array on a [`Device`], recording the ops applied to it
 /// when it requires grad. Cloning is cheap (an `Arc`).
 ///
-/// ```no_run
+/// ```
 /// use wgrad::{Device, Tensor};
 /// let device = Device::new()?;
 /// let x = Tensor::from_slice(&[1.0f32, 2.0, 3.0], [3], &device)?.requires_grad(true)?;
@@ -60,7 +60,7 @@ impl Tensor {
     /// Uninitialised contiguous storage; every element must be written.
     pub(crate) fn empty(shape: Shape, dtype: DType, device: &Device) -> Result<Tensor> {
         check_dtype_supported(dtype, device)?;
-        let bytes = (shape.numel() * dtype.size_in_bytes()) as u64;
+        let bytes = (shape.numel() as u64).saturating_mul(dtype.size_in_bytes() as u64);
         let storage = device.alloc(bytes)?;
         Ok(Tensor::from_parts(storage, Layout::contiguous(shape), dtype, device.clone()))
     }

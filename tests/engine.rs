@@ -30,6 +30,9 @@ fn assert_close(got: &[f32], want: &[f64]) {
     }
 }
 
+/// What hooks record, shared with the test.
+type Log<T> = Arc<Mutex<Vec<T>>>;
+
 const RETAIN: BackwardOptions = BackwardOptions { retain_graph: true, create_graph: false };
 const CREATE: BackwardOptions = BackwardOptions { retain_graph: false, create_graph: true };
 
@@ -40,7 +43,7 @@ fn tensor_used_three_times_sums_the_three_paths() {
     let xs = [0.5f64, -1.0, 2.0];
     let x = leaf(&xs.map(|v| v as f32));
     // y = x*x + x*3 + exp(x): x reaches the loss along four edges (x*x uses it twice).
-    let y = x.mul(&x).unwrap().add(&x.mul(3.0).unwrap()).unwrap().add(&x.exp().unwrap()).unwrap();
+    let y = x.mul(&x).unwrap().add(x.mul(3.0).unwrap()).unwrap().add(x.exp().unwrap()).unwrap();
     y.sum_all().unwrap().backward().unwrap();
     let want: Vec<f64> = xs.iter().map(|&v| 2.0 * v + 3.0 + v.exp()).collect();
     assert_close(&grad_of(&x), &want);
@@ -149,6 +152,24 @@ fn grad_gives_none_for_an_unused_input() {
     }
 }
 
+/// Regression: `grad(&[&x], &[&x])` of a leaf no live graph used came back `None` (the
+/// accumulator was looked up before `run` created it), yet ones once any graph used `x`.
+#[test]
+fn grad_of_a_leaf_with_respect_to_itself() {
+    let x = Tensor::from_slice(&[2.0f32], [], &device()).unwrap().requires_grad(true).unwrap();
+    let g = wgrad::grad(&[&x], &[&x], None, BackwardOptions::default()).unwrap();
+    assert_eq!(vals(g[0].as_ref().expect("dx/dx is defined")), vec![1.0]);
+    let _graph = x.mul(2.0).unwrap(); // keeps an accumulator alive: same answer
+    let g = wgrad::grad(&[&x], &[&x], None, BackwardOptions::default()).unwrap();
+    assert_eq!(vals(g[0].as_ref().unwrap()), vec![1.0]);
+
+    let v = leaf(&[1.0, 2.0]);
+    let seed = Tensor::from_slice(&[3.0f32, 4.0], [2], &device()).unwrap();
+    let g = wgrad::grad(&[&v], &[&v], Some(&[seed]), BackwardOptions::default()).unwrap();
+    assert_eq!(vals(g[0].as_ref().unwrap()), vec![3.0, 4.0]);
+    assert!(x.grad().is_none() && v.grad().is_none());
+}
+
 // ------------------------------------------------------------------ no_grad
 
 #[test]
@@ -203,7 +224,7 @@ fn no_grad_is_per_thread() {
 #[test]
 fn hook_on_a_leaf_sees_the_gradient() {
     let x = leaf(&[1.0, 2.0, 3.0]);
-    let seen: Arc<Mutex<Vec<Vec<f32>>>> = Arc::default();
+    let seen: Log<Vec<f32>> = Arc::default();
     let s = seen.clone();
     x.register_hook(move |g| {
         s.lock().unwrap().push(g.to_vec::<f32>().unwrap());
@@ -228,7 +249,7 @@ fn hook_returning_a_gradient_replaces_it() {
 #[test]
 fn hooks_run_in_registration_order_and_chain() {
     let x = leaf(&[1.0, 2.0]);
-    let order: Arc<Mutex<Vec<(&'static str, Vec<f32>)>>> = Arc::default();
+    let order: Log<(&'static str, Vec<f32>)> = Arc::default();
     let o = order.clone();
     x.register_hook(move |g| {
         o.lock().unwrap().push(("first", g.to_vec::<f32>().unwrap()));
@@ -254,7 +275,7 @@ fn hooks_run_in_registration_order_and_chain() {
 fn hook_on_an_intermediate_runs_before_the_gradient_flows_on() {
     let x = leaf(&[1.0, 2.0]);
     let h = x.mul(3.0).unwrap(); // h = 3x
-    let order: Arc<Mutex<Vec<&'static str>>> = Arc::default();
+    let order: Log<&'static str> = Arc::default();
     let o = order.clone();
     h.register_hook(move |g| {
         o.lock().unwrap().push("h");
@@ -281,7 +302,7 @@ fn hooks_on_different_tensors_run_closest_to_the_loss_first() {
     let b = a.exp().unwrap();
     let c = b.mul(&x).unwrap(); // x is used twice: its hook still runs once, last
     let loss = c.sum_all().unwrap();
-    let order: Arc<Mutex<Vec<&'static str>>> = Arc::default();
+    let order: Log<&'static str> = Arc::default();
     // Register far-from-the-loss first, so registration order cannot explain the result.
     for (t, name) in [(&x, "x"), (&a, "a"), (&b, "b"), (&c, "c")] {
         let o = order.clone();
@@ -404,7 +425,7 @@ fn detach_stops_gradients() {
     assert!(!d.mul(2.0).unwrap().needs_grad());
 
     // y = x*x + detach(x)*x: the detached factor is a constant, dy/dx = 2x + x = 3x.
-    let y = x.mul(&x).unwrap().add(&d.mul(&x).unwrap()).unwrap().sum_all().unwrap();
+    let y = x.mul(&x).unwrap().add(d.mul(&x).unwrap()).unwrap().sum_all().unwrap();
     y.backward().unwrap();
     assert_close(&grad_of(&x), &[3.0, 6.0, 9.0]);
 

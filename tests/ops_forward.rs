@@ -159,7 +159,7 @@ fn binary_ops_same_and_broadcast_shapes() {
     for (name, op, f) in binary_cases().into_iter().filter(|c| c.0 != "pow") {
         check(&op(&ga, &gb).unwrap(), &a.zip(&b, f), RTOL, 1e-4, &format!("{name} mixed signs"));
     }
-    assert!(ga.add(&upload(&r32(1, &[4, 2], 0.0, 1.0))).is_err());
+    assert!(ga.add(upload(&r32(1, &[4, 2], 0.0, 1.0))).is_err());
 }
 
 #[test]
@@ -208,7 +208,16 @@ fn pow_sign_conventions() {
     assert_close_f32(&vals(&ints.powf(3.0).unwrap()), &[-8.0, -1.0, 0.0, 27.0], 1e-6, 1e-6, "powf 3");
     assert_close_f32(&vals(&ints.powf(2.0).unwrap()), &[4.0, 1.0, 0.0, 9.0], 1e-6, 1e-6, "powf 2");
     assert_close_f32(&vals(&ints.powf(0.0).unwrap()), &[1.0; 4], 0.0, 0.0, "x^0");
-    assert_close_f32(&vals(&ints.powf(-1.0).unwrap()), &[-0.5, -1.0, f64::INFINITY, 1.0 / 3.0], 1e-6, 1e-6, "powf -1");
+    let got = vals(&ints.powf(-1.0).unwrap());
+    assert_close_f32(&got, &[-0.5, -1.0, f64::INFINITY, 1.0 / 3.0], 1e-6, 1e-6, "powf -1");
+    // 0^y: 0 for y > 0, inf for y < 0, 1 for y = 0 (WGSL's pow leaves y <= 0 undefined).
+    let zeros = upload(&RefTensor::zeros(&[6]));
+    let e = upload(&RefTensor::new(vec![-1.0, -0.5, -2.0, 0.0, 0.5, 3.0], &[6]));
+    let got = vals(&zeros.pow(&e).unwrap());
+    let inf = f64::INFINITY;
+    assert_close_f32(&got, &[inf, inf, inf, 1.0, 0.0, 0.0], 0.0, 0.0, "0^y, tensor exponent");
+    assert_close_f32(&vals(&zeros.powf(-0.5).unwrap()), &[inf; 6], 0.0, 0.0, "0^-0.5");
+    assert_close_f32(&vals(&zeros.powf(2.5).unwrap()), &[0.0; 6], 0.0, 0.0, "0^2.5");
 }
 
 // ------------------------------------------------------------------ comparisons, where, casts
@@ -274,7 +283,7 @@ fn where_with_broadcasting() {
 
 #[test]
 fn dtype_round_trip() {
-    let x = RefTensor::new(vec![-2.7, -1.0, -0.5, 0.0, 0.5, 1.9, 3.0, 100.25], &[2, 4]);
+    let x = RefTensor::from_f32(&[-2.7, -1.0, -0.5, 0.0, 0.5, 1.9, 3.0, 100.25], &[2, 4]);
     let g = upload(&x);
     let i = g.to_dtype(DType::I32).unwrap();
     assert_eq!(i.dtype(), DType::I32);
@@ -399,6 +408,13 @@ fn long_reductions_are_exact() {
     let gt = g.t().unwrap().contiguous().unwrap();
     check(&gt.sum(&[0], true).unwrap(), &xt.sum(&[0], true), 0.0, 0.0, "long axis 0");
     check(&gt.max(&[0], false).unwrap(), &xt.max(&[0], false), 0.0, 0.0, "long max axis 0");
+    // A long middle axis with outer and inner dims (three passes over [a, k, b]).
+    let shape = [3usize, 20_001, 2];
+    let data: Vec<f32> = (0..shape.iter().product::<usize>()).map(|i| (i % 9) as f32 - 4.0).collect();
+    let x = RefTensor::from_f32(&data, &shape);
+    let g = Tensor::from_slice(&data, shape, &dev).unwrap();
+    check(&g.sum(&[1], false).unwrap(), &x.sum(&[1], false), 0.0, 0.0, "long middle axis");
+    check(&g.min(&[1], true).unwrap(), &ref_min(&x, &[1], true), 0.0, 0.0, "long middle axis min");
 }
 
 // ------------------------------------------------------------------ matmul
@@ -527,7 +543,7 @@ fn movement_ops() {
         "exp of permuted",
     );
     check(
-        &g.narrow(1, 1, 2).unwrap().add(&g.narrow(1, 0, 2).unwrap()).unwrap(),
+        &g.narrow(1, 1, 2).unwrap().add(g.narrow(1, 0, 2).unwrap()).unwrap(),
         &x.narrow(1, 1, 2).add(&x.narrow(1, 0, 2)),
         RTOL,
         ATOL,

@@ -20,7 +20,10 @@ pub struct BackwardOptions {
     /// Keep the saved tensors so the graph can be walked again.
     pub retain_graph: bool,
     /// Record the backward itself, so gradients are differentiable (higher
-    /// order derivatives). Implies `retain_graph`.
+    /// order derivatives). Implies `retain_graph`. With `backward_with`, a
+    /// leaf's `.grad` then holds a graph that refers back to the leaf, which
+    /// keeps both alive until `zero_grad()` (as in PyTorch); prefer
+    /// [`grad`] for higher-order derivatives.
     pub create_graph: bool,
 }
 
@@ -78,7 +81,7 @@ impl Tensor {
 /// seeds each output (`None`: ones, for scalar outputs). An input that does
 /// not influence the outputs gets `None`.
 ///
-/// ```no_run
+/// ```
 /// # use wgrad::{Device, Tensor, BackwardOptions};
 /// # let device = Device::new()?;
 /// let x = Tensor::from_slice(&[2.0f32], [1], &device)?.requires_grad(true)?;
@@ -121,13 +124,14 @@ pub fn grad(
             AutogradMeta::None => {
                 return Err(Error::NoGradFn { what: format!("input {i} of grad()") });
             }
-            AutogradMeta::Leaf(leaf) => leaf.existing_accumulator(),
-            AutogradMeta::Interior(node) => Some(node.clone()),
+            // Get-or-create: when an output is the leaf itself, its
+            // accumulator may not exist yet. One that no output reaches
+            // simply yields `None`; `keep` holds it for the call.
+            AutogradMeta::Leaf(leaf) => leaf.accumulator(),
+            AutogradMeta::Interior(node) => node.clone(),
         };
-        if let Some(node) = node {
-            targets.entry(key(&node)).or_default().push(i);
-            keep.push(node);
-        }
+        targets.entry(key(&node)).or_default().push(i);
+        keep.push(node);
     }
     let captured = run(&roots, Sink::Capture(&targets), options)?;
     Ok((0..inputs.len()).map(|i| captured.get(&i).cloned()).collect())

@@ -26,7 +26,7 @@ impl Drop for NoGradGuard {
 /// Disables graph recording on this thread until the guard drops
 /// (PyTorch's `torch.no_grad()`), e.g. for evaluation or optimizer updates.
 ///
-/// ```no_run
+/// ```
 /// # let device = wgrad::Device::new()?;
 /// # let w = wgrad::Tensor::ones([3], wgrad::DType::F32, &device)?.requires_grad(true)?;
 /// let _guard = wgrad::no_grad();

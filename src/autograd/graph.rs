@@ -54,11 +54,6 @@ impl LeafState {
         *slot = Arc::downgrade(&node);
         node
     }
-
-    /// The accumulator if some live graph uses this leaf.
-    pub fn existing_accumulator(&self) -> Option<Arc<Node>> {
-        self.accumulator.lock().upgrade()
-    }
 }
 
 pub(crate) enum NodeKind {

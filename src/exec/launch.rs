@@ -159,7 +159,7 @@ pub(crate) fn reduce(kind: ReduceKind, x: &Tensor, axes: &[usize], keepdim: bool
         perm.extend_from_slice(axes);
         let moved = x.permute_view(&perm).contiguous_copy()?;
         let k: usize = axes.iter().map(|&i| dims[i]).product();
-        let a = if k == 0 { 0 } else { x.shape().numel() / k };
+        let a = x.shape().numel().checked_div(k).unwrap_or(0);
         (moved, a, k, 1)
     };
     let out = reduce_abk(kind, &src, a, k, b)?;

@@ -71,8 +71,16 @@ impl BinaryOp {
                         Operand::Scalar(v) => Operand::Scalar(v - 1.0),
                         Operand::Tensor(t) => Operand::Tensor(t.sub(1.0)?),
                     };
+                    // x^0 is constant: its gradient is 0 (PyTorch), not 0 * 0^-1 = NaN at x = 0.
+                    if matches!(b, Operand::Scalar(v) if *v == 0.0) {
+                        return g.mul(0.0);
+                    }
                     let power = binary(BinaryOp::Pow, a.clone(), exponent)?;
-                    g.mul(b.clone())?.mul(&power)
+                    let grad = g.mul(b.clone())?.mul(&power)?;
+                    match b {
+                        Operand::Tensor(t) => crate::ops::where_(&t.eq(0.0)?, 0.0, &grad),
+                        Operand::Scalar(_) => Ok(grad),
+                    }
                 })?,
                 // g a^b ln a
                 side(want[1], &|| {
@@ -81,7 +89,14 @@ impl BinaryOp {
                         Operand::Scalar(v) => Operand::Scalar(v.ln()),
                         Operand::Tensor(t) => Operand::Tensor(t.log()?),
                     };
-                    g.mul(&power)?.mul(log_a)
+                    let grad = g.mul(&power)?.mul(log_a)?;
+                    // At a = 0, a^b ln a is 0 * -inf = NaN; PyTorch defines it as 0 where b >= 0.
+                    match (a, b) {
+                        (Operand::Tensor(t), Operand::Tensor(e)) => {
+                            crate::ops::where_(&t.eq(0.0)?.mul(&e.ge(0.0)?)?, 0.0, &grad)
+                        }
+                        _ => Ok(grad),
+                    }
                 })?,
             ],
             // Ties split the gradient evenly, as in PyTorch.

@@ -122,10 +122,10 @@ impl Tensor {
     /// `len` elements of `dim` starting at `start` (a view).
     pub fn narrow(&self, dim: isize, start: usize, len: usize) -> Result<Tensor> {
         let d = resolve_axis("narrow", dim, self.rank())?;
-        if self.rank() == 0 || start + len > self.dims()[d] {
+        if self.rank() == 0 || start.checked_add(len).is_none_or(|end| end > self.dims()[d]) {
             return Err(Error::InvalidArgument {
                 op: "narrow",
-                message: format!("range {start}..{} is outside dim {d} of {}", start + len, self.shape()),
+                message: format!("range {start}..{} is outside dim {d} of {}", start.saturating_add(len), self.shape()),
             });
         }
         let out = self.with_layout(self.layout().narrow(d, start, len));

@@ -522,6 +522,10 @@ fn check_close(actual: &[f64], expected: &[f64], shape: Option<&[usize]>, rtol: 
         } else if a == e {
             ok = true; // also covers matching infinities
             excess = 0.0;
+        } else if e.is_infinite() || a.is_infinite() {
+            // The tolerance below would be infinite: infinities must match exactly.
+            ok = false;
+            excess = f64::INFINITY;
         } else {
             let err = (a - e).abs();
             let tol = atol + rtol * e.abs();

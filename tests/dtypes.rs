@@ -1,0 +1,89 @@
+//! Non-f32 dtypes: integer arithmetic and masks, casts, and f16 where the
+//! adapter supports it (skipped, with a note, where it does not).
+
+mod common;
+
+use common::device;
+use wgrad::{DType, Error, Tensor};
+
+#[test]
+fn integer_arithmetic_and_reductions() -> wgrad::Result<()> {
+    let d = device();
+    let a = Tensor::from_slice(&[7i32, -3, 10, 4], [2, 2], &d)?;
+    let b = Tensor::from_slice(&[2i32, 2, -3, 1], [2, 2], &d)?;
+    assert_eq!(a.add(&b)?.to_vec::<i32>()?, vec![9, -1, 7, 5]);
+    assert_eq!(a.mul(&b)?.to_vec::<i32>()?, vec![14, -6, -30, 4]);
+    assert_eq!(a.div(&b)?.to_vec::<i32>()?, vec![3, -1, -3, 4], "integer division truncates");
+    assert_eq!(a.neg()?.abs()?.to_vec::<i32>()?, vec![7, 3, 10, 4]);
+    assert_eq!(a.sum(&[0], false)?.to_vec::<i32>()?, vec![17, 1]);
+    assert_eq!(a.max(&[1], false)?.to_vec::<i32>()?, vec![7, 10]);
+    assert_eq!(a.min_all_i32()?, -3);
+    let u = Tensor::from_slice(&[1u32, 2, 3], [3], &d)?;
+    assert_eq!(u.mul(4)?.sum_all()?.to_scalar::<u32>()?, 24);
+    Ok(())
+}
+
+trait MinAll {
+    fn min_all_i32(&self) -> wgrad::Result<i32>;
+}
+impl MinAll for Tensor {
+    fn min_all_i32(&self) -> wgrad::Result<i32> {
+        self.min(&[0, 1], false)?.to_scalar::<i32>()
+    }
+}
+
+#[test]
+fn masks_and_casts() -> wgrad::Result<()> {
+    let d = device();
+    let x = Tensor::from_slice(&[-1.5f32, 0.0, 2.7, 3.0], [4], &d)?;
+    let mask = x.gt(0.0)?;
+    assert_eq!(mask.dtype(), DType::U32);
+    assert_eq!(mask.to_vec::<u32>()?, vec![0, 0, 1, 1]);
+    assert_eq!(x.to_dtype(DType::I32)?.to_vec::<i32>()?, vec![-1, 0, 2, 3], "f32 -> i32 truncates toward zero");
+    assert_eq!(mask.to_dtype(DType::F32)?.to_vec::<f32>()?, vec![0.0, 0.0, 1.0, 1.0]);
+    assert_eq!(wgrad::where_(&mask, &x, -1.0)?.to_vec::<f32>()?, vec![-1.0, -1.0, 2.7, 3.0]);
+    // Casting to an integer ends the graph; float-to-float keeps it.
+    let leaf = x.requires_grad(true)?;
+    assert!(!leaf.to_dtype(DType::I32)?.needs_grad());
+    assert!(leaf.to_dtype(DType::F32)?.needs_grad());
+    Ok(())
+}
+
+#[test]
+fn integer_only_limits_are_errors() {
+    let d = device();
+    let i = Tensor::from_slice(&[1i32, 2], [2], &d).unwrap();
+    assert!(matches!(i.exp(), Err(Error::UnsupportedDType { op: "exp", .. })));
+    assert!(matches!(i.pow(2.0), Err(Error::UnsupportedDType { op: "pow", .. })));
+    assert!(matches!(i.mean_all(), Err(Error::UnsupportedDType { .. })));
+    let u = Tensor::from_slice(&[1u32, 2], [2], &d).unwrap();
+    assert!(matches!(u.neg(), Err(Error::UnsupportedDType { op: "neg", .. })));
+}
+
+#[test]
+fn f16_when_supported() -> wgrad::Result<()> {
+    use half::f16;
+    let d = device();
+    let data: Vec<f16> = [0.5f32, -1.0, 2.0, 0.25].iter().map(|&v| f16::from_f32(v)).collect();
+    if !d.supports_f16() {
+        let err = Tensor::from_slice(&data, [4], &d).unwrap_err();
+        assert!(matches!(err, Error::UnsupportedDType { dtype: DType::F16, .. }), "{err}");
+        eprintln!("note: {} has no SHADER_F16; checked that f16 is refused cleanly", d.info().name);
+        return Ok(());
+    }
+    let x = Tensor::from_slice(&data, [4], &d)?;
+    assert_eq!(x.dtype(), DType::F16);
+    let y = x.mul(&x)?.add(1.0)?.to_vec::<f16>()?;
+    let expected = [1.25f32, 2.0, 5.0, 1.0625];
+    for (got, want) in y.iter().zip(expected) {
+        assert!((got.to_f32() - want).abs() < 1e-3, "{got} vs {want}");
+    }
+    let back = x.to_dtype(DType::F32)?.to_vec::<f32>()?;
+    assert_eq!(back, vec![0.5, -1.0, 2.0, 0.25]);
+    let g = x.requires_grad(true)?;
+    let loss = g.mul(&g)?.sum_all()?;
+    loss.backward()?;
+    let grad: Vec<f32> = g.grad().expect("grad").to_vec::<f16>()?.iter().map(|v| v.to_f32()).collect();
+    assert_eq!(grad, vec![1.0, -2.0, 4.0, 0.5]);
+    Ok(())
+}
