@@ -283,36 +283,32 @@ impl Device {
         if let Some(buffer) = pool.lock().take(class) {
             return Ok(Arc::new(PooledBuffer::new(buffer, class, pool.clone())));
         }
-        let scope = self.inner.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let buffer = self.inner.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("wgrad tensor"),
-            size: class,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let buffer = if pollster::block_on(scope.pop()).is_some() {
-            // Give the pooled buffers back to the driver and try once more.
-            pool.lock().clear();
-            let scope = self.inner.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-            let buffer = self.inner.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("wgrad tensor"),
-                size: class,
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
-            if pollster::block_on(scope.pop()).is_some() {
-                let live = pool.lock().stats.live_bytes;
-                return Err(Error::OutOfMemory { bytes: class, live });
+        let buffer = match self.create_storage_buffer(class) {
+            Some(buffer) => buffer,
+            None => {
+                // Give the pooled buffers back to the driver and try once more.
+                pool.lock().clear();
+                self.create_storage_buffer(class)
+                    .ok_or_else(|| Error::OutOfMemory { bytes: class, live: pool.lock().stats.live_bytes })?
             }
-            buffer
-        } else {
-            buffer
         };
         let mut p = pool.lock();
         p.mark_live(class);
         p.stats.buffers_created += 1;
         drop(p);
         Ok(Arc::new(PooledBuffer::new(buffer, class, pool.clone())))
+    }
+
+    /// A new storage buffer, or `None` if the device is out of memory.
+    fn create_storage_buffer(&self, bytes: u64) -> Option<wgpu::Buffer> {
+        let scope = self.inner.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let buffer = self.inner.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("wgrad tensor"),
+            size: bytes,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        pollster::block_on(scope.pop()).is_none().then_some(buffer)
     }
 
     /// The compute pipeline for a WGSL source, created once and cached by

@@ -2,9 +2,9 @@
 
 use crate::autograd::record;
 use crate::error::{Error, Result};
-use crate::exec::kernel::{MapKernel, Node};
+use crate::exec::kernel::Node;
 use crate::metadata::DType;
-use crate::ops::{Op, Operand, common_device, common_dtype};
+use crate::ops::{Op, Operand, OperandKernel, broadcast_shape, common_device, common_dtype};
 use crate::tensor::Tensor;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -136,30 +136,13 @@ pub(crate) fn binary(op: BinaryOp, a: Operand, b: Operand) -> Result<Tensor> {
     if !op.supports(dtype) {
         return Err(Error::UnsupportedDType { op: op.name(), dtype, hint: "this op needs a float tensor" });
     }
-    let shape = a.shape().broadcast(&b.shape()).ok_or_else(|| Error::ShapeMismatch {
-        op: op.name(),
-        lhs: a.shape(),
-        rhs: b.shape(),
-    })?;
-    let mut k = MapKernel::default();
-    let mut inputs = Vec::new();
-    let mut scalars = Vec::new();
-    let mut operand = |k: &mut MapKernel, o: &Operand| match o {
-        Operand::Tensor(t) => {
-            inputs.push(t.clone());
-            k.input(dtype)
-        }
-        Operand::Scalar(v) => {
-            scalars.push(*v);
-            k.scalar(dtype)
-        }
-    };
-    let x = operand(&mut k, &a);
-    let y = operand(&mut k, &b);
-    let z = k.push(Node::Binary(op, x, y), dtype);
-    k.output(z);
+    let shape = broadcast_shape(op.name(), &[&a, &b])?;
+    let mut k = OperandKernel::default();
+    let x = k.operand(&a, dtype);
+    let y = k.operand(&b, dtype);
+    let z = k.kernel.push(Node::Binary(op, x, y), dtype);
+    let (out, inputs) = k.run(op.name(), z, &shape, &device)?;
     let refs: Vec<&Tensor> = inputs.iter().collect();
-    let out = crate::exec::map(op.name(), k, &refs, &scalars, &shape, &device)?.remove(0);
     let op = Op::Binary { op, scalars: [a.scalar(), b.scalar()] };
     Ok(record(op, &refs, inputs.clone(), out))
 }

@@ -1,10 +1,10 @@
 //! Comparisons (masks, no gradient), `where` and dtype conversion.
 
 use crate::autograd::record;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::exec::kernel::{MapKernel, Node};
 use crate::metadata::DType;
-use crate::ops::{Op, Operand, common_device, common_dtype};
+use crate::ops::{Op, Operand, OperandKernel, broadcast_shape, common_device, common_dtype};
 use crate::tensor::Tensor;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -46,29 +46,12 @@ impl CmpOp {
 pub(crate) fn compare(op: CmpOp, a: Operand, b: Operand) -> Result<Tensor> {
     let dtype = common_dtype(op.name(), &a, &b)?;
     let device = common_device(op.name(), &[&a, &b])?.clone();
-    let shape = a.shape().broadcast(&b.shape()).ok_or_else(|| Error::ShapeMismatch {
-        op: op.name(),
-        lhs: a.shape(),
-        rhs: b.shape(),
-    })?;
-    let mut k = MapKernel::default();
-    let (mut inputs, mut scalars) = (Vec::new(), Vec::new());
-    let mut ids = Vec::new();
-    for o in [&a, &b] {
-        ids.push(match o {
-            Operand::Tensor(t) => {
-                inputs.push(t);
-                k.input(dtype)
-            }
-            Operand::Scalar(v) => {
-                scalars.push(*v);
-                k.scalar(dtype)
-            }
-        });
-    }
-    let m = k.push(Node::Compare(op, ids[0], ids[1]), DType::U32);
-    k.output(m);
-    Ok(crate::exec::map(op.name(), k, &inputs, &scalars, &shape, &device)?.remove(0))
+    let shape = broadcast_shape(op.name(), &[&a, &b])?;
+    let mut k = OperandKernel::default();
+    let x = k.operand(&a, dtype);
+    let y = k.operand(&b, dtype);
+    let m = k.kernel.push(Node::Compare(op, x, y), DType::U32);
+    Ok(k.run(op.name(), m, &shape, &device)?.0)
 }
 
 /// `mask ? on_true : on_false` elementwise, broadcasting all three; the
@@ -76,38 +59,18 @@ pub(crate) fn compare(op: CmpOp, a: Operand, b: Operand) -> Result<Tensor> {
 pub fn where_(mask: &Tensor, on_true: impl Into<Operand>, on_false: impl Into<Operand>) -> Result<Tensor> {
     let (a, b) = (on_true.into(), on_false.into());
     let dtype = common_dtype("where", &a, &b)?;
-    let mask_operand = Operand::Tensor(mask.clone());
-    let device = common_device("where", &[&mask_operand, &a, &b])?.clone();
-    let shape = mask.shape().broadcast(&a.shape()).and_then(|s| s.broadcast(&b.shape())).ok_or_else(|| {
-        Error::ShapeMismatch {
-            op: "where",
-            lhs: mask.shape().clone(),
-            rhs: a.shape().broadcast(&b.shape()).unwrap_or_else(|| b.shape()),
-        }
-    })?;
-    let mut k = MapKernel::default();
-    let c = k.input(mask.dtype());
-    let mut inputs = vec![mask.clone()];
-    let mut scalars = Vec::new();
-    let mut ids = Vec::new();
-    for o in [&a, &b] {
-        ids.push(match o {
-            Operand::Tensor(t) => {
-                inputs.push(t.clone());
-                k.input(dtype)
-            }
-            Operand::Scalar(v) => {
-                scalars.push(*v);
-                k.scalar(dtype)
-            }
-        });
-    }
-    let y = k.push(Node::Select(c, ids[0], ids[1]), dtype);
-    k.output(y);
-    let refs: Vec<&Tensor> = inputs.iter().collect();
-    let out = crate::exec::map("where", k, &refs, &scalars, &shape, &device)?.remove(0);
-    let saved = inputs.clone();
-    Ok(record(Op::Where { scalars: [a.scalar(), b.scalar()] }, &refs[1..], saved, out))
+    let mask = Operand::Tensor(mask.clone());
+    let device = common_device("where", &[&mask, &a, &b])?.clone();
+    let shape = broadcast_shape("where", &[&mask, &a, &b])?;
+    let mut k = OperandKernel::default();
+    let c = k.operand(&mask, mask.tensor().map_or(DType::U32, Tensor::dtype));
+    let x = k.operand(&a, dtype);
+    let y = k.operand(&b, dtype);
+    let z = k.kernel.push(Node::Select(c, x, y), dtype);
+    let (out, inputs) = k.run("where", z, &shape, &device)?;
+    // Saved: the mask, then the tensor operands (which are also the edges).
+    let refs: Vec<&Tensor> = inputs[1..].iter().collect();
+    Ok(record(Op::Where { scalars: [a.scalar(), b.scalar()] }, &refs, inputs.clone(), out))
 }
 
 pub(crate) fn where_backward(

@@ -176,6 +176,56 @@ impl Op {
     }
 }
 
+/// A one-op kernel under construction: tensor operands become input
+/// bindings, scalar operands become uniform slots.
+#[derive(Default)]
+pub(crate) struct OperandKernel {
+    pub kernel: crate::exec::kernel::MapKernel,
+    pub inputs: Vec<Tensor>,
+    scalars: Vec<f64>,
+}
+
+impl OperandKernel {
+    pub fn operand(&mut self, o: &Operand, dtype: DType) -> crate::exec::kernel::NodeId {
+        match o {
+            Operand::Tensor(t) => {
+                self.inputs.push(t.clone());
+                self.kernel.input(dtype)
+            }
+            Operand::Scalar(v) => {
+                self.scalars.push(*v);
+                self.kernel.scalar(dtype)
+            }
+        }
+    }
+
+    /// Runs the kernel with `output` as its single result; returns it and
+    /// the tensor inputs in binding order.
+    pub fn run(
+        mut self,
+        op: &'static str,
+        output: usize,
+        shape: &Shape,
+        device: &crate::Device,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        self.kernel.output(output);
+        let inputs: Vec<&Tensor> = self.inputs.iter().collect();
+        let out = crate::exec::map(op, self.kernel, &inputs, &self.scalars, shape, device)?.remove(0);
+        Ok((out, self.inputs))
+    }
+}
+
+/// The NumPy broadcast of the operands' shapes; on failure the error names
+/// the shape broadcast so far and the operand that does not fit it.
+pub(crate) fn broadcast_shape(op: &'static str, operands: &[&Operand]) -> Result<Shape> {
+    let mut shape = Shape::new([]);
+    for o in operands {
+        let next = o.shape();
+        shape = shape.broadcast(&next).ok_or_else(|| Error::ShapeMismatch { op, lhs: shape.clone(), rhs: next })?;
+    }
+    Ok(shape)
+}
+
 /// The common dtype of two operands (a scalar takes the tensor's dtype).
 pub(crate) fn common_dtype(op: &'static str, a: &Operand, b: &Operand) -> Result<DType> {
     match (a.tensor(), b.tensor()) {
