@@ -206,19 +206,19 @@ fn run(roots: &[(Tensor, Tensor)], sink: Sink<'_>, options: BackwardOptions) -> 
             accumulate(&mut pending, key(node), seed.clone())?;
         }
     }
-    let mut ready: BinaryHeap<(u64, usize)> = BinaryHeap::new();
+    let mut ready: BinaryHeap<u64> = BinaryHeap::new();
     let mut by_seq: HashMap<u64, NodeKey> = HashMap::new();
     for k in &needed {
         by_seq.insert(nodes[k].seq, *k);
         if deps.get(k).copied().unwrap_or(0) == 0 {
-            ready.push((nodes[k].seq, 0));
+            ready.push(nodes[k].seq);
         }
     }
 
     let mut captured: HashMap<usize, Tensor> = HashMap::new();
     let mut leaf_updates: Vec<(Arc<LeafState>, Tensor)> = Vec::new();
     let mut executed: Vec<Arc<Node>> = Vec::new();
-    while let Some((seq, _)) = ready.pop() {
+    while let Some(seq) = ready.pop() {
         let k = by_seq[&seq];
         let node = nodes[&k].clone();
         let incoming = pending.remove(&k);
@@ -284,7 +284,7 @@ fn run(roots: &[(Tensor, Tensor)], sink: Sink<'_>, options: BackwardOptions) -> 
                 if let Some(d) = deps.get_mut(&ck) {
                     *d -= 1;
                     if *d == 0 {
-                        ready.push((c.seq, 0));
+                        ready.push(c.seq);
                     }
                 }
             }
