@@ -1,48 +1,32 @@
-// Reduction over the middle axis of a contiguous [A, K, B] view.
-// The prelude defines `T`, `fn identity() -> T` and `fn combine(a: T, b: T) -> T`.
+
+// Reduction main. The generator defines above: `T`, `identity()`,
+// `combine(a, b)`, the bindings (`out0` receives the results) and
+// `value(i)`, the element at linear index i of an [A, K] iteration space
+// whose last axis is reduced. Template words from R: A, K, n_chunks,
+// j_count (= ceil(K / n_chunks)), n_out (= A * n_chunks).
 //
-// Each invocation produces one element of [A, n_chunks, B]: it combines
-// the K elements of its chunk. When n_chunks > 1 the host reduces the
-// partial results again with the same kernel, so huge reductions stay
-// parallel and never depend on one workgroup walking a million elements.
-// Chunk c's j-th element is at k = c * c_stride + j * j_stride: interleaved
-// (c_stride = 1) when B == 1, so neighbouring invocations read neighbouring
-// elements; blocked (j_stride = 1) otherwise, where B already is.
-
-struct Params {
-    a: u32,
-    k: u32,
-    b: u32,
-    n_chunks: u32,
-    c_stride: u32,
-    j_stride: u32,
-    j_count: u32,
-    in_offset: u32,
-    n_out: u32,
-}
-
-@group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> src: array<T>;
-@group(0) @binding(2) var<storage, read_write> dst: array<T>;
-
+// Invocation t produces partial result (a, c) of [A, n_chunks]: chunk c
+// holds elements c, c + n_chunks, c + 2 n_chunks, ... of its row, so
+// neighbouring invocations read neighbouring elements. When n_chunks > 1
+// the host reduces the partials again, so a huge reduction stays parallel
+// instead of one invocation walking a million elements.
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let o = gid.x + gid.y * nwg.x * 256u;
-    if (o >= params.n_out) {
+    let t = gid.x + gid.y * nwg.x * 256u;
+    if (t >= p(R + 4u)) {
         return;
     }
-    let b = o % params.b;
-    let t = o / params.b;
-    let c = t % params.n_chunks;
-    let a = t / params.n_chunks;
-    let base = params.in_offset + a * params.k * params.b + b;
+    let k = p(R + 1u);
+    let chunks = p(R + 2u);
+    let a = t / chunks;
+    let c = t % chunks;
     var acc = identity();
-    for (var j = 0u; j < params.j_count; j = j + 1u) {
-        let k = c * params.c_stride + j * params.j_stride;
-        if (k >= params.k) {
+    for (var j = 0u; j < p(R + 3u); j = j + 1u) {
+        let kk = j * chunks + c;
+        if (kk >= k) {
             break;
         }
-        acc = combine(acc, src[base + k * params.b]);
+        acc = combine(acc, value(a * k + kk));
     }
-    dst[o] = acc;
+    out0[t] = acc;
 }

@@ -390,6 +390,74 @@ impl Device {
         Ok(())
     }
 
+    /// A uniform buffer holding `bytes` (a compiled program's sizes).
+    pub(crate) fn create_uniform(&self, bytes: &[u8]) -> wgpu::Buffer {
+        let buffer = self.inner.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("wgrad program uniforms"),
+            size: (bytes.len().max(16) as u64).next_multiple_of(16),
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        self.inner.queue.write_buffer(&buffer, 0, bytes);
+        buffer
+    }
+
+    /// The alignment of uniform offsets in one buffer.
+    pub(crate) fn uniform_alignment(&self) -> usize {
+        self.inner.limits.min_uniform_buffer_offset_alignment.max(16) as usize
+    }
+
+    /// The most storage buffers one kernel may bind.
+    pub(crate) fn max_storage_bindings(&self) -> usize {
+        self.inner.limits.max_storage_buffers_per_shader_stage as usize
+    }
+
+    /// A bind group: the uniform slice, then `buffers` whole, in order.
+    pub(crate) fn bind_group(
+        &self,
+        pipeline: &wgpu::ComputePipeline,
+        uniform: &wgpu::Buffer,
+        offset: u64,
+        size: u64,
+        buffers: &[wgpu::Buffer],
+    ) -> wgpu::BindGroup {
+        let layout = pipeline.get_bind_group_layout(0);
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: uniform,
+                offset,
+                size: wgpu::BufferSize::new(size),
+            }),
+        }];
+        for (i, b) in buffers.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource: b.as_entire_binding() });
+        }
+        self.inner.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &layout,
+            entries: &entries,
+        })
+    }
+
+    /// Appends a dispatch with a ready bind group to the pending batch.
+    pub(crate) fn dispatch_bound(
+        &self,
+        pipeline: &wgpu::ComputePipeline,
+        bind_group: &wgpu::BindGroup,
+        grid: [u32; 3],
+    ) {
+        if grid.contains(&0) {
+            return;
+        }
+        let mut batch = self.inner.batch.lock();
+        if batch.commands.len() >= MAX_BATCH {
+            self.submit_batch(&mut batch);
+        }
+        batch.commands.push(Command::Dispatch { pipeline: pipeline.clone(), bind_group: bind_group.clone(), grid });
+        self.inner.counters.lock().dispatches += 1;
+    }
+
     /// A grid of `WORKGROUP_SIZE`-thread workgroups covering `threads`
     /// invocations. Kernels recover the linear id as
     /// `gid.x + gid.y * num_workgroups.x * WORKGROUP_SIZE`, so grids wider

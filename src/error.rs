@@ -161,6 +161,15 @@ pub enum Error {
     /// wgpu reported an error on the device.
     #[error("GPU error: {0}")]
     Gpu(String),
+    /// A compiler is already installed for this process.
+    #[error(
+        "a compiler is already installed; drop its `CompilerGuard` before installing another \
+         (one compiler is active per process)"
+    )]
+    CompilerAlreadyActive,
+    /// No compiler is installed.
+    #[error("no compiler is installed; install one with `WgslCompiler::install(&device)`")]
+    NoActiveCompiler,
     /// Reading a buffer back to the host failed.
     #[error("reading back from the device failed: {0}")]
     Readback(String),

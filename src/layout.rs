@@ -92,3 +92,116 @@ impl Layout {
         Ok(())
     }
 }
+
+impl Layout {
+    /// The number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.numel()
+    }
+
+    /// Whether this view reads a contiguous tensor of `shape` element for
+    /// element (same dims, contiguous, offset 0).
+    pub fn is_identity_of(&self, shape: &Shape) -> bool {
+        &self.shape == shape && self.offset == 0 && self.is_contiguous()
+    }
+
+    /// `self` is a view of a contiguous tensor of shape `inner.shape`, whose
+    /// elements sit in a buffer at `inner`. Returns the same view expressed
+    /// directly against that buffer, when one strided layout can say it.
+    /// This is what lets the compiler look through copies and fuse a
+    /// producer into a consumer that reads it transposed, sliced or
+    /// broadcast.
+    pub fn compose(&self, inner: &Layout) -> Option<Layout> {
+        let dims = inner.shape.dims();
+        let numel = inner.shape.numel();
+        if self.numel() == 0 {
+            return Some(Layout { shape: self.shape.clone(), strides: vec![0; self.shape.rank()], offset: 0 });
+        }
+        if self.is_contiguous() && inner.is_contiguous() && self.offset + self.numel() <= numel {
+            let strides = self.shape.contiguous_strides();
+            return Some(Layout { shape: self.shape.clone(), strides, offset: inner.offset + self.offset });
+        }
+        if self.offset >= numel {
+            return None;
+        }
+        let base_strides = inner.shape.contiguous_strides();
+        let mut coords = vec![0; dims.len()];
+        let mut rest = self.offset;
+        for j in 0..dims.len() {
+            coords[j] = rest / base_strides[j];
+            rest %= base_strides[j];
+        }
+        let mut used = vec![false; dims.len()];
+        let mut strides = Vec::with_capacity(self.shape.rank());
+        for (&n, &s) in self.shape.dims().iter().zip(&self.strides) {
+            if n == 1 || s == 0 {
+                strides.push(0);
+                continue;
+            }
+            let j = (0..dims.len()).find(|&j| !used[j] && dims[j] > 1 && base_strides[j] == s)?;
+            if coords[j] + n > dims[j] {
+                return None;
+            }
+            used[j] = true;
+            strides.push(inner.strides[j]);
+        }
+        let offset = inner.offset + coords.iter().zip(&inner.strides).map(|(c, s)| c * s).sum::<usize>();
+        Some(Layout { shape: self.shape.clone(), strides, offset })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Layout;
+    use crate::metadata::Shape;
+
+    /// The buffer index of every element of `l`, row-major.
+    fn indices(l: &Layout) -> Vec<usize> {
+        let dims = l.shape.dims();
+        (0..l.numel())
+            .map(|mut i| {
+                let mut at = l.offset;
+                for d in (0..dims.len()).rev() {
+                    at += (i % dims[d]) * l.strides[d];
+                    i /= dims[d];
+                }
+                at
+            })
+            .collect()
+    }
+
+    /// Composition agrees with reading through both layouts one after the other.
+    fn check(view: &Layout, inner: &Layout) {
+        let composed = view.compose(inner).expect("composable");
+        let inner_idx = indices(inner);
+        let expected: Vec<usize> = indices(view).into_iter().map(|i| inner_idx[i]).collect();
+        assert_eq!(indices(&composed), expected, "{view:?} over {inner:?}");
+    }
+
+    #[test]
+    fn compose_matches_two_step_indexing() {
+        let base = Layout::contiguous(Shape::new([3, 4]));
+        let transposed = base.permute(&[1, 0]);
+        let inner_views = [
+            base.clone(),
+            transposed.clone(),
+            base.narrow(1, 1, 2),
+            base.broadcast_to("t", &Shape::new([2, 3, 4])).unwrap(),
+        ];
+        for inner in &inner_views {
+            let own = Layout::contiguous(inner.shape.clone());
+            let mut views = vec![own.clone(), own.permute(&(0..own.shape.rank()).rev().collect::<Vec<_>>())];
+            views.push(own.narrow(0, 1, inner.shape.dims()[0] - 1));
+            let mut bdims = vec![5];
+            bdims.extend_from_slice(inner.shape.dims());
+            views.push(own.broadcast_to("t", &Shape::new(bdims)).unwrap());
+            for v in &views {
+                check(v, inner);
+            }
+        }
+        // A reshape of contiguous data composes with contiguous data only.
+        let flat = Layout::contiguous(Shape::new([12]));
+        check(&flat, &base);
+        assert!(flat.compose(&transposed).is_none());
+    }
+}

@@ -26,6 +26,7 @@
 
 mod alloc;
 mod autograd;
+pub mod compiler;
 mod device;
 mod error;
 mod exec;
@@ -36,6 +37,7 @@ mod tensor;
 
 pub use alloc::MemoryStats;
 pub use autograd::{BackwardOptions, Edge, NoGradGuard, grad, is_grad_enabled, no_grad};
+pub use compiler::{CompilerGuard, CompilerInterface, CompilerStats, WgslCompiler};
 pub use device::{Device, DeviceCounters, DeviceInfo};
 pub use error::{Error, Result};
 /// The `half` crate, for building and reading `DType::F16` tensors (`half::f16`).

@@ -44,8 +44,16 @@ impl Element for u32 {
 #[derive(Clone)]
 pub struct Tensor(pub(crate) Arc<TensorImpl>);
 
+/// Where a tensor's elements live: a device buffer, or, while the compiled
+/// backward traces its formulas, a value of the IR graph being built.
+#[derive(Clone)]
+pub(crate) enum Storage {
+    Buffer(Arc<PooledBuffer>),
+    Traced(crate::compiler::ValueId),
+}
+
 pub(crate) struct TensorImpl {
-    storage: Arc<PooledBuffer>,
+    storage: Storage,
     layout: Layout,
     dtype: DType,
     device: Device,
@@ -53,7 +61,7 @@ pub(crate) struct TensorImpl {
 }
 
 impl Tensor {
-    pub(crate) fn from_parts(storage: Arc<PooledBuffer>, layout: Layout, dtype: DType, device: Device) -> Tensor {
+    pub(crate) fn from_parts(storage: Storage, layout: Layout, dtype: DType, device: Device) -> Tensor {
         Tensor(Arc::new(TensorImpl { storage, layout, dtype, device, autograd: AutogradMeta::None }))
     }
 
@@ -61,8 +69,14 @@ impl Tensor {
     pub(crate) fn empty(shape: Shape, dtype: DType, device: &Device) -> Result<Tensor> {
         check_dtype_supported(dtype, device)?;
         let bytes = (shape.numel() as u64).saturating_mul(dtype.size_in_bytes() as u64);
+        if crate::compiler::trace::is_active() {
+            return Err(Error::InvalidArgument {
+                op: "compiled backward",
+                message: "allocated a buffer while tracing; this op has no tracing executor".into(),
+            });
+        }
         let storage = device.alloc(bytes)?;
-        Ok(Tensor::from_parts(storage, Layout::contiguous(shape), dtype, device.clone()))
+        Ok(Tensor::from_parts(Storage::Buffer(storage), Layout::contiguous(shape), dtype, device.clone()))
     }
 
     /// The same data seen through another layout, with no autograd history.
@@ -84,8 +98,29 @@ impl Tensor {
         &self.0.layout
     }
 
-    pub(crate) fn buffer(&self) -> &wgpu::Buffer {
-        self.0.storage.raw()
+    /// The device buffer; an error for a tensor of a compiled-backward trace.
+    pub(crate) fn buffer(&self) -> Result<&wgpu::Buffer> {
+        match &self.0.storage {
+            Storage::Buffer(b) => Ok(b.raw()),
+            Storage::Traced(_) => Err(Error::InvalidArgument {
+                op: "compiled backward",
+                message: "a tensor of a compiled-backward trace has no data outside the trace; \
+                          read gradients after backward() returns"
+                    .into(),
+            }),
+        }
+    }
+
+    pub(crate) fn storage(&self) -> &Storage {
+        &self.0.storage
+    }
+
+    /// The IR value this tensor views, when it belongs to a trace.
+    pub(crate) fn traced_value(&self) -> Option<crate::compiler::ValueId> {
+        match &self.0.storage {
+            Storage::Traced(v) => Some(*v),
+            Storage::Buffer(_) => None,
+        }
     }
 
     /// Copies host data to a new tensor of the given shape.
@@ -99,7 +134,7 @@ impl Tensor {
         }
         check_dtype_supported(T::DTYPE, device)?;
         let storage = device.upload(bytemuck::cast_slice(data))?;
-        Ok(Tensor::from_parts(storage, Layout::contiguous(shape), T::DTYPE, device.clone()))
+        Ok(Tensor::from_parts(Storage::Buffer(storage), Layout::contiguous(shape), T::DTYPE, device.clone()))
     }
 
     /// A tensor filled with `value` (converted to `dtype`).
@@ -181,7 +216,7 @@ impl Tensor {
         }
         let t = if self.layout().is_contiguous() { self.clone() } else { self.contiguous_copy()? };
         let size = t.dtype().size_in_bytes() as u64;
-        let bytes = t.device().read(t.buffer(), t.layout().offset as u64 * size, t.shape().numel() as u64 * size)?;
+        let bytes = t.device().read(t.buffer()?, t.layout().offset as u64 * size, t.shape().numel() as u64 * size)?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 

@@ -6,7 +6,7 @@
 //! and applied only once every node has run, and saved tensors are released
 //! only then.
 
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::autograd::grad_mode::set_grad_enabled;
@@ -27,9 +27,9 @@ pub struct BackwardOptions {
     pub create_graph: bool,
 }
 
-type NodeKey = *const Node;
+pub(crate) type NodeKey = *const Node;
 
-fn key(node: &Arc<Node>) -> NodeKey {
+pub(crate) fn key(node: &Arc<Node>) -> NodeKey {
     Arc::as_ptr(node)
 }
 
@@ -137,8 +137,22 @@ pub fn grad(
     Ok((0..inputs.len()).map(|i| captured.get(&i).cloned()).collect())
 }
 
-/// Runs the graph from `roots` (output, seed) pairs.
-fn run(roots: &[(Tensor, Tensor)], sink: Sink<'_>, options: BackwardOptions) -> Result<HashMap<usize, Tensor>> {
+/// The part of the graph a backward runs, in execution order.
+pub(crate) struct GraphTask {
+    /// Needed nodes by decreasing creation sequence: a topological order
+    /// from the roots to the leaves, the order eager mode runs them in.
+    pub order: Vec<Arc<Node>>,
+    pub index: HashMap<NodeKey, usize>,
+    /// For each node, which of its edges lead to a needed node.
+    pub needs: Vec<Vec<bool>>,
+    /// (node position, seed) of each root that is needed.
+    pub roots: Vec<(usize, Tensor)>,
+    /// Capture targets: node position -> indices of `grad()` inputs.
+    pub targets: Option<HashMap<usize, Vec<usize>>>,
+}
+
+/// Finds the nodes a backward from `roots` must run and checks that it can.
+fn plan(roots: &[(Tensor, Tensor)], sink: &Sink<'_>) -> Result<GraphTask> {
     let mut root_nodes = Vec::new();
     for (out, seed) in roots {
         let edge = out.gradient_edge();
@@ -159,16 +173,16 @@ fn run(roots: &[(Tensor, Tensor)], sink: Sink<'_>, options: BackwardOptions) -> 
             stack.extend(n.edges.iter().filter_map(|e| e.node.clone()));
         }
     }
+    let mut order: Vec<Arc<Node>> = nodes.into_values().collect();
+    order.sort_by_key(|n| std::cmp::Reverse(n.seq));
 
     // Which nodes must run: all of them when accumulating into leaves;
     // only those from which a capture target is reachable otherwise.
-    let needed: HashSet<NodeKey> = match &sink {
-        Sink::Leaves => nodes.keys().copied().collect(),
+    let needed: HashSet<NodeKey> = match sink {
+        Sink::Leaves => order.iter().map(key).collect(),
         Sink::Capture(targets) => {
-            let mut order: Vec<&Arc<Node>> = nodes.values().collect();
-            order.sort_by_key(|n| n.seq); // children before parents
             let mut needed = HashSet::new();
-            for n in order {
+            for n in order.iter().rev() {
                 let k = key(n);
                 let child_needed = n.edges.iter().any(|e| e.node.as_ref().is_some_and(|c| needed.contains(&key(c))));
                 if targets.contains_key(&k) || child_needed {
@@ -178,122 +192,172 @@ fn run(roots: &[(Tensor, Tensor)], sink: Sink<'_>, options: BackwardOptions) -> 
             needed
         }
     };
+    order.retain(|n| needed.contains(&key(n)));
 
     // Refuse before doing anything if part of the graph was released.
-    for k in &needed {
-        let n = &nodes[k];
+    for n in &order {
         if matches!(n.kind, NodeKind::Op(_)) && n.saved.lock().is_none() {
             return Err(Error::GraphReleased { op: n.name() });
         }
     }
+    let index: HashMap<NodeKey, usize> = order.iter().enumerate().map(|(i, n)| (key(n), i)).collect();
+    let needs = order
+        .iter()
+        .map(|n| n.edges.iter().map(|e| e.node.as_ref().is_some_and(|c| index.contains_key(&key(c)))).collect())
+        .collect();
+    let roots = root_nodes.into_iter().filter_map(|(n, seed)| index.get(&key(&n)).map(|&i| (i, seed))).collect();
+    let targets = match sink {
+        Sink::Leaves => None,
+        Sink::Capture(targets) => {
+            Some(targets.iter().filter_map(|(k, v)| index.get(k).map(|&i| (i, v.clone()))).collect())
+        }
+    };
+    Ok(GraphTask { order, index, needs, roots, targets })
+}
 
-    // Dependencies: how many needed edges point at each needed node.
-    let mut deps: HashMap<NodeKey, usize> = HashMap::new();
-    for k in &needed {
-        for e in &nodes[k].edges {
-            if let Some(c) = &e.node {
-                if needed.contains(&key(c)) {
-                    *deps.entry(key(c)).or_default() += 1;
-                }
+/// What the walk needs from its surroundings: eager mode hands it the real
+/// saved tensors and runs hooks; capture hands it placeholders and records
+/// hook points.
+pub(crate) trait WalkEnv {
+    /// The saved tensors of the node at `position`.
+    fn saved(&mut self, position: usize, node: &Node) -> Result<Vec<Tensor>>;
+    /// The seed of root `r`.
+    fn seed(&mut self, r: usize, seed: &Tensor) -> Tensor;
+    /// `g` after the hooks of the node at `position` (which has some).
+    fn hooks(&mut self, position: usize, node: &Node, g: Tensor) -> Result<Tensor>;
+}
+
+/// What a walk produced: the gradient reaching each leaf (by position),
+/// and the gradients for `grad()`'s inputs.
+pub(crate) struct WalkResult {
+    pub leaf_grads: Vec<(usize, Tensor)>,
+    pub captured: HashMap<usize, Tensor>,
+}
+
+/// Runs every node's formula in order, summing gradients that meet.
+pub(crate) fn walk(task: &GraphTask, env: &mut dyn WalkEnv) -> Result<WalkResult> {
+    let mut pending: Vec<Option<Tensor>> = vec![None; task.order.len()];
+    for (r, (i, seed)) in task.roots.iter().enumerate() {
+        let seed = env.seed(r, seed);
+        accumulate(&mut pending[*i], seed)?;
+    }
+    let mut result = WalkResult { leaf_grads: Vec::new(), captured: HashMap::new() };
+    for (i, node) in task.order.iter().enumerate() {
+        let Some(mut g) = pending[i].take() else { continue };
+        if node.has_hooks() {
+            g = env.hooks(i, node, g)?;
+        }
+        if let Some(indices) = task.targets.as_ref().and_then(|t| t.get(&i)) {
+            for &input in indices {
+                result.captured.insert(input, g.clone());
             }
         }
-    }
-
-    let _mode = set_grad_enabled(options.create_graph);
-    let mut pending: HashMap<NodeKey, Tensor> = HashMap::new();
-    for (node, seed) in &root_nodes {
-        if needed.contains(&key(node)) {
-            accumulate(&mut pending, key(node), seed.clone())?;
-        }
-    }
-    let mut ready: BinaryHeap<u64> = BinaryHeap::new();
-    let mut by_seq: HashMap<u64, NodeKey> = HashMap::new();
-    for k in &needed {
-        by_seq.insert(nodes[k].seq, *k);
-        if deps.get(k).copied().unwrap_or(0) == 0 {
-            ready.push(nodes[k].seq);
-        }
-    }
-
-    let mut captured: HashMap<usize, Tensor> = HashMap::new();
-    let mut leaf_updates: Vec<(Arc<LeafState>, Tensor)> = Vec::new();
-    let mut executed: Vec<Arc<Node>> = Vec::new();
-    while let Some(seq) = ready.pop() {
-        let k = by_seq[&seq];
-        let node = nodes[&k].clone();
-        let incoming = pending.remove(&k);
-        if let Some(mut g) = incoming {
-            let hooks: Vec<Hook> = match &node.kind {
-                NodeKind::AccumulateGrad(leaf) => leaf.hooks.lock().clone(),
-                NodeKind::Op(_) => node.pre_hooks.lock().clone(),
-            };
-            for hook in hooks {
-                if let Some(replaced) = hook(&g) {
-                    if replaced.metadata() != node.metadata {
+        match &node.kind {
+            NodeKind::AccumulateGrad(_) => {
+                if task.targets.is_none() {
+                    result.leaf_grads.push((i, g));
+                }
+            }
+            NodeKind::Op(op) => {
+                let needs = &task.needs[i];
+                if !needs.iter().any(|&b| b) {
+                    continue;
+                }
+                let saved = env.saved(i, node)?;
+                let grads = op.backward(&saved, &g, needs)?;
+                for (e, (edge, grad)) in node.edges.iter().zip(grads).enumerate() {
+                    let (Some(child), Some(grad), true) = (&edge.node, grad, needs[e]) else { continue };
+                    if grad.metadata() != child.metadata {
                         return Err(Error::GradientMismatch {
-                            op: "hook",
-                            input: 0,
-                            expected: Box::new(node.metadata.clone()),
-                            got: Box::new(replaced.metadata()),
+                            op: node.name(),
+                            input: e,
+                            expected: Box::new(child.metadata.clone()),
+                            got: Box::new(grad.metadata()),
                         });
                     }
-                    g = replaced;
-                }
-            }
-            if let Sink::Capture(targets) = &sink {
-                if let Some(indices) = targets.get(&k) {
-                    for &i in indices {
-                        captured.insert(i, g.clone());
-                    }
-                }
-            }
-            match &node.kind {
-                NodeKind::AccumulateGrad(leaf) => {
-                    if let Sink::Leaves = sink {
-                        leaf_updates.push((leaf.clone(), g));
-                    }
-                }
-                NodeKind::Op(op) => {
-                    let needs: Vec<bool> =
-                        node.edges.iter().map(|e| e.node.as_ref().is_some_and(|c| needed.contains(&key(c)))).collect();
-                    if needs.iter().any(|&b| b) {
-                        let saved = node.saved.lock().clone().ok_or(Error::GraphReleased { op: node.name() })?;
-                        let grads = op.backward(&saved, &g, &needs)?;
-                        for (i, (edge, grad)) in node.edges.iter().zip(grads).enumerate() {
-                            let (Some(child), Some(grad), true) = (&edge.node, grad, needs[i]) else { continue };
-                            if grad.metadata() != child.metadata {
-                                return Err(Error::GradientMismatch {
-                                    op: node.name(),
-                                    input: i,
-                                    expected: Box::new(child.metadata.clone()),
-                                    got: Box::new(grad.metadata()),
-                                });
-                            }
-                            accumulate(&mut pending, key(child), grad)?;
-                        }
-                    }
-                    executed.push(node.clone());
-                }
-            }
-        } else if matches!(node.kind, NodeKind::Op(_)) {
-            executed.push(node.clone());
-        }
-        for e in &node.edges {
-            if let Some(c) = &e.node {
-                let ck = key(c);
-                if let Some(d) = deps.get_mut(&ck) {
-                    *d -= 1;
-                    if *d == 0 {
-                        ready.push(c.seq);
-                    }
+                    accumulate(&mut pending[task.index[&key(child)]], grad)?;
                 }
             }
         }
     }
+    Ok(result)
+}
+
+/// Runs the user's hooks of `node` on `g`, in registration order.
+pub(crate) fn run_hooks(node: &Node, mut g: Tensor) -> Result<Tensor> {
+    let hooks: Vec<Hook> = match &node.kind {
+        NodeKind::AccumulateGrad(leaf) => leaf.hooks.lock().clone(),
+        NodeKind::Op(_) => node.pre_hooks.lock().clone(),
+    };
+    for hook in hooks {
+        if let Some(replaced) = hook(&g) {
+            if replaced.metadata() != node.metadata {
+                return Err(Error::GradientMismatch {
+                    op: "hook",
+                    input: 0,
+                    expected: Box::new(node.metadata.clone()),
+                    got: Box::new(replaced.metadata()),
+                });
+            }
+            g = replaced;
+        }
+    }
+    Ok(g)
+}
+
+struct EagerEnv;
+
+impl WalkEnv for EagerEnv {
+    fn saved(&mut self, _: usize, node: &Node) -> Result<Vec<Tensor>> {
+        node.saved.lock().clone().ok_or(Error::GraphReleased { op: node.name() })
+    }
+    fn seed(&mut self, _: usize, seed: &Tensor) -> Tensor {
+        seed.clone()
+    }
+    fn hooks(&mut self, _: usize, node: &Node, g: Tensor) -> Result<Tensor> {
+        run_hooks(node, g)
+    }
+}
+
+/// The leaf state of the node at `position` (an accumulator).
+pub(crate) fn leaf_of(task: &GraphTask, position: usize) -> Option<&Arc<LeafState>> {
+    match &task.order[position].kind {
+        NodeKind::AccumulateGrad(leaf) => Some(leaf),
+        NodeKind::Op(_) => None,
+    }
+}
+
+/// Publishes new `.grad`s together and releases the saved tensors unless
+/// the graph is retained: the common end of eager and compiled backward.
+pub(crate) fn finish(task: &GraphTask, new_grads: Vec<(Arc<LeafState>, Tensor)>, options: BackwardOptions) {
+    for (leaf, total) in new_grads {
+        *leaf.grad.lock() = Some(total);
+    }
+    if !(options.retain_graph || options.create_graph) {
+        for n in &task.order {
+            if matches!(n.kind, NodeKind::Op(_)) {
+                *n.saved.lock() = None;
+            }
+        }
+    }
+}
+
+/// Runs the graph from `roots` (output, seed) pairs: compiled when a
+/// compiler is installed and the backward qualifies, eagerly otherwise.
+fn run(roots: &[(Tensor, Tensor)], sink: Sink<'_>, options: BackwardOptions) -> Result<HashMap<usize, Tensor>> {
+    let task = plan(roots, &sink)?;
+    if let Some(compiler) = crate::compiler::guard::active_compiler() {
+        if let Some(result) = crate::autograd::capture::run_compiled(&task, compiler, options)? {
+            return Ok(result);
+        }
+    }
+    let _mode = set_grad_enabled(options.create_graph);
+    let result = walk(&task, &mut EagerEnv)?;
 
     // Everything ran: compute the new `.grad`s, then publish them together.
-    let mut new_grads = Vec::with_capacity(leaf_updates.len());
-    for (leaf, g) in leaf_updates {
+    let mut new_grads = Vec::with_capacity(result.leaf_grads.len());
+    for (i, g) in result.leaf_grads {
+        let leaf = leaf_of(&task, i).expect("leaf gradients come from accumulators").clone();
         let g = if options.create_graph { g } else { g.detach() };
         let old = leaf.grad.lock().clone();
         let total = match old {
@@ -303,22 +367,14 @@ fn run(roots: &[(Tensor, Tensor)], sink: Sink<'_>, options: BackwardOptions) -> 
         };
         new_grads.push((leaf, total));
     }
-    for (leaf, total) in new_grads {
-        *leaf.grad.lock() = Some(total);
-    }
-    if !(options.retain_graph || options.create_graph) {
-        for n in executed {
-            *n.saved.lock() = None;
-        }
-    }
-    Ok(captured)
+    finish(&task, new_grads, options);
+    Ok(result.captured)
 }
 
-fn accumulate(pending: &mut HashMap<NodeKey, Tensor>, k: NodeKey, g: Tensor) -> Result<()> {
-    let sum = match pending.remove(&k) {
+fn accumulate(slot: &mut Option<Tensor>, g: Tensor) -> Result<()> {
+    *slot = Some(match slot.take() {
         Some(prev) => prev.add(&g)?,
         None => g,
-    };
-    pending.insert(k, sum);
+    });
     Ok(())
 }

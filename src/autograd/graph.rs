@@ -94,6 +94,22 @@ impl Node {
         }
     }
 
+    /// Whether hooks are registered on the gradient this node receives.
+    pub(crate) fn has_hooks(&self) -> bool {
+        match &self.kind {
+            NodeKind::AccumulateGrad(leaf) => !leaf.hooks.lock().is_empty(),
+            NodeKind::Op(_) => !self.pre_hooks.lock().is_empty(),
+        }
+    }
+
+    /// How many hooks are registered on the gradient this node receives.
+    pub(crate) fn hook_count(&self) -> usize {
+        match &self.kind {
+            NodeKind::AccumulateGrad(leaf) => leaf.hooks.lock().len(),
+            NodeKind::Op(_) => self.pre_hooks.lock().len(),
+        }
+    }
+
     pub(crate) fn name(&self) -> &'static str {
         match &self.kind {
             NodeKind::Op(op) => op.name(),

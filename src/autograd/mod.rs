@@ -5,11 +5,14 @@
 //! backward through it; the compiled backward lowers graphs into an
 //! arena-based IR of its own.
 
+pub(crate) mod capture;
 mod engine;
 mod grad_mode;
 mod graph;
 
 pub use engine::{BackwardOptions, grad};
+pub(crate) use engine::{GraphTask, key};
 pub use grad_mode::{NoGradGuard, is_grad_enabled, no_grad};
 pub use graph::Edge;
+pub(crate) use graph::NodeKind;
 pub(crate) use graph::{AutogradMeta, LeafState, Node, record};

@@ -8,6 +8,7 @@
 
 use std::fmt::Write;
 
+use crate::exec::ReduceKind;
 use crate::exec::kernel::{Access, MapKernel, Node, RandomKind};
 use crate::layout::MAX_RANK;
 use crate::metadata::DType;
@@ -26,8 +27,11 @@ pub(crate) fn param_words(k: &MapKernel) -> usize {
 
 /// Shared helpers of generated kernels (kept as WGSL text in one place).
 const HELPERS: &str = include_str!("../../shaders/elementwise_helpers.wgsl");
+const MATMUL_TEMPLATE: &str = include_str!("../../shaders/matmul.wgsl");
+const REDUCE_TEMPLATE: &str = include_str!("../../shaders/reduce.wgsl");
 
-pub(crate) fn render(k: &MapKernel) -> String {
+/// Bindings, the uniform struct and the shared helpers.
+fn declarations(k: &MapKernel) -> String {
     let mut s = String::new();
     if k.uses_f16() {
         s.push_str("enable f16;\n\n");
@@ -47,12 +51,12 @@ pub(crate) fn render(k: &MapKernel) -> String {
     }
     s.push('\n');
     s.push_str(HELPERS);
-    s.push_str(
-        "\n@compute @workgroup_size(256)\n\
-         fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {\n\
-         \x20   let i = gid.x + gid.y * nwg.x * 256u;\n\
-         \x20   if (i >= p(0u)) { return; }\n",
-    );
+    s
+}
+
+/// One `let` per node, evaluated at linear index `i` of the iteration shape.
+fn body(k: &MapKernel) -> String {
+    let mut s = String::new();
     let scalar_base = view_base(k.inputs.len() + k.outputs.len());
     for (id, (node, dtype)) in k.nodes.iter().enumerate() {
         let t = dtype.wgsl();
@@ -76,15 +80,91 @@ pub(crate) fn render(k: &MapKernel) -> String {
                 format!("select({}, {}, {} != {zero})", v(b), v(a), v(c))
             }
             Node::Cast(a) => format!("{t}({})", v(a)),
+            Node::Arg => "acc".to_string(),
         };
         let _ = writeln!(s, "    let v{id}: {t} = {expr};");
     }
+    s
+}
+
+/// An elementwise kernel: every invocation evaluates the graph at one
+/// index and stores each output.
+pub(crate) fn render(k: &MapKernel) -> String {
+    let mut s = declarations(k);
+    s.push_str(
+        "\n@compute @workgroup_size(256)\n\
+         fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {\n\
+         \x20   let i = gid.x + gid.y * nwg.x * 256u;\n\
+         \x20   if (i >= p(0u)) { return; }\n",
+    );
+    s.push_str(&body(k));
     for (o, (node, access)) in k.outputs.iter().enumerate() {
         let base = view_base(k.inputs.len() + o);
         let _ = writeln!(s, "    out{o}[{}] = v{node};", index_expr(*access, base));
     }
     s.push_str("}\n");
     s
+}
+
+/// A reduction whose elements come from evaluating `k` (its one output
+/// node is the value reduced) over an [A, K] iteration space: kept axes
+/// first, reduced axes last. A plain reduction is the one-node case (read
+/// the input through a permuted view); a fused one computes an elementwise
+/// prologue on the fly and never stores it. The template's own words start
+/// at `R`, after the elementwise words.
+pub(crate) fn render_reduce(k: &MapKernel, kind: ReduceKind) -> String {
+    let (node, _) = k.outputs[0];
+    let dtype = k.dtype(node);
+    let mut s = declarations(k);
+    let t = dtype.wgsl();
+    let _ = writeln!(s, "\nalias T = {t};\nconst R: u32 = {}u;", param_words(k));
+    let (identity, combine) = match kind {
+        ReduceKind::Sum => ("T(0)".to_string(), "a + b"),
+        ReduceKind::Max => (extreme_literal(dtype, false), "max(a, b)"),
+        ReduceKind::Min => (extreme_literal(dtype, true), "min(a, b)"),
+    };
+    let _ = writeln!(s, "fn identity() -> T {{ return {identity}; }}");
+    let _ = writeln!(s, "fn combine(a: T, b: T) -> T {{ return {combine}; }}");
+    let _ = writeln!(s, "fn value(i: u32) -> T {{\n{}    return v{node};\n}}", body(k));
+    s.push_str(REDUCE_TEMPLATE);
+    s
+}
+
+/// A tiled matmul whose result goes through `epilogue` (its one output
+/// node; [`Node::Arg`] is the accumulated product) before it is stored at
+/// its linear index of the contiguous result. The template's words start
+/// at `M`, after the elementwise words of the epilogue.
+pub(crate) fn render_matmul(epilogue: &MapKernel, dtype: DType) -> String {
+    let (node, _) = epilogue.outputs[0];
+    let mut s = declarations(epilogue);
+    let t = dtype.wgsl();
+    let next = 2 + epilogue.inputs.len();
+    let _ = writeln!(s, "\n@group(0) @binding({next}) var<storage, read> a: array<{t}>;");
+    let _ = writeln!(s, "@group(0) @binding({}) var<storage, read> b: array<{t}>;", next + 1);
+    let _ = writeln!(s, "alias T = {t};\nconst M: u32 = {}u;", param_words(epilogue));
+    let _ = writeln!(s, "fn epilogue(acc: T, i: u32) -> T {{\n{}    return v{node};\n}}", body(epilogue));
+    s.push_str(MATMUL_TEMPLATE);
+    s
+}
+
+/// The template words of a reduction launch (see `shaders/reduce.wgsl`).
+pub(crate) fn reduce_words(a: usize, k: usize, n_chunks: usize) -> [u32; 5] {
+    [a as u32, k as u32, n_chunks as u32, k.div_ceil(n_chunks) as u32, (a * n_chunks) as u32]
+}
+
+/// The lowest (`highest == false`) or highest value of a dtype, the
+/// identity of max or min.
+fn extreme_literal(dtype: DType, highest: bool) -> String {
+    match (dtype, highest) {
+        (DType::F32, false) => "bitcast<f32>(0xff800000u)".into(),
+        (DType::F16, false) => "f16(bitcast<f32>(0xff800000u))".into(),
+        (DType::I32, false) => "bitcast<i32>(0x80000000u)".into(),
+        (DType::U32, false) => "0u".into(),
+        (DType::F32, true) => "bitcast<f32>(0x7f800000u)".into(),
+        (DType::F16, true) => "f16(bitcast<f32>(0x7f800000u))".into(),
+        (DType::I32, true) => "bitcast<i32>(0x7fffffffu)".into(),
+        (DType::U32, true) => "0xffffffffu".into(),
+    }
 }
 
 fn index_expr(access: Access, base: usize) -> String {

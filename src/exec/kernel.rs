@@ -45,6 +45,8 @@ pub(crate) enum Node {
     Select(NodeId, NodeId, NodeId),
     /// Conversion to the node's dtype.
     Cast(NodeId),
+    /// The value a template hands to its epilogue (a matmul's accumulator).
+    Arg,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]

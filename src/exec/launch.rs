@@ -1,17 +1,34 @@
-//! Eager launches: validate, pick access modes, pack sizes into the
-//! uniform, fetch (or build) the pipeline and append the dispatch.
+//! Launches: pack sizes into uniform words, render the kernel source and
+//! pick the grid. The eager executor dispatches a [`Launch`] at once; the
+//! compiled backward builds the same launches ahead of time and replays
+//! them with its own buffers.
 
+use crate::compiler::trace;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::exec::ReduceKind;
 use crate::exec::codegen::{self, scalar_bits, view_base};
-use crate::exec::kernel::{Access, MapKernel};
+use crate::exec::kernel::{Access, MapKernel, Node};
 use crate::layout::{Layout, MAX_RANK};
 use crate::metadata::{DType, Shape};
 use crate::tensor::Tensor;
 
-const REDUCE_TEMPLATE: &str = include_str!("../../shaders/reduce.wgsl");
-const MATMUL_TEMPLATE: &str = include_str!("../../shaders/matmul.wgsl");
+/// One kernel dispatch, independent of the buffers it will be bound to.
+#[derive(Debug, Clone)]
+pub(crate) struct Launch {
+    pub label: &'static str,
+    pub source: String,
+    pub words: Vec<u32>,
+    pub grid: [u32; 3],
+}
+
+impl Launch {
+    /// Dispatches now, with `buffers` bound after the uniform in order.
+    pub fn dispatch(&self, device: &Device, buffers: &[&wgpu::Buffer]) -> Result<()> {
+        let pipeline = device.pipeline(self.label, &self.source)?;
+        device.dispatch(&pipeline, &self.words, buffers, self.grid)
+    }
+}
 
 fn push_view(words: &mut Vec<u32>, layout: &Layout) {
     words.push(layout.offset as u32);
@@ -31,6 +48,54 @@ fn check_same_device(op: &'static str, device: &Device, inputs: &[&Tensor]) -> R
     Ok(())
 }
 
+/// The uniform words of an elementwise kernel iterating over `shape`:
+/// inputs are read through `inputs` (views already of `shape`), outputs
+/// written through `outputs`. Sets each binding's access mode.
+pub(crate) fn map_words(
+    op: &'static str,
+    kernel: &mut MapKernel,
+    shape: &Shape,
+    inputs: &[Layout],
+    outputs: &[Layout],
+    scalars: &[f64],
+) -> Result<Vec<u32>> {
+    Layout::contiguous(shape.clone()).check_rank(op)?;
+    let mut words = vec![shape.numel() as u32, shape.rank() as u32];
+    let mut dims = [0u32; MAX_RANK];
+    for (d, &v) in dims.iter_mut().zip(shape.dims()) {
+        *d = v as u32;
+    }
+    words.extend_from_slice(&dims);
+    for (slot, view) in inputs.iter().enumerate() {
+        kernel.inputs[slot].1 = if view.is_contiguous() { Access::Linear } else { Access::Strided };
+        push_view(&mut words, view);
+    }
+    for (o, view) in outputs.iter().enumerate() {
+        kernel.outputs[o].1 = if view.is_contiguous() { Access::Linear } else { Access::Strided };
+        push_view(&mut words, view);
+    }
+    debug_assert_eq!(words.len(), view_base(inputs.len() + outputs.len()));
+    for (dtype, value) in kernel.scalars.iter().zip(scalars) {
+        words.push(scalar_bits(*dtype, *value));
+    }
+    Ok(words)
+}
+
+/// An elementwise launch over `shape`.
+pub(crate) fn map_launch(
+    device: &Device,
+    op: &'static str,
+    mut kernel: MapKernel,
+    shape: &Shape,
+    inputs: &[Layout],
+    outputs: &[Layout],
+    scalars: &[f64],
+) -> Result<Launch> {
+    let words = map_words(op, &mut kernel, shape, inputs, outputs, scalars)?;
+    let grid = device.grid_1d(shape.numel() as u64)?;
+    Ok(Launch { label: op, source: codegen::render(&kernel), words, grid })
+}
+
 /// Runs an elementwise kernel over `out_shape`, broadcasting every input to
 /// it, and returns one new contiguous tensor per kernel output.
 pub(crate) fn map(
@@ -41,177 +106,168 @@ pub(crate) fn map(
     out_shape: &Shape,
     device: &Device,
 ) -> Result<Vec<Tensor>> {
+    if trace::is_active() {
+        return trace::map(op, kernel, inputs, scalars, out_shape, device);
+    }
+    check_same_device(op, device, inputs)?;
     let outputs = kernel
         .outputs
         .iter()
         .map(|(node, _)| Tensor::empty(out_shape.clone(), kernel.dtype(*node), device))
         .collect::<Result<Vec<_>>>()?;
-    map_into(op, kernel, inputs, scalars, &outputs.iter().collect::<Vec<_>>())?;
+    let views = inputs.iter().map(|t| t.layout().broadcast_to(op, out_shape)).collect::<Result<Vec<_>>>()?;
+    let out_views: Vec<Layout> = outputs.iter().map(|t| t.layout().clone()).collect();
+    if out_shape.numel() == 0 {
+        return Ok(outputs);
+    }
+    let launch = map_launch(device, op, kernel, out_shape, &views, &out_views, scalars)?;
+    let mut buffers = inputs.iter().map(|t| t.buffer()).collect::<Result<Vec<_>>>()?;
+    for t in &outputs {
+        buffers.push(t.buffer()?);
+    }
+    launch.dispatch(device, &buffers)?;
     Ok(outputs)
 }
 
-/// Like [`map`], but writes into existing views (used to assemble `cat`
-/// and padded gradients). The outputs must not alias any input.
-pub(crate) fn map_into(
+fn copy_kernel(dtype: DType) -> MapKernel {
+    let mut k = MapKernel::default();
+    let x = k.input(dtype);
+    k.output(x);
+    k
+}
+
+/// A new tensor of `shape` assembled from `pieces`, each copied into the
+/// window `(dim, start)` of its own length; the rest is zero when `zero_fill`.
+/// (`cat` and the gradient of `narrow`.)
+pub(crate) fn assemble(
     op: &'static str,
+    shape: &Shape,
+    dtype: DType,
+    device: &Device,
+    pieces: &[(&Tensor, usize, usize)],
+    zero_fill: bool,
+) -> Result<Tensor> {
+    if trace::is_active() {
+        return trace::assemble(shape, dtype, device, pieces, zero_fill);
+    }
+    let out = if zero_fill {
+        Tensor::zeros(shape.clone(), dtype, device)?
+    } else {
+        Tensor::empty(shape.clone(), dtype, device)?
+    };
+    for (t, dim, start) in pieces {
+        check_same_device(op, device, &[t])?;
+        let window = out.layout().narrow(*dim, *start, t.dims()[*dim]);
+        if window.numel() == 0 {
+            continue;
+        }
+        let launch = map_launch(
+            device,
+            op,
+            copy_kernel(dtype),
+            &window.shape,
+            std::slice::from_ref(t.layout()),
+            std::slice::from_ref(&window),
+            &[],
+        )?;
+        launch.dispatch(device, &[t.buffer()?, out.buffer()?])?;
+    }
+    Ok(out)
+}
+
+/// How many chunks a reduction of `k` elements into `a` results is split
+/// into, so enough invocations run in parallel.
+pub(crate) fn reduce_chunks(a: usize, k: usize) -> usize {
+    const TARGET_THREADS: usize = 1 << 14;
+    const MIN_CHUNK: usize = 64;
+    if a >= TARGET_THREADS || k <= MIN_CHUNK || a == 0 {
+        1
+    } else {
+        k.div_ceil(MIN_CHUNK).min(TARGET_THREADS.div_ceil(a)).max(1)
+    }
+}
+
+/// The iteration view of a reduction: `layout` permuted so the kept axes
+/// come first and the reduced axes last, with the sizes `a` (kept) and `k`
+/// (reduced).
+pub(crate) fn reduce_view(layout: &Layout, axes: &[usize]) -> (Layout, usize, usize) {
+    let dims = layout.shape.dims();
+    let mut perm: Vec<usize> = (0..dims.len()).filter(|i| !axes.contains(i)).collect();
+    perm.extend_from_slice(axes);
+    let k: usize = axes.iter().map(|&i| dims[i]).product();
+    let a = layout.numel().checked_div(k).unwrap_or(0);
+    (layout.permute(&perm), a, k)
+}
+
+/// The first pass of a reduction: `kernel` (one output node, the value
+/// reduced) evaluated over the [a, k] iteration `shape`, reduced into
+/// `a * n_chunks` partial results.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn reduce_launch(
+    device: &Device,
+    kind: ReduceKind,
     mut kernel: MapKernel,
-    inputs: &[&Tensor],
+    shape: &Shape,
+    inputs: &[Layout],
     scalars: &[f64],
-    outputs: &[&Tensor],
-) -> Result<()> {
-    let Some(first) = outputs.first() else { return Ok(()) };
-    let device = first.device().clone();
-    check_same_device(op, &device, inputs)?;
-    let out_shape = first.shape().clone();
-    let numel = out_shape.numel();
-    let out_layout = first.layout();
-    out_layout.check_rank(op)?;
-
-    let mut words = vec![numel as u32, out_shape.rank() as u32];
-    let mut dims = [0u32; MAX_RANK];
-    for (d, &v) in dims.iter_mut().zip(out_shape.dims()) {
-        *d = v as u32;
-    }
-    words.extend_from_slice(&dims);
-    for (slot, t) in inputs.iter().enumerate() {
-        let view = t.layout().broadcast_to(op, &out_shape)?;
-        kernel.inputs[slot].1 = if view.is_contiguous() { Access::Linear } else { Access::Strided };
-        push_view(&mut words, &view);
-    }
-    for (o, t) in outputs.iter().enumerate() {
-        kernel.outputs[o].1 = if t.layout().is_contiguous() { Access::Linear } else { Access::Strided };
-        push_view(&mut words, t.layout());
-    }
-    debug_assert_eq!(words.len(), view_base(inputs.len() + outputs.len()));
-    for (dtype, value) in kernel.scalars.iter().zip(scalars) {
-        words.push(scalar_bits(*dtype, *value));
-    }
-    if numel == 0 {
-        return Ok(());
-    }
-    let source = codegen::render(&kernel);
-    let pipeline = device.pipeline(op, &source)?;
-    let mut buffers: Vec<&wgpu::Buffer> = inputs.iter().map(|t| t.buffer()).collect();
-    buffers.extend(outputs.iter().map(|t| t.buffer()));
-    let grid = device.grid_1d(numel as u64)?;
-    device.dispatch(&pipeline, &words, &buffers, grid)
-}
-
-fn prelude(dtype: DType) -> String {
-    let enable = if dtype == DType::F16 { "enable f16;\n" } else { "" };
-    format!("{enable}alias T = {};\n", dtype.wgsl())
-}
-
-fn reduce_prelude(kind: ReduceKind, dtype: DType) -> String {
-    let lowest = match dtype {
-        DType::F32 => "bitcast<f32>(0xff800000u)",
-        DType::F16 => "f16(bitcast<f32>(0xff800000u))",
-        DType::I32 => "bitcast<i32>(0x80000000u)",
-        DType::U32 => "0u",
-    };
-    let highest = match dtype {
-        DType::F32 => "bitcast<f32>(0x7f800000u)",
-        DType::F16 => "f16(bitcast<f32>(0x7f800000u))",
-        DType::I32 => "bitcast<i32>(0x7fffffffu)",
-        DType::U32 => "0xffffffffu",
-    };
-    let (identity, combine) = match kind {
-        ReduceKind::Sum => ("T(0)", "a + b"),
-        ReduceKind::Max => (lowest, "max(a, b)"),
-        ReduceKind::Min => (highest, "min(a, b)"),
-    };
-    format!(
-        "{}fn identity() -> T {{ return {identity}; }}\nfn combine(a: T, b: T) -> T {{ return {combine}; }}\n",
-        prelude(dtype)
-    )
-}
-
-/// The reduce template specialised for a reduction and dtype.
-pub(crate) fn reduce_source(kind: ReduceKind, dtype: DType) -> String {
-    format!("{}{REDUCE_TEMPLATE}", reduce_prelude(kind, dtype))
-}
-
-/// The matmul template specialised for a dtype.
-pub(crate) fn matmul_source(dtype: DType) -> String {
-    format!("{}{MATMUL_TEMPLATE}", prelude(dtype))
+    a: usize,
+    k: usize,
+    n_chunks: usize,
+) -> Result<Launch> {
+    let out = Layout::contiguous(shape.clone());
+    let mut words = map_words("reduce", &mut kernel, shape, inputs, &[out], scalars)?;
+    words.extend_from_slice(&codegen::reduce_words(a, k, n_chunks));
+    let grid = device.grid_1d((a * n_chunks) as u64)?;
+    Ok(Launch { label: "reduce", source: codegen::render_reduce(&kernel, kind), words, grid })
 }
 
 /// Reduces `x` over `axes` (sorted, distinct, in range).
 pub(crate) fn reduce(kind: ReduceKind, x: &Tensor, axes: &[usize], keepdim: bool) -> Result<Tensor> {
+    if trace::is_active() {
+        return trace::reduce(kind, x, axes, keepdim);
+    }
     let dims = x.shape().dims();
     let out_dims: Vec<usize> = if keepdim {
         dims.iter().enumerate().map(|(i, &d)| if axes.contains(&i) { 1 } else { d }).collect()
     } else {
         dims.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, &d)| d).collect()
     };
-    let out_shape = Shape::new(out_dims);
-    // A contiguous view whose reduced axes form one block is [A, K, B]
-    // as it is; anything else is permuted (reduced axes last) and copied.
-    let block = axes.is_empty() || axes.windows(2).all(|w| w[1] == w[0] + 1);
-    let (src, a, k, b) = if block && x.layout().is_contiguous() && !axes.is_empty() {
-        let (lo, hi) = (axes[0], axes[axes.len() - 1]);
-        let a: usize = dims[..lo].iter().product();
-        let k: usize = dims[lo..=hi].iter().product();
-        let b: usize = dims[hi + 1..].iter().product();
-        (x.clone(), a, k, b)
-    } else {
-        let mut perm: Vec<usize> = (0..dims.len()).filter(|i| !axes.contains(i)).collect();
-        perm.extend_from_slice(axes);
-        let moved = x.permute_view(&perm).contiguous_copy()?;
-        let k: usize = axes.iter().map(|&i| dims[i]).product();
-        let a = x.shape().numel().checked_div(k).unwrap_or(0);
-        (moved, a, k, 1)
-    };
-    let out = reduce_abk(kind, &src, a, k, b)?;
-    Ok(out.reshape_view(out_shape))
+    let (view, a, k) = reduce_view(x.layout(), axes);
+    let out = reduce_pass(kind, copy_kernel(x.dtype()), &[x], &view, &[], a, k)?;
+    Ok(out.reshape_view(Shape::new(out_dims)))
 }
 
-/// Reduces the middle axis of `src` viewed as contiguous [a, k, b] into a
-/// new contiguous [a, b] tensor, in several passes when k is large.
-fn reduce_abk(kind: ReduceKind, src: &Tensor, a: usize, k: usize, b: usize) -> Result<Tensor> {
-    const TARGET_THREADS: usize = 1 << 14;
-    const MIN_CHUNK: usize = 64;
-    let device = src.device();
-    let dtype = src.dtype();
-    let outputs = a * b;
-    let n_chunks = if outputs >= TARGET_THREADS || k <= MIN_CHUNK || outputs == 0 {
-        1
-    } else {
-        k.div_ceil(MIN_CHUNK).min(TARGET_THREADS.div_ceil(outputs)).max(1)
-    };
-    let out = Tensor::empty(Shape::new([a * n_chunks * b]), dtype, device)?;
-    let (c_stride, j_stride, j_count) = if b == 1 {
-        (1, n_chunks, k.div_ceil(n_chunks))
-    } else {
-        let chunk = k.div_ceil(n_chunks);
-        (chunk, 1, chunk)
-    };
-    let n_out = a * n_chunks * b;
-    let words = [
-        a as u32,
-        k as u32,
-        b as u32,
-        n_chunks as u32,
-        c_stride as u32,
-        j_stride as u32,
-        j_count as u32,
-        src.layout().offset as u32,
-        n_out as u32,
-    ];
-    if n_out > 0 {
-        let source = reduce_source(kind, dtype);
-        let pipeline = device.pipeline("reduce", &source)?;
-        let grid = device.grid_1d(n_out as u64)?;
-        device.dispatch(&pipeline, &words, &[src.buffer(), out.buffer()], grid)?;
+/// Reduces `kernel` evaluated over the [a, k] iteration `view` (of which
+/// `inputs[0]` supplies the layouts' buffer), in as many passes as needed.
+fn reduce_pass(
+    kind: ReduceKind,
+    kernel: MapKernel,
+    inputs: &[&Tensor],
+    view: &Layout,
+    scalars: &[f64],
+    a: usize,
+    k: usize,
+) -> Result<Tensor> {
+    let device = inputs[0].device();
+    let dtype = kernel.dtype(kernel.outputs[0].0);
+    let n_chunks = reduce_chunks(a, k);
+    let out = Tensor::empty(Shape::new([a * n_chunks]), dtype, device)?;
+    if a * n_chunks > 0 {
+        let layouts = vec![view.clone(); inputs.len()];
+        let launch = reduce_launch(device, kind, kernel, &view.shape, &layouts, scalars, a, k, n_chunks)?;
+        let mut buffers = inputs.iter().map(|t| t.buffer()).collect::<Result<Vec<_>>>()?;
+        buffers.push(out.buffer()?);
+        launch.dispatch(device, &buffers)?;
     }
     if n_chunks == 1 {
         return Ok(out);
     }
-    reduce_abk(kind, &out, a, n_chunks, b)
+    let partials = Layout::contiguous(Shape::new([a, n_chunks]));
+    reduce_pass(kind, copy_kernel(dtype), &[&out], &partials, &[], a, n_chunks)
 }
 
 /// Collapses a batch of views into one stride, if the dims allow it.
-fn batch_stride(layout: &Layout, batch_rank: usize) -> Option<usize> {
+pub(crate) fn batch_stride(layout: &Layout, batch_rank: usize) -> Option<usize> {
     let dims = &layout.shape.dims()[..batch_rank];
     let strides = &layout.strides[..batch_rank];
     let mut stride = None;
@@ -232,45 +288,54 @@ fn batch_stride(layout: &Layout, batch_rank: usize) -> Option<usize> {
     Some(stride.map_or(0, |(s, _)| s))
 }
 
-/// `a` [..., m, k] @ `b` [..., k, n] with broadcast batch dims (the op layer
-/// has promoted vectors to matrices and checked shapes).
-pub(crate) fn matmul(a: &Tensor, b: &Tensor, batch: &Shape) -> Result<Tensor> {
-    let device = a.device();
-    check_same_device("matmul", device, &[b])?;
-    let (ra, rb) = (a.shape().rank(), b.shape().rank());
-    let (m, k) = (a.shape().dims()[ra - 2], a.shape().dims()[ra - 1]);
-    let n = b.shape().dims()[rb - 1];
-    let mut out_dims = batch.dims().to_vec();
-    out_dims.extend([m, n]);
-    let out = Tensor::empty(Shape::new(out_dims), a.dtype(), device)?;
-    let batch_count = batch.numel();
-    if batch_count == 0 || m == 0 || n == 0 {
-        return Ok(out);
-    }
-    let operand = |t: &Tensor, rows: usize, cols: usize| -> Result<(Tensor, usize)> {
-        let mut dims = batch.dims().to_vec();
-        dims.extend([rows, cols]);
-        let view = t.layout().broadcast_to("matmul", &Shape::new(dims.clone()))?;
-        match batch_stride(&view, batch.rank()) {
-            Some(s) => Ok((t.with_layout(view), s)),
-            None => {
-                let copy = t.with_layout(view).contiguous_copy()?;
-                Ok((copy, rows * cols))
-            }
+/// The plain epilogue: store the product as it is.
+pub(crate) fn identity_epilogue(dtype: DType) -> MapKernel {
+    let mut k = MapKernel::default();
+    let acc = k.push(Node::Arg, dtype);
+    k.output(acc);
+    k
+}
+
+/// The launches (more than one only when the grid exceeds the dispatch
+/// limit) of `a` [.., m, k] @ `b` [.., k, n] into a contiguous result of
+/// `out_shape`, with `a` and `b` already broadcast to the batch and their
+/// batch dims collapsible (see [`batch_stride`]). `epilogue` reads its
+/// inputs through `epilogue_inputs` (views of `out_shape`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_launches(
+    device: &Device,
+    mut epilogue: MapKernel,
+    epilogue_inputs: &[Layout],
+    scalars: &[f64],
+    la: &Layout,
+    lb: &Layout,
+    out_shape: &Shape,
+) -> Result<Vec<Launch>> {
+    let r = out_shape.rank() - 2;
+    let (m, n) = (out_shape.dims()[r], out_shape.dims()[r + 1]);
+    let k = la.shape.dims()[r + 1];
+    let batch_count: usize = out_shape.dims()[..r].iter().product();
+    let (a_batch, b_batch) = match (batch_stride(la, r), batch_stride(lb, r)) {
+        (Some(x), Some(y)) => (x, y),
+        _ => {
+            return Err(Error::InvalidArgument {
+                op: "matmul",
+                message: "internal: operands must have collapsible batch dims".into(),
+            });
         }
     };
-    let (a, a_batch) = operand(a, m, k)?;
-    let (b, b_batch) = operand(b, k, n)?;
-    let (la, lb) = (a.layout().clone(), b.layout().clone());
-    let r = batch.rank();
-    let source = matmul_source(a.dtype());
-    let pipeline = device.pipeline("matmul", &source)?;
+    let dtype = epilogue.dtype(epilogue.outputs[0].0);
+    let out = Layout::contiguous(out_shape.clone());
+    let words = map_words("matmul", &mut epilogue, out_shape, epilogue_inputs, &[out], scalars)?;
+    let source = codegen::render_matmul(&epilogue, dtype);
     let max = device.inner.limits.max_compute_workgroups_per_dimension as usize;
     let (gx, gy, gz) = (n.div_ceil(64), m.div_ceil(64), batch_count);
+    let mut launches = Vec::new();
     for bz in (0..gz).step_by(max) {
         for by in (0..gy).step_by(max) {
             for bx in (0..gx).step_by(max) {
-                let words = [
+                let mut w = words.clone();
+                w.extend_from_slice(&[
                     m as u32,
                     n as u32,
                     k as u32,
@@ -285,11 +350,50 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor, batch: &Shape) -> Result<Tensor> {
                     bx as u32,
                     by as u32,
                     bz as u32,
-                ];
+                ]);
                 let grid = [(gx - bx).min(max) as u32, (gy - by).min(max) as u32, (gz - bz).min(max) as u32];
-                device.dispatch(&pipeline, &words, &[a.buffer(), b.buffer(), out.buffer()], grid)?;
+                launches.push(Launch { label: "matmul", source: source.clone(), words: w, grid });
             }
         }
+    }
+    Ok(launches)
+}
+
+/// The operands of `a` [..., m, k] @ `b` [..., k, n] broadcast to `batch`,
+/// copied only when their batch dims cannot be walked with one stride.
+pub(crate) fn matmul_operands(a: &Tensor, b: &Tensor, batch: &Shape) -> Result<(Tensor, Tensor)> {
+    let operand = |t: &Tensor| -> Result<Tensor> {
+        let r = t.rank();
+        let mut dims = batch.dims().to_vec();
+        dims.extend_from_slice(&t.dims()[r - 2..]);
+        let view = t.with_layout(t.layout().broadcast_to("matmul", &Shape::new(dims))?);
+        match batch_stride(view.layout(), batch.rank()) {
+            Some(_) => Ok(view),
+            None => view.contiguous_copy(),
+        }
+    };
+    Ok((operand(a)?, operand(b)?))
+}
+
+/// `a` [..., m, k] @ `b` [..., k, n] with broadcast batch dims (the op layer
+/// has promoted vectors to matrices and checked shapes).
+pub(crate) fn matmul(a: &Tensor, b: &Tensor, batch: &Shape) -> Result<Tensor> {
+    let device = a.device();
+    check_same_device("matmul", device, &[b])?;
+    let (a, b) = matmul_operands(a, b, batch)?;
+    let mut out_dims = batch.dims().to_vec();
+    out_dims.extend([a.dims()[batch.rank()], b.dims()[batch.rank() + 1]]);
+    let out_shape = Shape::new(out_dims);
+    if trace::is_active() {
+        return trace::matmul(&a, &b, &out_shape);
+    }
+    let out = Tensor::empty(out_shape.clone(), a.dtype(), device)?;
+    if out_shape.numel() == 0 {
+        return Ok(out);
+    }
+    let epilogue = identity_epilogue(a.dtype());
+    for launch in matmul_launches(device, epilogue, &[], &[], a.layout(), b.layout(), &out_shape)? {
+        launch.dispatch(device, &[out.buffer()?, a.buffer()?, b.buffer()?])?;
     }
     Ok(out)
 }

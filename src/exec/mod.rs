@@ -11,7 +11,9 @@ mod launch;
 #[cfg(test)]
 mod naga_tests;
 
-pub(crate) use launch::{map, map_into, matmul, reduce};
+pub(crate) use launch::{
+    Launch, assemble, map, map_launch, matmul, matmul_launches, reduce, reduce_chunks, reduce_launch, reduce_view,
+};
 
 /// Reductions the reduce template implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

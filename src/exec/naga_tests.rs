@@ -3,9 +3,8 @@
 //! multi-output kernels, and the reduce and matmul templates per dtype.
 
 use crate::exec::ReduceKind;
-use crate::exec::codegen::render;
+use crate::exec::codegen::{render, render_matmul, render_reduce};
 use crate::exec::kernel::{Access, MapKernel, Node, RandomKind};
-use crate::exec::launch::{matmul_source, reduce_source};
 use crate::metadata::DType;
 use crate::ops::binary::BinaryOp;
 use crate::ops::compare::CmpOp;
@@ -134,8 +133,30 @@ fn fused_chain_validates() {
 fn templates_validate() {
     for dtype in DTYPES {
         for kind in [ReduceKind::Sum, ReduceKind::Max, ReduceKind::Min] {
-            validate(&format!("reduce {kind:?} {dtype:?}"), &reduce_source(kind, dtype));
+            // A plain reduction reads its input; a fused one computes a prologue.
+            let mut plain = MapKernel::default();
+            let x = plain.input(dtype);
+            plain.output(x);
+            validate(&format!("reduce {kind:?} {dtype:?}"), &render_reduce(&with_access(plain, Access::Strided), kind));
+            let mut fused = MapKernel::default();
+            let x = fused.input(dtype);
+            let y = fused.input(dtype);
+            let z = fused.push(Node::Binary(BinaryOp::Mul, x, y), dtype);
+            fused.output(z);
+            validate(&format!("fused reduce {kind:?} {dtype:?}"), &render_reduce(&fused, kind));
         }
-        validate(&format!("matmul {dtype:?}"), &matmul_source(dtype));
+        let mut plain = MapKernel::default();
+        let acc = plain.push(Node::Arg, dtype);
+        plain.output(acc);
+        validate(&format!("matmul {dtype:?}"), &render_matmul(&plain, dtype));
+        let mut epilogue = MapKernel::default();
+        let acc = epilogue.push(Node::Arg, dtype);
+        let mask = epilogue.input(dtype);
+        let y = epilogue.push(Node::Binary(BinaryOp::Mul, acc, mask), dtype);
+        epilogue.output(y);
+        validate(
+            &format!("matmul with epilogue {dtype:?}"),
+            &render_matmul(&with_access(epilogue, Access::Strided), dtype),
+        );
     }
 }

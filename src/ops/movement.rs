@@ -140,9 +140,7 @@ impl Tensor {
     /// Places this tensor at `start` along `dim` of a zero tensor of
     /// `shape` (the gradient of narrow).
     pub(crate) fn pad_narrowed(&self, shape: &Shape, dim: usize, start: usize) -> Result<Tensor> {
-        let out = Tensor::zeros(shape.clone(), self.dtype(), self.device())?;
-        let window = out.with_layout(out.layout().narrow(dim, start, self.dims()[dim]));
-        crate::exec::map_into("pad", copy_kernel(self.dtype()), &[self], &[], &[&window])?;
+        let out = crate::exec::assemble("pad", shape, self.dtype(), self.device(), &[(self, dim, start)], true)?;
         Ok(record(Op::Pad { dim, start, len: self.dims()[dim] }, &[self], Vec::new(), out))
     }
 
@@ -213,13 +211,13 @@ pub fn cat(tensors: &[&Tensor], dim: isize) -> Result<Tensor> {
     }
     let mut dims = first.dims().to_vec();
     dims[d] = sizes.iter().sum();
-    let out = Tensor::empty(Shape::new(dims), first.dtype(), first.device())?;
+    let mut pieces = Vec::with_capacity(tensors.len());
     let mut start = 0;
     for (t, &len) in tensors.iter().zip(&sizes) {
-        let window = out.with_layout(out.layout().narrow(d, start, len));
-        crate::exec::map_into("cat", copy_kernel(t.dtype()), &[t], &[], &[&window])?;
+        pieces.push((*t, d, start));
         start += len;
     }
+    let out = crate::exec::assemble("cat", &Shape::new(dims), first.dtype(), first.device(), &pieces, false)?;
     Ok(record(Op::Cat { dim: d, sizes }, tensors, Vec::new(), out))
 }
 

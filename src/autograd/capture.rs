@@ -1,0 +1,133 @@
+//! The compiled backward, engine side: with a compiler installed, every
+//! backward builds the graph's signature and asks the compiler for a
+//! program; on a miss it runs the same walk as eager mode under the
+//! tracing executor and hands the captured graph over. Then the program
+//! replays on this call's tensors, and the results are published exactly
+//! as eager mode publishes them.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::autograd::engine::{BackwardOptions, GraphTask, WalkEnv, finish, leaf_of, run_hooks, walk};
+use crate::autograd::grad_mode::set_grad_enabled;
+use crate::autograd::graph::{Node, NodeKind};
+use crate::compiler::ir::{CapturedGraph, OutputRole};
+use crate::compiler::trace::{self, TraceScope};
+use crate::compiler::{CompilerInterface, Signature};
+use crate::error::Result;
+use crate::tensor::Tensor;
+
+/// The tensors a program is bound to, in signature order, and where each
+/// node's share of them is.
+struct Bindings {
+    tensors: Vec<Tensor>,
+    seeds: Range<usize>,
+    saved: HashMap<usize, Range<usize>>,
+    old_grads: HashMap<usize, usize>,
+}
+
+fn bindings(task: &GraphTask) -> Bindings {
+    let mut tensors: Vec<Tensor> = task.roots.iter().map(|(_, s)| s.clone()).collect();
+    let seeds = 0..tensors.len();
+    let mut saved = HashMap::new();
+    let mut old_grads = HashMap::new();
+    for (i, node) in task.order.iter().enumerate() {
+        match &node.kind {
+            NodeKind::Op(_) if task.needs[i].iter().any(|&b| b) => {
+                let start = tensors.len();
+                tensors.extend(node.saved.lock().iter().flatten().cloned());
+                saved.insert(i, start..tensors.len());
+            }
+            NodeKind::AccumulateGrad(leaf) if task.targets.is_none() => {
+                if let Some(g) = leaf.grad.lock().clone() {
+                    old_grads.insert(i, tensors.len());
+                    tensors.push(g);
+                }
+            }
+            _ => {}
+        }
+    }
+    Bindings { tensors, seeds, saved, old_grads }
+}
+
+/// Capture: placeholders instead of tensors, hook points instead of hooks.
+struct TraceEnv<'a> {
+    bindings: &'a Bindings,
+    placeholders: Vec<Tensor>,
+}
+
+impl WalkEnv for TraceEnv<'_> {
+    fn saved(&mut self, position: usize, _: &Node) -> Result<Vec<Tensor>> {
+        let range = self.bindings.saved.get(&position).cloned().unwrap_or(0..0);
+        Ok(self.placeholders[range].to_vec())
+    }
+    fn seed(&mut self, r: usize, _: &Tensor) -> Tensor {
+        self.placeholders[self.bindings.seeds.start + r].clone()
+    }
+    fn hooks(&mut self, position: usize, _: &Node, g: Tensor) -> Result<Tensor> {
+        trace::hook(position, &g)
+    }
+}
+
+/// Traces the backward formulas into a graph whose outputs are the new
+/// `.grad`s (old + new where a `.grad` exists) and the captured gradients.
+fn capture(task: &GraphTask, bindings: &Bindings, device: &crate::Device) -> Result<CapturedGraph> {
+    let scope = TraceScope::start(device)?;
+    let _mode = set_grad_enabled(false);
+    let placeholders: Vec<Tensor> = bindings.tensors.iter().map(trace::input).collect();
+    let mut env = TraceEnv { bindings, placeholders };
+    let result = walk(task, &mut env)?;
+    let mut outputs = Vec::new();
+    for (i, g) in result.leaf_grads {
+        let total = match bindings.old_grads.get(&i) {
+            Some(&slot) => env.placeholders[slot].add(&g)?,
+            None => g,
+        };
+        outputs.push((total, OutputRole::Leaf(i)));
+    }
+    let mut captured: Vec<(usize, Tensor)> = result.captured.into_iter().collect();
+    captured.sort_by_key(|(i, _)| *i);
+    outputs.extend(captured.into_iter().map(|(i, g)| (g, OutputRole::Captured(i))));
+    let outputs = outputs.into_iter().map(|(t, role)| Ok((trace::output(&t)?, role))).collect::<Result<Vec<_>>>()?;
+    let (values, inputs) = scope.finish();
+    Ok(CapturedGraph { values, inputs, outputs })
+}
+
+/// Runs `task` through `compiler`; `Ok(None)` when this backward must run
+/// eagerly instead (the compiler is told why).
+pub(crate) fn run_compiled(
+    task: &GraphTask,
+    compiler: Arc<dyn CompilerInterface>,
+    options: BackwardOptions,
+) -> Result<Option<HashMap<usize, Tensor>>> {
+    if options.create_graph {
+        compiler.fallback("create_graph records the backward as a differentiable graph; it runs eagerly");
+        return Ok(None);
+    }
+    let device = compiler.device().clone();
+    let bindings = bindings(task);
+    if bindings.tensors.iter().any(|t| t.device() != &device) {
+        compiler.fallback("the graph's tensors are on another device than the compiler's");
+        return Ok(None);
+    }
+    let signature = Signature::of(task, options);
+    let program = match compiler.lookup(&signature) {
+        Some(program) => program,
+        None => compiler.compile(&signature, capture(task, &bindings, &device)?)?,
+    };
+    let outputs = program.run(&bindings.tensors, &mut |point, g| run_hooks(&task.order[point], g))?;
+    compiler.replayed(&program);
+    let mut new_grads = Vec::new();
+    let mut captured = HashMap::new();
+    for (role, t) in program.roles().iter().zip(outputs) {
+        match role {
+            OutputRole::Leaf(i) => new_grads.push((leaf_of(task, *i).expect("leaf output").clone(), t)),
+            OutputRole::Captured(input) => {
+                captured.insert(*input, t);
+            }
+        }
+    }
+    finish(task, new_grads, options);
+    Ok(Some(captured))
+}

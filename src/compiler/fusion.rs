@@ -1,0 +1,593 @@
+//! Fusion: decides which values get a kernel and which are computed inside
+//! another value's kernel, and orders the kernels.
+//!
+//! - An elementwise value read once, by an elementwise op or a reduction,
+//!   is *inlined*: its expression is spliced into the reader's kernel, read
+//!   through whatever view the reader uses (composed with [`Layout::compose`]),
+//!   so broadcasts, transposes and slices fuse too.
+//! - Elementwise values that must be stored (read twice, graph outputs) are
+//!   grouped into multi-output kernels of one iteration shape, as long as
+//!   no kernel outside the group sits between two members.
+//! - A reduction evaluates its (inlined) elementwise prologue as it reads.
+//! - A matmul whose one reader is elementwise and of its shape stores the
+//!   reader's value instead: the reader becomes the matmul's epilogue.
+
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
+
+use crate::compiler::ir::{CapturedGraph, IrOp, Use, Value, ValueId};
+use crate::exec::ReduceKind;
+use crate::exec::kernel::{MapKernel, Node, NodeId};
+use crate::layout::Layout;
+use crate::metadata::Shape;
+
+/// A kernel (or host step) of the lowered program.
+#[derive(Debug, Clone)]
+pub(crate) enum Step {
+    /// One elementwise kernel over `shape`, storing each of `stores`.
+    Elementwise {
+        shape: Shape,
+        kernel: MapKernel,
+        reads: Vec<Use>,
+        scalars: Vec<f64>,
+        stores: Vec<ValueId>,
+        inlined: Vec<ValueId>,
+    },
+    /// `kernel` (one output) over the [a, k] iteration `shape`, reduced over k.
+    Reduce {
+        value: ValueId,
+        kind: ReduceKind,
+        kernel: MapKernel,
+        reads: Vec<Use>,
+        scalars: Vec<f64>,
+        shape: Shape,
+        a: usize,
+        k: usize,
+        inlined: Vec<ValueId>,
+    },
+    /// `a @ b` through `epilogue` into `value` (the matmul's own value or its fused reader).
+    Matmul {
+        value: ValueId,
+        a: Use,
+        b: Use,
+        epilogue: MapKernel,
+        reads: Vec<Use>,
+        scalars: Vec<f64>,
+        inlined: Vec<ValueId>,
+    },
+    Assemble {
+        value: ValueId,
+        pieces: Vec<(Use, usize, usize)>,
+        zero_fill: bool,
+    },
+    Hook {
+        value: ValueId,
+        src: Use,
+        point: usize,
+    },
+}
+
+impl Step {
+    /// The values whose buffers the step reads.
+    pub fn reads(&self) -> Vec<&Use> {
+        match self {
+            Step::Elementwise { reads, .. } | Step::Reduce { reads, .. } => reads.iter().collect(),
+            Step::Matmul { a, b, reads, .. } => {
+                let mut r: Vec<&Use> = reads.iter().collect();
+                r.extend([a, b]);
+                r
+            }
+            Step::Assemble { pieces, .. } => pieces.iter().map(|(u, _, _)| u).collect(),
+            Step::Hook { src, .. } => vec![src],
+        }
+    }
+
+    /// Values computed inside this step's kernel without being stored.
+    pub fn inlined(&self) -> &[ValueId] {
+        match self {
+            Step::Elementwise { inlined, .. } | Step::Reduce { inlined, .. } | Step::Matmul { inlined, .. } => inlined,
+            Step::Assemble { .. } | Step::Hook { .. } => &[],
+        }
+    }
+
+    /// A short name for logs and the DOT export.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Step::Elementwise { .. } => "elementwise",
+            Step::Reduce { .. } => "reduce",
+            Step::Matmul { .. } => "matmul",
+            Step::Assemble { .. } => "assemble",
+            Step::Hook { .. } => "hook (host)",
+        }
+    }
+
+    /// The values the step stores.
+    pub fn stores(&self) -> Vec<ValueId> {
+        match self {
+            Step::Elementwise { stores, .. } => stores.clone(),
+            Step::Reduce { value, .. }
+            | Step::Matmul { value, .. }
+            | Step::Assemble { value, .. }
+            | Step::Hook { value, .. } => vec![*value],
+        }
+    }
+}
+
+/// Builds one fused kernel: splices the expressions of inlined values into
+/// a [`MapKernel`], turning every other read into an input binding.
+struct Emitter<'a> {
+    values: &'a [Value],
+    inline: &'a [bool],
+    /// Values stored by this kernel, readable element for element as SSA.
+    members: HashMap<ValueId, NodeId>,
+    /// A matmul value this kernel is the epilogue of ([`Node::Arg`]).
+    arg: Option<ValueId>,
+    kernel: MapKernel,
+    reads: Vec<Use>,
+    scalars: Vec<f64>,
+    memo: HashMap<Use, NodeId>,
+    /// Values spliced in (computed here, never stored).
+    inlined: Vec<ValueId>,
+}
+
+/// Why a kernel could not be built: this inlined value cannot be read
+/// through the view its reader uses; it must be stored instead.
+struct Blocked(ValueId);
+
+impl<'a> Emitter<'a> {
+    fn new(values: &'a [Value], inline: &'a [bool]) -> Emitter<'a> {
+        Emitter {
+            values,
+            inline,
+            members: HashMap::new(),
+            arg: None,
+            kernel: MapKernel::default(),
+            reads: Vec::new(),
+            scalars: Vec::new(),
+            memo: HashMap::new(),
+            inlined: Vec::new(),
+        }
+    }
+
+    /// The node holding `u` at the kernel's current index.
+    fn emit(&mut self, u: &Use) -> Result<NodeId, Blocked> {
+        if let Some(&n) = self.memo.get(u) {
+            return Ok(n);
+        }
+        let v = &self.values[u.value];
+        let identity = u.is_identity(&v.meta);
+        let node = if identity && self.members.contains_key(&u.value) {
+            self.members[&u.value]
+        } else if identity && self.arg == Some(u.value) {
+            self.kernel.push(Node::Arg, v.meta.dtype)
+        } else if self.inline[u.value] {
+            self.inline_through(u)?
+        } else {
+            self.reads.push(u.clone());
+            self.kernel.input(v.meta.dtype)
+        };
+        self.memo.insert(u.clone(), node);
+        Ok(node)
+    }
+
+    /// The expression of the elementwise value `u.value`, read through `u`.
+    fn inline_through(&mut self, u: &Use) -> Result<NodeId, Blocked> {
+        let IrOp::Map { kernel, args, scalars, .. } = &self.values[u.value].op else {
+            return Err(Blocked(u.value));
+        };
+        let positional = kernel.nodes.iter().any(|(n, _)| matches!(n, Node::Index | Node::Random(..)));
+        if positional && !u.is_identity(&self.values[u.value].meta) {
+            return Err(Blocked(u.value));
+        }
+        if !self.inlined.contains(&u.value) {
+            self.inlined.push(u.value);
+        }
+        let mut arg_nodes = Vec::with_capacity(args.len());
+        for a in args {
+            let layout = u.layout.compose(&a.layout).ok_or(Blocked(u.value))?;
+            arg_nodes.push(self.emit(&Use { value: a.value, layout })?);
+        }
+        Ok(self.splice(kernel, scalars, &arg_nodes))
+    }
+
+    /// The own expression of a stored elementwise value (its args emitted).
+    fn root(&mut self, value: ValueId) -> Result<NodeId, Blocked> {
+        let IrOp::Map { kernel, args, scalars, .. } = &self.values[value].op else {
+            return Err(Blocked(value));
+        };
+        let arg_nodes = args.iter().map(|a| self.emit(a)).collect::<Result<Vec<_>, _>>()?;
+        Ok(self.splice(kernel, scalars, &arg_nodes))
+    }
+
+    /// Copies `k`'s nodes into the kernel with its inputs bound to `args`.
+    fn splice(&mut self, k: &MapKernel, scalars: &[f64], args: &[NodeId]) -> NodeId {
+        let mut map = vec![0; k.nodes.len()];
+        for (id, (node, dtype)) in k.nodes.iter().enumerate() {
+            let new = match *node {
+                Node::Input(j) => {
+                    map[id] = args[j];
+                    continue;
+                }
+                Node::Scalar(j) => Node::Scalar(self.slot(k, scalars, j)),
+                Node::Random(kind, j) => {
+                    let first = self.slot(k, scalars, j);
+                    self.slot(k, scalars, j + 1);
+                    Node::Random(kind, first)
+                }
+                Node::Index => Node::Index,
+                Node::Arg => Node::Arg,
+                Node::Unary(op, a) => Node::Unary(op, map[a]),
+                Node::Binary(op, a, b) => Node::Binary(op, map[a], map[b]),
+                Node::Compare(op, a, b) => Node::Compare(op, map[a], map[b]),
+                Node::Select(c, a, b) => Node::Select(map[c], map[a], map[b]),
+                Node::Cast(a) => Node::Cast(map[a]),
+            };
+            map[id] = self.kernel.push(new, *dtype);
+        }
+        map[k.outputs[0].0]
+    }
+
+    fn slot(&mut self, k: &MapKernel, scalars: &[f64], j: usize) -> usize {
+        self.scalars.push(scalars.get(j).copied().unwrap_or(0.0));
+        self.kernel.scalar_slot(k.scalars[j])
+    }
+
+    /// Distinct values read from buffers.
+    fn read_values(&self) -> BTreeSet<ValueId> {
+        self.reads.iter().map(|u| u.value).collect()
+    }
+}
+
+/// A kernel being formed.
+#[derive(Debug)]
+enum Unit {
+    Elementwise { members: Vec<ValueId> },
+    Matmul { value: ValueId, epilogue: Option<ValueId> },
+    Other { value: ValueId },
+}
+
+struct Planner<'a> {
+    values: &'a [Value],
+    inline: &'a [bool],
+    uses: &'a [usize],
+    outputs: &'a [bool],
+    units: Vec<Unit>,
+    unit_of: HashMap<ValueId, usize>,
+    succ: Vec<BTreeSet<usize>>,
+    max_bindings: usize,
+}
+
+impl Planner<'_> {
+    fn new_unit(&mut self, unit: Unit, values: &[ValueId]) -> usize {
+        self.units.push(unit);
+        self.succ.push(BTreeSet::new());
+        let id = self.units.len() - 1;
+        for &v in values {
+            self.unit_of.insert(v, id);
+        }
+        id
+    }
+
+    /// Whether unit `to` depends (transitively) on unit `from`.
+    fn reaches(&self, from: usize, to: usize) -> bool {
+        let mut stack = vec![from];
+        let mut seen = vec![false; self.units.len()];
+        while let Some(u) = stack.pop() {
+            if u == to {
+                return true;
+            }
+            for &s in &self.succ[u] {
+                if !seen[s] {
+                    seen[s] = true;
+                    stack.push(s);
+                }
+            }
+        }
+        false
+    }
+
+    /// Units producing `reads` (inputs have none), other than `except`.
+    fn producers(&self, reads: &BTreeSet<ValueId>, except: Option<usize>) -> BTreeSet<usize> {
+        reads.iter().filter_map(|v| self.unit_of.get(v).copied()).filter(|&u| Some(u) != except).collect()
+    }
+
+    fn link(&mut self, producers: &BTreeSet<usize>, unit: usize) {
+        for &p in producers {
+            self.succ[p].insert(unit);
+        }
+    }
+
+    /// Dry run of a stored elementwise value: its buffer reads.
+    fn probe(&self, value: ValueId, members: &[ValueId], arg: Option<ValueId>) -> Result<Emitter<'_>, Blocked> {
+        let mut e = Emitter::new(self.values, self.inline);
+        for (i, &m) in members.iter().enumerate() {
+            e.members.insert(m, usize::MAX - i);
+        }
+        e.arg = arg;
+        e.root(value)?;
+        Ok(e)
+    }
+
+    fn place_elementwise(&mut self, v: ValueId) -> Result<(), Blocked> {
+        let alone = self.probe(v, &[], None)?;
+        let reads = alone.read_values();
+        let shape = &self.values[v].meta.shape;
+
+        // A matmul read once, element for element, takes v as its epilogue.
+        for &r in &reads {
+            let Some(&unit) = self.unit_of.get(&r) else { continue };
+            let Unit::Matmul { value, epilogue: None } = self.units[unit] else { continue };
+            let rv = &self.values[r];
+            let direct = alone.reads.iter().filter(|u| u.value == r).all(|u| u.is_identity(&rv.meta));
+            if value != r
+                || self.uses[r] != 1
+                || self.outputs[r]
+                || !direct
+                || rv.meta.dtype != self.values[v].meta.dtype
+            {
+                continue;
+            }
+            let e = self.probe(v, &[], Some(r))?;
+            let others = self.producers(&e.read_values(), Some(unit));
+            if e.reads.len() + 3 > self.max_bindings || others.iter().any(|&p| self.reaches(unit, p)) {
+                continue;
+            }
+            self.units[unit] = Unit::Matmul { value: r, epilogue: Some(v) };
+            self.unit_of.insert(v, unit);
+            self.link(&others, unit);
+            return Ok(());
+        }
+
+        // Join the most recent compatible elementwise kernel, if any.
+        let candidates: Vec<usize> = (0..self.units.len()).rev().take(16).collect();
+        for g in candidates {
+            let Unit::Elementwise { members } = &self.units[g] else { continue };
+            if &self.values[members[0]].meta.shape != shape {
+                continue;
+            }
+            let members = members.clone();
+            let joint = self.probe(v, &members, None)?;
+            // A member read other than element for element needs the member finished: another kernel.
+            if joint.reads.iter().any(|u| members.contains(&u.value)) {
+                continue;
+            }
+            let producers = self.producers(&joint.read_values(), Some(g));
+            if producers.iter().any(|&p| self.reaches(g, p)) {
+                continue;
+            }
+            let mut group = Emitter::new(self.values, self.inline);
+            let mut all = members.clone();
+            all.push(v);
+            if group_emit(&mut group, &all).is_err() || group.reads.len() + all.len() > self.max_bindings {
+                continue;
+            }
+            if let Unit::Elementwise { members } = &mut self.units[g] {
+                members.push(v);
+            }
+            self.unit_of.insert(v, g);
+            self.link(&producers, g);
+            return Ok(());
+        }
+        let unit = self.new_unit(Unit::Elementwise { members: vec![v] }, &[v]);
+        let producers = self.producers(&reads, Some(unit));
+        self.link(&producers, unit);
+        Ok(())
+    }
+}
+
+fn group_emit(e: &mut Emitter<'_>, members: &[ValueId]) -> Result<Vec<NodeId>, Blocked> {
+    let mut nodes = Vec::new();
+    for &m in members {
+        let n = e.root(m)?;
+        e.members.insert(m, n);
+        nodes.push(n);
+    }
+    Ok(nodes)
+}
+
+/// The iteration view and sizes of a reduction of `src` over `axes`.
+fn reduce_iteration(src: &Use, axes: &[usize]) -> (Use, usize, usize) {
+    let (layout, a, k) = crate::exec::reduce_view(&src.layout, axes);
+    (Use { value: src.value, layout }, a, k)
+}
+
+/// Which values are inlined into their one reader to start with.
+fn initial_inline(g: &CapturedGraph, uses: &[usize], outputs: &[bool]) -> Vec<bool> {
+    let mut readers: Vec<Vec<ValueId>> = vec![Vec::new(); g.values.len()];
+    for (id, v) in g.values.iter().enumerate() {
+        for u in v.op.uses() {
+            readers[u.value].push(id);
+        }
+    }
+    g.values
+        .iter()
+        .enumerate()
+        .map(|(id, v)| {
+            let IrOp::Map { .. } = v.op else { return false };
+            let fusable_reader = |r: &ValueId| matches!(g.values[*r].op, IrOp::Map { .. } | IrOp::Reduce { .. });
+            uses[id] == 1 && !outputs[id] && readers[id].iter().all(fusable_reader)
+        })
+        .collect()
+}
+
+/// The kernels of `g` in execution order, and how many IR values were
+/// fused into another value's kernel.
+pub(crate) fn schedule(g: &CapturedGraph, max_bindings: usize) -> (Vec<Step>, usize) {
+    let uses = g.use_counts();
+    let mut outputs = vec![false; g.values.len()];
+    for (v, _) in &g.outputs {
+        outputs[*v] = true;
+    }
+    let mut inline = initial_inline(g, &uses, &outputs);
+    loop {
+        match try_schedule(g, &inline, &uses, &outputs, max_bindings) {
+            Ok(steps) => {
+                let computed =
+                    g.values.iter().filter(|v| !matches!(v.op, IrOp::Input { .. } | IrOp::Hook { .. })).count();
+                let kernels = steps.iter().filter(|s| !matches!(s, Step::Hook { .. })).count();
+                return (steps, computed.saturating_sub(kernels));
+            }
+            Err(Blocked(v)) => inline[v] = false,
+        }
+    }
+}
+
+fn try_schedule(
+    g: &CapturedGraph,
+    inline: &[bool],
+    uses: &[usize],
+    outputs: &[bool],
+    max_bindings: usize,
+) -> Result<Vec<Step>, Blocked> {
+    let mut p = Planner {
+        values: &g.values,
+        inline,
+        uses,
+        outputs,
+        units: Vec::new(),
+        unit_of: HashMap::new(),
+        succ: Vec::new(),
+        max_bindings,
+    };
+    let mut last_hook: Option<usize> = None;
+    for (id, v) in g.values.iter().enumerate() {
+        match &v.op {
+            IrOp::Input { .. } => {}
+            IrOp::Map { .. } if inline[id] => {}
+            IrOp::Map { .. } => p.place_elementwise(id)?,
+            IrOp::Reduce { src, axes, .. } => {
+                let (it, _, _) = reduce_iteration(src, axes);
+                let mut e = Emitter::new(&g.values, inline);
+                e.emit(&it)?;
+                let unit = p.new_unit(Unit::Other { value: id }, &[id]);
+                let producers = p.producers(&e.read_values(), Some(unit));
+                p.link(&producers, unit);
+            }
+            IrOp::Matmul { a, b } => {
+                let unit = p.new_unit(Unit::Matmul { value: id, epilogue: None }, &[id]);
+                let producers = p.producers(&[a.value, b.value].into(), Some(unit));
+                p.link(&producers, unit);
+            }
+            IrOp::Assemble { pieces, .. } => {
+                let unit = p.new_unit(Unit::Other { value: id }, &[id]);
+                let producers = p.producers(&pieces.iter().map(|(u, _, _)| u.value).collect(), Some(unit));
+                p.link(&producers, unit);
+            }
+            IrOp::Hook { src, .. } => {
+                let unit = p.new_unit(Unit::Other { value: id }, &[id]);
+                let mut producers = p.producers(&[src.value].into(), Some(unit));
+                // Hooks run in eager order.
+                producers.extend(last_hook);
+                p.link(&producers, unit);
+                last_hook = Some(unit);
+            }
+        }
+    }
+
+    // Kahn's algorithm, earliest-created unit first among the ready ones.
+    let n = p.units.len();
+    let mut indegree = vec![0; n];
+    for s in &p.succ {
+        for &t in s {
+            indegree[t] += 1;
+        }
+    }
+    let mut ready: BinaryHeap<std::cmp::Reverse<usize>> =
+        (0..n).filter(|&u| indegree[u] == 0).map(std::cmp::Reverse).collect();
+    let mut steps = Vec::with_capacity(n);
+    while let Some(std::cmp::Reverse(u)) = ready.pop() {
+        steps.push(build_step(g, inline, &p.units[u])?);
+        for &t in &p.succ[u] {
+            indegree[t] -= 1;
+            if indegree[t] == 0 {
+                ready.push(std::cmp::Reverse(t));
+            }
+        }
+    }
+    debug_assert_eq!(steps.len(), n, "the unit graph is acyclic");
+    drop_unread_stores(&mut steps, outputs);
+    Ok(steps)
+}
+
+/// A kernel member read only inside its own kernel (as a register) and
+/// not a graph output needs no store.
+fn drop_unread_stores(steps: &mut [Step], outputs: &[bool]) {
+    let read: std::collections::HashSet<ValueId> = steps.iter().flat_map(|s| s.reads()).map(|u| u.value).collect();
+    for step in steps {
+        if let Step::Elementwise { kernel, stores, .. } = step {
+            let keep: Vec<bool> = stores.iter().map(|&v| outputs[v] || read.contains(&v)).collect();
+            let kept = |i: &usize| keep[*i];
+            kernel.outputs = (0..keep.len()).filter(kept).map(|i| kernel.outputs[i]).collect();
+            *stores = (0..keep.len()).filter(kept).map(|i| stores[i]).collect();
+        }
+    }
+}
+
+fn build_step(g: &CapturedGraph, inline: &[bool], unit: &Unit) -> Result<Step, Blocked> {
+    let mut e = Emitter::new(&g.values, inline);
+    Ok(match unit {
+        Unit::Elementwise { members } => {
+            let nodes = group_emit(&mut e, members)?;
+            for n in nodes {
+                e.kernel.output(n);
+            }
+            let shape = g.values[members[0]].meta.shape.clone();
+            Step::Elementwise {
+                shape,
+                kernel: e.kernel,
+                reads: e.reads,
+                scalars: e.scalars,
+                stores: members.clone(),
+                inlined: e.inlined,
+            }
+        }
+        Unit::Matmul { value, epilogue } => {
+            let IrOp::Matmul { a, b } = &g.values[*value].op else { unreachable!("matmul unit holds a matmul") };
+            let (stored, node) = match epilogue {
+                Some(v) => {
+                    e.arg = Some(*value);
+                    (*v, e.root(*v)?)
+                }
+                None => (*value, e.kernel.push(Node::Arg, g.values[*value].meta.dtype)),
+            };
+            e.kernel.output(node);
+            Step::Matmul {
+                value: stored,
+                a: a.clone(),
+                b: b.clone(),
+                epilogue: e.kernel,
+                reads: e.reads,
+                scalars: e.scalars,
+                inlined: e.inlined,
+            }
+        }
+        Unit::Other { value } => match &g.values[*value].op {
+            IrOp::Reduce { kind, src, axes } => {
+                let (it, a, k) = reduce_iteration(src, axes);
+                let node = e.emit(&it)?;
+                e.kernel.output(node);
+                let shape = it.layout.shape.clone();
+                Step::Reduce {
+                    value: *value,
+                    kind: *kind,
+                    kernel: e.kernel,
+                    reads: e.reads,
+                    scalars: e.scalars,
+                    shape,
+                    a,
+                    k,
+                    inlined: e.inlined,
+                }
+            }
+            IrOp::Assemble { pieces, zero_fill } => {
+                Step::Assemble { value: *value, pieces: pieces.clone(), zero_fill: *zero_fill }
+            }
+            IrOp::Hook { src, point } => Step::Hook { value: *value, src: src.clone(), point: *point },
+            IrOp::Input { .. } | IrOp::Map { .. } | IrOp::Matmul { .. } => unreachable!("not an `Other` unit"),
+        },
+    })
+}
+
+/// A contiguous view of `shape` at offset 0 (how kernels store values).
+pub(crate) fn stored_layout(shape: &Shape) -> Layout {
+    Layout::contiguous(shape.clone())
+}

@@ -1,0 +1,304 @@
+//! Lowering: the memory plan (which buffer each value lives in) and the
+//! launches of every step, with pipelines created and sizes packed into
+//! one uniform buffer, ready to replay.
+
+use std::collections::HashMap;
+
+use parking_lot::Mutex;
+
+use crate::alloc::size_class;
+use crate::compiler::fusion::{Step, stored_layout};
+use crate::compiler::ir::{CapturedGraph, IrOp, ValueId};
+use crate::compiler::runtime::{Action, Buf, Dispatch, Program, ProgramReport};
+use crate::device::Device;
+use crate::error::Result;
+use crate::exec::kernel::MapKernel;
+use crate::exec::{self, Launch};
+use crate::layout::Layout;
+use crate::metadata::Shape;
+
+/// Intermediate buffers shared by liveness: a value takes the smallest
+/// free buffer that fits (growing one if none does) and frees it after the
+/// last step that reads it.
+#[derive(Default)]
+struct SlotPlan {
+    sizes: Vec<u64>,
+    free: Vec<usize>,
+}
+
+impl SlotPlan {
+    fn take(&mut self, bytes: u64) -> usize {
+        let bytes = size_class(bytes);
+        let fit = self.free.iter().copied().filter(|&s| self.sizes[s] >= bytes).min_by_key(|&s| self.sizes[s]);
+        match fit.or_else(|| self.free.iter().copied().max_by_key(|&s| self.sizes[s])) {
+            Some(s) => {
+                self.free.retain(|&f| f != s);
+                self.sizes[s] = self.sizes[s].max(bytes);
+                s
+            }
+            None => {
+                self.sizes.push(bytes);
+                self.sizes.len() - 1
+            }
+        }
+    }
+
+    fn give_back(&mut self, slot: usize) {
+        self.free.push(slot);
+    }
+}
+
+fn bytes_of(g: &CapturedGraph, v: ValueId) -> u64 {
+    let m = &g.values[v].meta;
+    (m.shape.numel() * m.dtype.size_in_bytes()) as u64
+}
+
+fn copy_kernel(dtype: crate::DType) -> MapKernel {
+    let mut k = MapKernel::default();
+    let x = k.input(dtype);
+    k.output(x);
+    k
+}
+
+struct Lowering<'a> {
+    device: &'a Device,
+    g: &'a CapturedGraph,
+    bufs: HashMap<ValueId, Buf>,
+    slots: SlotPlan,
+    fresh_bytes: Vec<u64>,
+    uniform: Vec<u8>,
+    actions: Vec<Action>,
+    sources: Vec<String>,
+    hooks: usize,
+}
+
+impl Lowering<'_> {
+    fn fresh(&mut self, bytes: u64) -> Buf {
+        self.fresh_bytes.push(bytes);
+        Buf::Fresh(self.fresh_bytes.len() - 1)
+    }
+
+    fn buf(&self, v: ValueId) -> Buf {
+        match self.g.values[v].op {
+            IrOp::Input { slot } => Buf::Input(slot),
+            _ => self.bufs[&v],
+        }
+    }
+
+    fn push(&mut self, launch: Launch, bufs: Vec<Buf>) -> Result<()> {
+        let pipeline = self.device.pipeline(launch.label, &launch.source)?;
+        let align = self.device.uniform_alignment();
+        let offset = self.uniform.len().next_multiple_of(align);
+        let bytes: &[u8] = bytemuck::cast_slice(&launch.words);
+        let size = bytes.len().max(16).next_multiple_of(16);
+        self.uniform.resize(offset, 0);
+        self.uniform.extend_from_slice(bytes);
+        self.uniform.resize(offset + size, 0);
+        self.sources.push(launch.source);
+        self.actions.push(Action::Dispatch(Dispatch {
+            pipeline,
+            uniform_offset: offset as u64,
+            uniform_size: size as u64,
+            bufs,
+            grid: launch.grid,
+            cached: Mutex::new(None),
+        }));
+        Ok(())
+    }
+
+    fn step(&mut self, step: &Step) -> Result<()> {
+        let device = self.device;
+        match step {
+            Step::Elementwise { shape, kernel, reads, scalars, stores, .. } => {
+                if shape.numel() == 0 || stores.is_empty() {
+                    return Ok(());
+                }
+                let layouts: Vec<Layout> = reads.iter().map(|u| u.layout.clone()).collect();
+                let outs = vec![stored_layout(shape); stores.len()];
+                let launch = exec::map_launch(device, "fused", kernel.clone(), shape, &layouts, &outs, scalars)?;
+                let mut bufs: Vec<Buf> = reads.iter().map(|u| self.buf(u.value)).collect();
+                bufs.extend(stores.iter().map(|&v| self.buf(v)));
+                self.push(launch, bufs)
+            }
+            Step::Reduce { value, kind, kernel, reads, scalars, shape, a, k, .. } => {
+                let (a, k) = (*a, *k);
+                if a == 0 {
+                    return Ok(());
+                }
+                let layouts: Vec<Layout> = reads.iter().map(|u| u.layout.clone()).collect();
+                let mut chunks = exec::reduce_chunks(a, k);
+                let dtype = self.g.values[*value].meta.dtype;
+                let target = self.buf(*value);
+                let elem = dtype.size_in_bytes() as u64;
+                let mut dst = if chunks == 1 { target } else { Buf::Slot(self.slots.take((a * chunks) as u64 * elem)) };
+                let launch =
+                    exec::reduce_launch(device, *kind, kernel.clone(), shape, &layouts, scalars, a, k, chunks)?;
+                let mut bufs: Vec<Buf> = reads.iter().map(|u| self.buf(u.value)).collect();
+                bufs.push(dst);
+                self.push(launch, bufs)?;
+                while chunks > 1 {
+                    let next = exec::reduce_chunks(a, chunks);
+                    let src = dst;
+                    dst = if next == 1 { target } else { Buf::Slot(self.slots.take((a * next) as u64 * elem)) };
+                    let partials = Layout::contiguous(Shape::new([a, chunks]));
+                    let launch = exec::reduce_launch(
+                        device,
+                        *kind,
+                        copy_kernel(dtype),
+                        &partials.shape,
+                        std::slice::from_ref(&partials),
+                        &[],
+                        a,
+                        chunks,
+                        next,
+                    )?;
+                    self.push(launch, vec![src, dst])?;
+                    if let Buf::Slot(s) = src {
+                        self.slots.give_back(s);
+                    }
+                    chunks = next;
+                }
+                Ok(())
+            }
+            Step::Matmul { value, a, b, epilogue, reads, scalars, .. } => {
+                let shape = &self.g.values[*value].meta.shape;
+                if shape.numel() == 0 {
+                    return Ok(());
+                }
+                let layouts: Vec<Layout> = reads.iter().map(|u| u.layout.clone()).collect();
+                let launches =
+                    exec::matmul_launches(device, epilogue.clone(), &layouts, scalars, &a.layout, &b.layout, shape)?;
+                for launch in launches {
+                    let mut bufs: Vec<Buf> = reads.iter().map(|u| self.buf(u.value)).collect();
+                    bufs.extend([self.buf(*value), self.buf(a.value), self.buf(b.value)]);
+                    self.push(launch, bufs)?;
+                }
+                Ok(())
+            }
+            Step::Assemble { value, pieces, zero_fill } => {
+                let meta = &self.g.values[*value].meta;
+                let (shape, dtype) = (meta.shape.clone(), meta.dtype);
+                let out = self.buf(*value);
+                if *zero_fill && shape.numel() > 0 {
+                    let mut k = MapKernel::default();
+                    let zero = k.scalar(dtype);
+                    k.output(zero);
+                    let launch = exec::map_launch(device, "fill", k, &shape, &[], &[stored_layout(&shape)], &[0.0])?;
+                    self.push(launch, vec![out])?;
+                }
+                for (u, dim, start) in pieces {
+                    let window = stored_layout(&shape).narrow(*dim, *start, u.layout.shape.dims()[*dim]);
+                    if window.numel() == 0 {
+                        continue;
+                    }
+                    let launch = exec::map_launch(
+                        device,
+                        "copy",
+                        copy_kernel(dtype),
+                        &window.shape.clone(),
+                        std::slice::from_ref(&u.layout),
+                        &[window],
+                        &[],
+                    )?;
+                    self.push(launch, vec![self.buf(u.value), out])?;
+                }
+                Ok(())
+            }
+            Step::Hook { value, src, point } => {
+                let index = self.hooks;
+                self.hooks += 1;
+                self.bufs.insert(*value, Buf::Hooked(index));
+                let meta = self.g.values[*value].meta.clone();
+                let src_buf = self.buf(src.value);
+                self.actions.push(Action::Hook {
+                    point: *point,
+                    src: src_buf,
+                    layout: src.layout.clone(),
+                    meta,
+                    index,
+                });
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Plans memory for `steps` and builds the replayable program.
+pub(crate) fn lower(device: &Device, g: &CapturedGraph, steps: &[Step], mut report: ProgramReport) -> Result<Program> {
+    // Which values escape the program: outputs, and what hooks see.
+    let mut escapes = vec![false; g.values.len()];
+    for (v, _) in &g.outputs {
+        escapes[*v] = true;
+    }
+    for s in steps {
+        if let Step::Hook { src, .. } = s {
+            escapes[src.value] = true;
+        }
+    }
+    let mut last_read = vec![0usize; g.values.len()];
+    for (i, s) in steps.iter().enumerate() {
+        for u in s.reads() {
+            last_read[u.value] = i;
+        }
+    }
+    let mut l = Lowering {
+        device,
+        g,
+        bufs: HashMap::new(),
+        slots: SlotPlan::default(),
+        fresh_bytes: Vec::new(),
+        uniform: Vec::new(),
+        actions: Vec::new(),
+        sources: Vec::new(),
+        hooks: 0,
+    };
+    let mut unplanned = 0;
+    let mut live: Vec<(ValueId, usize)> = Vec::new();
+    for (i, step) in steps.iter().enumerate() {
+        // Buffers whose last reader has run can be reused from this step on.
+        live.retain(|&(v, slot)| {
+            if last_read[v] < i {
+                l.slots.give_back(slot);
+                false
+            } else {
+                true
+            }
+        });
+        for v in step.stores() {
+            if matches!(step, Step::Hook { .. }) {
+                continue;
+            }
+            let bytes = bytes_of(g, v);
+            let buf = if escapes[v] {
+                l.fresh(bytes)
+            } else {
+                unplanned += size_class(bytes);
+                let slot = l.slots.take(bytes);
+                live.push((v, slot));
+                Buf::Slot(slot)
+            };
+            l.bufs.insert(v, buf);
+        }
+        l.step(step)?;
+    }
+    let outputs = g.outputs.iter().map(|(v, _)| (l.buf(*v), g.values[*v].meta.clone())).collect();
+    let roles = g.outputs.iter().map(|(_, r)| *r).collect();
+    report.kernels = l.sources;
+    report.unplanned_bytes = unplanned;
+    report.planned_bytes = l.slots.sizes.iter().sum();
+    let uniform = device.create_uniform(&l.uniform);
+    Ok(Program {
+        device: device.clone(),
+        actions: l.actions,
+        uniform,
+        inputs: g.inputs,
+        slot_bytes: l.slots.sizes,
+        slots: Mutex::new(Vec::new()),
+        fresh_bytes: l.fresh_bytes,
+        outputs,
+        roles,
+        hooks: l.hooks,
+        report,
+        replay: Mutex::new(()),
+    })
+}

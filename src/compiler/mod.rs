@@ -1,0 +1,26 @@
+//! The compiled backward. With a compiler installed ([`CompilerGuard`]),
+//! `backward()` captures the backward graph by running the same formulas
+//! as eager mode under a tracing executor, optimises it, fuses it into few
+//! WGSL kernels, and caches the program by the graph's [`Signature`];
+//! later backward calls with the same signature replay it in one submit.
+//!
+//! Pipeline: [`trace`] (capture) → [`passes`] (simplify, CSE, DCE) →
+//! [`fusion`] (kernels and their order) → [`lower`] (memory plan, launches)
+//! → [`runtime`] (replay). [`WgslCompiler`] ties them together.
+
+mod dot;
+mod fusion;
+pub(crate) mod guard;
+pub(crate) mod ir;
+mod lower;
+mod passes;
+pub(crate) mod runtime;
+mod signature;
+pub(crate) mod trace;
+mod wgsl;
+
+pub use guard::{CompilerGuard, CompilerInterface, CompilerStats};
+pub use ir::{CapturedGraph, ValueId};
+pub use runtime::{Program, ProgramReport};
+pub use signature::Signature;
+pub use wgsl::WgslCompiler;

@@ -1,0 +1,187 @@
+//! A compiled backward program and its replay: every dispatch is prepared
+//! (pipeline, uniform slice, which buffer each binding gets), so a replay
+//! only resolves buffers, reuses the bind groups whose buffers did not
+//! change, records the dispatches and submits once.
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::alloc::PooledBuffer;
+use crate::compiler::ir::OutputRole;
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::layout::Layout;
+use crate::metadata::InputMetadata;
+use crate::tensor::{Storage, Tensor};
+
+/// Where a binding's buffer comes from at replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Buf {
+    /// The tensor bound to input slot `i`.
+    Input(usize),
+    /// Intermediate buffer `i` of the memory plan, owned by the program.
+    Slot(usize),
+    /// Buffer `i` allocated fresh for each replay: outputs and what hooks see.
+    Fresh(usize),
+    /// The (contiguous) tensor returned by hook step `i`.
+    Hooked(usize),
+}
+
+pub(crate) struct Dispatch {
+    pub pipeline: wgpu::ComputePipeline,
+    pub uniform_offset: u64,
+    pub uniform_size: u64,
+    pub bufs: Vec<Buf>,
+    pub grid: [u32; 3],
+    /// The bind group of the last replay and the buffers it binds.
+    pub cached: Mutex<Option<(Vec<wgpu::Buffer>, wgpu::BindGroup)>>,
+}
+
+pub(crate) enum Action {
+    Dispatch(Dispatch),
+    /// Run the hooks of hook point `point` on `src` (a view of a buffer);
+    /// the result becomes [`Buf::Hooked`]`(index)`.
+    Hook {
+        point: usize,
+        src: Buf,
+        layout: Layout,
+        meta: InputMetadata,
+        index: usize,
+    },
+}
+
+/// A lowered backward graph, cached by its signature and replayed on every
+/// backward with that signature.
+pub struct Program {
+    pub(crate) device: Device,
+    pub(crate) actions: Vec<Action>,
+    pub(crate) uniform: wgpu::Buffer,
+    pub(crate) inputs: usize,
+    pub(crate) slot_bytes: Vec<u64>,
+    pub(crate) slots: Mutex<Vec<Arc<PooledBuffer>>>,
+    pub(crate) fresh_bytes: Vec<u64>,
+    pub(crate) outputs: Vec<(Buf, InputMetadata)>,
+    pub(crate) roles: Vec<OutputRole>,
+    pub(crate) hooks: usize,
+    pub(crate) report: ProgramReport,
+    /// One replay at a time: replays share the intermediate buffers.
+    pub(crate) replay: Mutex<()>,
+}
+
+/// What the compiler did with a graph, for logs, tests and the DOT export.
+#[derive(Debug, Clone, Default)]
+pub struct ProgramReport {
+    /// The captured IR, as traced.
+    pub ir_before: String,
+    /// The IR after the graph passes.
+    pub ir_after: String,
+    /// WGSL source of each kernel, in dispatch order (one entry per kernel).
+    pub kernels: Vec<String>,
+    /// Values computed inside another value's kernel.
+    pub ops_fused: usize,
+    /// Bytes of intermediates if each had its own buffer.
+    pub unplanned_bytes: u64,
+    /// Bytes of the intermediate buffers after sharing by liveness.
+    pub planned_bytes: u64,
+    /// Graphviz DOT of the optimised graph, kernels as clusters.
+    pub dot: String,
+}
+
+impl Program {
+    /// Kernel dispatches per replay.
+    pub fn kernel_count(&self) -> usize {
+        self.actions.iter().filter(|a| matches!(a, Action::Dispatch(_))).count()
+    }
+
+    /// What the compiler did.
+    pub fn report(&self) -> &ProgramReport {
+        &self.report
+    }
+
+    pub(crate) fn roles(&self) -> &[OutputRole] {
+        &self.roles
+    }
+
+    /// Replays on `inputs` (in signature order); `hooks(point, g)` runs the
+    /// user's hooks of a hook point. Returns the outputs in role order.
+    pub(crate) fn run(
+        &self,
+        inputs: &[Tensor],
+        hooks: &mut dyn FnMut(usize, Tensor) -> Result<Tensor>,
+    ) -> Result<Vec<Tensor>> {
+        if inputs.len() != self.inputs {
+            return Err(Error::InvalidArgument {
+                op: "compiled backward",
+                message: format!("internal: program expects {} inputs, got {}", self.inputs, inputs.len()),
+            });
+        }
+        let _replay = self.replay.lock();
+        let device = &self.device;
+        let mut slots = self.slots.lock();
+        if slots.is_empty() && !self.slot_bytes.is_empty() {
+            *slots = self.slot_bytes.iter().map(|&b| device.alloc(b)).collect::<Result<Vec<_>>>()?;
+        }
+        let fresh = self.fresh_bytes.iter().map(|&b| device.alloc(b)).collect::<Result<Vec<_>>>()?;
+        let mut hooked: Vec<Option<Tensor>> = vec![None; self.hooks];
+        let resolve = |b: Buf, hooked: &[Option<Tensor>]| -> Result<wgpu::Buffer> {
+            Ok(match b {
+                Buf::Input(i) => inputs[i].buffer()?.clone(),
+                Buf::Slot(i) => slots[i].raw().clone(),
+                Buf::Fresh(i) => fresh[i].raw().clone(),
+                Buf::Hooked(i) => hooked[i].as_ref().expect("hook ran before its readers").buffer()?.clone(),
+            })
+        };
+        for action in &self.actions {
+            match action {
+                Action::Dispatch(d) => {
+                    let buffers = d.bufs.iter().map(|&b| resolve(b, &hooked)).collect::<Result<Vec<_>>>()?;
+                    let mut cached = d.cached.lock();
+                    let reuse = cached.as_ref().is_some_and(|(bufs, _)| *bufs == buffers);
+                    if !reuse {
+                        let bg =
+                            device.bind_group(&d.pipeline, &self.uniform, d.uniform_offset, d.uniform_size, &buffers);
+                        *cached = Some((buffers, bg));
+                    }
+                    let (_, bind_group) = cached.as_ref().expect("bind group is set");
+                    device.dispatch_bound(&d.pipeline, bind_group, d.grid);
+                }
+                Action::Hook { point, src, layout, meta, index } => {
+                    let storage = match *src {
+                        Buf::Input(i) => inputs[i].storage().clone(),
+                        Buf::Fresh(i) => Storage::Buffer(fresh[i].clone()),
+                        Buf::Hooked(i) => hooked[i].as_ref().expect("hook ran before its readers").storage().clone(),
+                        Buf::Slot(_) => unreachable!("hooks read fresh buffers"),
+                    };
+                    let g = Tensor::from_parts(storage, layout.clone(), meta.dtype, device.clone());
+                    let out = hooks(*point, g)?;
+                    let contiguous = out.is_contiguous() && out.layout().offset == 0;
+                    hooked[*index] = Some(if contiguous { out.detach() } else { out.contiguous_copy()? });
+                }
+            }
+        }
+        device.flush();
+        Ok(self
+            .outputs
+            .iter()
+            .map(|(b, meta)| {
+                let storage = match *b {
+                    Buf::Fresh(i) => fresh[i].clone(),
+                    _ => unreachable!("outputs are fresh buffers"),
+                };
+                Tensor::from_parts(
+                    Storage::Buffer(storage),
+                    Layout::contiguous(meta.shape.clone()),
+                    meta.dtype,
+                    device.clone(),
+                )
+            })
+            .collect())
+    }
+}
+
+impl std::fmt::Debug for Program {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Program({} kernels, {} hooks, {} inputs)", self.kernel_count(), self.hooks, self.inputs)
+    }
+}
