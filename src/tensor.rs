@@ -111,6 +111,16 @@ impl Tensor {
         }
     }
 
+    /// Whether both handles view the same elements of the same buffer.
+    pub(crate) fn same_view(&self, other: &Tensor) -> bool {
+        let same_storage = match (&self.0.storage, &other.0.storage) {
+            (Storage::Buffer(a), Storage::Buffer(b)) => Arc::ptr_eq(a, b),
+            (Storage::Traced(a), Storage::Traced(b)) => a == b,
+            _ => false,
+        };
+        same_storage && self.0.layout == other.0.layout && self.0.dtype == other.0.dtype
+    }
+
     pub(crate) fn storage(&self) -> &Storage {
         &self.0.storage
     }

@@ -18,16 +18,18 @@ use crate::compiler::{CompilerInterface, Signature};
 use crate::error::Result;
 use crate::tensor::Tensor;
 
-/// The tensors a program is bound to, in signature order, and where each
-/// node's share of them is.
-struct Bindings {
-    tensors: Vec<Tensor>,
+/// The tensors a program is bound to, in signature order, and which of
+/// them each node gets. A tensor saved by several nodes (`x * x`, `sin(x)`
+/// and `x * w`) is bound once, so the compiler sees one input and can
+/// merge what is computed from it.
+pub(crate) struct Bindings {
+    pub tensors: Vec<Tensor>,
     seeds: Range<usize>,
-    saved: HashMap<usize, Range<usize>>,
+    pub saved: HashMap<usize, Vec<usize>>,
     old_grads: HashMap<usize, usize>,
 }
 
-fn bindings(task: &GraphTask) -> Bindings {
+pub(crate) fn bindings(task: &GraphTask) -> Bindings {
     let mut tensors: Vec<Tensor> = task.roots.iter().map(|(_, s)| s.clone()).collect();
     let seeds = 0..tensors.len();
     let mut saved = HashMap::new();
@@ -35,9 +37,18 @@ fn bindings(task: &GraphTask) -> Bindings {
     for (i, node) in task.order.iter().enumerate() {
         match &node.kind {
             NodeKind::Op(_) if task.needs[i].iter().any(|&b| b) => {
-                let start = tensors.len();
-                tensors.extend(node.saved.lock().iter().flatten().cloned());
-                saved.insert(i, start..tensors.len());
+                let mut slots = Vec::new();
+                for t in node.saved.lock().iter().flatten() {
+                    let slot = match tensors.iter().position(|b| b.same_view(t)) {
+                        Some(slot) => slot,
+                        None => {
+                            tensors.push(t.clone());
+                            tensors.len() - 1
+                        }
+                    };
+                    slots.push(slot);
+                }
+                saved.insert(i, slots);
             }
             NodeKind::AccumulateGrad(leaf) if task.targets.is_none() => {
                 if let Some(g) = leaf.grad.lock().clone() {
@@ -59,8 +70,8 @@ struct TraceEnv<'a> {
 
 impl WalkEnv for TraceEnv<'_> {
     fn saved(&mut self, position: usize, _: &Node) -> Result<Vec<Tensor>> {
-        let range = self.bindings.saved.get(&position).cloned().unwrap_or(0..0);
-        Ok(self.placeholders[range].to_vec())
+        let slots = self.bindings.saved.get(&position).map(Vec::as_slice).unwrap_or(&[]);
+        Ok(slots.iter().map(|&s| self.placeholders[s].clone()).collect())
     }
     fn seed(&mut self, r: usize, _: &Tensor) -> Tensor {
         self.placeholders[self.bindings.seeds.start + r].clone()
@@ -111,7 +122,7 @@ pub(crate) fn run_compiled(
         compiler.fallback("the graph's tensors are on another device than the compiler's");
         return Ok(None);
     }
-    let signature = Signature::of(task, options);
+    let signature = Signature::of(task, options, &bindings);
     let program = match compiler.lookup(&signature) {
         Some(program) => program,
         None => compiler.compile(&signature, capture(task, &bindings, &device)?)?,

@@ -300,5 +300,6 @@ pub(crate) fn lower(device: &Device, g: &CapturedGraph, steps: &[Step], mut repo
         hooks: l.hooks,
         report,
         replay: Mutex::new(()),
+        bind_groups_created: Default::default(),
     })
 }

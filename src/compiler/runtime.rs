@@ -4,6 +4,7 @@
 //! change, records the dispatches and submits once.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
@@ -67,6 +68,7 @@ pub struct Program {
     pub(crate) report: ProgramReport,
     /// One replay at a time: replays share the intermediate buffers.
     pub(crate) replay: Mutex<()>,
+    pub(crate) bind_groups_created: AtomicU64,
 }
 
 /// What the compiler did with a graph, for logs, tests and the DOT export.
@@ -92,6 +94,12 @@ impl Program {
     /// Kernel dispatches per replay.
     pub fn kernel_count(&self) -> usize {
         self.actions.iter().filter(|a| matches!(a, Action::Dispatch(_))).count()
+    }
+
+    /// Bind groups created over all replays: a replay whose buffers are
+    /// those of the previous one creates none.
+    pub fn bind_groups_created(&self) -> u64 {
+        self.bind_groups_created.load(Ordering::Relaxed)
     }
 
     /// What the compiler did.
@@ -142,6 +150,7 @@ impl Program {
                         let bg =
                             device.bind_group(&d.pipeline, &self.uniform, d.uniform_offset, d.uniform_size, &buffers);
                         *cached = Some((buffers, bg));
+                        self.bind_groups_created.fetch_add(1, Ordering::Relaxed);
                     }
                     let (_, bind_group) = cached.as_ref().expect("bind group is set");
                     device.dispatch_bound(&d.pipeline, bind_group, d.grid);

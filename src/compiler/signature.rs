@@ -7,6 +7,7 @@ use std::fmt::Write;
 use crate::autograd::BackwardOptions;
 use crate::autograd::GraphTask;
 use crate::autograd::NodeKind;
+use crate::autograd::capture::Bindings;
 use crate::tensor::Tensor;
 
 /// Node kinds and attributes, the [`crate::InputMetadata`] of every input
@@ -34,7 +35,7 @@ fn view(t: &Tensor) -> String {
 }
 
 impl Signature {
-    pub(crate) fn of(task: &GraphTask, options: BackwardOptions) -> Signature {
+    pub(crate) fn of(task: &GraphTask, options: BackwardOptions, bindings: &Bindings) -> Signature {
         let mut lines = Vec::new();
         let sink = match &task.targets {
             None => "accumulate into leaves".to_string(),
@@ -64,10 +65,9 @@ impl Signature {
                     let mut s = format!("node {i} {op:?} -> [{}] hooks {hooks}", edges.join(","));
                     let _ = write!(s, " grad {:?}{}", node.metadata.dtype, node.metadata.shape);
                     lines.push((Kind::Node, s));
-                    if task.needs[i].iter().any(|&b| b) {
-                        for (j, t) in node.saved.lock().iter().flatten().enumerate() {
-                            lines.push((Kind::Saved, format!("node {i} saved {j} {}", view(t))));
-                        }
+                    for (j, &slot) in bindings.saved.get(&i).map(Vec::as_slice).unwrap_or(&[]).iter().enumerate() {
+                        let t = &bindings.tensors[slot];
+                        lines.push((Kind::Saved, format!("node {i} saved {j} = input {slot} {}", view(t))));
                     }
                 }
                 NodeKind::AccumulateGrad(leaf) => {

@@ -17,8 +17,8 @@ use crate::device::Device;
 use crate::error::Result;
 
 /// The largest number of storage buffers a fused kernel binds (the device
-/// may allow more; wide kernels gain little).
-const MAX_BINDINGS: usize = 16;
+/// may allow fewer; lavapipe allows 32).
+const MAX_BINDINGS: usize = 32;
 
 /// Lowers captured backward graphs to fused WGSL compute pipelines and
 /// caches them by signature.
@@ -62,6 +62,12 @@ impl WgslCompiler {
     /// Number of cached programs.
     pub fn cached_programs(&self) -> usize {
         self.cache.lock().len()
+    }
+
+    /// The cached programs (in no particular order), to inspect their
+    /// kernels and reports.
+    pub fn programs(&self) -> Vec<Arc<Program>> {
+        self.cache.lock().values().cloned().collect()
     }
 
     /// Forgets every cached program (and the buffers they hold).

@@ -1,0 +1,473 @@
+//! The compiled backward: the guard, the signature cache, shape
+//! polymorphism, fusion, execution in one submit, and semantics equal to
+//! eager mode (hooks, retain_graph, grad(), accumulation, create_graph).
+//!
+//! The compiler is process-global, so every test here takes `LOCK` first.
+
+mod common;
+
+use std::sync::{Arc, Barrier, Mutex, MutexGuard};
+
+use wgrad::{BackwardOptions, CompilerGuard, CompilerInterface, DType, Device, Error, Tensor, WgslCompiler};
+
+static LOCK: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn install(device: &Device) -> (Arc<WgslCompiler>, CompilerGuard) {
+    let compiler = Arc::new(WgslCompiler::new(device));
+    let guard = CompilerGuard::install_arc(compiler.clone()).expect("no compiler is installed");
+    (compiler, guard)
+}
+
+fn vec(t: &Tensor) -> Vec<f32> {
+    t.to_vec::<f32>().expect("readback")
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{what}[{i}]: compiled {g} vs eager {w}");
+    }
+}
+
+fn validate_wgsl(source: &str) {
+    let module =
+        naga::front::wgsl::parse_str(source).unwrap_or_else(|e| panic!("{}\n{source}", e.emit_to_string(source)));
+    naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{e:?}\n{source}"));
+}
+
+/// W2 of WORKLOADS.md: sum(tanh(x*a + b) * sigmoid(x) + exp(-x*x)).
+fn w2(x: &Tensor, a: &Tensor, b: &Tensor) -> wgrad::Result<Tensor> {
+    let left = x.mul(a)?.add(b)?.tanh()?.mul(&x.sigmoid()?)?;
+    left.add(&x.mul(x)?.neg()?.exp()?)?.sum_all()
+}
+
+/// W5 of WORKLOADS.md: 50 times x = sin(x) * 0.9 + x * 0.1, then sum.
+fn w5(x: &Tensor) -> wgrad::Result<Tensor> {
+    let mut y = x.clone();
+    for _ in 0..50 {
+        y = y.sin()?.mul(0.9)?.add(&y.mul(0.1)?)?;
+    }
+    y.sum_all()
+}
+
+/// A small MLP with a bias broadcast, a reduction and a reused intermediate.
+fn mlp(x: &Tensor, w1: &Tensor, b1: &Tensor, w2: &Tensor) -> wgrad::Result<Tensor> {
+    let h = x.matmul(w1)?.add(b1)?.tanh()?;
+    let out = h.matmul(w2)?;
+    out.square()?.mean_all()?.add(&h.sum_all()?.mul(0.01)?)
+}
+
+fn params(device: &Device, seed: u64, batch: usize) -> wgrad::Result<[Tensor; 4]> {
+    Ok([
+        Tensor::rand([batch, 8], seed, device)?.sub(0.5)?,
+        Tensor::randn([8, 16], seed + 1, device)?.mul(0.3)?.requires_grad(true)?,
+        Tensor::rand([16], seed + 2, device)?.requires_grad(true)?,
+        Tensor::randn([16, 4], seed + 3, device)?.mul(0.3)?.requires_grad(true)?,
+    ])
+}
+
+#[test]
+fn second_install_is_an_error_and_drop_uninstalls() {
+    let _l = serial();
+    let device = common::device();
+    assert!(matches!(CompilerGuard::active(), Err(Error::NoActiveCompiler)));
+    let guard = WgslCompiler::install(&device).expect("first install");
+    assert!(CompilerGuard::active().is_ok());
+    let second = WgslCompiler::install(&device);
+    assert!(matches!(second, Err(Error::CompilerAlreadyActive)), "second install must fail");
+    let message = second.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(message.contains("CompilerGuard"), "the error says what to do: {message}");
+    drop(guard);
+    assert!(matches!(CompilerGuard::active(), Err(Error::NoActiveCompiler)));
+    let again = WgslCompiler::install(&device).expect("install after drop");
+    drop(again);
+}
+
+#[test]
+fn racing_installs_have_exactly_one_winner() {
+    let _l = serial();
+    let device = common::device();
+    for _ in 0..5 {
+        let barrier = Arc::new(Barrier::new(8));
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let (barrier, device) = (barrier.clone(), device.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    WgslCompiler::install(&device)
+                })
+            })
+            .collect();
+        let results: Vec<_> = handles.into_iter().map(|h| h.join().expect("no panic")).collect();
+        let winners = results.iter().filter(|r| r.is_ok()).count();
+        let losers = results.iter().filter(|r| matches!(r, Err(Error::CompilerAlreadyActive))).count();
+        assert_eq!((winners, losers), (1, 7));
+        drop(results);
+        assert!(CompilerGuard::active().is_err(), "dropping the winner uninstalls it");
+    }
+}
+
+#[test]
+fn without_a_guard_backward_is_eager() -> wgrad::Result<()> {
+    let _l = serial();
+    let device = common::device();
+    let (compiler, guard) = install(&device);
+    drop(guard);
+    let [x, w1, b1, w2] = params(&device, 1, 4)?;
+    mlp(&x, &w1, &b1, &w2)?.backward()?;
+    assert_eq!(compiler.stats().captures, 0, "an uninstalled compiler sees nothing");
+    assert!(w1.grad().is_some());
+    Ok(())
+}
+
+#[test]
+fn a_backward_running_when_the_guard_drops_finishes() -> wgrad::Result<()> {
+    let _l = serial();
+    let device = common::device();
+    let [x, w1, b1, w2] = params(&device, 2, 4)?;
+    mlp(&x, &w1, &b1, &w2)?.backward()?;
+    let eager = vec(&w1.grad().expect("grad"));
+    w1.zero_grad();
+    b1.zero_grad();
+    w2.zero_grad();
+
+    let (compiler, guard) = install(&device);
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel::<()>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let release_rx = Mutex::new(release_rx);
+    let h = x.matmul(&w1)?;
+    h.register_hook(move |_| {
+        let _ = entered_tx.send(());
+        let _ = release_rx.lock().map(|rx| rx.recv());
+        None
+    })?;
+    let loss =
+        h.add(&b1)?.tanh()?.matmul(&w2)?.square()?.mean_all()?.add(&h.add(&b1)?.tanh()?.sum_all()?.mul(0.01)?)?;
+    let worker = std::thread::spawn(move || loss.backward());
+    entered_rx.recv().expect("the hook runs");
+    drop(guard); // uninstall while the compiled backward is inside a hook
+    release_tx.send(()).expect("worker waits");
+    worker.join().expect("no panic")?;
+    assert_close("w1", &vec(&w1.grad().expect("grad")), &eager);
+    assert_eq!(compiler.stats().replays, 1, "the running backward finished compiled");
+    assert!(CompilerGuard::active().is_err());
+    Ok(())
+}
+
+#[test]
+fn same_model_built_three_times_compiles_once() -> wgrad::Result<()> {
+    let _l = serial();
+    let device = common::device();
+    let (compiler, _guard) = install(&device);
+    let mut results = Vec::new();
+    for _ in 0..3 {
+        let [x, w1, b1, w2] = params(&device, 3, 4)?;
+        mlp(&x, &w1, &b1, &w2)?.backward()?;
+        results.push(vec(&w1.grad().expect("grad")));
+    }
+    let s = compiler.stats();
+    assert_eq!((s.captures, s.cache_misses, s.cache_hits), (3, 1, 2), "{s:?}");
+    assert_eq!(results[0], results[1]);
+    assert_eq!(results[1], results[2]);
+
+    // A different set of leaves wanting gradients is a different program.
+    let [x, w1, b1, w2] = params(&device, 3, 4)?;
+    let b1 = b1.detach();
+    mlp(&x, &w1, &b1, &w2)?.backward()?;
+    assert_eq!(compiler.stats().cache_misses, 2, "a new leaf set recompiles");
+    Ok(())
+}
+
+#[test]
+fn new_batch_sizes_recapture_but_create_no_pipelines() -> wgrad::Result<()> {
+    let _l = serial();
+    let device = common::device();
+    let (compiler, _guard) = install(&device);
+    let mut pipelines_after_first = None;
+    for batch in (10..=90).step_by(10) {
+        let [x, w1, b1, w2] = params(&device, 4, batch)?;
+        let loss = mlp(&x, &w1, &b1, &w2)?;
+        loss.backward()?;
+        w1.grad().expect("grad").to_vec::<f32>()?;
+        let created = device.counters().pipelines_created;
+        match pipelines_after_first {
+            None => pipelines_after_first = Some(created),
+            Some(first) => assert_eq!(created, first, "batch {batch} created pipelines"),
+        }
+    }
+    let s = compiler.stats();
+    assert_eq!(s.cache_misses, 9, "each new batch size is a new signature: {s:?}");
+    Ok(())
+}
+
+/// Runs `f` eagerly and compiled on identical fresh inputs; returns both
+/// sets of gradients.
+fn eager_and_compiled(
+    f: impl Fn(&Device) -> wgrad::Result<Vec<Vec<f32>>>,
+) -> wgrad::Result<(Vec<Vec<f32>>, Vec<Vec<f32>>, wgrad::CompilerStats)> {
+    let device = common::device();
+    let eager = f(&device)?;
+    let (compiler, guard) = install(&device);
+    let compiled = f(&device)?;
+    drop(guard);
+    Ok((eager, compiled, compiler.stats()))
+}
+
+#[test]
+fn accumulation_without_zeroing_matches_eager() -> wgrad::Result<()> {
+    let _l = serial();
+    let (eager, compiled, stats) = eager_and_compiled(|device| {
+        let [x, w1, b1, w2] = params(device, 5, 6)?;
+        let mut out = Vec::new();
+        for _ in 0..3 {
+            mlp(&x, &w1, &b1, &w2)?.backward()?;
+            out.push(vec(&w1.grad().expect("grad")));
+            out.push(vec(&b1.grad().expect("grad")));
+        }
+        Ok(out)
+    })?;
+    for (i, (c, e)) in compiled.iter().zip(&eager).enumerate() {
+        assert_close(&format!("accumulated grad {i}"), c, e);
+    }
+    // The first call has no .grad, the later ones accumulate: two programs.
+    assert_eq!((stats.cache_misses, stats.cache_hits), (2, 1), "{stats:?}");
+    Ok(())
+}
+
+#[test]
+fn retain_graph_and_grad_with_inputs_match_eager() -> wgrad::Result<()> {
+    let _l = serial();
+    let (eager, compiled, stats) = eager_and_compiled(|device| {
+        let [x, w1, b1, w2] = params(device, 6, 5)?;
+        let loss = mlp(&x, &w1, &b1, &w2)?;
+        let retain = BackwardOptions { retain_graph: true, ..Default::default() };
+        let seed = Tensor::full([], 2.0, DType::F32, device)?;
+        loss.backward_with(&seed, retain)?;
+        let mut out = vec![vec(&w2.grad().expect("grad"))];
+        for p in [&w1, &b1, &w2] {
+            p.zero_grad();
+        }
+        loss.backward_with(&seed, retain)?; // same signature: replays
+        out.push(vec(&w2.grad().expect("grad")));
+        loss.backward()?; // the last one releases the graph
+        out.push(vec(&w2.grad().expect("grad")));
+        let again = loss.backward();
+        assert!(matches!(again, Err(Error::GraphReleased { .. })), "{again:?}");
+
+        // grad() with chosen inputs returns gradients and leaves .grad alone.
+        let before = vec(&w1.grad().expect("grad"));
+        let loss = mlp(&x, &w1, &b1, &w2)?;
+        let grads = wgrad::grad(&[&loss], &[&b1, &w1], None, BackwardOptions::default())?;
+        assert_eq!(vec(&w1.grad().expect("grad")), before, "grad() must not touch .grad");
+        out.push(vec(grads[0].as_ref().expect("b1 grad")));
+        out.push(vec(grads[1].as_ref().expect("w1 grad")));
+        Ok(out)
+    })?;
+    for (i, (c, e)) in compiled.iter().zip(&eager).enumerate() {
+        assert_close(&format!("result {i}"), c, e);
+    }
+    assert!(stats.cache_hits >= 1, "the retained graph replays: {stats:?}");
+    Ok(())
+}
+
+#[test]
+fn higher_order_gradients_fall_back_to_eager_with_equal_results() -> wgrad::Result<()> {
+    let _l = serial();
+    let (eager, compiled, stats) = eager_and_compiled(|device| {
+        let x = Tensor::from_slice(&[0.3f32, -0.7, 1.1], [3], device)?.requires_grad(true)?;
+        let y = x.tanh()?.mul(&x)?.sum_all()?;
+        let opts = BackwardOptions { create_graph: true, ..Default::default() };
+        let dx = wgrad::grad(&[&y], &[&x], None, opts)?[0].clone().expect("dx");
+        let ddx = wgrad::grad(&[&dx.sum_all()?], &[&x], None, BackwardOptions::default())?[0].clone().expect("ddx");
+        Ok(vec![vec(&dx), vec(&ddx)])
+    })?;
+    for (i, (c, e)) in compiled.iter().zip(&eager).enumerate() {
+        assert_close(&format!("order {}", i + 1), c, e);
+    }
+    assert_eq!(stats.fallbacks, 1, "create_graph runs eagerly: {stats:?}");
+    assert_eq!(stats.replays, 1, "the second-order grad() (no create_graph) is compiled");
+    Ok(())
+}
+
+#[test]
+fn hooks_run_on_every_backward_in_eager_order() -> wgrad::Result<()> {
+    let _l = serial();
+    let run = |device: &Device| -> wgrad::Result<(Vec<Vec<f32>>, Vec<String>)> {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let x = Tensor::rand([6], 7, device)?.requires_grad(true)?;
+        let w = Tensor::rand([6], 8, device)?.requires_grad(true)?;
+        let l = log.clone();
+        x.register_hook(move |g| {
+            l.lock().expect("log").push(format!("x {:?}", g.to_vec::<f32>().expect("readback")));
+            None
+        })?;
+        let mut out = Vec::new();
+        for step in 0..3 {
+            let h = x.mul(&w)?.sin()?;
+            let l = log.clone();
+            h.register_hook(move |g| {
+                l.lock().expect("log").push(format!("h {:?}", g.to_vec::<f32>().expect("readback")));
+                Some(g.mul(2.0).expect("double"))
+            })?;
+            let loss = h.mul(&x)?.sum_all()?.add(&h.exp()?.sum_all()?)?;
+            loss.backward()?;
+            out.push(vec(&x.grad().expect("x grad")));
+            out.push(vec(&w.grad().expect("w grad")));
+            log.lock().expect("log").push(format!("step {step} done"));
+        }
+        let log = log.lock().expect("log").clone();
+        Ok((out, log))
+    };
+    let device = common::device();
+    let (eager, eager_log) = run(&device)?;
+    let (compiler, guard) = install(&device);
+    let (compiled, compiled_log) = run(&device)?;
+    drop(guard);
+    for (i, (c, e)) in compiled.iter().zip(&eager).enumerate() {
+        assert_close(&format!("grad {i}"), c, e);
+    }
+    assert_eq!(compiled_log.len(), eager_log.len(), "{compiled_log:?}");
+    for (c, e) in compiled_log.iter().zip(&eager_log) {
+        assert_eq!(c.split(' ').next(), e.split(' ').next(), "hook order: {compiled_log:?} vs {eager_log:?}");
+    }
+    let s = compiler.stats();
+    assert_eq!((s.cache_misses, s.cache_hits), (2, 1), "{s:?}");
+    Ok(())
+}
+
+#[test]
+fn a_failing_compiled_backward_leaves_grads_untouched() -> wgrad::Result<()> {
+    let _l = serial();
+    let device = common::device();
+    let (_compiler, _guard) = install(&device);
+    let x = Tensor::rand([4], 9, &device)?.requires_grad(true)?;
+    x.sin()?.sum_all()?.backward()?;
+    let before = vec(&x.grad().expect("grad"));
+    let h = x.sin()?;
+    let d = device.clone();
+    h.register_hook(move |_| Some(Tensor::zeros([5], DType::F32, &d).expect("zeros")))?;
+    let result = h.sum_all()?.backward();
+    assert!(matches!(result, Err(Error::GradientMismatch { op: "hook", .. })), "{result:?}");
+    assert_eq!(vec(&x.grad().expect("grad")), before);
+    Ok(())
+}
+
+#[test]
+fn w2_backward_fuses_into_at_most_three_kernels() -> wgrad::Result<()> {
+    let _l = serial();
+    let device = common::device();
+    let n = 4096;
+    let inputs = |device: &Device| -> wgrad::Result<[Tensor; 3]> {
+        Ok([
+            Tensor::rand([n], 10, device)?.mul(2.0)?.sub(1.0)?.requires_grad(true)?,
+            Tensor::rand([n], 11, device)?.mul(2.0)?.sub(1.0)?.requires_grad(true)?,
+            Tensor::rand([n], 12, device)?.mul(2.0)?.sub(1.0)?.requires_grad(true)?,
+        ])
+    };
+    let [x, a, b] = inputs(&device)?;
+    let loss = w2(&x, &a, &b)?;
+    device.synchronize()?;
+    let before = device.counters().dispatches;
+    loss.backward()?;
+    let eager_kernels = device.counters().dispatches - before - 1;
+    let eager: Vec<Vec<f32>> = [&x, &a, &b].iter().map(|t| vec(&t.grad().expect("grad"))).collect();
+
+    let (compiler, _guard) = install(&device);
+    let [x, a, b] = inputs(&device)?;
+    let loss = w2(&x, &a, &b)?;
+    device.synchronize()?;
+    let before = device.counters();
+    loss.backward()?;
+    let after = device.counters();
+    // One dispatch is the eager fill of the seed (ones) that backward() makes.
+    let compiled_kernels = after.dispatches - before.dispatches - 1;
+    assert_eq!(after.submits - before.submits, 1, "a compiled backward is one submit");
+    for (t, e) in [&x, &a, &b].iter().zip(&eager) {
+        assert_close("w2 grad", &vec(&t.grad().expect("grad")), e);
+    }
+    assert!(compiled_kernels <= 3, "compiled W2 backward used {compiled_kernels} kernels");
+    assert!(eager_kernels >= 15, "eager runs about one kernel per op, got {eager_kernels}");
+    let stats = compiler.stats();
+    assert_eq!(stats.kernels_last_replay, compiled_kernels);
+    assert!(stats.ops_fused >= 15, "{stats:?}");
+    for program in compiler.programs() {
+        assert!(program.report().dot.contains("subgraph cluster_0"), "DOT has kernel clusters");
+        for source in &program.report().kernels {
+            validate_wgsl(source);
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn w5_chain_fuses_and_replays_reuse_bind_groups() -> wgrad::Result<()> {
+    let _l = serial();
+    let device = common::device();
+    let x = Tensor::rand([16], 13, &device)?.requires_grad(true)?;
+    let loss = w5(&x)?;
+    device.synchronize()?;
+    let before = device.counters().dispatches;
+    loss.backward()?;
+    let eager_kernels = device.counters().dispatches - before - 1;
+    let eager = vec(&x.grad().expect("grad"));
+
+    let (compiler, _guard) = install(&device);
+    let loss = w5(&x)?;
+    let retain = BackwardOptions { retain_graph: true, ..Default::default() };
+    let seed = Tensor::ones([], DType::F32, &device)?;
+    let mut grads = Vec::new();
+    for _ in 0..3 {
+        x.zero_grad();
+        loss.backward_with(&seed, retain)?;
+        grads.push(x.grad().expect("grad"));
+    }
+    assert_close("w5", &vec(&grads[2]), &eager);
+    let s = compiler.stats();
+    // The 50 saved activations are 50 buffers to read; a kernel binds at
+    // most 32 storage buffers on lavapipe, so the chain needs a few kernels.
+    assert!(s.kernels_last_replay <= 4 && eager_kernels >= 150, "{s:?}, eager {eager_kernels} kernels");
+    let program = compiler.programs().pop().expect("one program");
+    // Outputs are fresh each replay (the caller keeps each .grad), so only
+    // their bind group changes; the saved tensors' ones are reused.
+    let first = program.bind_groups_created();
+    x.zero_grad();
+    loss.backward_with(&seed, retain)?;
+    let per_replay = program.bind_groups_created() - first;
+    eprintln!("kernels {} first {first} per replay {per_replay}", program.kernel_count());
+    assert_eq!(per_replay, 1, "only the kernel writing the fresh output needs a new bind group");
+    for source in &program.report().kernels {
+        validate_wgsl(source);
+    }
+    Ok(())
+}
+
+#[test]
+fn intermediates_share_buffers_by_liveness() -> wgrad::Result<()> {
+    let _l = serial();
+    let device = common::device();
+    let (compiler, _guard) = install(&device);
+    let x = Tensor::rand([32, 32], 14, &device)?;
+    let ws: Vec<Tensor> = (0..4)
+        .map(|i| Tensor::randn([32, 32], 20 + i, &device).and_then(|w| w.mul(0.2)?.requires_grad(true)))
+        .collect::<wgrad::Result<_>>()?;
+    let mut h = x.clone();
+    for w in &ws {
+        h = h.matmul(w)?.tanh()?;
+    }
+    h.sum_all()?.backward()?;
+    let program = compiler.programs().pop().expect("one program");
+    let report = program.report();
+    assert!(
+        report.planned_bytes < report.unplanned_bytes,
+        "planned {} B vs {} B unshared",
+        report.planned_bytes,
+        report.unplanned_bytes
+    );
+    Ok(())
+}
