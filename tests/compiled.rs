@@ -206,11 +206,13 @@ fn new_batch_sizes_recapture_but_create_no_pipelines() -> wgrad::Result<()> {
     Ok(())
 }
 
+type Grads = Vec<Vec<f32>>;
+
 /// Runs `f` eagerly and compiled on identical fresh inputs; returns both
 /// sets of gradients.
 fn eager_and_compiled(
-    f: impl Fn(&Device) -> wgrad::Result<Vec<Vec<f32>>>,
-) -> wgrad::Result<(Vec<Vec<f32>>, Vec<Vec<f32>>, wgrad::CompilerStats)> {
+    f: impl Fn(&Device) -> wgrad::Result<Grads>,
+) -> wgrad::Result<(Grads, Grads, wgrad::CompilerStats)> {
     let device = common::device();
     let eager = f(&device)?;
     let (compiler, guard) = install(&device);
