@@ -181,6 +181,8 @@ fn same_model_built_three_times_compiles_once() -> wgrad::Result<()> {
     let b1 = b1.detach();
     mlp(&x, &w1, &b1, &w2)?.backward()?;
     assert_eq!(compiler.stats().cache_misses, 2, "a new leaf set recompiles");
+    let reason = compiler.last_miss_reason().unwrap_or_default();
+    assert!(reason.contains("leaf") || reason.starts_with("new node"), "{reason}");
     Ok(())
 }
 
@@ -203,6 +205,8 @@ fn new_batch_sizes_recapture_but_create_no_pipelines() -> wgrad::Result<()> {
     }
     let s = compiler.stats();
     assert_eq!(s.cache_misses, 9, "each new batch size is a new signature: {s:?}");
+    let reason = compiler.last_miss_reason().unwrap_or_default();
+    assert!(reason.starts_with("changed shape"), "{reason}");
     Ok(())
 }
 

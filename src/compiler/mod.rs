@@ -4,9 +4,9 @@
 //! WGSL kernels, and caches the program by the graph's [`Signature`];
 //! later backward calls with the same signature replay it in one submit.
 //!
-//! Pipeline: [`trace`] (capture) → [`passes`] (simplify, CSE, DCE) →
-//! [`fusion`] (kernels and their order) → [`lower`] (memory plan, launches)
-//! → [`runtime`] (replay). [`WgslCompiler`] ties them together.
+//! Pipeline: `trace` (capture) → `passes` (simplify, CSE, DCE) →
+//! `fusion` (kernels and their order) → `lower` (memory plan, launches)
+//! → `runtime` (replay). [`WgslCompiler`] ties them together.
 
 mod dot;
 mod fusion;

@@ -36,6 +36,7 @@ pub struct WgslCompiler {
     device: Device,
     cache: Mutex<HashMap<Signature, Arc<Program>>>,
     last_signature: Mutex<Option<Signature>>,
+    last_miss: Mutex<Option<String>>,
     stats: Mutex<CompilerStats>,
     log: bool,
 }
@@ -48,6 +49,7 @@ impl WgslCompiler {
             device: device.clone(),
             cache: Mutex::new(HashMap::new()),
             last_signature: Mutex::new(None),
+            last_miss: Mutex::new(None),
             stats: Mutex::new(CompilerStats::default()),
             log,
         }
@@ -62,6 +64,13 @@ impl WgslCompiler {
     /// Number of cached programs.
     pub fn cached_programs(&self) -> usize {
         self.cache.lock().len()
+    }
+
+    /// Why the most recent cache miss missed, compared with the signature
+    /// of the backward before it ("changed shape (...)", "new node (...)",
+    /// "changed leaf set (...)", ...).
+    pub fn last_miss_reason(&self) -> Option<String> {
+        self.last_miss.lock().clone()
     }
 
     /// The cached programs (in no particular order), to inspect their
@@ -89,13 +98,14 @@ impl CompilerInterface for WgslCompiler {
             stats.cache_hits += 1;
         } else {
             stats.cache_misses += 1;
+            let reason = match self.last_signature.lock().as_ref() {
+                Some(previous) => signature.difference(previous),
+                None => "first capture".to_string(),
+            };
             if self.log {
-                let reason = match self.last_signature.lock().as_ref() {
-                    Some(previous) => signature.difference(previous),
-                    None => "first capture".to_string(),
-                };
                 eprintln!("[wgrad compiled] cache miss: {reason}");
             }
+            *self.last_miss.lock() = Some(reason);
         }
         *self.last_signature.lock() = Some(signature.clone());
         hit
