@@ -477,3 +477,44 @@ fn intermediates_share_buffers_by_liveness() -> wgrad::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn passes_simplify_merge_and_fuse_prologues_and_epilogues() -> wgrad::Result<()> {
+    let _l = serial();
+    let device = common::device();
+    let (compiler, _guard) = install(&device);
+
+    // `* 1` and `+ 0` pass their gradient through as `g * 1` and `g`; the
+    // transposes compose into the identity; `x * x` binds x once, so its
+    // two gradient terms are one expression.
+    let x = Tensor::rand([4, 3], 30, &device)?.requires_grad(true)?;
+    let y = x.t()?.t()?.mul(1.0)?.add(0.0)?;
+    y.mul(&y)?.exp()?.sum_all()?.backward()?;
+    let program = compiler.programs().pop().expect("a program");
+    let r = program.report();
+    assert!(r.simplified >= 1 && r.merged >= 1 && r.removed >= 1, "{r:?}");
+    assert_eq!(program.kernel_count(), 1);
+    compiler.clear_cache();
+
+    // The gradient of a broadcast operand is a sum whose elementwise
+    // prologue (g * x) is computed inside the reduction.
+    let x = Tensor::rand([64, 8], 31, &device)?;
+    let b = Tensor::rand([8], 32, &device)?.requires_grad(true)?;
+    x.mul(&b)?.sum_all()?.backward()?;
+    let program = compiler.programs().pop().expect("a program");
+    assert_eq!(program.kernel_count(), 1, "one reduction with a fused prologue");
+    let source = &program.report().kernels[0];
+    assert!(source.contains("fn value") && source.contains(" * "), "{source}");
+    compiler.clear_cache();
+
+    // relu's mask multiplies a matmul result: the matmul stores acc * mask.
+    let [x, w1, b1, w2] = params(&device, 33, 8)?;
+    x.matmul(&w1)?.add(&b1)?.relu()?.matmul(&w2)?.sum_all()?.backward()?;
+    let program = compiler.programs().pop().expect("a program");
+    let fused_epilogue = program.report().kernels.iter().any(|k| k.contains("fn epilogue") && k.contains("in0["));
+    assert!(fused_epilogue, "a matmul has a fused epilogue:\n{}", program.report().ir_after);
+    for source in &program.report().kernels {
+        validate_wgsl(source);
+    }
+    Ok(())
+}

@@ -101,6 +101,18 @@ fn simplify(mut g: CapturedGraph) -> (CapturedGraph, usize) {
         g.values[id].op = op;
         alias[id] = passthrough(&g.values[id], &g.values);
     }
+    // An output that passes a computed value through, element for element,
+    // can be that value (outputs need buffers of their own, so not inputs).
+    for o in 0..g.outputs.len() {
+        let Some(target) = &alias[g.outputs[o].0] else { continue };
+        let v = &g.values[target.value];
+        let owned = !matches!(v.op, IrOp::Input { .. } | IrOp::Hook { .. });
+        let taken = g.outputs.iter().any(|(out, _)| *out == target.value);
+        if owned && target.is_identity(&v.meta) && !taken {
+            g.outputs[o].0 = target.value;
+            count += 1;
+        }
+    }
     (g, count)
 }
 

@@ -80,6 +80,12 @@ pub struct ProgramReport {
     pub ir_after: String,
     /// WGSL source of each kernel, in dispatch order (one entry per kernel).
     pub kernels: Vec<String>,
+    /// Reads redirected by algebraic simplification (`x * 1`, `x + 0`, copies, ...).
+    pub simplified: usize,
+    /// Values merged by common-subexpression elimination.
+    pub merged: usize,
+    /// Values removed by dead-code elimination.
+    pub removed: usize,
     /// Values computed inside another value's kernel.
     pub ops_fused: usize,
     /// Bytes of intermediates if each had its own buffer.

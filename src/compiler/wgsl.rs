@@ -122,6 +122,9 @@ impl CompilerInterface for WgslCompiler {
             ir_before,
             ir_after,
             ops_fused,
+            simplified: pass_stats.simplified,
+            merged: pass_stats.merged,
+            removed: pass_stats.removed,
             dot: dot::render(&graph, &steps),
             ..ProgramReport::default()
         };
