@@ -518,3 +518,27 @@ fn passes_simplify_merge_and_fuse_prologues_and_epilogues() -> wgrad::Result<()>
     }
     Ok(())
 }
+
+#[test]
+fn compiled_training_reaches_a_memory_steady_state() -> wgrad::Result<()> {
+    let _l = serial();
+    let device = Device::new()?; // its own device, so other tests' buffers do not count
+    let (compiler, _guard) = install(&device);
+    let [x, mut w1, mut b1, mut w2] = params(&device, 40, 16)?;
+    let mut created = Vec::new();
+    let mut live = Vec::new();
+    for _ in 0..12 {
+        let loss = mlp(&x, &w1, &b1, &w2)?;
+        loss.backward()?;
+        let _no_grad = wgrad::no_grad();
+        let update = |p: &Tensor| p.sub(&p.grad().expect("grad").mul(0.1)?)?.requires_grad(true);
+        (w1, b1, w2) = (update(&w1)?, update(&b1)?, update(&w2)?);
+        loss.to_scalar::<f32>()?;
+        created.push(device.memory_stats().buffers_created);
+        live.push(device.memory_stats().live_bytes);
+    }
+    assert_eq!(compiler.stats().cache_misses, 1, "every step replays one program");
+    assert!(created[3..].iter().all(|&c| c == created[3]), "no new buffers after warm-up: {created:?}");
+    assert!(live[3..].iter().all(|&l| l == live[3]), "live bytes steady: {live:?}");
+    Ok(())
+}
