@@ -437,7 +437,7 @@ fn w5_chain_fuses_and_replays_reuse_bind_groups() -> wgrad::Result<()> {
     let s = compiler.stats();
     // The 50 saved activations are 50 buffers to read; a kernel binds at
     // most 32 storage buffers on lavapipe, so the chain needs a few kernels.
-    assert!(s.kernels_last_replay <= 4 && eager_kernels >= 150, "{s:?}, eager {eager_kernels} kernels");
+    assert!(s.kernels_last_replay <= 2 && eager_kernels >= 150, "{s:?}, eager {eager_kernels} kernels");
     let program = compiler.programs().pop().expect("one program");
     // Outputs are fresh each replay (the caller keeps each .grad), so only
     // their bind group changes; the saved tensors' ones are reused.

@@ -254,6 +254,12 @@ struct Planner<'a> {
     unit_of: HashMap<ValueId, usize>,
     succ: Vec<BTreeSet<usize>>,
     max_bindings: usize,
+    /// Bindings a kernel may grow to by joining; below `max_bindings` when a
+    /// first attempt produced a kernel whose members ended up stored for
+    /// later readers and so exceeded the limit.
+    budget: usize,
+    /// Members of elementwise kernels read from a buffer by another kernel.
+    external: std::collections::HashSet<ValueId>,
 }
 
 impl Planner<'_> {
@@ -296,6 +302,27 @@ impl Planner<'_> {
         }
     }
 
+    /// Records which members of other kernels `unit` reads from buffers.
+    fn note_reads(&mut self, reads: &BTreeSet<ValueId>, unit: usize) {
+        for &r in reads {
+            if self.unit_of.get(&r).is_some_and(|&u| u != unit) {
+                self.external.insert(r);
+            }
+        }
+    }
+
+    /// An inlined value to store instead, when a kernel reads more buffers
+    /// than a kernel may bind.
+    fn too_wide(&self, e: &Emitter<'_>, stores: usize) -> Result<(), Blocked> {
+        if e.reads.len() + stores <= self.max_bindings {
+            return Ok(());
+        }
+        match e.inlined.first() {
+            Some(&v) => Err(Blocked(v)),
+            None => Ok(()), // one op reads at most three buffers
+        }
+    }
+
     /// Dry run of a stored elementwise value: its buffer reads.
     fn probe(&self, value: ValueId, members: &[ValueId], arg: Option<ValueId>) -> Result<Emitter<'_>, Blocked> {
         let mut e = Emitter::new(self.values, self.inline);
@@ -309,6 +336,7 @@ impl Planner<'_> {
 
     fn place_elementwise(&mut self, v: ValueId) -> Result<(), Blocked> {
         let alone = self.probe(v, &[], None)?;
+        self.too_wide(&alone, 1)?;
         let reads = alone.read_values();
         let shape = &self.values[v].meta.shape;
 
@@ -327,13 +355,16 @@ impl Planner<'_> {
                 continue;
             }
             let e = self.probe(v, &[], Some(r))?;
-            let others = self.producers(&e.read_values(), Some(unit));
-            if e.reads.len() + 3 > self.max_bindings || others.iter().any(|&p| self.reaches(unit, p)) {
+            let (e_reads, width) = (e.read_values(), e.reads.len() + 3);
+            drop(e);
+            let others = self.producers(&e_reads, Some(unit));
+            if width > self.max_bindings || others.iter().any(|&p| self.reaches(unit, p)) {
                 continue;
             }
             self.units[unit] = Unit::Matmul { value: r, epilogue: Some(v) };
             self.unit_of.insert(v, unit);
             self.link(&others, unit);
+            self.note_reads(&e_reads, unit);
             return Ok(());
         }
 
@@ -350,14 +381,18 @@ impl Planner<'_> {
             if joint.reads.iter().any(|u| members.contains(&u.value)) {
                 continue;
             }
-            let producers = self.producers(&joint.read_values(), Some(g));
+            let joint_reads = joint.read_values();
+            drop(joint);
+            let producers = self.producers(&joint_reads, Some(g));
             if producers.iter().any(|&p| self.reaches(g, p)) {
                 continue;
             }
             let mut group = Emitter::new(self.values, self.inline);
             let mut all = members.clone();
             all.push(v);
-            if group_emit(&mut group, &all).is_err() || group.reads.len() + all.len() > self.max_bindings {
+            // Stores: members already read elsewhere or outputs, and v.
+            let stores = 1 + members.iter().filter(|m| self.outputs[**m] || self.external.contains(m)).count();
+            if group_emit(&mut group, &all).is_err() || group.reads.len() + stores > self.budget {
                 continue;
             }
             if let Unit::Elementwise { members } = &mut self.units[g] {
@@ -365,11 +400,13 @@ impl Planner<'_> {
             }
             self.unit_of.insert(v, g);
             self.link(&producers, g);
+            self.note_reads(&joint_reads, g);
             return Ok(());
         }
         let unit = self.new_unit(Unit::Elementwise { members: vec![v] }, &[v]);
         let producers = self.producers(&reads, Some(unit));
         self.link(&producers, unit);
+        self.note_reads(&reads, unit);
         Ok(())
     }
 }
@@ -418,8 +455,10 @@ pub(crate) fn schedule(g: &CapturedGraph, max_bindings: usize) -> (Vec<Step>, us
         outputs[*v] = true;
     }
     let mut inline = initial_inline(g, &uses, &outputs);
+    let mut budget = max_bindings;
     loop {
-        match try_schedule(g, &inline, &uses, &outputs, max_bindings) {
+        match try_schedule(g, &inline, &uses, &outputs, max_bindings, budget) {
+            Ok(steps) if budget > 2 && steps.iter().any(|s| binding_count(s) > max_bindings) => budget -= 2,
             Ok(steps) => {
                 let computed =
                     g.values.iter().filter(|v| !matches!(v.op, IrOp::Input { .. } | IrOp::Hook { .. })).count();
@@ -431,12 +470,23 @@ pub(crate) fn schedule(g: &CapturedGraph, max_bindings: usize) -> (Vec<Step>, us
     }
 }
 
+/// Storage buffers a step binds.
+fn binding_count(step: &Step) -> usize {
+    match step {
+        Step::Elementwise { reads, stores, .. } => reads.len() + stores.len(),
+        Step::Reduce { reads, .. } => reads.len() + 1,
+        Step::Matmul { reads, .. } => reads.len() + 3,
+        Step::Assemble { .. } | Step::Hook { .. } => 2,
+    }
+}
+
 fn try_schedule(
     g: &CapturedGraph,
     inline: &[bool],
     uses: &[usize],
     outputs: &[bool],
     max_bindings: usize,
+    budget: usize,
 ) -> Result<Vec<Step>, Blocked> {
     let mut p = Planner {
         values: &g.values,
@@ -447,6 +497,8 @@ fn try_schedule(
         unit_of: HashMap::new(),
         succ: Vec::new(),
         max_bindings,
+        budget,
+        external: Default::default(),
     };
     let mut last_hook: Option<usize> = None;
     for (id, v) in g.values.iter().enumerate() {
@@ -458,23 +510,31 @@ fn try_schedule(
                 let (it, _, _) = reduce_iteration(src, axes);
                 let mut e = Emitter::new(&g.values, inline);
                 e.emit(&it)?;
+                p.too_wide(&e, 1)?;
                 let unit = p.new_unit(Unit::Other { value: id }, &[id]);
                 let producers = p.producers(&e.read_values(), Some(unit));
                 p.link(&producers, unit);
+                p.note_reads(&e.read_values(), unit);
             }
             IrOp::Matmul { a, b } => {
                 let unit = p.new_unit(Unit::Matmul { value: id, epilogue: None }, &[id]);
-                let producers = p.producers(&[a.value, b.value].into(), Some(unit));
+                let reads = [a.value, b.value].into();
+                let producers = p.producers(&reads, Some(unit));
                 p.link(&producers, unit);
+                p.note_reads(&reads, unit);
             }
             IrOp::Assemble { pieces, .. } => {
                 let unit = p.new_unit(Unit::Other { value: id }, &[id]);
-                let producers = p.producers(&pieces.iter().map(|(u, _, _)| u.value).collect(), Some(unit));
+                let reads = pieces.iter().map(|(u, _, _)| u.value).collect();
+                let producers = p.producers(&reads, Some(unit));
                 p.link(&producers, unit);
+                p.note_reads(&reads, unit);
             }
             IrOp::Hook { src, .. } => {
                 let unit = p.new_unit(Unit::Other { value: id }, &[id]);
-                let mut producers = p.producers(&[src.value].into(), Some(unit));
+                let reads = [src.value].into();
+                let mut producers = p.producers(&reads, Some(unit));
+                p.note_reads(&reads, unit);
                 // Hooks run in eager order.
                 producers.extend(last_hook);
                 p.link(&producers, unit);
