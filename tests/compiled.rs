@@ -542,3 +542,31 @@ fn compiled_training_reaches_a_memory_steady_state() -> wgrad::Result<()> {
     assert!(live[3..].iter().all(|&l| l == live[3]), "live bytes steady: {live:?}");
     Ok(())
 }
+
+#[test]
+fn wide_graphs_split_to_respect_the_binding_limit() -> wgrad::Result<()> {
+    let _l = serial();
+    let device = common::device();
+    let consts: Vec<Tensor> = (0..40).map(|i| Tensor::rand([8], 50 + i, &device)).collect::<wgrad::Result<_>>()?;
+    let run = || -> wgrad::Result<Vec<f32>> {
+        let x = Tensor::rand([8], 49, &device)?.requires_grad(true)?;
+        let mut loss = x.mul(&consts[0])?.sum_all()?;
+        for c in &consts[1..] {
+            loss = loss.add(&x.mul(c)?.sin()?.sum_all()?)?;
+        }
+        loss.backward()?;
+        Ok(vec(&x.grad().expect("grad")))
+    };
+    let eager = run()?;
+    let (compiler, guard) = install(&device);
+    let compiled = run()?;
+    drop(guard);
+    assert_close("wide", &compiled, &eager);
+    let program = compiler.programs().pop().expect("a program");
+    for source in &program.report().kernels {
+        let bindings = source.matches("var<storage").count();
+        assert!(bindings <= 32, "a kernel binds {bindings} storage buffers");
+        validate_wgsl(source);
+    }
+    Ok(())
+}
