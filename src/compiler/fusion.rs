@@ -14,9 +14,10 @@
 
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
 
+use crate::compiler::emit::{Blocked, Emitter, group_emit};
 use crate::compiler::ir::{CapturedGraph, IrOp, Use, Value, ValueId};
 use crate::exec::ReduceKind;
-use crate::exec::kernel::{MapKernel, Node, NodeId};
+use crate::exec::kernel::{MapKernel, Node};
 use crate::layout::Layout;
 use crate::metadata::Shape;
 
@@ -109,131 +110,6 @@ impl Step {
             | Step::Assemble { value, .. }
             | Step::Hook { value, .. } => vec![*value],
         }
-    }
-}
-
-/// Builds one fused kernel: splices the expressions of inlined values into
-/// a [`MapKernel`], turning every other read into an input binding.
-struct Emitter<'a> {
-    values: &'a [Value],
-    inline: &'a [bool],
-    /// Values stored by this kernel, readable element for element as SSA.
-    members: HashMap<ValueId, NodeId>,
-    /// A matmul value this kernel is the epilogue of ([`Node::Arg`]).
-    arg: Option<ValueId>,
-    kernel: MapKernel,
-    reads: Vec<Use>,
-    scalars: Vec<f64>,
-    memo: HashMap<Use, NodeId>,
-    /// Values spliced in (computed here, never stored).
-    inlined: Vec<ValueId>,
-}
-
-/// Why a kernel could not be built: this inlined value cannot be read
-/// through the view its reader uses; it must be stored instead.
-struct Blocked(ValueId);
-
-impl<'a> Emitter<'a> {
-    fn new(values: &'a [Value], inline: &'a [bool]) -> Emitter<'a> {
-        Emitter {
-            values,
-            inline,
-            members: HashMap::new(),
-            arg: None,
-            kernel: MapKernel::default(),
-            reads: Vec::new(),
-            scalars: Vec::new(),
-            memo: HashMap::new(),
-            inlined: Vec::new(),
-        }
-    }
-
-    /// The node holding `u` at the kernel's current index.
-    fn emit(&mut self, u: &Use) -> Result<NodeId, Blocked> {
-        if let Some(&n) = self.memo.get(u) {
-            return Ok(n);
-        }
-        let v = &self.values[u.value];
-        let identity = u.is_identity(&v.meta);
-        let node = if identity && self.members.contains_key(&u.value) {
-            self.members[&u.value]
-        } else if identity && self.arg == Some(u.value) {
-            self.kernel.push(Node::Arg, v.meta.dtype)
-        } else if self.inline[u.value] {
-            self.inline_through(u)?
-        } else {
-            self.reads.push(u.clone());
-            self.kernel.input(v.meta.dtype)
-        };
-        self.memo.insert(u.clone(), node);
-        Ok(node)
-    }
-
-    /// The expression of the elementwise value `u.value`, read through `u`.
-    fn inline_through(&mut self, u: &Use) -> Result<NodeId, Blocked> {
-        let IrOp::Map { kernel, args, scalars, .. } = &self.values[u.value].op else {
-            return Err(Blocked(u.value));
-        };
-        let positional = kernel.nodes.iter().any(|(n, _)| matches!(n, Node::Index | Node::Random(..)));
-        if positional && !u.is_identity(&self.values[u.value].meta) {
-            return Err(Blocked(u.value));
-        }
-        if !self.inlined.contains(&u.value) {
-            self.inlined.push(u.value);
-        }
-        let mut arg_nodes = Vec::with_capacity(args.len());
-        for a in args {
-            let layout = u.layout.compose(&a.layout).ok_or(Blocked(u.value))?;
-            arg_nodes.push(self.emit(&Use { value: a.value, layout })?);
-        }
-        Ok(self.splice(kernel, scalars, &arg_nodes))
-    }
-
-    /// The own expression of a stored elementwise value (its args emitted).
-    fn root(&mut self, value: ValueId) -> Result<NodeId, Blocked> {
-        let IrOp::Map { kernel, args, scalars, .. } = &self.values[value].op else {
-            return Err(Blocked(value));
-        };
-        let arg_nodes = args.iter().map(|a| self.emit(a)).collect::<Result<Vec<_>, _>>()?;
-        Ok(self.splice(kernel, scalars, &arg_nodes))
-    }
-
-    /// Copies `k`'s nodes into the kernel with its inputs bound to `args`.
-    fn splice(&mut self, k: &MapKernel, scalars: &[f64], args: &[NodeId]) -> NodeId {
-        let mut map = vec![0; k.nodes.len()];
-        for (id, (node, dtype)) in k.nodes.iter().enumerate() {
-            let new = match *node {
-                Node::Input(j) => {
-                    map[id] = args[j];
-                    continue;
-                }
-                Node::Scalar(j) => Node::Scalar(self.slot(k, scalars, j)),
-                Node::Random(kind, j) => {
-                    let first = self.slot(k, scalars, j);
-                    self.slot(k, scalars, j + 1);
-                    Node::Random(kind, first)
-                }
-                Node::Index => Node::Index,
-                Node::Arg => Node::Arg,
-                Node::Unary(op, a) => Node::Unary(op, map[a]),
-                Node::Binary(op, a, b) => Node::Binary(op, map[a], map[b]),
-                Node::Compare(op, a, b) => Node::Compare(op, map[a], map[b]),
-                Node::Select(c, a, b) => Node::Select(map[c], map[a], map[b]),
-                Node::Cast(a) => Node::Cast(map[a]),
-            };
-            map[id] = self.kernel.push(new, *dtype);
-        }
-        map[k.outputs[0].0]
-    }
-
-    fn slot(&mut self, k: &MapKernel, scalars: &[f64], j: usize) -> usize {
-        self.scalars.push(scalars.get(j).copied().unwrap_or(0.0));
-        self.kernel.scalar_slot(k.scalars[j])
-    }
-
-    /// Distinct values read from buffers.
-    fn read_values(&self) -> BTreeSet<ValueId> {
-        self.reads.iter().map(|u| u.value).collect()
     }
 }
 
@@ -409,16 +285,6 @@ impl Planner<'_> {
         self.note_reads(&reads, unit);
         Ok(())
     }
-}
-
-fn group_emit(e: &mut Emitter<'_>, members: &[ValueId]) -> Result<Vec<NodeId>, Blocked> {
-    let mut nodes = Vec::new();
-    for &m in members {
-        let n = e.root(m)?;
-        e.members.insert(m, n);
-        nodes.push(n);
-    }
-    Ok(nodes)
 }
 
 /// The iteration view and sizes of a reduction of `src` over `axes`.

@@ -9,6 +9,7 @@
 //! → `runtime` (replay). [`WgslCompiler`] ties them together.
 
 mod dot;
+mod emit;
 mod fusion;
 pub(crate) mod guard;
 pub(crate) mod ir;
