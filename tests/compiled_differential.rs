@@ -1,0 +1,1071 @@
+//! Differential tests of the compiled backward against the eager one.
+//!
+//! Every check computes the gradients of the same graph twice: eagerly (no compiler installed)
+//! and compiled (a `WgslCompiler` installed, so the backward is captured, fused into WGSL
+//! kernels, cached and replayed), and compares them.
+//!
+//! Comparison criterion (`compare_grads`): for each leaf gradient with eager values `e` and
+//! compiled values `c`, every element must satisfy
+//!
+//! ```text
+//! |c_i - e_i| <= RTOL * |e_i| + ULPS * f32::EPSILON * max(max_j |e_j|, 1)    (RTOL = 1e-5, ULPS = 16)
+//! ```
+//!
+//! i.e. a relative error of 1e-5, plus 16 ulps of the gradient's magnitude for elements that come
+//! out of cancellation. Fusion changes the order and rounding of f32 operations, and an element
+//! like `2 - 2 + 0.002` has no meaningful relative error of its own: it is only known to an ulp
+//! of the terms it was summed from. The magnitude is the largest element of the same gradient,
+//! but at least 1, the size of the terms the graphs here sum (values are kept within 8 and loss
+//! weights within 2; `x - x` with weight 2 cancels terms of 2 exactly). Sweeps of 6000 random
+//! graphs found 8 elements off by 4e-9 to 1.2e-7 (at most one ulp of such terms) under the
+//! stricter `1e-5 * max(|e_i|, 1e-3 * max_j |e_j|)`; the injected compiler bugs this test was
+//! checked against are off by 1e-2 and more. Both sides must be finite, and a leaf must get a
+//! gradient in both modes or in neither.
+//!
+//! - `every_op_compiled_matches_eager`: one small graph per differentiable op (with broadcasting
+//!   where the op allows), loss `sum(op(..) * W)` for a fixed random `W`.
+//! - `random_graphs_compiled_match_eager`: 300 seeded random graphs of 2 to 25 ops (elementwise
+//!   ops with broadcasting, reductions, matmuls, movement ops, cat/stack, where), reusing
+//!   intermediates; the loss sums every tensor no later op reads. By graph index: `wgrad::grad`,
+//!   accumulation over two backwards, `backward_with` a random seed, or `backward()`; every 4th
+//!   graph is also run on new input values of the same shapes, which must replay the cached
+//!   program. A failure prints the seed and the graph's ops; `WGRAD_DIFF_GRAPH=<graph #>` reruns
+//!   one graph.
+//! - `compiled_kernels_pass_naga`: every generated kernel of several programs validates in naga.
+//!
+//! Runtime is dominated by lavapipe compiling the fused pipelines (~700 distinct ones): about
+//! 60 s with an empty Mesa shader cache, under 10 s with a warm one.
+//!
+//! The compiler is process-global, so every test takes `LOCK` first.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use common::device;
+use wgrad::{BackwardOptions, CompilerGuard, CompilerStats, DType, Tensor, WgslCompiler};
+
+static LOCK: Mutex<()> = Mutex::new(());
+
+const RTOL: f64 = 1e-5;
+const ULPS: f64 = 16.0;
+
+/// Result type of the harness: errors carry their context as text.
+type Check<T> = std::result::Result<T, String>;
+
+// ------------------------------------------------------------------ comparison
+
+type Grads = Vec<Option<Vec<f32>>>;
+
+fn read(g: Option<Tensor>) -> wgrad::Result<Option<Vec<f32>>> {
+    g.map(|g| g.to_vec::<f32>()).transpose()
+}
+
+fn leaf_grads(leaves: &[Tensor]) -> wgrad::Result<Grads> {
+    leaves.iter().map(|l| read(l.grad())).collect()
+}
+
+/// Checks compiled against eager gradients with the criterion in the module doc.
+fn compare_grads(eager: &Grads, compiled: &Grads) -> Check<()> {
+    if eager.len() != compiled.len() {
+        return Err(format!("{} eager gradients but {} compiled", eager.len(), compiled.len()));
+    }
+    for (i, (e, c)) in eager.iter().zip(compiled).enumerate() {
+        let (e, c) = match (e, c) {
+            (None, None) => continue,
+            (Some(e), Some(c)) => (e, c),
+            (e, c) => {
+                return Err(format!(
+                    "leaf {i}: eager gradient {}, compiled gradient {}",
+                    if e.is_some() { "present" } else { "absent" },
+                    if c.is_some() { "present" } else { "absent" }
+                ));
+            }
+        };
+        if e.len() != c.len() {
+            return Err(format!("leaf {i}: eager has {} elements, compiled {}", e.len(), c.len()));
+        }
+        let scale = e.iter().fold(0.0f64, |m, &v| m.max((v as f64).abs()));
+        for (j, (&ev, &cv)) in e.iter().zip(c).enumerate() {
+            let (ev, cv) = (ev as f64, cv as f64);
+            if !ev.is_finite() || !cv.is_finite() {
+                return Err(format!("leaf {i} element {j}: non-finite gradient (eager {ev}, compiled {cv})"));
+            }
+            let tol = RTOL * ev.abs() + ULPS * f64::from(f32::EPSILON) * scale.max(1.0);
+            if (cv - ev).abs() > tol {
+                return Err(format!(
+                    "leaf {i} element {j}: eager {ev:e}, compiled {cv:e} (|diff| {:e} > tol {tol:e}; max |eager| \
+                     {scale:e})\n  eager:    {e:?}\n  compiled: {c:?}",
+                    (cv - ev).abs()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The compiled run really was compiled: no eager fallback, one capture per backward.
+fn check_stats(stats: &CompilerStats, backwards: u64) -> Check<()> {
+    if stats.fallbacks != 0 || stats.captures != backwards || stats.replays != backwards {
+        return Err(format!("expected {backwards} compiled backward(s) without fallback, got {stats:?}"));
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------ inputs
+
+/// Uniform values in [lo, hi) of `shape`, no grad.
+fn uniform(shape: &[usize], seed: u64, lo: f64, hi: f64) -> wgrad::Result<Tensor> {
+    Tensor::rand(shape.to_vec(), seed, &device())?.mul(hi - lo)?.add(lo)
+}
+
+/// A leaf of uniform values in [lo, hi).
+fn leaf(shape: &[usize], seed: u64, lo: f64, hi: f64) -> Tensor {
+    uniform(shape, seed, lo, hi).and_then(|t| t.requires_grad(true)).expect("leaf")
+}
+
+/// A leaf of magnitudes in [0.2, 1) with random signs: away from the kinks at 0.
+fn signed_leaf(shape: &[usize], seed: u64) -> Tensor {
+    let build = || -> wgrad::Result<Tensor> {
+        let mag = uniform(shape, seed, 0.2, 1.0)?;
+        let sign = uniform(shape, seed ^ 0x5eed, -1.0, 1.0)?.sign()?;
+        mag.mul(&sign)?.requires_grad(true)
+    };
+    build().expect("signed leaf")
+}
+
+/// FNV-1a of a name, to derive seeds.
+fn seed_of(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+}
+
+// ------------------------------------------------------------------ 1. every op
+
+type Forward = Box<dyn Fn(&[Tensor]) -> wgrad::Result<Tensor>>;
+
+struct OpCase {
+    name: &'static str,
+    leaves: Vec<Tensor>,
+    forward: Forward,
+}
+
+fn case(
+    name: &'static str,
+    leaves: Vec<Tensor>,
+    forward: impl Fn(&[Tensor]) -> wgrad::Result<Tensor> + 'static,
+) -> OpCase {
+    OpCase { name, leaves, forward: Box::new(forward) }
+}
+
+/// `sum(out * W)` for a fixed random `W` of the output's shape, so each output element gets
+/// its own weight in the gradient.
+fn weighted_loss(name: &str, out: &Tensor) -> wgrad::Result<Tensor> {
+    let w = uniform(out.dims(), seed_of(name), -1.0, 1.0)?;
+    out.mul(&w)?.sum_all()
+}
+
+fn op_cases(f16: bool) -> Vec<OpCase> {
+    let m = |s: u64| leaf(&[3, 4], s, -1.0, 1.0);
+    let pos = |shape: &[usize], s: u64| leaf(shape, s, 0.5, 2.0);
+    let sg = |shape: &[usize], s: u64| signed_leaf(shape, s);
+    let mut cases = vec![
+        // Unary.
+        case("neg", vec![m(1)], |x| x[0].neg()),
+        case("neg_overload", vec![m(1)], |x| -&x[0]),
+        case("exp", vec![m(2)], |x| x[0].exp()),
+        case("log", vec![pos(&[3, 4], 3)], |x| x[0].log()),
+        case("sqrt", vec![pos(&[3, 4], 4)], |x| x[0].sqrt()),
+        case("rsqrt", vec![pos(&[3, 4], 5)], |x| x[0].rsqrt()),
+        case("tanh", vec![leaf(&[3, 4], 6, -2.0, 2.0)], |x| x[0].tanh()),
+        case("sigmoid", vec![leaf(&[3, 4], 7, -3.0, 3.0)], |x| x[0].sigmoid()),
+        case("relu", vec![sg(&[3, 4], 8)], |x| x[0].relu()),
+        case("sin", vec![leaf(&[3, 4], 9, -3.0, 3.0)], |x| x[0].sin()),
+        case("cos", vec![leaf(&[3, 4], 10, -3.0, 3.0)], |x| x[0].cos()),
+        case("abs", vec![sg(&[3, 4], 11)], |x| x[0].abs()),
+        case("erf", vec![leaf(&[3, 4], 12, -2.0, 2.0)], |x| x[0].erf()),
+        // sign has a zero gradient; multiplied by x so x still gets one.
+        case("sign", vec![sg(&[3, 4], 13)], |x| x[0].sign()?.mul(&x[0])),
+        case("sign_alone", vec![sg(&[3, 4], 13)], |x| x[0].sign()?.add(&x[0].mul(0.0)?)),
+        // Binary, tensor-tensor with broadcasting.
+        case("add_bcast_row", vec![m(20), leaf(&[4], 21, -1.0, 1.0)], |x| x[0].add(&x[1])),
+        case("add_scalar_tensor", vec![m(22), leaf(&[], 23, -1.0, 1.0)], |x| x[0].add(&x[1])),
+        case("sub_outer", vec![leaf(&[3, 1], 24, -1.0, 1.0), leaf(&[1, 4], 25, -1.0, 1.0)], |x| x[0].sub(&x[1])),
+        case("sub_by_value", vec![m(26), leaf(&[4], 27, -1.0, 1.0)], |x| x[1].sub(x[0].clone())),
+        case("mul_rank3_bcast", vec![leaf(&[2, 3, 4], 28, -1.0, 1.0), leaf(&[3, 1], 29, -1.0, 1.0)], |x| {
+            x[0].mul(&x[1])
+        }),
+        case("mul_self", vec![m(30)], |x| x[0].mul(&x[0])),
+        case("mul_overload", vec![m(31), leaf(&[4], 32, -1.0, 1.0)], |x| &x[0] * &x[1]),
+        case("div_bcast", vec![m(33), pos(&[4], 34)], |x| x[0].div(&x[1])),
+        case("div_bcast_col", vec![pos(&[3, 1], 35), pos(&[3, 4], 36)], |x| x[0].div(&x[1])),
+        case("pow_tensor", vec![pos(&[3, 4], 37), leaf(&[4], 38, -1.5, 1.5)], |x| x[0].pow(&x[1])),
+        case("pow_scalar_f32", vec![pos(&[3, 4], 39)], |x| x[0].pow(1.5f32)),
+        case("powf", vec![pos(&[3, 4], 40)], |x| x[0].powf(2.5)),
+        case("powf_negative", vec![pos(&[3, 4], 41)], |x| x[0].powf(-1.0)),
+        case("maximum_bcast", vec![m(42), leaf(&[4], 43, -1.0, 1.0)], |x| x[0].maximum(&x[1])),
+        case("maximum_scalar", vec![sg(&[3, 4], 44)], |x| x[0].maximum(0.1)),
+        case("minimum_outer", vec![leaf(&[3, 1], 45, -1.0, 1.0), leaf(&[1, 4], 46, -1.0, 1.0)], |x| {
+            x[0].minimum(&x[1])
+        }),
+        case("minimum_ties", vec![m(47)], |x| x[0].minimum(&x[0])),
+        // Binary with scalars.
+        case("add_f64", vec![m(50)], |x| x[0].add(2.0)),
+        case("sub_f32", vec![m(51)], |x| x[0].sub(0.5f32)),
+        case("mul_f64", vec![m(52)], |x| x[0].mul(-1.5)),
+        case("div_f64", vec![m(53)], |x| x[0].div(3.0)),
+        case("rsub", vec![m(54)], |x| x[0].rsub(1.0)),
+        case("rsub_overload", vec![m(55)], |x| 2.0 - &x[0]),
+        case("rdiv", vec![pos(&[3, 4], 56)], |x| x[0].rdiv(2.0)),
+        case("rdiv_overload", vec![pos(&[3, 4], 57)], |x| 2.0f32 / &x[0]),
+        // where.
+        case("where_bcast", vec![m(60), leaf(&[4], 61, -1.0, 1.0)], |x| {
+            let c = uniform(&[3, 1], 62, -1.0, 1.0)?;
+            wgrad::where_(&c.gt(0.0)?, &x[0], &x[1])
+        }),
+        case("where_scalar_true", vec![sg(&[3, 4], 63), leaf(&[4], 64, -1.0, 1.0)], |x| {
+            x[0].gt(0.0)?.where_(1.5, &x[1])
+        }),
+        case("where_scalar_false", vec![sg(&[3, 4], 65)], |x| wgrad::where_(&x[0].lt(0.0)?, &x[0], 0.0f32)),
+        // Casts.
+        case("to_dtype_same", vec![m(70)], |x| x[0].to_dtype(DType::F32)?.mul(&x[0])),
+        case("mask_to_dtype", vec![sg(&[3, 4], 71)], |x| x[0].gt(0.0)?.to_dtype(DType::F32)?.mul(&x[0])),
+        // Reductions.
+        case("sum_axis", vec![leaf(&[2, 3, 4], 80, -1.0, 1.0)], |x| x[0].sum(&[1], false)),
+        case("sum_axes_keepdim", vec![leaf(&[2, 3, 4], 81, -1.0, 1.0)], |x| x[0].sum(&[0, 2], true)),
+        case("sum_negative_axis", vec![m(82)], |x| x[0].sum(&[-1], true)),
+        case("sum_no_axes", vec![m(83)], |x| x[0].sum(&[], false)),
+        case("mean_axis", vec![leaf(&[2, 3, 4], 84, -1.0, 1.0)], |x| x[0].mean(&[0], false)),
+        case("mean_axes_keepdim", vec![leaf(&[2, 3, 4], 85, -1.0, 1.0)], |x| x[0].mean(&[1, 2], true)),
+        case("max_axis", vec![leaf(&[2, 3, 4], 86, -1.0, 1.0)], |x| x[0].max(&[1], false)),
+        case("max_axes_keepdim", vec![leaf(&[2, 3, 4], 87, -1.0, 1.0)], |x| x[0].max(&[0, 2], true)),
+        case("min_axis", vec![m(88)], |x| x[0].min(&[-1], false)),
+        case("min_keepdim", vec![m(89)], |x| x[0].min(&[0], true)),
+        case("max_ties", vec![m(90)], |x| x[0].relu()?.sign()?.add(&x[0].mul(0.0)?)?.max(&[1], false)),
+        case("sum_all", vec![m(91)], |x| x[0].mul(&x[0])?.sum_all()),
+        case("mean_all", vec![m(92)], |x| x[0].mul(&x[0])?.mean_all()),
+        case("max_all", vec![m(93)], |x| x[0].max_all()),
+        case("sum_then_bcast", vec![m(94), leaf(&[4], 95, -1.0, 1.0)], |x| x[0].sum(&[0], true)?.mul(&x[1])),
+        // Matmul.
+        case("matmul_2d", vec![m(100), leaf(&[4, 5], 101, -1.0, 1.0)], |x| x[0].matmul(&x[1])),
+        case(
+            "matmul_batched_bcast",
+            vec![leaf(&[2, 1, 3, 4], 102, -1.0, 1.0), leaf(&[3, 4, 2], 103, -1.0, 1.0)],
+            |x| x[0].matmul(&x[1]),
+        ),
+        case("matmul_batch_vs_2d", vec![leaf(&[2, 3, 4], 104, -1.0, 1.0), leaf(&[4, 5], 105, -1.0, 1.0)], |x| {
+            x[0].matmul(&x[1])
+        }),
+        case("matmul_mat_vec", vec![m(106), leaf(&[4], 107, -1.0, 1.0)], |x| x[0].matmul(&x[1])),
+        case("matmul_vec_mat", vec![leaf(&[3], 108, -1.0, 1.0), m(109)], |x| x[0].matmul(&x[1])),
+        case("matmul_dot", vec![leaf(&[4], 110, -1.0, 1.0), leaf(&[4], 111, -1.0, 1.0)], |x| x[0].matmul(&x[1])),
+        case("matmul_transposed", vec![m(112), leaf(&[5, 4], 113, -1.0, 1.0)], |x| x[0].matmul(&x[1].t()?)),
+        case("matmul_self_gram", vec![m(114)], |x| x[0].matmul(&x[0].t()?)),
+        // Movement.
+        case("reshape", vec![m(120)], |x| x[0].reshape([2, 6])),
+        case("reshape_of_transpose", vec![m(121)], |x| x[0].t()?.reshape([6, 2])),
+        case("flatten_all", vec![leaf(&[2, 3, 2], 122, -1.0, 1.0)], |x| x[0].flatten_all()),
+        case("permute", vec![leaf(&[2, 3, 4], 123, -1.0, 1.0)], |x| x[0].permute(&[2, 0, 1])),
+        case("transpose", vec![leaf(&[2, 3, 4], 124, -1.0, 1.0)], |x| x[0].transpose(0, -1)),
+        case("t", vec![m(125)], |x| x[0].t()),
+        case("broadcast_to", vec![leaf(&[4], 126, -1.0, 1.0)], |x| x[0].broadcast_to([3, 4])),
+        case("expand", vec![leaf(&[3, 1], 127, -1.0, 1.0)], |x| x[0].expand([2, 3, 4])),
+        case("narrow", vec![m(128)], |x| x[0].narrow(1, 1, 2)),
+        case("narrow_negative_dim", vec![leaf(&[2, 3, 4], 129, -1.0, 1.0)], |x| x[0].narrow(-2, 2, 1)),
+        case("slice", vec![m(130)], |x| x[0].slice(0, 1..3)),
+        case("narrow_twice_overlapping", vec![m(131)], |x| x[0].narrow(1, 0, 3)?.mul(&x[0].narrow(1, 1, 3)?)),
+        case("squeeze", vec![leaf(&[3, 1, 4], 132, -1.0, 1.0)], |x| x[0].squeeze(1)),
+        case("unsqueeze", vec![m(133)], |x| x[0].unsqueeze(0)),
+        case("unsqueeze_last_bcast", vec![m(134), leaf(&[5], 135, -1.0, 1.0)], |x| x[0].unsqueeze(-1)?.mul(&x[1])),
+        case("contiguous", vec![m(136)], |x| x[0].t()?.contiguous()),
+        case("cat_dim1", vec![leaf(&[3, 2], 137, -1.0, 1.0), m(138)], |x| wgrad::cat(&[&x[0], &x[1]], 1)),
+        case("cat_dim0_self", vec![m(139)], |x| wgrad::cat(&[&x[0], &x[0].exp()?, &x[0]], 0)),
+        case("cat_dim0_then_tanh", vec![m(144), leaf(&[2, 4], 145, -1.0, 1.0)], |x| {
+            wgrad::cat(&[&x[0], &x[1]], 0)?.tanh()
+        }),
+        // Only one piece needs a gradient: the backward reads one window of the fused gradient.
+        case("cat_with_constant_first", vec![m(146)], |x| {
+            wgrad::cat(&[&uniform(&[2, 4], 147, -1.0, 1.0)?, &x[0]], 0)?.sin()
+        }),
+        case("cat_with_constant_last", vec![m(148)], |x| {
+            wgrad::cat(&[&x[0], &uniform(&[3, 2], 149, -1.0, 1.0)?], 1)?.sin()
+        }),
+        case("stack", vec![m(140), m(141)], |x| wgrad::stack(&[&x[0], &x[1]], 0)),
+        case("stack_last", vec![m(142), m(143)], |x| wgrad::stack(&[&x[0], &x[1]], -1)),
+        // Composites.
+        case("gelu", vec![leaf(&[3, 4], 150, -3.0, 3.0)], |x| x[0].gelu()),
+        case("gelu_erf", vec![leaf(&[3, 4], 151, -3.0, 3.0)], |x| x[0].gelu_erf()),
+        case("clamp", vec![sg(&[3, 4], 152)], |x| x[0].clamp(-0.5, 0.55)),
+        case("square", vec![m(153)], |x| x[0].square()),
+        // A few ops together, sharing intermediates.
+        case(
+            "mlp",
+            vec![leaf(&[4, 3], 160, -1.0, 1.0), leaf(&[3, 5], 161, -1.0, 1.0), leaf(&[5], 162, -1.0, 1.0)],
+            |x| {
+                let h = x[0].matmul(&x[1])?.add(&x[2])?.tanh()?;
+                h.mul(&h.sigmoid()?)?.sum(&[1], true)?.add(&h.max(&[0], false)?)
+            },
+        ),
+    ];
+    if f16 {
+        cases.push(case("to_dtype_f16_roundtrip", vec![m(170)], |x| {
+            let h = x[0].to_dtype(DType::F16)?;
+            h.mul(&h)?.add(&h)?.to_dtype(DType::F32)
+        }));
+    }
+    cases
+}
+
+/// Gradients of `loss()` w.r.t. `leaves`, eager then compiled (one backward each).
+fn eager_and_compiled(leaves: &[Tensor], loss: &dyn Fn() -> wgrad::Result<Tensor>) -> Check<(Grads, Grads)> {
+    let dev = device();
+    loss().and_then(|l| l.backward()).map_err(|e| format!("eager backward: {e}"))?;
+    let eager = leaf_grads(leaves).map_err(|e| format!("reading eager grads: {e}"))?;
+    leaves.iter().for_each(Tensor::zero_grad);
+    let guard = WgslCompiler::install(&dev).map_err(|e| format!("install: {e}"))?;
+    loss().and_then(|l| l.backward()).map_err(|e| format!("compiled backward: {e}"))?;
+    let stats = guard.stats();
+    drop(guard);
+    let compiled = leaf_grads(leaves).map_err(|e| format!("reading compiled grads: {e}"))?;
+    leaves.iter().for_each(Tensor::zero_grad);
+    check_stats(&stats, 1)?;
+    if eager.iter().all(Option::is_none) {
+        return Err("no leaf received a gradient".into());
+    }
+    Ok((eager, compiled))
+}
+
+#[test]
+fn every_op_compiled_matches_eager() {
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let f16 = device().supports_f16();
+    if !f16 {
+        eprintln!("note: the adapter lacks SHADER_F16; the f16 to_dtype case is skipped");
+    }
+    let cases = op_cases(f16);
+    let mut failures = Vec::new();
+    for c in &cases {
+        let loss = || weighted_loss(c.name, &(c.forward)(&c.leaves)?);
+        let result = eager_and_compiled(&c.leaves, &loss).and_then(|(e, g)| compare_grads(&e, &g));
+        if let Err(msg) = result {
+            failures.push(format!("op case `{}`: {msg}", c.name));
+        }
+    }
+    assert!(failures.is_empty(), "{} of {} op cases failed:\n{}", failures.len(), cases.len(), failures.join("\n\n"));
+}
+
+// ------------------------------------------------------------------ 2. random graphs
+
+/// splitmix64.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in 0..n (n > 0).
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    /// Uniform in lo..=hi.
+    fn between(&mut self, lo: usize, hi: usize) -> usize {
+        lo + self.below(hi - lo + 1)
+    }
+    fn chance(&mut self, p: f64) -> bool {
+        ((self.next() >> 11) as f64 / (1u64 << 53) as f64) < p
+    }
+    /// A "round" scalar in [-2, 2] (multiples of 0.25, not 0).
+    fn scalar(&mut self) -> f64 {
+        let k = self.between(1, 8) as f64 * 0.25;
+        if self.chance(0.5) { -k } else { k }
+    }
+}
+
+const MAX_NUMEL: usize = 256;
+const MAX_RANK: usize = 4;
+/// Values are rescaled when their bound exceeds this.
+const MAX_BOUND: f64 = 8.0;
+
+fn numel(dims: &[usize]) -> usize {
+    dims.iter().product()
+}
+
+fn broadcast(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
+    let n = a.len().max(b.len());
+    let at = |s: &[usize], i: usize| if i + s.len() >= n { s[i + s.len() - n] } else { 1 };
+    (0..n)
+        .map(|i| match (at(a, i), at(b, i)) {
+            (x, y) if x == y || y == 1 => Some(x),
+            (1, y) => Some(y),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The tensors of a graph that exist before it is built: leaves (requires_grad) and constants.
+struct Inputs {
+    leaves: Vec<Tensor>,
+    constants: Vec<Tensor>,
+}
+
+/// The leaves and constants of graph `seed`: shapes from `seed`, values from `seed` and
+/// `variant` (variants have the same shapes, so their graphs share a signature).
+fn make_inputs(seed: u64, variant: u64) -> wgrad::Result<Inputs> {
+    let mut rng = Rng(seed ^ 0x1eaf_1eaf);
+    let (a, b, c) = (rng.between(1, 5), rng.between(1, 5), rng.between(1, 4));
+    let family: [Vec<usize>; 9] =
+        [vec![a, b], vec![b], vec![a, 1], vec![c, a, b], vec![], vec![b, a], vec![a], vec![1, b], vec![a, b]];
+    let shape = |rng: &mut Rng| family[rng.below(family.len())].clone();
+    let n_leaves = rng.between(1, 3);
+    let n_consts = rng.between(0, 2);
+    let values = (seed ^ variant.wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_mul(31);
+    let mut leaves = Vec::new();
+    for i in 0..n_leaves {
+        let s = shape(&mut rng);
+        leaves.push(uniform(&s, values.wrapping_add(i as u64), -1.0, 1.0)?.requires_grad(true)?);
+    }
+    let mut constants = Vec::new();
+    for i in 0..n_consts {
+        let s = shape(&mut rng);
+        constants.push(uniform(&s, values.wrapping_add(100 + i as u64), -1.0, 1.0)?);
+    }
+    Ok(Inputs { leaves, constants })
+}
+
+struct Entry {
+    t: Tensor,
+    /// An upper bound of |value|.
+    bound: f64,
+}
+
+/// Builds one random graph; the same seed and inputs always build the same graph (decisions
+/// depend only on the RNG and on shapes).
+struct Gen<'a> {
+    rng: Rng,
+    seed: u64,
+    fresh: u64,
+    pool: Vec<Entry>,
+    /// Whether a pool member is an operand of a later op (the others are summed into the loss).
+    used: Vec<bool>,
+    ops: &'a mut Vec<String>,
+    op_count: usize,
+}
+
+/// What a built graph offers to backward from.
+struct Built {
+    loss: Tensor,
+    last: Tensor,
+}
+
+impl Gen<'_> {
+    fn dims(&self, i: usize) -> Vec<usize> {
+        self.pool[i].t.dims().to_vec()
+    }
+
+    /// An operand index: often one of the newest (chains), otherwise any (fan-out).
+    fn pick(&mut self) -> usize {
+        let n = self.pool.len();
+        if self.rng.chance(0.5) { n - 1 - self.rng.below(n.min(3)) } else { self.rng.below(n) }
+    }
+
+    /// Adds the result of an op on pool member `from` (and maybe others, marked by the caller).
+    fn push(&mut self, t: Tensor, bound: f64, desc: String, from: usize) -> wgrad::Result<()> {
+        self.used[from] = true;
+        let id = self.pool.len();
+        self.ops.push(format!("t{id} = {desc}  -> {:?}", t.dims()));
+        self.op_count += 1;
+        self.pool.push(Entry { t, bound });
+        self.used.push(false);
+        if bound > MAX_BOUND {
+            let s = 4.0 / bound;
+            let scaled = self.pool[id].t.mul(s)?;
+            self.ops.push(format!("t{} = t{id} * {s:e} (rescale)", id + 1));
+            self.pool.push(Entry { t: scaled, bound: 4.0 });
+            self.used[id] = true;
+            self.used.push(false);
+        }
+        Ok(())
+    }
+
+    /// A fresh constant in [-1, 1) (same values on every rebuild).
+    fn constant(&mut self, dims: &[usize]) -> wgrad::Result<(Tensor, String)> {
+        self.fresh += 1;
+        let seed = self.seed.wrapping_mul(1_000_003).wrapping_add(self.fresh);
+        Ok((uniform(dims, seed, -1.0, 1.0)?, format!("const{dims:?}#{}", self.fresh)))
+    }
+
+    /// A partner for a binary op with `a`: a broadcast-compatible pool member, or a fresh
+    /// constant of a shape that broadcasts against `a`. Returns (tensor, bound, name).
+    fn partner(&mut self, a: usize) -> wgrad::Result<(Tensor, f64, String)> {
+        let da = self.dims(a);
+        let candidates: Vec<usize> = (0..self.pool.len())
+            .filter(|&j| broadcast(&da, self.pool[j].t.dims()).is_some_and(|s| numel(&s) <= MAX_NUMEL))
+            .collect();
+        if self.rng.chance(0.2) || candidates.is_empty() {
+            let lead = self.rng.below(da.len() + 1);
+            let dims: Vec<usize> = da[lead..].iter().map(|&d| if self.rng.chance(0.3) { 1 } else { d }).collect();
+            let (t, name) = self.constant(&dims)?;
+            return Ok((t, 1.0, name));
+        }
+        let j = candidates[self.rng.below(candidates.len())];
+        self.used[j] = true;
+        Ok((self.pool[j].t.clone(), self.pool[j].bound, format!("t{j}")))
+    }
+
+    /// The other piece of a cat or stack: one of `cands` (pool members), or sometimes a fresh
+    /// constant of shape `dims` (then only one piece's window of the gradient is read).
+    fn joinee(&mut self, cands: &[usize], dims: &[usize]) -> wgrad::Result<(Tensor, f64, String)> {
+        if self.rng.chance(0.3) {
+            let (t, name) = self.constant(dims)?;
+            return Ok((t, 1.0, name));
+        }
+        let j = cands[self.rng.below(cands.len())];
+        self.used[j] = true;
+        Ok((self.pool[j].t.clone(), self.pool[j].bound, format!("t{j}")))
+    }
+
+    fn unary(&mut self) -> wgrad::Result<bool> {
+        let i = self.pick();
+        let (x, b) = (self.pool[i].t.clone(), self.pool[i].bound);
+        let (t, bound, desc) = match self.rng.below(24) {
+            0 => (x.tanh()?, b.min(1.0), format!("tanh(t{i})")),
+            1 => (x.sigmoid()?, 1.0, format!("sigmoid(t{i})")),
+            2 => (x.sin()?, 1.0, format!("sin(t{i})")),
+            3 => (x.cos()?, 1.0, format!("cos(t{i})")),
+            4 => (x.neg()?, b, format!("neg(t{i})")),
+            5 => (x.abs()?, b, format!("abs(t{i})")),
+            6 => (x.relu()?, b, format!("relu(t{i})")),
+            7 => (x.erf()?, 1.0, format!("erf(t{i})")),
+            8 if b <= 2.5 => (x.exp()?, b.exp(), format!("exp(t{i})")),
+            8 => (x.tanh()?.exp()?, 1f64.exp(), format!("exp(tanh(t{i}))")),
+            9 => (x.abs()?.add(1.0)?.log()?, (b + 1.0).ln(), format!("log(abs(t{i}) + 1)")),
+            10 => (x.square()?.add(0.25)?.sqrt()?, (b * b + 0.25).sqrt(), format!("sqrt(square(t{i}) + 0.25)")),
+            11 => (x.square()?.add(0.5)?.rsqrt()?, 2f64.sqrt(), format!("rsqrt(square(t{i}) + 0.5)")),
+            12 => (x.square()?, b * b, format!("square(t{i})")),
+            13 => (x.gelu()?, b, format!("gelu(t{i})")),
+            14 => (x.gelu_erf()?, b, format!("gelu_erf(t{i})")),
+            15 => (x.clamp(-0.5, 0.5)?, b.min(0.5), format!("clamp(t{i}, -0.5, 0.5)")),
+            16 => {
+                let c = self.rng.scalar();
+                (x.mul(c)?, b * c.abs(), format!("t{i} * {c}"))
+            }
+            17 => {
+                let c = self.rng.scalar();
+                (x.add(c)?, b + c.abs(), format!("t{i} + {c}"))
+            }
+            18 => {
+                let c = self.rng.scalar();
+                (x.rsub(c)?, b + c.abs(), format!("{c} - t{i} (rsub)"))
+            }
+            19 => {
+                let c = self.rng.scalar();
+                (x.abs()?.add(1.0)?.rdiv(c)?, c.abs(), format!("{c} / (abs(t{i}) + 1) (rdiv)"))
+            }
+            20 => {
+                let p = [2.0, 0.5, 1.5, -1.0, 3.0][self.rng.below(5)];
+                let bound = if p > 0.0 { (b + 0.5).powf(p) } else { 0.5f64.powf(p) };
+                (x.abs()?.add(0.5)?.powf(p)?, bound, format!("(abs(t{i}) + 0.5)^{p}"))
+            }
+            21 => (x.sign()?.mul(&x)?, b, format!("sign(t{i}) * t{i}")),
+            22 => ((0.5f32 - &x)?, b + 0.5, format!("0.5 - t{i} (overload)")),
+            _ => (x.mul(0.5f32)?, b * 0.5, format!("t{i} * 0.5f32")),
+        };
+        self.push(t, bound, desc, i)?;
+        Ok(true)
+    }
+
+    fn binary(&mut self) -> wgrad::Result<bool> {
+        let i = self.pick();
+        let (a, ba) = (self.pool[i].t.clone(), self.pool[i].bound);
+        let (p, bp, pname) = self.partner(i)?;
+        let an = format!("t{i}");
+        // Non-commutative ops sometimes take the partner first.
+        let ((x, bx, xn), (y, by, yn)) =
+            if self.rng.chance(0.5) { ((a, ba, an), (p, bp, pname)) } else { ((p, bp, pname), (a, ba, an)) };
+        let (t, bound, desc) = match self.rng.below(10) {
+            0 => (x.add(&y)?, bx + by, format!("{xn} + {yn}")),
+            1 => (x.sub(&y)?, bx + by, format!("{xn} - {yn}")),
+            2 => (x.mul(&y)?, bx * by, format!("{xn} * {yn}")),
+            3 => (x.div(&y.abs()?.add(1.0)?)?, bx, format!("{xn} / (abs({yn}) + 1)")),
+            4 => (x.maximum(&y)?, bx.max(by), format!("maximum({xn}, {yn})")),
+            5 => (x.minimum(&y)?, bx.max(by), format!("minimum({xn}, {yn})")),
+            6 => {
+                let bound = (bx + 0.5).max(2.0);
+                (x.abs()?.add(0.5)?.pow(&y.tanh()?)?, bound, format!("(abs({xn}) + 0.5) ^ tanh({yn})"))
+            }
+            7 => {
+                // The mask comes from a third pool member when one broadcasts to the result.
+                let out = broadcast(x.dims(), y.dims()).expect("partner broadcasts");
+                let masks: Vec<usize> = (0..self.pool.len())
+                    .filter(|&j| broadcast(&out, self.pool[j].t.dims()).is_some_and(|s| s == out))
+                    .collect();
+                let (m, mn) = if masks.is_empty() {
+                    (x.gt(&y)?, format!("{xn} > {yn}"))
+                } else {
+                    let j = masks[self.rng.below(masks.len())];
+                    (self.pool[j].t.gt(0.0)?, format!("t{j} > 0"))
+                };
+                (wgrad::where_(&m, &x, &y)?, bx.max(by), format!("where({mn}, {xn}, {yn})"))
+            }
+            8 => ((&x * &y)?, bx * by, format!("{xn} * {yn} (overload)")),
+            _ => (x.sub(y.clone())?, bx + by, format!("{xn} - {yn} (by value)")),
+        };
+        self.push(t, bound, desc, i)?;
+        Ok(true)
+    }
+
+    fn reduce(&mut self) -> wgrad::Result<bool> {
+        let i = self.pick();
+        let dims = self.dims(i);
+        if dims.is_empty() {
+            return Ok(false);
+        }
+        let (x, b) = (self.pool[i].t.clone(), self.pool[i].bound);
+        let r = dims.len();
+        let mut axes: Vec<usize> = (0..r).filter(|_| self.rng.chance(0.5)).collect();
+        if axes.is_empty() {
+            axes.push(self.rng.below(r));
+        }
+        let count: usize = axes.iter().map(|&a| dims[a]).product();
+        // Some axes counted from the end.
+        let ax: Vec<isize> =
+            axes.iter().map(|&a| if self.rng.chance(0.3) { a as isize - r as isize } else { a as isize }).collect();
+        let keep = self.rng.chance(0.5);
+        let (t, bound, desc) = match self.rng.below(7) {
+            0 => (x.sum(&ax, keep)?, b * count as f64, format!("sum(t{i}, {ax:?}, keepdim={keep})")),
+            1 => (x.mean(&ax, keep)?, b, format!("mean(t{i}, {ax:?}, keepdim={keep})")),
+            2 => (x.max(&ax, keep)?, b, format!("max(t{i}, {ax:?}, keepdim={keep})")),
+            3 => (x.min(&ax, keep)?, b, format!("min(t{i}, {ax:?}, keepdim={keep})")),
+            4 => (x.sum_all()?, b * numel(&dims) as f64, format!("sum_all(t{i})")),
+            5 => (x.mean_all()?, b, format!("mean_all(t{i})")),
+            _ => (x.max_all()?, b, format!("max_all(t{i})")),
+        };
+        self.push(t, bound, desc, i)?;
+        Ok(true)
+    }
+
+    fn matmul(&mut self) -> wgrad::Result<bool> {
+        let i = self.pick();
+        let da = self.dims(i);
+        let Some(&k) = da.last() else { return Ok(false) };
+        let batch_a: Vec<usize> = if da.len() >= 2 { da[..da.len() - 2].to_vec() } else { Vec::new() };
+        let m = if da.len() >= 2 { da[da.len() - 2] } else { 1 };
+        let fits = |db: &[usize]| -> bool {
+            match db.len() {
+                0 => false,
+                1 => db[0] == k,
+                r => {
+                    db[r - 2] == k
+                        && broadcast(&batch_a, &db[..r - 2])
+                            .is_some_and(|bt| bt.len() + 2 <= MAX_RANK && numel(&bt) * m * db[r - 1] <= MAX_NUMEL)
+                }
+            }
+        };
+        let candidates: Vec<usize> = (0..self.pool.len()).filter(|&j| fits(self.pool[j].t.dims())).collect();
+        let (b, bb, bn) = if candidates.is_empty() || self.rng.chance(0.3) {
+            let n = self.rng.between(1, 4);
+            let dims = if self.rng.chance(0.2) || numel(&da) / k * n > MAX_NUMEL { vec![k] } else { vec![k, n] };
+            let (t, name) = self.constant(&dims)?;
+            (t, 1.0, name)
+        } else {
+            let j = candidates[self.rng.below(candidates.len())];
+            self.used[j] = true;
+            (self.pool[j].t.clone(), self.pool[j].bound, format!("t{j}"))
+        };
+        let a = self.pool[i].t.clone();
+        let bound = self.pool[i].bound * bb * k as f64;
+        self.push(a.matmul(&b)?, bound, format!("matmul(t{i}, {bn})"), i)?;
+        Ok(true)
+    }
+
+    fn movement(&mut self) -> wgrad::Result<bool> {
+        let i = self.pick();
+        let dims = self.dims(i);
+        let (x, b) = (self.pool[i].t.clone(), self.pool[i].bound);
+        let r = dims.len();
+        let n = numel(&dims);
+        let (t, desc) = match self.rng.below(13) {
+            0 => {
+                let rank = self.rng.between(1, 3);
+                let mut left = n;
+                let mut shape = Vec::new();
+                for _ in 1..rank {
+                    let divisors: Vec<usize> = (1..=left).filter(|&d| left.is_multiple_of(d)).collect();
+                    let d = divisors[self.rng.below(divisors.len())];
+                    shape.push(d);
+                    left /= d;
+                }
+                shape.push(left);
+                (x.reshape(shape.clone())?, format!("reshape(t{i}, {shape:?})"))
+            }
+            1 => (x.flatten_all()?, format!("flatten_all(t{i})")),
+            2 if r >= 2 => {
+                let (d0, d1) = (self.rng.below(r) as isize, self.rng.below(r) as isize - r as isize);
+                (x.transpose(d0, d1)?, format!("transpose(t{i}, {d0}, {d1})"))
+            }
+            3 if r >= 2 => {
+                let mut perm: Vec<usize> = (0..r).collect();
+                for k in (1..r).rev() {
+                    perm.swap(k, self.rng.below(k + 1));
+                }
+                (x.permute(&perm)?, format!("permute(t{i}, {perm:?})"))
+            }
+            4 if r == 2 => (x.t()?, format!("t(t{i})")),
+            5 | 6 if dims.iter().any(|&d| d >= 2) => {
+                let cands: Vec<usize> = (0..r).filter(|&d| dims[d] >= 2).collect();
+                let d = cands[self.rng.below(cands.len())];
+                let start = self.rng.below(dims[d]);
+                let len = self.rng.between(1, dims[d] - start);
+                if self.rng.chance(0.5) {
+                    (x.narrow(d as isize, start, len)?, format!("narrow(t{i}, {d}, {start}, {len})"))
+                } else {
+                    (
+                        x.slice(d as isize - r as isize, start..start + len)?,
+                        format!("slice(t{i}, {}, {start}..{})", d as isize - r as isize, start + len),
+                    )
+                }
+            }
+            7 if r < MAX_RANK => {
+                let d = self.rng.below(r + 1) as isize;
+                (x.unsqueeze(d)?, format!("unsqueeze(t{i}, {d})"))
+            }
+            8 if dims.contains(&1) => {
+                let ones: Vec<usize> = (0..r).filter(|&d| dims[d] == 1).collect();
+                let d = ones[self.rng.below(ones.len())];
+                (x.squeeze(d as isize)?, format!("squeeze(t{i}, {d})"))
+            }
+            9 => {
+                let mut shape = dims.clone();
+                let ones: Vec<usize> = (0..r).filter(|&d| dims[d] == 1).collect();
+                if !ones.is_empty() && self.rng.chance(0.6) {
+                    shape[ones[self.rng.below(ones.len())]] = self.rng.between(2, 4);
+                } else if r < MAX_RANK {
+                    shape.insert(0, self.rng.between(1, 3));
+                } else {
+                    return Ok(false);
+                }
+                if numel(&shape) > MAX_NUMEL {
+                    return Ok(false);
+                }
+                if self.rng.chance(0.5) {
+                    (x.broadcast_to(shape.clone())?, format!("broadcast_to(t{i}, {shape:?})"))
+                } else {
+                    (x.expand(shape.clone())?, format!("expand(t{i}, {shape:?})"))
+                }
+            }
+            10 => (x.contiguous()?, format!("contiguous(t{i})")),
+            11 if r >= 1 && 2 * n <= MAX_NUMEL => {
+                let d = self.rng.below(r);
+                let cands: Vec<usize> = (0..self.pool.len())
+                    .filter(|&j| {
+                        let dj = self.pool[j].t.dims();
+                        dj.len() == r
+                            && (0..r).all(|e| e == d || dj[e] == dims[e])
+                            && n + numel(dj) <= MAX_NUMEL
+                            && self.pool[j].bound <= MAX_BOUND
+                    })
+                    .collect();
+                let mut cdims = dims.clone();
+                cdims[d] = self.rng.between(1, 3);
+                let (other, ob, on) = self.joinee(&cands, &cdims)?; // cands includes i itself
+                let first = self.rng.chance(0.5);
+                let pieces = if first { [&x, &other] } else { [&other, &x] };
+                let out = wgrad::cat(&pieces, d as isize)?;
+                let desc = if first { format!("cat([t{i}, {on}], {d})") } else { format!("cat([{on}, t{i}], {d})") };
+                self.push(out, b.max(ob), desc, i)?;
+                return Ok(true);
+            }
+            12 if r < MAX_RANK && 2 * n <= MAX_NUMEL => {
+                let cands: Vec<usize> = (0..self.pool.len()).filter(|&j| self.pool[j].t.dims() == dims).collect();
+                let (other, ob, on) = self.joinee(&cands, &dims)?; // cands includes i itself
+                let d = self.rng.below(r + 1) as isize;
+                let first = self.rng.chance(0.5);
+                let pieces = if first { [&x, &other] } else { [&other, &x] };
+                let out = wgrad::stack(&pieces, d)?;
+                let desc =
+                    if first { format!("stack([t{i}, {on}], {d})") } else { format!("stack([{on}, t{i}], {d})") };
+                self.push(out, b.max(ob), desc, i)?;
+                return Ok(true);
+            }
+            _ => return Ok(false),
+        };
+        self.push(t, b, desc, i)?;
+        Ok(true)
+    }
+
+    fn build(mut self, inputs: &Inputs) -> wgrad::Result<Built> {
+        for (k, l) in inputs.leaves.iter().enumerate() {
+            self.ops.push(format!("t{} = leaf x{k} {:?}", self.pool.len(), l.dims()));
+            self.pool.push(Entry { t: l.clone(), bound: 1.0 });
+            self.used.push(false);
+        }
+        for (k, c) in inputs.constants.iter().enumerate() {
+            self.ops.push(format!("t{} = constant c{k} {:?}", self.pool.len(), c.dims()));
+            self.pool.push(Entry { t: c.clone(), bound: 1.0 });
+            self.used.push(false);
+        }
+        // 2 to 25 ops, skewed small: fused matmul pipelines cost lavapipe ~0.3 s each to build.
+        let target = if self.rng.chance(0.5) { self.rng.between(2, 25) } else { self.rng.between(2, 12) };
+        let mut attempts = 0;
+        while self.op_count < target && attempts < 1000 {
+            attempts += 1;
+            let roll = self.rng.below(100);
+            if roll < 28 {
+                self.unary()?;
+            } else if roll < 58 {
+                self.binary()?;
+            } else if roll < 72 {
+                self.reduce()?;
+            } else if roll < 79 {
+                self.matmul()?;
+            } else {
+                self.movement()?;
+            }
+        }
+        let n = self.pool.len();
+        let needs_grad: Vec<bool> = self.pool.iter().map(|e| e.t.needs_grad()).collect();
+        // The newest tensor that needs grad: the root of `Mode::Seeded`. Nothing uses it.
+        let last = (0..n).rev().find(|&j| needs_grad[j]).expect("the leaves need grad");
+        // The loss sums every tensor that needs grad and feeds no later op (each reduced and
+        // weighted), so every op of the graph is differentiated.
+        let mut loss: Option<Tensor> = None;
+        let mut terms = Vec::new();
+        for j in (0..n).filter(|&j| needs_grad[j] && !self.used[j]) {
+            let c = self.rng.scalar();
+            let mean = self.rng.chance(0.3);
+            let t = &self.pool[j].t;
+            let term = if mean { t.mean_all()? } else { t.sum_all()? }.mul(c)?;
+            terms.push(format!("{c} * {}(t{j})", if mean { "mean_all" } else { "sum_all" }));
+            loss = Some(match loss {
+                Some(l) => l.add(&term)?,
+                None => term,
+            });
+        }
+        let loss = loss.expect("the newest tensor that needs grad is unused");
+        let last_t = self.pool[last].t.clone();
+        self.ops.push(format!("loss = {}", terms.join(" + ")));
+        Ok(Built { loss, last: last_t })
+    }
+}
+
+fn build_graph(seed: u64, inputs: &Inputs, ops: &mut Vec<String>) -> wgrad::Result<Built> {
+    ops.clear();
+    let builder = Gen { rng: Rng(seed), seed, fresh: 0, pool: Vec::new(), used: Vec::new(), ops, op_count: 0 };
+    builder.build(inputs)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// `loss.backward()`.
+    Backward,
+    /// `last.backward_with(&seed, ..)` with a random seed of the last tensor's shape.
+    Seeded,
+    /// `wgrad::grad(&[&loss], leaves, ..)`: returned, `.grad` untouched.
+    Grad,
+    /// Build and `backward()` twice without `zero_grad`: the second run accumulates.
+    Accumulate,
+}
+
+impl Mode {
+    fn of(index: usize) -> Mode {
+        match index % 5 {
+            0 => Mode::Grad,
+            1 => Mode::Accumulate,
+            2 => Mode::Seeded,
+            _ => Mode::Backward,
+        }
+    }
+    fn backwards(self) -> u64 {
+        if self == Mode::Accumulate { 2 } else { 1 }
+    }
+}
+
+/// Builds the graph of `seed` and runs its backward as `mode` says; returns the gradients.
+fn run_mode(seed: u64, mode: Mode, inputs: &Inputs, ops: &mut Vec<String>) -> wgrad::Result<Grads> {
+    let built = build_graph(seed, inputs, ops)?;
+    match mode {
+        Mode::Backward => built.loss.backward()?,
+        Mode::Seeded => {
+            let s = uniform(built.last.dims(), seed ^ 0x5eed_5eed, 0.5, 1.5)?;
+            built.last.backward_with(&s, BackwardOptions::default())?;
+        }
+        Mode::Grad => {
+            let refs: Vec<&Tensor> = inputs.leaves.iter().collect();
+            let grads = wgrad::grad(&[&built.loss], &refs, None, BackwardOptions::default())?;
+            if inputs.leaves.iter().any(|l| l.grad().is_some()) {
+                return Err(wgrad::Error::InvalidArgument {
+                    op: "test",
+                    message: "wgrad::grad wrote into a leaf's .grad".into(),
+                });
+            }
+            return grads.into_iter().map(read).collect();
+        }
+        Mode::Accumulate => {
+            built.loss.backward()?;
+            build_graph(seed, inputs, ops)?.loss.backward()?;
+        }
+    }
+    leaf_grads(&inputs.leaves)
+}
+
+/// One random graph, eager against compiled. With `replay`, the graph is also built on a second
+/// set of input values (same shapes): its compiled backward must hit the cache and replay the
+/// program on the new values, again matching eager.
+fn check_random_graph(seed: u64, mode: Mode, replay: bool) -> Check<usize> {
+    let dev = device();
+    let variants = if replay { 2 } else { 1 };
+    let inputs = (0..variants).map(|v| make_inputs(seed, v)).collect::<wgrad::Result<Vec<_>>>();
+    let inputs = inputs.map_err(|e| format!("creating inputs: {e}"))?;
+    let fail = |what: &str, e: &dyn std::fmt::Display, ops: &[String]| {
+        format!("{what}: {e}\n  ops:\n    {}", ops.join("\n    "))
+    };
+
+    let mut ops = Vec::new();
+    let mut eager = Vec::new();
+    for inp in &inputs {
+        let grads = run_mode(seed, mode, inp, &mut ops).map_err(|e| fail("eager", &e, &ops))?;
+        inp.leaves.iter().for_each(Tensor::zero_grad);
+        if grads.iter().all(Option::is_none) {
+            return Err(fail("graph", &"no leaf received a gradient", &ops));
+        }
+        eager.push(grads);
+    }
+    let eager_ops = ops.clone();
+
+    let guard = WgslCompiler::install(&dev).map_err(|e| format!("install: {e}"))?;
+    let mut compiled = Vec::new();
+    for inp in &inputs {
+        let grads = run_mode(seed, mode, inp, &mut ops);
+        inp.leaves.iter().for_each(Tensor::zero_grad);
+        let failed = grads.is_err();
+        compiled.push(grads);
+        if failed {
+            break;
+        }
+    }
+    let stats = guard.stats();
+    drop(guard);
+
+    if ops != eager_ops {
+        return Err(fail("generator", &"the rebuilt graph differs from the eager one", &ops));
+    }
+    for (v, (e, c)) in eager.iter().zip(compiled).enumerate() {
+        let c = c.map_err(|err| fail(&format!("compiled (input values {v})"), &err, &ops))?;
+        compare_grads(e, &c).map_err(|err| fail(&format!("compiled vs eager (input values {v})"), &err, &ops))?;
+    }
+    let backwards = mode.backwards();
+    check_stats(&stats, backwards * variants).map_err(|e| fail("stats", &e, &ops))?;
+    if stats.cache_misses != backwards || stats.cache_hits != backwards * (variants - 1) {
+        return Err(fail("cache", &format!("new input values must replay the cached program(s): {stats:?}"), &ops));
+    }
+    Ok(ops.iter().filter(|o| o.contains("  -> ")).count())
+}
+
+const RANDOM_GRAPHS: usize = 300;
+const SEED_BASE: u64 = 0x00c0_ffee_0000;
+
+#[test]
+fn random_graphs_compiled_match_eager() {
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let start = Instant::now();
+    let before = device().counters();
+    let mut failures = Vec::new();
+    let mut total_ops = 0;
+    // WGRAD_DIFF_GRAPH=<index> runs only that graph (the failure message names it).
+    let only: Option<usize> = std::env::var("WGRAD_DIFF_GRAPH").ok().and_then(|v| v.parse().ok());
+    for index in (0..RANDOM_GRAPHS).filter(|i| only.is_none_or(|o| o == *i)) {
+        let seed = SEED_BASE + index as u64;
+        let mode = Mode::of(index);
+        let replay = index % 4 == 3;
+        match check_random_graph(seed, mode, replay) {
+            Ok(n) => total_ops += n,
+            Err(msg) => failures.push(format!("seed {seed:#x} (graph #{index}, {mode:?}, replay {replay}): {msg}")),
+        }
+    }
+    let after = device().counters();
+    eprintln!(
+        "random graphs: {total_ops} ops in the passing ones, {} pipelines created, {} dispatches, {:.1} s",
+        after.pipelines_created - before.pipelines_created,
+        after.dispatches - before.dispatches,
+        start.elapsed().as_secs_f64()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} random graphs failed (rerun one with WGRAD_DIFF_GRAPH=<graph #>):\n\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+}
+
+// ------------------------------------------------------------------ 3. naga
+
+fn validate_wgsl(label: &str, source: &str) -> Check<()> {
+    let module = naga::front::wgsl::parse_str(source)
+        .map_err(|e| format!("{label}: parse error\n{}\n{source}", e.emit_to_string(source)))?;
+    naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+        .validate(&module)
+        .map_err(|e| format!("{label}: validation error {e:?}\n{source}"))?;
+    Ok(())
+}
+
+#[test]
+fn compiled_kernels_pass_naga() {
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let dev = device();
+    let compiler = Arc::new(WgslCompiler::new(&dev));
+    let guard = CompilerGuard::install_arc(compiler.clone()).expect("install");
+
+    // A graph with a matmul, reductions and broadcasting.
+    let x = leaf(&[3, 4], 900, -1.0, 1.0);
+    let w = leaf(&[4, 5], 901, -1.0, 1.0);
+    let b = leaf(&[5], 902, -1.0, 1.0);
+    let h = x.matmul(&w).and_then(|y| y.add(&b)).and_then(|y| y.tanh()).expect("forward");
+    let loss = h
+        .max(&[1], true)
+        .and_then(|m| h.sub(&m))
+        .and_then(|d| d.exp())
+        .and_then(|e| e.sum(&[0], false))
+        .and_then(|s| s.mul(&b))
+        .and_then(|s| s.mean_all())
+        .expect("forward");
+    loss.backward().expect("compiled backward");
+    assert!(x.grad().is_some() && w.grad().is_some() && b.grad().is_some());
+
+    // And a few random graphs of each mode.
+    for index in 0..12 {
+        let seed = SEED_BASE + index as u64;
+        let inputs = make_inputs(seed, 0).expect("inputs");
+        let mut ops = Vec::new();
+        run_mode(seed, Mode::of(index), &inputs, &mut ops)
+            .unwrap_or_else(|e| panic!("seed {seed:#x}: {e}\n{}", ops.join("\n")));
+    }
+    let stats = guard.stats();
+    drop(guard);
+    assert_eq!(stats.fallbacks, 0, "{stats:?}");
+
+    let programs = compiler.programs();
+    assert!(programs.len() >= 10, "expected a program per distinct graph, got {}", programs.len());
+    let mut kernels = 0;
+    let (mut matmuls, mut reductions) = (0, 0);
+    let mut failures = Vec::new();
+    for (p, program) in programs.iter().enumerate() {
+        let report = program.report();
+        assert_eq!(report.kernels.len(), program.kernel_count(), "one WGSL source per dispatched kernel");
+        for (k, source) in report.kernels.iter().enumerate() {
+            kernels += 1;
+            matmuls += usize::from(source.contains("a_tile"));
+            reductions += usize::from(source.contains("fn combine("));
+            if let Err(msg) = validate_wgsl(&format!("program {p} kernel {k}"), source) {
+                failures.push(msg);
+            }
+        }
+    }
+    eprintln!("naga: {kernels} kernels ({matmuls} matmul, {reductions} reduction) of {} programs", programs.len());
+    assert!(kernels > programs.len(), "expected several kernels, got {kernels}");
+    assert!(matmuls > 0 && reductions > 0, "expected matmul and reduction kernels among the {kernels}");
+    assert!(failures.is_empty(), "{} of {kernels} kernels failed naga:\n{}", failures.len(), failures.join("\n\n"));
+}
