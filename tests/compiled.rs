@@ -166,11 +166,14 @@ fn same_model_built_three_times_compiles_once() -> wgrad::Result<()> {
     let device = common::device();
     let (compiler, _guard) = install(&device);
     let mut results = Vec::new();
+    let mut pipelines = Vec::new();
     for _ in 0..3 {
         let [x, w1, b1, w2] = params(&device, 3, 4)?;
         mlp(&x, &w1, &b1, &w2)?.backward()?;
         results.push(vec(&w1.grad().expect("grad")));
+        pipelines.push(device.counters().pipelines_created);
     }
+    assert_eq!(pipelines[1], pipelines[2], "a cache hit creates no pipeline");
     let s = compiler.stats();
     assert_eq!((s.captures, s.cache_misses, s.cache_hits), (3, 1, 2), "{s:?}");
     assert_eq!(results[0], results[1]);
@@ -568,5 +571,46 @@ fn wide_graphs_split_to_respect_the_binding_limit() -> wgrad::Result<()> {
         assert!(bindings <= 32, "a kernel binds {bindings} storage buffers");
         validate_wgsl(source);
     }
+    Ok(())
+}
+
+type Nested = Arc<Mutex<Option<wgrad::Result<Vec<f32>>>>>;
+
+/// x -> sum(exp(sin(x))) with one hook on x; with `nested`, the hook runs
+/// the same model again (same signature) and stores its gradient there.
+fn hooked_model(device: &Device, nested: Option<Nested>) -> wgrad::Result<(Tensor, Tensor)> {
+    let x = Tensor::rand([5], 60, device)?.requires_grad(true)?;
+    let d = device.clone();
+    x.register_hook(move |_| {
+        if let Some(slot) = &nested {
+            let inner = hooked_model(&d, None).and_then(|(x2, loss2)| {
+                loss2.backward()?;
+                Ok(vec(&x2.grad().expect("grad")))
+            });
+            *slot.lock().expect("slot") = Some(inner);
+        }
+        None
+    })?;
+    let loss = x.sin()?.exp()?.sum_all()?;
+    Ok((x, loss))
+}
+
+#[test]
+fn a_hook_may_run_a_backward_that_needs_the_running_program() -> wgrad::Result<()> {
+    let _l = serial();
+    let device = common::device();
+    let (x, loss) = hooked_model(&device, None)?;
+    loss.backward()?;
+    let expected = vec(&x.grad().expect("grad"));
+
+    let (compiler, _guard) = install(&device);
+    let slot: Nested = Arc::new(Mutex::new(None));
+    let (x, loss) = hooked_model(&device, Some(slot.clone()))?;
+    loss.backward()?;
+    assert_close("outer", &vec(&x.grad().expect("grad")), &expected);
+    let nested = slot.lock().expect("slot").take().expect("the hook ran")?;
+    assert_close("nested", &nested, &expected);
+    let s = compiler.stats();
+    assert_eq!((s.replays, s.fallbacks), (1, 1), "the nested backward ran eagerly: {s:?}");
     Ok(())
 }

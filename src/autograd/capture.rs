@@ -127,6 +127,10 @@ pub(crate) fn run_compiled(
         Some(program) => program,
         None => compiler.compile(&signature, capture(task, &bindings, &device)?)?,
     };
+    if program.is_replaying_here() {
+        compiler.fallback("a hook of this program started a backward with the same signature");
+        return Ok(None);
+    }
     let outputs = program.run(&bindings.tensors, &mut |point, g| run_hooks(&task.order[point], g))?;
     compiler.replayed(&program);
     let mut new_grads = Vec::new();

@@ -301,5 +301,6 @@ pub(crate) fn lower(device: &Device, g: &CapturedGraph, steps: &[Step], mut repo
         report,
         replay: Mutex::new(()),
         bind_groups_created: Default::default(),
+        replaying: Mutex::new(None),
     })
 }

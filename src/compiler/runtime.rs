@@ -69,6 +69,9 @@ pub struct Program {
     /// One replay at a time: replays share the intermediate buffers.
     pub(crate) replay: Mutex<()>,
     pub(crate) bind_groups_created: AtomicU64,
+    /// The thread replaying now, if any (a hook may start a backward that
+    /// needs this very program; it must not wait for itself).
+    pub(crate) replaying: Mutex<Option<std::thread::ThreadId>>,
 }
 
 /// What the compiler did with a graph, for logs, tests and the DOT export.
@@ -113,6 +116,12 @@ impl Program {
         &self.report
     }
 
+    /// Whether this thread is inside a replay of this program (a hook of it
+    /// started another backward).
+    pub(crate) fn is_replaying_here(&self) -> bool {
+        *self.replaying.lock() == Some(std::thread::current().id())
+    }
+
     pub(crate) fn roles(&self) -> &[OutputRole] {
         &self.roles
     }
@@ -131,6 +140,17 @@ impl Program {
             });
         }
         let _replay = self.replay.lock();
+        *self.replaying.lock() = Some(std::thread::current().id());
+        let result = self.replay_locked(inputs, hooks);
+        *self.replaying.lock() = None;
+        result
+    }
+
+    fn replay_locked(
+        &self,
+        inputs: &[Tensor],
+        hooks: &mut dyn FnMut(usize, Tensor) -> Result<Tensor>,
+    ) -> Result<Vec<Tensor>> {
         let device = &self.device;
         let mut slots = self.slots.lock();
         if slots.is_empty() && !self.slot_bytes.is_empty() {
