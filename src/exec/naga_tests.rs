@@ -18,7 +18,7 @@ fn validate(label: &str, source: &str) {
         .unwrap_or_else(|e| panic!("{label}: validation error {e:?}\n{source}"));
 }
 
-const UNARY: [UnaryOp; 13] = [
+const UNARY: [UnaryOp; 14] = [
     UnaryOp::Neg,
     UnaryOp::Exp,
     UnaryOp::Log,
@@ -32,6 +32,7 @@ const UNARY: [UnaryOp; 13] = [
     UnaryOp::Abs,
     UnaryOp::Erf,
     UnaryOp::Sign,
+    UnaryOp::Softplus,
 ];
 const BINARY: [BinaryOp; 7] =
     [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Pow, BinaryOp::Maximum, BinaryOp::Minimum];

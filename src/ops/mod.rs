@@ -8,8 +8,10 @@
 pub(crate) mod binary;
 pub(crate) mod compare;
 mod composite;
+mod loss;
 mod matmul;
 mod movement;
+mod nn;
 mod overloads;
 mod reduce;
 pub(crate) mod unary;
@@ -19,6 +21,7 @@ use crate::metadata::{DType, Shape};
 use crate::tensor::Tensor;
 
 pub use compare::where_;
+pub use loss::{ClassLoss, Reduction};
 pub use movement::{cat, stack};
 
 /// A tensor or a scalar operand of a binary op (`x.mul(2.0)`, `x.mul(&y)`).

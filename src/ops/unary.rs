@@ -23,6 +23,7 @@ pub(crate) enum UnaryOp {
     Abs,
     Erf,
     Sign,
+    Softplus,
 }
 
 impl UnaryOp {
@@ -41,6 +42,7 @@ impl UnaryOp {
             UnaryOp::Abs => "abs",
             UnaryOp::Erf => "erf",
             UnaryOp::Sign => "sign",
+            UnaryOp::Softplus => "softplus",
         }
     }
 
@@ -73,6 +75,8 @@ impl UnaryOp {
             UnaryOp::Abs => format!("abs({x})"),
             UnaryOp::Erf => format!("{t}(wgrad_erf(f32({x})))"),
             UnaryOp::Sign => format!("sign({x})"),
+            // log(1 + e^x) without overflow: max(x, 0) + log(1 + e^-|x|).
+            UnaryOp::Softplus => format!("max({x}, {t}(0)) + log({t}(1) + exp(-abs({x})))"),
         }
     }
 
@@ -98,6 +102,7 @@ impl UnaryOp {
             UnaryOp::Abs => g.mul(&x.sign()?),
             UnaryOp::Erf => g.mul(&x.mul(x)?.neg()?.exp()?.mul(std::f64::consts::FRAC_2_SQRT_PI)?),
             UnaryOp::Sign => g.mul(0.0),
+            UnaryOp::Softplus => g.mul(&x.sigmoid()?),
         }
     }
 }
@@ -168,5 +173,9 @@ impl Tensor {
     /// -1, 0 or 1 by the sign of x.
     pub fn sign(&self) -> Result<Tensor> {
         unary(UnaryOp::Sign, self)
+    }
+    /// `log(1 + e^x)`, stable for large |x|; its gradient is `sigmoid(x)`.
+    pub fn softplus(&self) -> Result<Tensor> {
+        unary(UnaryOp::Softplus, self)
     }
 }
