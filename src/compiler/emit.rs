@@ -5,7 +5,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use crate::compiler::ir::{IrOp, Use, Value, ValueId};
-use crate::exec::kernel::{MapKernel, Node, NodeId};
+use crate::exec::kernel::{Access, MapKernel, Node, NodeId};
 
 /// Builds one fused kernel: splices the expressions of inlined values into
 /// a [`MapKernel`], turning every other read into an input binding.
@@ -20,8 +20,17 @@ pub(crate) struct Emitter<'a> {
     pub reads: Vec<Use>,
     pub scalars: Vec<f64>,
     memo: HashMap<Use, NodeId>,
+    gathered_memo: HashMap<Use, usize>,
     /// Values spliced in (computed here, never stored).
     pub inlined: Vec<ValueId>,
+}
+
+/// How a spliced kernel's input is provided: as a node (read at the
+/// current index) or as a binding (read at computed offsets).
+#[derive(Clone, Copy)]
+enum ArgRef {
+    Node(NodeId),
+    Binding(usize),
 }
 
 /// Why a kernel could not be built: this inlined value cannot be read
@@ -39,6 +48,7 @@ impl<'a> Emitter<'a> {
             reads: Vec::new(),
             scalars: Vec::new(),
             memo: HashMap::new(),
+            gathered_memo: HashMap::new(),
             inlined: Vec::new(),
         }
     }
@@ -69,19 +79,36 @@ impl<'a> Emitter<'a> {
         let IrOp::Map { kernel, args, scalars, .. } = &self.values[u.value].op else {
             return Err(Blocked(u.value));
         };
-        let positional = kernel.nodes.iter().any(|(n, _)| matches!(n, Node::Index | Node::Random(..)));
-        if positional && !u.is_identity(&self.values[u.value].meta) {
+        if kernel.positional() && !u.is_identity(&self.values[u.value].meta) {
             return Err(Blocked(u.value));
         }
         if !self.inlined.contains(&u.value) {
             self.inlined.push(u.value);
         }
-        let mut arg_nodes = Vec::with_capacity(args.len());
-        for a in args {
-            let layout = u.layout.compose(&a.layout).ok_or(Blocked(u.value))?;
-            arg_nodes.push(self.emit(&Use { value: a.value, layout })?);
+        let mut arg_refs = Vec::with_capacity(args.len());
+        for (a, (_, access)) in args.iter().zip(&kernel.inputs) {
+            arg_refs.push(if *access == Access::Gathered {
+                ArgRef::Binding(self.gathered(a)?)
+            } else {
+                let layout = u.layout.compose(&a.layout).ok_or(Blocked(u.value))?;
+                ArgRef::Node(self.emit(&Use { value: a.value, layout })?)
+            });
         }
-        Ok(self.splice(kernel, scalars, &arg_nodes))
+        Ok(self.splice(kernel, scalars, &arg_refs))
+    }
+
+    /// A binding read at computed offsets: its value must be in a buffer.
+    fn gathered(&mut self, u: &Use) -> Result<usize, Blocked> {
+        if let Some(&b) = self.gathered_memo.get(u) {
+            return Ok(b);
+        }
+        if self.inline[u.value] {
+            return Err(Blocked(u.value));
+        }
+        self.reads.push(u.clone());
+        let b = self.kernel.gathered(self.values[u.value].meta.dtype);
+        self.gathered_memo.insert(u.clone(), b);
+        Ok(b)
     }
 
     /// The own expression of a stored elementwise value (its args emitted).
@@ -89,18 +116,36 @@ impl<'a> Emitter<'a> {
         let IrOp::Map { kernel, args, scalars, .. } = &self.values[value].op else {
             return Err(Blocked(value));
         };
-        let arg_nodes = args.iter().map(|a| self.emit(a)).collect::<Result<Vec<_>, _>>()?;
-        Ok(self.splice(kernel, scalars, &arg_nodes))
+        let mut arg_refs = Vec::with_capacity(args.len());
+        for (a, (_, access)) in args.iter().zip(&kernel.inputs) {
+            arg_refs.push(if *access == Access::Gathered {
+                ArgRef::Binding(self.gathered(a)?)
+            } else {
+                ArgRef::Node(self.emit(a)?)
+            });
+        }
+        Ok(self.splice(kernel, scalars, &arg_refs))
     }
 
     /// Copies `k`'s nodes into the kernel with its inputs bound to `args`.
-    fn splice(&mut self, k: &MapKernel, scalars: &[f64], args: &[NodeId]) -> NodeId {
+    fn splice(&mut self, k: &MapKernel, scalars: &[f64], args: &[ArgRef]) -> NodeId {
+        let binding = |j: usize| match args[j] {
+            ArgRef::Binding(b) => b,
+            ArgRef::Node(_) => unreachable!("gathered inputs are bound as bindings"),
+        };
         let mut map = vec![0; k.nodes.len()];
         for (id, (node, dtype)) in k.nodes.iter().enumerate() {
             let new = match *node {
                 Node::Input(j) => {
-                    map[id] = args[j];
+                    map[id] = match args[j] {
+                        ArgRef::Node(n) => n,
+                        ArgRef::Binding(_) => unreachable!("read inputs are nodes"),
+                    };
                     continue;
+                }
+                Node::Gather(j, off) => Node::Gather(binding(j), map[off]),
+                Node::SegmentSum { values, starts, positions } => {
+                    Node::SegmentSum { values: binding(values), starts: binding(starts), positions: binding(positions) }
                 }
                 Node::Scalar(j) => Node::Scalar(self.slot(k, scalars, j)),
                 Node::Random(kind, j) => {
@@ -124,6 +169,12 @@ impl<'a> Emitter<'a> {
     fn slot(&mut self, k: &MapKernel, scalars: &[f64], j: usize) -> usize {
         self.scalars.push(scalars.get(j).copied().unwrap_or(0.0));
         self.kernel.scalar_slot(k.scalars[j])
+    }
+
+    /// Whether `value` is read at computed offsets (so it must be stored
+    /// before this kernel runs).
+    pub fn gathers(&self, value: ValueId) -> bool {
+        self.gathered_memo.keys().any(|u| u.value == value)
     }
 
     /// Distinct values read from buffers.

@@ -221,7 +221,8 @@ impl Planner<'_> {
             let Some(&unit) = self.unit_of.get(&r) else { continue };
             let Unit::Matmul { value, epilogue: None } = self.units[unit] else { continue };
             let rv = &self.values[r];
-            let direct = alone.reads.iter().filter(|u| u.value == r).all(|u| u.is_identity(&rv.meta));
+            let direct =
+                !alone.gathers(r) && alone.reads.iter().filter(|u| u.value == r).all(|u| u.is_identity(&rv.meta));
             if value != r
                 || self.uses[r] != 1
                 || self.outputs[r]
@@ -331,7 +332,10 @@ pub(crate) fn schedule(g: &CapturedGraph, max_bindings: usize) -> (Vec<Step>, us
                 let kernels = steps.iter().filter(|s| !matches!(s, Step::Hook { .. })).count();
                 return (steps, computed.saturating_sub(kernels));
             }
-            Err(Blocked(v)) => inline[v] = false,
+            // Each retry stores one more value; should a value already stored
+            // block again, inline nothing (always schedulable).
+            Err(Blocked(v)) if inline[v] => inline[v] = false,
+            Err(Blocked(_)) => inline.iter_mut().for_each(|i| *i = false),
         }
     }
 }

@@ -164,6 +164,8 @@ pub(crate) fn kernel_expr(k: &MapKernel, node: usize, scalars: &[f64]) -> String
         Node::Select(c, a, b) => format!("where({}, {}, {})", e(c), e(a), e(b)),
         Node::Cast(a) => format!("{}({})", dtype_name(k.nodes[node].1), e(a)),
         Node::Arg => "acc".into(),
+        Node::Gather(j, off) => format!("${j}[{}]", e(off)),
+        Node::SegmentSum { values, .. } => format!("segment_sum(${values})"),
     }
 }
 

@@ -10,7 +10,7 @@ use crate::compiler::ir::{IrOp, Use, Value, ValueId};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::exec::ReduceKind;
-use crate::exec::kernel::MapKernel;
+use crate::exec::kernel::{Access, MapKernel};
 use crate::layout::Layout;
 use crate::metadata::{DType, InputMetadata, Shape};
 use crate::tensor::{Storage, Tensor};
@@ -117,7 +117,14 @@ pub(crate) fn map(
                 message: "internal: traced kernels have exactly one output".into(),
             });
         }
-        let args = inputs.iter().map(|t| use_of(tr, t, shape)).collect::<Result<Vec<_>>>()?;
+        let args = inputs
+            .iter()
+            .zip(&kernel.inputs)
+            .map(|(t, (_, access))| match access {
+                Access::Gathered => use_of(tr, t, t.shape()),
+                _ => use_of(tr, t, shape),
+            })
+            .collect::<Result<Vec<_>>>()?;
         let dtype = kernel.dtype(kernel.outputs[0].0);
         let meta = InputMetadata { device: device.id(), dtype, shape: shape.clone() };
         let v = push(tr, IrOp::Map { label, kernel, args, scalars: scalars.to_vec() }, meta);

@@ -81,6 +81,18 @@ fn body(k: &MapKernel) -> String {
             }
             Node::Cast(a) => format!("{t}({})", v(a)),
             Node::Arg => "acc".to_string(),
+            Node::Gather(j, off) => format!("in{j}[p({}u) + {}]", view_base(j), v(off)),
+            Node::SegmentSum { values, starts, positions } => {
+                let (bv, bs, bp) = (view_base(values), view_base(starts), view_base(positions));
+                let _ = writeln!(s, "    var acc{id}: {t} = {t}(0);");
+                let _ = writeln!(
+                    s,
+                    "    for (var k = in{starts}[p({bs}u) + i]; k < in{starts}[p({bs}u) + i + 1u]; k = k + 1u) {{"
+                );
+                let _ = writeln!(s, "        acc{id} = acc{id} + in{values}[p({bv}u) + in{positions}[p({bp}u) + k]];");
+                s.push_str("    }\n");
+                format!("acc{id}")
+            }
         };
         let _ = writeln!(s, "    let v{id}: {t} = {expr};");
     }
@@ -171,6 +183,7 @@ fn index_expr(access: Access, base: usize) -> String {
     match access {
         Access::Linear => format!("p({base}u) + i"),
         Access::Strided => format!("strided({base}u, i)"),
+        Access::Gathered => unreachable!("gathered bindings are read by Gather and SegmentSum nodes"),
     }
 }
 

@@ -16,6 +16,10 @@ pub(crate) type NodeId = usize;
 pub(crate) enum Access {
     Linear,
     Strided,
+    /// Read at computed element offsets ([`Node::Gather`], [`Node::SegmentSum`]),
+    /// not at the current index: the binding keeps its own contiguous view
+    /// instead of being broadcast to the kernel's shape.
+    Gathered,
 }
 
 /// Counter-based random numbers: a pure function of (seed, element index),
@@ -47,6 +51,16 @@ pub(crate) enum Node {
     Cast(NodeId),
     /// The value a template hands to its epilogue (a matmul's accumulator).
     Arg,
+    /// Element `offset` (a u32 node) of gathered binding `binding`.
+    Gather(usize, NodeId),
+    /// The sum of `values[positions[k]]` for k in `starts[i] .. starts[i + 1]`
+    /// (bindings, all gathered; `i` is the current index): a deterministic
+    /// scatter-add, each output summing its sources in a fixed order.
+    SegmentSum {
+        values: usize,
+        starts: usize,
+        positions: usize,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
@@ -62,6 +76,19 @@ impl MapKernel {
     pub fn input(&mut self, dtype: DType) -> NodeId {
         self.inputs.push((dtype, Access::Linear));
         self.push(Node::Input(self.inputs.len() - 1), dtype)
+    }
+
+    /// A gathered binding (no node of its own: [`Node::Gather`] and
+    /// [`Node::SegmentSum`] read it).
+    pub fn gathered(&mut self, dtype: DType) -> usize {
+        self.inputs.push((dtype, Access::Gathered));
+        self.inputs.len() - 1
+    }
+
+    /// Whether the kernel's value at an index depends on the index itself
+    /// (so it cannot be evaluated through another view of its output).
+    pub fn positional(&self) -> bool {
+        self.nodes.iter().any(|(n, _)| matches!(n, Node::Index | Node::Random(..) | Node::SegmentSum { .. }))
     }
 
     pub fn scalar(&mut self, dtype: DType) -> NodeId {

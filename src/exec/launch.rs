@@ -67,7 +67,10 @@ pub(crate) fn map_words(
     }
     words.extend_from_slice(&dims);
     for (slot, view) in inputs.iter().enumerate() {
-        kernel.inputs[slot].1 = if view.is_contiguous() { Access::Linear } else { Access::Strided };
+        let access = &mut kernel.inputs[slot].1;
+        if *access != Access::Gathered {
+            *access = if view.is_contiguous() { Access::Linear } else { Access::Strided };
+        }
         push_view(&mut words, view);
     }
     for (o, view) in outputs.iter().enumerate() {
@@ -115,7 +118,14 @@ pub(crate) fn map(
         .iter()
         .map(|(node, _)| Tensor::empty(out_shape.clone(), kernel.dtype(*node), device))
         .collect::<Result<Vec<_>>>()?;
-    let views = inputs.iter().map(|t| t.layout().broadcast_to(op, out_shape)).collect::<Result<Vec<_>>>()?;
+    let views = inputs
+        .iter()
+        .zip(&kernel.inputs)
+        .map(|(t, (_, access))| match access {
+            Access::Gathered => Ok(t.layout().clone()),
+            _ => t.layout().broadcast_to(op, out_shape),
+        })
+        .collect::<Result<Vec<_>>>()?;
     let out_views: Vec<Layout> = outputs.iter().map(|t| t.layout().clone()).collect();
     if out_shape.numel() == 0 {
         return Ok(outputs);

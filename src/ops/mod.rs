@@ -8,6 +8,7 @@
 pub(crate) mod binary;
 pub(crate) mod compare;
 mod composite;
+mod index;
 mod loss;
 mod matmul;
 mod movement;
@@ -21,6 +22,7 @@ use crate::metadata::{DType, Shape};
 use crate::tensor::Tensor;
 
 pub use compare::where_;
+pub use index::embedding;
 pub use loss::{ClassLoss, Reduction};
 pub use movement::{cat, stack};
 
@@ -135,6 +137,14 @@ pub(crate) enum Op {
         sizes: Vec<usize>,
     },
     Copy,
+    /// A gather from a source of shape `source`; saved: its index map.
+    Gather {
+        source: Shape,
+    },
+    /// The transpose of a gather, into `target`; saved: the index map.
+    ScatterAdd {
+        target: Shape,
+    },
 }
 
 impl Op {
@@ -154,6 +164,8 @@ impl Op {
             Op::Pad { .. } => "pad",
             Op::Cat { .. } => "cat",
             Op::Copy => "contiguous",
+            Op::Gather { .. } => "gather",
+            Op::ScatterAdd { .. } => "scatter_add",
         }
     }
 
@@ -175,6 +187,14 @@ impl Op {
             Op::Pad { dim, start, len } => Ok(vec![Some(g.narrow(*dim as isize, *start, *len)?)]),
             Op::Cat { dim, sizes } => movement::cat_backward(g, *dim, sizes, needs),
             Op::Copy => Ok(vec![Some(g.clone())]),
+            Op::Gather { source } => Ok(vec![Some(index::scatter_add_flat(
+                g,
+                &[saved[0].clone(), saved[1].clone(), saved[2].clone()],
+                source,
+            )?)]),
+            Op::ScatterAdd { .. } => {
+                Ok(vec![Some(index::gather_flat(g, &[saved[0].clone(), saved[1].clone(), saved[2].clone()])?)])
+            }
         }
     }
 }

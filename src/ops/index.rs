@@ -1,0 +1,171 @@
+//! Indexing: one gather primitive and its transpose. A gather reads output
+//! element `e` from source element `offsets[e]`; its gradient sums, for
+//! every source element, the output gradients that read it, in increasing
+//! output order (a CSR of the inverse map), so repeated indices accumulate
+//! deterministically: the same inputs give bit-identical gradients.
+//! `index_select`, `embedding`, `gather`, convolution (im2col) and pooling
+//! are all this primitive with different maps, built on the host from the
+//! indices (checked there, before any kernel reads with them) or from the
+//! geometry alone.
+
+use crate::autograd::record;
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::exec::kernel::{MapKernel, Node};
+use crate::metadata::{DType, Shape};
+use crate::ops::Op;
+use crate::tensor::Tensor;
+
+/// A gather map on the device: `[offsets (u32, output shape), starts (u32,
+/// source elements + 1), positions (u32, output elements)]`.
+pub(crate) type IndexMap = [Tensor; 3];
+
+/// Uploads a gather map from `offsets` (one source element per output
+/// element, each below `source_numel`).
+pub(crate) fn index_map(device: &Device, source_numel: usize, out_shape: &Shape, offsets: &[u32]) -> Result<IndexMap> {
+    let mut starts = vec![0u32; source_numel + 1];
+    for &o in offsets {
+        starts[o as usize + 1] += 1;
+    }
+    for i in 0..source_numel {
+        starts[i + 1] += starts[i];
+    }
+    let mut cursor = starts.clone();
+    let mut positions = vec![0u32; offsets.len()];
+    for (e, &o) in offsets.iter().enumerate() {
+        positions[cursor[o as usize] as usize] = e as u32;
+        cursor[o as usize] += 1;
+    }
+    Ok([
+        Tensor::from_slice(offsets, out_shape.clone(), device)?,
+        Tensor::from_slice(&starts, [source_numel + 1], device)?,
+        Tensor::from_slice(&positions, [offsets.len()], device)?,
+    ])
+}
+
+/// `out[e] = source[offsets[e]]` over the contiguous elements of `source`.
+pub(crate) fn gather_flat(source: &Tensor, map: &IndexMap) -> Result<Tensor> {
+    let src = source.contiguous()?;
+    let mut k = MapKernel::default();
+    let values = k.gathered(src.dtype());
+    let offset = k.input(DType::U32);
+    let v = k.push(Node::Gather(values, offset), src.dtype());
+    k.output(v);
+    let out_shape = map[0].shape().clone();
+    let out = crate::exec::map("gather", k, &[&src, &map[0]], &[], &out_shape, src.device())?.remove(0);
+    let op = Op::Gather { source: source.shape().clone() };
+    Ok(record(op, &[source], map.to_vec(), out))
+}
+
+/// The transpose of [`gather_flat`]: a tensor of `target` shape whose
+/// element t sums the elements of `g` that the map read from t.
+pub(crate) fn scatter_add_flat(g: &Tensor, map: &IndexMap, target: &Shape) -> Result<Tensor> {
+    let g_c = g.contiguous()?;
+    let mut k = MapKernel::default();
+    let values = k.gathered(g_c.dtype());
+    let starts = k.gathered(DType::U32);
+    let positions = k.gathered(DType::U32);
+    let v = k.push(Node::SegmentSum { values, starts, positions }, g_c.dtype());
+    k.output(v);
+    let out = crate::exec::map("scatter_add", k, &[&g_c, &map[1], &map[2]], &[], target, g.device())?.remove(0);
+    let op = Op::ScatterAdd { target: target.clone() };
+    Ok(record(op, &[g], map.to_vec(), out))
+}
+
+/// The indices of an integer tensor, read to the host and checked to lie
+/// in `0..size` (the only sync of an indexing op).
+fn host_indices(op: &'static str, index: &Tensor, size: usize) -> Result<Vec<usize>> {
+    let values: Vec<i64> = match index.dtype() {
+        DType::I32 => index.to_vec::<i32>()?.into_iter().map(i64::from).collect(),
+        DType::U32 => index.to_vec::<u32>()?.into_iter().map(i64::from).collect(),
+        dtype => {
+            return Err(Error::UnsupportedDType { op, dtype, hint: "indices must be an i32 or u32 tensor" });
+        }
+    };
+    if let Some(bad) = values.iter().find(|&&v| v < 0 || v >= size as i64) {
+        return Err(Error::InvalidArgument {
+            op,
+            message: format!(
+                "index {bad} is out of range for a dimension of size {size}; indices must be in 0..{size}"
+            ),
+        });
+    }
+    Ok(values.into_iter().map(|v| v as usize).collect())
+}
+
+impl Tensor {
+    /// The slices `index[0], index[1], ...` of dim `dim`, in that order
+    /// (repeats allowed): `torch.index_select`. `index` is 1-D, i32 or u32.
+    pub fn index_select(&self, dim: isize, index: &Tensor) -> Result<Tensor> {
+        let d = crate::metadata::resolve_axis("index_select", dim, self.rank())?;
+        if index.rank() != 1 {
+            return Err(Error::InvalidArgument {
+                op: "index_select",
+                message: format!("index must be 1-D, got shape {}", index.shape()),
+            });
+        }
+        let idx = host_indices("index_select", index, self.dims()[d])?;
+        let dims = self.dims();
+        let inner: usize = dims[d + 1..].iter().product();
+        let outer: usize = dims[..d].iter().product();
+        let mut out_dims = dims.to_vec();
+        out_dims[d] = idx.len();
+        let mut offsets = Vec::with_capacity(outer * idx.len() * inner);
+        for o in 0..outer {
+            for &i in &idx {
+                let base = (o * dims[d] + i) * inner;
+                offsets.extend((base..base + inner).map(|x| x as u32));
+            }
+        }
+        let map = index_map(self.device(), self.numel(), &Shape::new(out_dims), &offsets)?;
+        gather_flat(self, &map)
+    }
+
+    /// Picks along `dim`: `out[..., i, ...] = self[..., index[..., i, ...], ...]`
+    /// (`torch.gather`); `index` has this tensor's rank, sizes no larger
+    /// than this tensor's off `dim`, and gives the output shape.
+    pub fn gather(&self, dim: isize, index: &Tensor) -> Result<Tensor> {
+        let d = crate::metadata::resolve_axis("gather", dim, self.rank())?;
+        let fits = index.rank() == self.rank()
+            && index.dims().iter().zip(self.dims()).enumerate().all(|(i, (a, b))| i == d || a <= b);
+        if !fits {
+            return Err(Error::ShapeMismatch { op: "gather", lhs: self.shape().clone(), rhs: index.shape().clone() });
+        }
+        let idx = host_indices("gather", index, self.dims()[d])?;
+        let strides = self.shape().contiguous_strides();
+        let idims = index.dims();
+        let mut offsets = Vec::with_capacity(idx.len());
+        let mut coords = vec![0usize; idims.len()];
+        for &i in &idx {
+            let off: usize =
+                coords.iter().zip(&strides).enumerate().map(|(a, (c, s))| if a == d { i * s } else { c * s }).sum();
+            offsets.push(off as u32);
+            for a in (0..idims.len()).rev() {
+                coords[a] += 1;
+                if coords[a] < idims[a] {
+                    break;
+                }
+                coords[a] = 0;
+            }
+        }
+        let map = index_map(self.device(), self.numel(), index.shape(), &offsets)?;
+        gather_flat(self, &map)
+    }
+}
+
+/// Rows of `weight` [vocabulary, dim] for the integer `ids` (any shape):
+/// the result has shape `ids.shape + [dim]`. Repeated ids accumulate their
+/// gradients deterministically.
+pub fn embedding(ids: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    if weight.rank() != 2 {
+        return Err(Error::InvalidArgument {
+            op: "embedding",
+            message: format!("weight must be [vocabulary, dim], got {}", weight.shape()),
+        });
+    }
+    let flat = ids.reshape([ids.numel()])?;
+    let rows = weight.index_select(0, &flat)?;
+    let mut dims = ids.dims().to_vec();
+    dims.push(weight.dims()[1]);
+    rows.reshape(dims)
+}
