@@ -43,7 +43,7 @@ pub use error::{Error, Result};
 /// The `half` crate, for building and reading `DType::F16` tensors (`half::f16`).
 pub use half;
 pub use metadata::{DType, DeviceId, InputMetadata, Shape, collect_input_metadata};
-pub use ops::{ClassLoss, Operand, Reduction, cat, embedding, stack, where_};
+pub use ops::{ClassLoss, Conv2dOptions, Operand, Reduction, cat, embedding, stack, where_};
 pub use tensor::{Element, Tensor};
 
 // The README's Rust examples run as doctests, so the tour cannot rot.

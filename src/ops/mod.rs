@@ -8,7 +8,8 @@
 pub(crate) mod binary;
 pub(crate) mod compare;
 mod composite;
-mod index;
+mod conv;
+pub(crate) mod index;
 mod loss;
 mod matmul;
 mod movement;
@@ -22,6 +23,7 @@ use crate::metadata::{DType, Shape};
 use crate::tensor::Tensor;
 
 pub use compare::where_;
+pub use conv::Conv2dOptions;
 pub use index::embedding;
 pub use loss::{ClassLoss, Reduction};
 pub use movement::{cat, stack};

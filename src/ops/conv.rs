@@ -1,0 +1,196 @@
+//! 2-D convolution and pooling (NCHW) as a gather and a matmul / reduction.
+//! im2col is a gather whose map depends only on the geometry (cached on
+//! the host); padding reads a sentinel element appended to the input (zero,
+//! or -inf for max pooling). The convolution itself is one tiled matmul,
+//! and every gradient, col2im included, is the transpose of a primitive.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::error::{Error, Result};
+use crate::metadata::Shape;
+use crate::ops::index::{gather_flat, index_map};
+use crate::tensor::Tensor;
+
+/// Stride, padding and dilation of a convolution, per spatial dim (h, w).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Conv2dOptions {
+    /// Step between windows.
+    pub stride: [usize; 2],
+    /// Zeros added on each side.
+    pub padding: [usize; 2],
+    /// Spacing between kernel taps.
+    pub dilation: [usize; 2],
+}
+
+impl Default for Conv2dOptions {
+    fn default() -> Conv2dOptions {
+        Conv2dOptions { stride: [1, 1], padding: [0, 0], dilation: [1, 1] }
+    }
+}
+
+/// Window geometry: input [n, c, h, w], kernel [kh, kw], and options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Windows {
+    input: [usize; 4],
+    kernel: [usize; 2],
+    options: Conv2dOptions,
+    /// Channel-major windows [n, c, oh, ow, kh, kw] (pooling) instead of
+    /// [n, oh, ow, c, kh, kw] (im2col rows for the matmul).
+    channel_major: bool,
+}
+
+impl Windows {
+    fn output(&self, op: &'static str) -> Result<[usize; 2]> {
+        let mut out = [0; 2];
+        for a in 0..2 {
+            let size = self.input[2 + a] + 2 * self.options.padding[a];
+            let span = self.options.dilation[a] * (self.kernel[a] - 1) + 1;
+            if self.options.stride[a] == 0 || self.options.dilation[a] == 0 || self.kernel[a] == 0 || span > size {
+                return Err(Error::InvalidArgument {
+                    op,
+                    message: format!(
+                        "a {:?} kernel (dilation {:?}, padding {:?}, stride {:?}) does not fit input {:?}",
+                        self.kernel, self.options.dilation, self.options.padding, self.options.stride, self.input
+                    ),
+                });
+            }
+            out[a] = (size - span) / self.options.stride[a] + 1;
+        }
+        Ok(out)
+    }
+
+    /// Source element (in the flattened input, or the sentinel one past
+    /// its end) of every window tap, in output order.
+    fn offsets(&self, out: [usize; 2]) -> Vec<u32> {
+        let [n, c, h, w] = self.input;
+        let [kh, kw] = self.kernel;
+        let o = self.options;
+        let sentinel = (n * c * h * w) as u32;
+        let mut offsets = Vec::with_capacity(n * c * out[0] * out[1] * kh * kw);
+        let tap = |b: usize, ch: usize, y: usize, x: usize, i: usize, j: usize| -> u32 {
+            let iy = (y * o.stride[0] + i * o.dilation[0]) as isize - o.padding[0] as isize;
+            let ix = (x * o.stride[1] + j * o.dilation[1]) as isize - o.padding[1] as isize;
+            if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                sentinel
+            } else {
+                (((b * c + ch) * h + iy as usize) * w + ix as usize) as u32
+            }
+        };
+        for b in 0..n {
+            if self.channel_major {
+                for ch in 0..c {
+                    for y in 0..out[0] {
+                        for x in 0..out[1] {
+                            for i in 0..kh {
+                                offsets.extend((0..kw).map(|j| tap(b, ch, y, x, i, j)));
+                            }
+                        }
+                    }
+                }
+            } else {
+                for y in 0..out[0] {
+                    for x in 0..out[1] {
+                        for ch in 0..c {
+                            for i in 0..kh {
+                                offsets.extend((0..kw).map(|j| tap(b, ch, y, x, i, j)));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        offsets
+    }
+}
+
+/// Window offsets by geometry: a training loop asks for the same ones every step.
+fn cached_offsets(windows: Windows, out: [usize; 2]) -> Arc<Vec<u32>> {
+    static CACHE: OnceLock<Mutex<HashMap<Windows, Arc<Vec<u32>>>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+    cache.entry(windows).or_insert_with(|| Arc::new(windows.offsets(out))).clone()
+}
+
+impl Tensor {
+    /// Every window of this [n, c, h, w] tensor, gathered as
+    /// [n, oh, ow, c, kh, kw] (or [n, c, oh, ow, kh, kw]); padding reads `pad`.
+    fn windows(
+        &self,
+        op: &'static str,
+        kernel: [usize; 2],
+        options: Conv2dOptions,
+        channel_major: bool,
+        pad: f64,
+    ) -> Result<(Tensor, [usize; 2])> {
+        crate::ops::float_only(op, self.dtype())?;
+        if self.rank() != 4 {
+            return Err(Error::InvalidArgument {
+                op,
+                message: format!("needs an [n, c, h, w] input, got {}", self.shape()),
+            });
+        }
+        let d = self.dims();
+        let w = Windows { input: [d[0], d[1], d[2], d[3]], kernel, options, channel_major };
+        let out = w.output(op)?;
+        let offsets = cached_offsets(w, out);
+        let extended =
+            crate::ops::cat(&[&self.flatten_all()?, &Tensor::full([1], pad, self.dtype(), self.device())?], 0)?;
+        let dims = if channel_major {
+            [d[0], d[1], out[0], out[1], kernel[0], kernel[1]]
+        } else {
+            [d[0], out[0], out[1], d[1], kernel[0], kernel[1]]
+        };
+        let map = index_map(self.device(), extended.numel(), &Shape::new(dims), &offsets)?;
+        Ok((gather_flat(&extended, &map)?, out))
+    }
+
+    /// 2-D convolution (cross-correlation, as in PyTorch) of this
+    /// [n, c, h, w] input with `weight` [out_channels, c, kh, kw], plus
+    /// `bias` [out_channels]: im2col (a gather) and one tiled matmul.
+    pub fn conv2d(&self, weight: &Tensor, bias: Option<&Tensor>, options: Conv2dOptions) -> Result<Tensor> {
+        if weight.rank() != 4 || self.rank() != 4 || weight.dims()[1] != self.dims()[1] {
+            return Err(Error::ShapeMismatch { op: "conv2d", lhs: self.shape().clone(), rhs: weight.shape().clone() });
+        }
+        let (oc, c, kh, kw) = (weight.dims()[0], weight.dims()[1], weight.dims()[2], weight.dims()[3]);
+        let n = self.dims()[0];
+        let (cols, [oh, ow]) = self.windows("conv2d", [kh, kw], options, false, 0.0)?;
+        let rows = cols.reshape([n * oh * ow, c * kh * kw])?;
+        let out = rows.matmul(&weight.reshape([oc, c * kh * kw])?.t()?)?;
+        let out = out.reshape([n, oh, ow, oc])?.permute(&[0, 3, 1, 2])?;
+        match bias {
+            Some(b) => out.add(&b.reshape([oc, 1, 1])?),
+            None => Ok(out),
+        }
+    }
+
+    /// Max over each `kernel` window (padding never wins); ties share the
+    /// gradient evenly (PyTorch gives it to one of them).
+    pub fn max_pool2d(&self, kernel: [usize; 2], stride: [usize; 2], padding: [usize; 2]) -> Result<Tensor> {
+        check_pool_padding("max_pool2d", kernel, padding)?;
+        let options = Conv2dOptions { stride, padding, dilation: [1, 1] };
+        let (win, [oh, ow]) = self.windows("max_pool2d", kernel, options, true, f64::NEG_INFINITY)?;
+        let d = self.dims();
+        win.reshape([d[0], d[1], oh, ow, kernel[0] * kernel[1]])?.max(&[4], false)
+    }
+
+    /// Mean over each `kernel` window, padding counted as zeros (PyTorch's
+    /// default `count_include_pad=True`).
+    pub fn avg_pool2d(&self, kernel: [usize; 2], stride: [usize; 2], padding: [usize; 2]) -> Result<Tensor> {
+        check_pool_padding("avg_pool2d", kernel, padding)?;
+        let options = Conv2dOptions { stride, padding, dilation: [1, 1] };
+        let (win, [oh, ow]) = self.windows("avg_pool2d", kernel, options, true, 0.0)?;
+        let d = self.dims();
+        win.reshape([d[0], d[1], oh, ow, kernel[0] * kernel[1]])?.mean(&[4], false)
+    }
+}
+
+fn check_pool_padding(op: &'static str, kernel: [usize; 2], padding: [usize; 2]) -> Result<()> {
+    if padding[0] * 2 > kernel[0] || padding[1] * 2 > kernel[1] {
+        return Err(Error::InvalidArgument {
+            op,
+            message: format!("padding {padding:?} must be at most half the kernel {kernel:?}"),
+        });
+    }
+    Ok(())
+}
