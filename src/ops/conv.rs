@@ -43,7 +43,7 @@ struct Windows {
 impl Windows {
     fn output(&self, op: &'static str) -> Result<[usize; 2]> {
         let mut out = [0; 2];
-        for a in 0..2 {
+        for (a, slot) in out.iter_mut().enumerate() {
             let size = self.input[2 + a] + 2 * self.options.padding[a];
             let span = self.options.dilation[a] * (self.kernel[a] - 1) + 1;
             if self.options.stride[a] == 0 || self.options.dilation[a] == 0 || self.kernel[a] == 0 || span > size {
@@ -55,7 +55,7 @@ impl Windows {
                     ),
                 });
             }
-            out[a] = (size - span) / self.options.stride[a] + 1;
+            *slot = (size - span) / self.options.stride[a] + 1;
         }
         Ok(out)
     }
