@@ -33,6 +33,7 @@ mod exec;
 mod layout;
 mod metadata;
 mod ops;
+pub mod optim;
 mod tensor;
 
 pub use alloc::MemoryStats;
@@ -44,6 +45,7 @@ pub use error::{Error, Result};
 pub use half;
 pub use metadata::{DType, DeviceId, InputMetadata, Shape, collect_input_metadata};
 pub use ops::{ClassLoss, Conv2dOptions, Operand, Reduction, cat, embedding, stack, where_};
+pub use optim::{Adam, AdamW, Optimizer, Sgd, clip_grad_norm};
 pub use tensor::{Element, Tensor};
 
 // The README's Rust examples run as doctests, so the tour cannot rot.

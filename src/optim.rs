@@ -1,0 +1,306 @@
+//! Optimizers. A step updates every parameter (and its state) in place on
+//! the device, in one generated kernel per group of parameters: the kernel
+//! covers the parameters' elements end to end and picks each element's
+//! buffers with a `switch`, so a model with a handful of tensors is one
+//! dispatch per step instead of a few per parameter per term. Groups are
+//! only as large as the device's storage-binding limit allows.
+//!
+//! Parameters are updated in place: handles to a parameter see its new
+//! value, as in PyTorch.
+
+use std::fmt::Write;
+
+use crate::error::{Error, Result};
+use crate::metadata::DType;
+use crate::tensor::Tensor;
+
+/// The update rule of an optimizer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Rule {
+    /// `buf = momentum buf + g; p -= lr buf` (g includes weight decay).
+    Sgd { lr: f64, momentum: f64, weight_decay: f64 },
+    /// Adam (`decoupled: false`, L2 in the gradient) or AdamW (decoupled decay).
+    Adam { lr: f64, betas: (f64, f64), eps: f64, weight_decay: f64, decoupled: bool },
+}
+
+impl Rule {
+    /// Per-parameter state buffers (momentum; first and second moments).
+    fn state_count(&self) -> usize {
+        match self {
+            Rule::Sgd { momentum, .. } if *momentum == 0.0 => 0,
+            Rule::Sgd { .. } => 1,
+            Rule::Adam { .. } => 2,
+        }
+    }
+
+    /// Uniform scalars of step `t` (1-based): the rule's constants, with
+    /// Adam's bias corrections folded in on the host.
+    fn scalars(&self, t: u64) -> Vec<f32> {
+        match *self {
+            Rule::Sgd { lr, momentum, weight_decay } => vec![lr as f32, momentum as f32, weight_decay as f32],
+            Rule::Adam { lr, betas: (b1, b2), eps, weight_decay, .. } => {
+                let bc1 = 1.0 - b1.powi(t as i32);
+                let bc2 = 1.0 - b2.powi(t as i32);
+                vec![lr as f32, b1 as f32, b2 as f32, eps as f32, weight_decay as f32, bc1 as f32, bc2.sqrt() as f32]
+            }
+        }
+    }
+
+    /// WGSL statements updating element `j` of parameter `k`'s buffers.
+    fn statements(&self, k: usize) -> String {
+        let (p, g, s0, s1) = (format!("p{k}[j]"), format!("g{k}[j]"), format!("s{k}_0[j]"), format!("s{k}_1[j]"));
+        match *self {
+            Rule::Sgd { momentum, .. } => {
+                let mut s = format!("let g = {g} + c(2u) * {p};\n");
+                if momentum != 0.0 {
+                    let _ = writeln!(s, "let b = c(1u) * {s0} + g; {s0} = b;");
+                    let _ = writeln!(s, "{p} = {p} - c(0u) * b;");
+                } else {
+                    let _ = writeln!(s, "{p} = {p} - c(0u) * g;");
+                }
+                s
+            }
+            Rule::Adam { decoupled, .. } => {
+                let mut s = String::new();
+                if decoupled {
+                    let _ = writeln!(s, "let g = {g};\n{p} = {p} * (1.0 - c(0u) * c(4u));");
+                } else {
+                    let _ = writeln!(s, "let g = {g} + c(4u) * {p};");
+                }
+                let _ = writeln!(s, "let m = c(1u) * {s0} + (1.0 - c(1u)) * g; {s0} = m;");
+                let _ = writeln!(s, "let v = c(2u) * {s1} + (1.0 - c(2u)) * g * g; {s1} = v;");
+                let _ = writeln!(s, "{p} = {p} - c(0u) * (m / c(5u)) / (sqrt(v) / c(6u) + c(3u));");
+                s
+            }
+        }
+    }
+
+    /// The update kernel for `n` parameters. Uniform: element count, the
+    /// rule's scalars (from word 4), then each parameter's first element
+    /// in the concatenation (from word 12).
+    fn source(&self, n: usize) -> String {
+        let states = self.state_count();
+        let words = (12 + n + 1).div_ceil(4);
+        let mut s = format!("struct Params {{ v: array<vec4<u32>, {words}> }}\n");
+        s.push_str("@group(0) @binding(0) var<uniform> params: Params;\n");
+        let mut binding = 1;
+        for k in 0..n {
+            let _ = writeln!(s, "@group(0) @binding({binding}) var<storage, read_write> p{k}: array<f32>;");
+            let _ = writeln!(s, "@group(0) @binding({}) var<storage, read> g{k}: array<f32>;", binding + 1);
+            binding += 2;
+            for st in 0..states {
+                let _ = writeln!(s, "@group(0) @binding({binding}) var<storage, read_write> s{k}_{st}: array<f32>;");
+                binding += 1;
+            }
+        }
+        s.push_str(
+            "fn w(i: u32) -> u32 { return params.v[i / 4u][i % 4u]; }\n\
+             fn c(i: u32) -> f32 { return bitcast<f32>(w(4u + i)); }\n\
+             @compute @workgroup_size(256)\n\
+             fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {\n\
+             \x20   let i = gid.x + gid.y * nwg.x * 256u;\n\
+             \x20   if (i >= w(0u)) { return; }\n\
+             \x20   var k = 0u;\n",
+        );
+        let _ = writeln!(s, "    for (var q = 1u; q < {n}u; q = q + 1u) {{ if (i >= w(12u + q)) {{ k = q; }} }}");
+        s.push_str("    let j = i - w(12u + k);\n    switch k {\n");
+        for k in 0..n {
+            let body = self.statements(k).lines().map(|l| format!("            {l}\n")).collect::<String>();
+            let _ = writeln!(s, "        case {k}u: {{\n{body}        }}");
+        }
+        s.push_str("        default: {}\n    }\n}\n");
+        s
+    }
+}
+
+/// Shared state of the optimizers: parameters, per-parameter state
+/// buffers and the step count.
+struct Core {
+    params: Vec<Tensor>,
+    state: Vec<Vec<Tensor>>,
+    rule: Rule,
+    steps: u64,
+}
+
+impl Core {
+    fn new(op: &'static str, params: &[Tensor], rule: Rule) -> Result<Core> {
+        let Some(first) = params.first() else {
+            return Err(Error::InvalidArgument { op, message: "needs at least one parameter".into() });
+        };
+        for (i, p) in params.iter().enumerate() {
+            if !p.is_leaf() || !p.needs_grad() {
+                return Err(Error::InvalidArgument {
+                    op,
+                    message: format!("parameter {i} must be a leaf that requires grad (`.requires_grad(true)`)"),
+                });
+            }
+            if p.dtype() != DType::F32 {
+                return Err(Error::UnsupportedDType { op, dtype: p.dtype(), hint: "optimizers update f32 parameters" });
+            }
+            if !p.is_contiguous() || p.layout().offset != 0 {
+                return Err(Error::InvalidArgument {
+                    op,
+                    message: format!("parameter {i} is a view; optimize a tensor that owns its data (`.contiguous()`)"),
+                });
+            }
+            if p.device() != first.device() {
+                return Err(Error::DeviceMismatch { op, lhs: first.device().id(), rhs: p.device().id() });
+            }
+        }
+        let state = params
+            .iter()
+            .map(|p| (0..rule.state_count()).map(|_| p.zeros_like()).collect::<Result<Vec<_>>>())
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Core { params: params.to_vec(), state, rule, steps: 0 })
+    }
+
+    /// One update of every parameter that has a gradient.
+    fn step(&mut self) -> Result<()> {
+        let mut work: Vec<(usize, Tensor)> = Vec::new();
+        for (i, p) in self.params.iter().enumerate() {
+            let Some(g) = p.grad() else { continue };
+            let g = if g.is_contiguous() && g.layout().offset == 0 { g } else { g.contiguous_copy()? };
+            work.push((i, g));
+        }
+        if work.is_empty() {
+            return Ok(());
+        }
+        self.steps += 1;
+        let device = self.params[0].device().clone();
+        let per_param = 2 + self.rule.state_count();
+        let group = (device.max_storage_bindings() / per_param).clamp(1, 16);
+        let scalars = self.rule.scalars(self.steps);
+        for chunk in work.chunks(group) {
+            let mut words = vec![0u32; 12];
+            words[4..4 + scalars.len()].copy_from_slice(&scalars.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            let mut total = 0usize;
+            let mut buffers = Vec::new();
+            for (i, g) in chunk {
+                words.push(total as u32);
+                total += self.params[*i].numel();
+                buffers.push(self.params[*i].buffer()?);
+                buffers.push(g.buffer()?);
+                for s in &self.state[*i] {
+                    buffers.push(s.buffer()?);
+                }
+            }
+            words.push(total as u32);
+            words[0] = total as u32;
+            if total == 0 {
+                continue;
+            }
+            let pipeline = device.pipeline("optimizer", &self.rule.source(chunk.len()))?;
+            let grid = device.grid_1d(total as u64)?;
+            device.dispatch(&pipeline, &words, &buffers, grid)?;
+        }
+        Ok(())
+    }
+
+    fn zero_grad(&self) {
+        for p in &self.params {
+            p.zero_grad();
+        }
+    }
+}
+
+/// Common interface of the optimizers.
+pub trait Optimizer {
+    /// Updates every parameter that has a `.grad`, in place.
+    fn step(&mut self) -> Result<()>;
+    /// Forgets every parameter's `.grad`.
+    fn zero_grad(&self);
+    /// The parameters, in the order given.
+    fn params(&self) -> &[Tensor];
+}
+
+/// Stochastic gradient descent with momentum and weight decay (PyTorch's
+/// `SGD`: `buf = momentum buf + (g + wd p)`, `p -= lr buf`).
+///
+/// ```
+/// # use wgrad::{Device, Tensor, Sgd, Optimizer};
+/// # let device = Device::new()?;
+/// let w = Tensor::from_slice(&[1.0f32, -2.0], [2], &device)?.requires_grad(true)?;
+/// let mut opt = Sgd::new(&[w.clone()], 0.1, 0.0, 0.0)?;
+/// w.square()?.sum_all()?.backward()?; // grad 2w
+/// opt.step()?;
+/// assert_eq!(w.to_vec::<f32>()?, vec![0.8, -1.6]);
+/// # Ok::<(), wgrad::Error>(())
+/// ```
+pub struct Sgd(Core);
+
+impl Sgd {
+    /// SGD over `params` (leaves that require grad, f32, owning their data).
+    pub fn new(params: &[Tensor], lr: f64, momentum: f64, weight_decay: f64) -> Result<Sgd> {
+        Ok(Sgd(Core::new("Sgd::new", params, Rule::Sgd { lr, momentum, weight_decay })?))
+    }
+}
+
+/// Adam (`weight_decay` added to the gradient, as PyTorch's `Adam`).
+pub struct Adam(Core);
+
+impl Adam {
+    /// Adam over `params` with PyTorch's defaults for the rest: betas (0.9, 0.999), eps 1e-8.
+    pub fn new(params: &[Tensor], lr: f64) -> Result<Adam> {
+        Adam::with(params, lr, (0.9, 0.999), 1e-8, 0.0)
+    }
+
+    /// Adam with every hyperparameter.
+    pub fn with(params: &[Tensor], lr: f64, betas: (f64, f64), eps: f64, weight_decay: f64) -> Result<Adam> {
+        let rule = Rule::Adam { lr, betas, eps, weight_decay, decoupled: false };
+        Ok(Adam(Core::new("Adam::new", params, rule)?))
+    }
+}
+
+/// AdamW: Adam with decoupled weight decay (`p *= 1 - lr wd` before the step).
+pub struct AdamW(Core);
+
+impl AdamW {
+    /// AdamW with PyTorch's defaults: betas (0.9, 0.999), eps 1e-8, weight decay 0.01.
+    pub fn new(params: &[Tensor], lr: f64) -> Result<AdamW> {
+        AdamW::with(params, lr, (0.9, 0.999), 1e-8, 0.01)
+    }
+
+    /// AdamW with every hyperparameter.
+    pub fn with(params: &[Tensor], lr: f64, betas: (f64, f64), eps: f64, weight_decay: f64) -> Result<AdamW> {
+        let rule = Rule::Adam { lr, betas, eps, weight_decay, decoupled: true };
+        Ok(AdamW(Core::new("AdamW::new", params, rule)?))
+    }
+}
+
+macro_rules! optimizer {
+    ($t:ty) => {
+        impl Optimizer for $t {
+            fn step(&mut self) -> Result<()> {
+                self.0.step()
+            }
+            fn zero_grad(&self) {
+                self.0.zero_grad()
+            }
+            fn params(&self) -> &[Tensor] {
+                &self.0.params
+            }
+        }
+    };
+}
+optimizer!(Sgd);
+optimizer!(Adam);
+optimizer!(AdamW);
+
+/// Scales the gradients of `params` so their global L2 norm is at most
+/// `max_norm` (PyTorch's `clip_grad_norm_`); returns the norm before
+/// clipping as a scalar tensor. Runs on the device: nothing is read back.
+pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Result<Option<Tensor>> {
+    let _no_grad = crate::no_grad();
+    let grads: Vec<(usize, Tensor)> = params.iter().enumerate().filter_map(|(i, p)| p.grad().map(|g| (i, g))).collect();
+    let Some((_, first)) = grads.first() else { return Ok(None) };
+    let mut total = first.square()?.sum_all()?;
+    for (_, g) in &grads[1..] {
+        total = total.add(&g.square()?.sum_all()?)?;
+    }
+    let norm = total.sqrt()?;
+    let coef = norm.add(1e-6)?.rdiv(max_norm)?.minimum(1.0)?;
+    for (i, g) in grads {
+        params[i].set_grad(Some(g.mul(&coef)?))?;
+    }
+    Ok(Some(norm))
+}
