@@ -24,6 +24,16 @@ fn wgrad_erf(x: f32) -> f32 {
     return select(-y, y, x >= 0.0);
 }
 
+// log(1 + u) for u >= 0, accurate for tiny u (WGSL has no log1p). Near 0
+// a five-term series (error below u^6 / 6, relatively 3e-9 at u = 0.05):
+// log of a value near 1 loses relative precision in some drivers (llvmpipe).
+fn wgrad_log1p(u: f32) -> f32 {
+    if (u < 0.05) {
+        return u * (1.0 - u * (0.5 - u * (1.0 / 3.0 - u * (0.25 - u * 0.2))));
+    }
+    return log(1.0 + u);
+}
+
 // pow with PyTorch's conventions: x^0 = 1, negative bases with integral
 // exponents keep their sign, negative bases with fractional exponents are NaN.
 fn wgrad_pow(x: f32, y: f32) -> f32 {

@@ -32,6 +32,7 @@ mod error;
 mod exec;
 mod layout;
 mod metadata;
+pub mod nn;
 mod ops;
 pub mod optim;
 mod tensor;

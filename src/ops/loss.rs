@@ -60,12 +60,17 @@ impl Tensor {
         }
         let classes = self.dims()[1];
         let _no_grad = crate::no_grad();
-        let l = labels.to_dtype(DType::F32)?;
-        let ignored = match options.ignore_index {
-            Some(i) => l.eq(i as f64)?,
-            None => l.mul(0.0)?.to_dtype(DType::U32)?,
+        // Checks run in the labels' own integer dtype, so no label is
+        // mistaken for the ignore index (or for a valid class) by rounding.
+        let ignored = match (options.ignore_index, labels.dtype()) {
+            (Some(i), DType::I32) => labels.eq(i as f64)?,
+            (Some(i), _) if i >= 0 => labels.eq(i as f64)?,
+            _ => labels.ne(labels)?, // no label is ignored
         };
-        let in_range = l.ge(0.0)?.mul(&l.lt(classes as f64)?)?;
+        let in_range = match labels.dtype() {
+            DType::I32 => labels.ge(0.0)?.mul(&labels.lt(classes as f64)?)?,
+            _ => labels.lt(classes as f64)?,
+        };
         let bad = in_range.add(&ignored)?.eq(0.0)?.sum_all()?.to_scalar::<u32>()?;
         if bad > 0 {
             return Err(Error::InvalidArgument {
@@ -76,6 +81,8 @@ impl Tensor {
                 ),
             });
         }
+        // Valid labels are below `classes`, so exact in f32.
+        let l = labels.to_dtype(DType::F32)?;
         let dtype = self.dtype();
         let arange = Tensor::arange(0.0, classes as f64, 1.0, self.device())?;
         let onehot = l.unsqueeze(1)?.eq(&arange)?.to_dtype(dtype)?;

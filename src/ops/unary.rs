@@ -75,8 +75,8 @@ impl UnaryOp {
             UnaryOp::Abs => format!("abs({x})"),
             UnaryOp::Erf => format!("{t}(wgrad_erf(f32({x})))"),
             UnaryOp::Sign => format!("sign({x})"),
-            // log(1 + e^x) without overflow: max(x, 0) + log(1 + e^-|x|).
-            UnaryOp::Softplus => format!("max({x}, {t}(0)) + log({t}(1) + exp(-abs({x})))"),
+            // log(1 + e^x) without overflow or cancellation: max(x, 0) + log1p(e^-|x|).
+            UnaryOp::Softplus => format!("max({x}, {t}(0)) + {t}(wgrad_log1p(exp(-abs(f32({x})))))"),
         }
     }
 
