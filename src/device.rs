@@ -440,6 +440,15 @@ impl Device {
         })
     }
 
+    /// Submits the pending batch now if `commands` more would not fit in it,
+    /// so that they are recorded into one encoder.
+    pub(crate) fn reserve(&self, commands: usize) {
+        let mut batch = self.inner.batch.lock();
+        if batch.commands.len() + commands > MAX_BATCH {
+            self.submit_batch(&mut batch);
+        }
+    }
+
     /// Appends a dispatch with a ready bind group to the pending batch.
     pub(crate) fn dispatch_bound(
         &self,

@@ -58,11 +58,14 @@ pub(crate) struct TensorImpl {
     dtype: DType,
     device: Device,
     pub(crate) autograd: AutogradMeta,
+    /// For integer tensors made from host data: the values, kept so index
+    /// checks and index maps need no readback (a sync) from the device.
+    host_ints: Option<Arc<[i64]>>,
 }
 
 impl Tensor {
     pub(crate) fn from_parts(storage: Storage, layout: Layout, dtype: DType, device: Device) -> Tensor {
-        Tensor(Arc::new(TensorImpl { storage, layout, dtype, device, autograd: AutogradMeta::None }))
+        Tensor(Arc::new(TensorImpl { storage, layout, dtype, device, autograd: AutogradMeta::None, host_ints: None }))
     }
 
     /// Uninitialised contiguous storage; every element must be written.
@@ -81,7 +84,22 @@ impl Tensor {
 
     /// The same data seen through another layout, with no autograd history.
     pub(crate) fn with_layout(&self, layout: Layout) -> Tensor {
-        Tensor::from_parts(self.0.storage.clone(), layout, self.0.dtype, self.0.device.clone())
+        // A reshape of the whole contiguous data keeps the element order.
+        let same_order = layout.is_contiguous() && layout.offset == 0 && layout.numel() == self.numel();
+        let host_ints = if same_order && self.0.layout.offset == 0 && self.is_contiguous() {
+            self.0.host_ints.clone()
+        } else {
+            None
+        };
+        let mut t = Tensor::from_parts(self.0.storage.clone(), layout, self.0.dtype, self.0.device.clone());
+        Arc::get_mut(&mut t.0).expect("a new tensor has one handle").host_ints = host_ints;
+        t
+    }
+
+    /// The values of an integer tensor made from host data, in row-major
+    /// order, if they are known on the host.
+    pub(crate) fn host_ints(&self) -> Option<&[i64]> {
+        self.0.host_ints.as_deref()
     }
 
     pub(crate) fn with_autograd(&self, autograd: AutogradMeta) -> Tensor {
@@ -91,6 +109,7 @@ impl Tensor {
             dtype: self.0.dtype,
             device: self.0.device.clone(),
             autograd,
+            host_ints: self.0.host_ints.clone(),
         }))
     }
 
@@ -144,7 +163,19 @@ impl Tensor {
         }
         check_dtype_supported(T::DTYPE, device)?;
         let storage = device.upload(bytemuck::cast_slice(data))?;
-        Ok(Tensor::from_parts(Storage::Buffer(storage), Layout::contiguous(shape), T::DTYPE, device.clone()))
+        let mut t = Tensor::from_parts(Storage::Buffer(storage), Layout::contiguous(shape), T::DTYPE, device.clone());
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let host_ints: Option<Arc<[i64]>> = match T::DTYPE {
+            DType::I32 => {
+                Some(bytes.chunks_exact(4).map(|c| i64::from(i32::from_ne_bytes([c[0], c[1], c[2], c[3]]))).collect())
+            }
+            DType::U32 => {
+                Some(bytes.chunks_exact(4).map(|c| i64::from(u32::from_ne_bytes([c[0], c[1], c[2], c[3]]))).collect())
+            }
+            DType::F32 | DType::F16 => None,
+        };
+        Arc::get_mut(&mut t.0).expect("a new tensor has one handle").host_ints = host_ints;
+        Ok(t)
     }
 
     /// A tensor filled with `value` (converted to `dtype`).

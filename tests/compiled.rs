@@ -393,6 +393,7 @@ fn w2_backward_fuses_into_at_most_three_kernels() -> wgrad::Result<()> {
     device.synchronize()?;
     let before = device.counters();
     loss.backward()?;
+    device.synchronize()?;
     let after = device.counters();
     // One dispatch is the eager fill of the seed (ones) that backward() makes.
     let compiled_kernels = after.dispatches - before.dispatches - 1;

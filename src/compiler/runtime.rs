@@ -158,6 +158,8 @@ impl Program {
         }
         let fresh = self.fresh_bytes.iter().map(|&b| device.alloc(b)).collect::<Result<Vec<_>>>()?;
         let mut hooked: Vec<Option<Tensor>> = vec![None; self.hooks];
+        // One encoder, one submit: start a new batch if this one cannot hold the whole program.
+        device.reserve(self.kernel_count());
         let resolve = |b: Buf, hooked: &[Option<Tensor>]| -> Result<wgpu::Buffer> {
             Ok(match b {
                 Buf::Input(i) => inputs[i].buffer()?.clone(),
@@ -195,7 +197,9 @@ impl Program {
                 }
             }
         }
-        device.flush();
+        // No submit here: the replay's dispatches sit in the pending batch
+        // (whole, see `reserve` above) and go with the next sync point, so
+        // the host can record the next step while the device runs this one.
         Ok(self
             .outputs
             .iter()

@@ -72,10 +72,12 @@ pub(crate) fn scatter_add_flat(g: &Tensor, map: &IndexMap, target: &Shape) -> Re
     Ok(record(op, &[g], map.to_vec(), out))
 }
 
-/// The indices of an integer tensor, read to the host and checked to lie
-/// in `0..size` (the only sync of an indexing op).
+/// The indices of an integer tensor, checked to lie in `0..size`: known on
+/// the host when the tensor was made from host data, read back otherwise
+/// (then the only sync of an indexing op).
 fn host_indices(op: &'static str, index: &Tensor, size: usize) -> Result<Vec<usize>> {
     let values: Vec<i64> = match index.dtype() {
+        DType::I32 | DType::U32 if index.host_ints().is_some() => index.host_ints().unwrap_or_default().to_vec(),
         DType::I32 => index.to_vec::<i32>()?.into_iter().map(i64::from).collect(),
         DType::U32 => index.to_vec::<u32>()?.into_iter().map(i64::from).collect(),
         dtype => {

@@ -67,11 +67,18 @@ impl Tensor {
             (Some(i), _) if i >= 0 => labels.eq(i as f64)?,
             _ => labels.ne(labels)?, // no label is ignored
         };
-        let in_range = match labels.dtype() {
-            DType::I32 => labels.ge(0.0)?.mul(&labels.lt(classes as f64)?)?,
-            _ => labels.lt(classes as f64)?,
+        let ok = |v: i64| (0..classes as i64).contains(&v) || options.ignore_index.is_some_and(|i| i as i64 == v);
+        let bad = match labels.host_ints() {
+            // Labels made from host data are checked there: no sync.
+            Some(values) => values.iter().filter(|&&v| !ok(v)).count() as u32,
+            None => {
+                let in_range = match labels.dtype() {
+                    DType::I32 => labels.ge(0.0)?.mul(&labels.lt(classes as f64)?)?,
+                    _ => labels.lt(classes as f64)?,
+                };
+                in_range.add(&ignored)?.eq(0.0)?.sum_all()?.to_scalar::<u32>()?
+            }
         };
-        let bad = in_range.add(&ignored)?.eq(0.0)?.sum_all()?.to_scalar::<u32>()?;
         if bad > 0 {
             return Err(Error::InvalidArgument {
                 op,
