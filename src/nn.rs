@@ -39,9 +39,9 @@ pub fn xavier_uniform(
 /// `y = x Wᵀ + b`, W [out, in]; initialised as PyTorch's `nn.Linear`
 /// (uniform in ±1/sqrt(in) for weight and bias).
 pub struct Linear {
-    /// [out_features, in_features].
+    /// `[out_features, in_features]`.
     pub weight: Tensor,
-    /// [out_features].
+    /// `[out_features]`.
     pub bias: Option<Tensor>,
 }
 
@@ -72,9 +72,9 @@ impl Module for Linear {
 
 /// 2-D convolution layer, initialised as PyTorch's `nn.Conv2d`.
 pub struct Conv2d {
-    /// [out_channels, in_channels, kh, kw].
+    /// `[out_channels, in_channels, kh, kw]`.
     pub weight: Tensor,
-    /// [out_channels].
+    /// `[out_channels]`.
     pub bias: Option<Tensor>,
     /// Stride, padding, dilation.
     pub options: Conv2dOptions,

@@ -33,15 +33,25 @@ impl Rule {
         }
     }
 
-    /// Uniform scalars of step `t` (1-based): the rule's constants, with
-    /// Adam's bias corrections folded in on the host.
-    fn scalars(&self, t: u64) -> Vec<f32> {
+    /// The rule's constants (uniform words 4..).
+    fn scalars(&self) -> Vec<f32> {
         match *self {
             Rule::Sgd { lr, momentum, weight_decay } => vec![lr as f32, momentum as f32, weight_decay as f32],
             Rule::Adam { lr, betas: (b1, b2), eps, weight_decay, .. } => {
-                let bc1 = 1.0 - b1.powi(t as i32);
-                let bc2 = 1.0 - b2.powi(t as i32);
-                vec![lr as f32, b1 as f32, b2 as f32, eps as f32, weight_decay as f32, bc1 as f32, bc2.sqrt() as f32]
+                vec![lr as f32, b1 as f32, b2 as f32, eps as f32, weight_decay as f32]
+            }
+        }
+    }
+
+    /// Adam's bias corrections `1 - b1^t` and `sqrt(1 - b2^t)` for a
+    /// parameter's `t`-th step (1-based), computed on the host; steps count
+    /// per parameter, as in PyTorch.
+    fn corrections(&self, t: u64) -> [f32; 2] {
+        match *self {
+            Rule::Sgd { .. } => [1.0, 1.0],
+            Rule::Adam { betas: (b1, b2), .. } => {
+                let t = t.min(i32::MAX as u64) as i32;
+                [(1.0 - b1.powi(t)) as f32, (1.0 - b2.powi(t)).sqrt() as f32]
             }
         }
     }
@@ -69,19 +79,20 @@ impl Rule {
                 }
                 let _ = writeln!(s, "let m = c(1u) * {s0} + (1.0 - c(1u)) * g; {s0} = m;");
                 let _ = writeln!(s, "let v = c(2u) * {s1} + (1.0 - c(2u)) * g * g; {s1} = v;");
-                let _ = writeln!(s, "{p} = {p} - c(0u) * (m / c(5u)) / (sqrt(v) / c(6u) + c(3u));");
+                let _ = writeln!(s, "{p} = {p} - c(0u) * (m / bc(k, 0u)) / (sqrt(v) / bc(k, 1u) + c(3u));");
                 s
             }
         }
     }
 
     /// The update kernel for `n` parameters. Uniform: element count, the
-    /// rule's scalars (from word 4), then each parameter's first element
-    /// in the concatenation (from word 12).
+    /// rule's scalars (from word 4), each parameter's first element in the
+    /// concatenation and the total (from word 12), then two bias
+    /// corrections per parameter.
     fn source(&self, n: usize) -> String {
         let states = self.state_count();
-        let words = (12 + n + 1).div_ceil(4);
-        let mut s = format!("struct Params {{ v: array<vec4<u32>, {words}> }}\n");
+        let words = (12 + n + 1 + 2 * n).div_ceil(4);
+        let mut s = format!("struct Params {{ v: array<vec4<u32>, {words}> }}\nconst N: u32 = {n}u;\n");
         s.push_str("@group(0) @binding(0) var<uniform> params: Params;\n");
         let mut binding = 1;
         for k in 0..n {
@@ -96,6 +107,7 @@ impl Rule {
         s.push_str(
             "fn w(i: u32) -> u32 { return params.v[i / 4u][i % 4u]; }\n\
              fn c(i: u32) -> f32 { return bitcast<f32>(w(4u + i)); }\n\
+             fn bc(k: u32, i: u32) -> f32 { return bitcast<f32>(w(13u + N + 2u * k + i)); }\n\
              @compute @workgroup_size(256)\n\
              fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {\n\
              \x20   let i = gid.x + gid.y * nwg.x * 256u;\n\
@@ -119,7 +131,8 @@ struct Core {
     params: Vec<Tensor>,
     state: Vec<Vec<Tensor>>,
     rule: Rule,
-    steps: u64,
+    /// Updates so far, per parameter.
+    steps: Vec<u64>,
 }
 
 impl Core {
@@ -151,7 +164,7 @@ impl Core {
             .iter()
             .map(|p| (0..rule.state_count()).map(|_| p.zeros_like()).collect::<Result<Vec<_>>>())
             .collect::<Result<Vec<_>>>()?;
-        Ok(Core { params: params.to_vec(), state, rule, steps: 0 })
+        Ok(Core { params: params.to_vec(), state, rule, steps: vec![0; params.len()] })
     }
 
     /// One update of every parameter that has a gradient.
@@ -159,23 +172,27 @@ impl Core {
         let mut work: Vec<(usize, Tensor)> = Vec::new();
         for (i, p) in self.params.iter().enumerate() {
             let Some(g) = p.grad() else { continue };
-            let g = if g.is_contiguous() && g.layout().offset == 0 { g } else { g.contiguous_copy()? };
+            // The kernel reads g and writes p: g must be its own buffer.
+            let own = g.is_contiguous() && g.layout().offset == 0 && !g.shares_storage(p);
+            let g = if own { g } else { g.contiguous_copy()? };
             work.push((i, g));
         }
         if work.is_empty() {
             return Ok(());
         }
-        self.steps += 1;
         let device = self.params[0].device().clone();
         let per_param = 2 + self.rule.state_count();
         let group = (device.max_storage_bindings() / per_param).clamp(1, 16);
-        let scalars = self.rule.scalars(self.steps);
+        let scalars = self.rule.scalars();
         for chunk in work.chunks(group) {
             let mut words = vec![0u32; 12];
             words[4..4 + scalars.len()].copy_from_slice(&scalars.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
             let mut total = 0usize;
             let mut buffers = Vec::new();
+            let mut corrections = Vec::new();
             for (i, g) in chunk {
+                self.steps[*i] += 1;
+                corrections.extend(self.rule.corrections(self.steps[*i]).map(f32::to_bits));
                 words.push(total as u32);
                 total += self.params[*i].numel();
                 buffers.push(self.params[*i].buffer()?);
@@ -185,6 +202,7 @@ impl Core {
                 }
             }
             words.push(total as u32);
+            words.extend(corrections);
             words[0] = total as u32;
             if total == 0 {
                 continue;

@@ -140,6 +140,15 @@ impl Tensor {
         same_storage && self.0.layout == other.0.layout && self.0.dtype == other.0.dtype
     }
 
+    /// Whether both handles view the same buffer (any elements).
+    pub(crate) fn shares_storage(&self, other: &Tensor) -> bool {
+        match (&self.0.storage, &other.0.storage) {
+            (Storage::Buffer(a), Storage::Buffer(b)) => Arc::ptr_eq(a, b),
+            (Storage::Traced(a), Storage::Traced(b)) => a == b,
+            _ => false,
+        }
+    }
+
     pub(crate) fn storage(&self) -> &Storage {
         &self.0.storage
     }

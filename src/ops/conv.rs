@@ -45,7 +45,7 @@ impl Windows {
         let mut out = [0; 2];
         for (a, slot) in out.iter_mut().enumerate() {
             let size = self.input[2 + a] + 2 * self.options.padding[a];
-            let span = self.options.dilation[a] * (self.kernel[a] - 1) + 1;
+            let span = self.options.dilation[a] * self.kernel[a].saturating_sub(1) + 1;
             if self.options.stride[a] == 0 || self.options.dilation[a] == 0 || self.kernel[a] == 0 || span > size {
                 return Err(Error::InvalidArgument {
                     op,
@@ -146,8 +146,8 @@ impl Tensor {
     }
 
     /// 2-D convolution (cross-correlation, as in PyTorch) of this
-    /// [n, c, h, w] input with `weight` [out_channels, c, kh, kw], plus
-    /// `bias` [out_channels]: im2col (a gather) and one tiled matmul.
+    /// `[n, c, h, w]` input with `weight` `[out_channels, c, kh, kw]`, plus
+    /// `bias` `[out_channels]`: im2col (a gather) and one tiled matmul.
     pub fn conv2d(&self, weight: &Tensor, bias: Option<&Tensor>, options: Conv2dOptions) -> Result<Tensor> {
         if weight.rank() != 4 || self.rank() != 4 || weight.dims()[1] != self.dims()[1] {
             return Err(Error::ShapeMismatch { op: "conv2d", lhs: self.shape().clone(), rhs: weight.shape().clone() });

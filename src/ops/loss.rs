@@ -110,7 +110,7 @@ impl Tensor {
         }
     }
 
-    /// Cross-entropy of integer `labels` [n] under logits `self` [n, classes]:
+    /// Cross-entropy of integer `labels` `[n]` under logits `self` `[n, classes]`:
     /// `nll_loss(log_softmax(logits))`, finite for any finite logits.
     pub fn cross_entropy(&self, labels: &Tensor, options: ClassLoss) -> Result<Tensor> {
         crate::ops::float_only("cross_entropy", self.dtype())?;
