@@ -7,42 +7,14 @@
 //! cargo run --release --example cnn_digits -- --epochs 15 [--compiled]
 //! ```
 
+#[path = "digits/cnn.rs"]
+mod cnn;
 #[path = "digits/mod.rs"]
 mod digits;
 
-use wgrad::nn::{Conv2d, Linear, Module};
-use wgrad::{Adam, ClassLoss, Conv2dOptions, Device, Optimizer, Tensor, WgslCompiler};
-
-struct Cnn {
-    conv1: Conv2d,
-    conv2: Conv2d,
-    head: Linear,
-}
-
-impl Cnn {
-    fn new(seed: u64, device: &Device) -> wgrad::Result<Cnn> {
-        let same = Conv2dOptions { padding: [1, 1], ..Default::default() };
-        Ok(Cnn {
-            conv1: Conv2d::new(1, 16, [3, 3], same, true, seed, device)?,
-            conv2: Conv2d::new(16, 32, [3, 3], same, true, seed + 10, device)?,
-            head: Linear::new(32 * 2 * 2, 10, true, seed + 20, device)?,
-        })
-    }
-
-    /// Logits [n, 10] of images `x` [n, 64].
-    fn forward(&self, x: &Tensor) -> wgrad::Result<Tensor> {
-        let n = x.dims()[0];
-        let h = self.conv1.forward(&x.reshape([n, 1, 8, 8])?)?.relu()?.max_pool2d([2, 2], [2, 2], [0, 0])?;
-        let h = self.conv2.forward(&h)?.relu()?.max_pool2d([2, 2], [2, 2], [0, 0])?;
-        self.head.forward(&h.reshape([n, 32 * 2 * 2])?)
-    }
-}
-
-impl Module for Cnn {
-    fn parameters(&self) -> Vec<Tensor> {
-        [self.conv1.parameters(), self.conv2.parameters(), self.head.parameters()].concat()
-    }
-}
+use cnn::Cnn;
+use wgrad::nn::Module;
+use wgrad::{Adam, ClassLoss, Device, Optimizer, Tensor, WgslCompiler};
 
 fn main() {
     let defaults = digits::Args { epochs: 15, batch: 64, hidden: 0, lr: 0.01, momentum: 0.0, seed: 0, compiled: false };
