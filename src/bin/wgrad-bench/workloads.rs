@@ -1,0 +1,148 @@
+//! The five benchmark workloads of the project's WORKLOADS.md, exactly as
+//! written (or scaled down for smoke runs). Shared by `wgrad-bench` and
+//! the criterion benches.
+
+#![allow(dead_code)]
+
+use wgrad::{ClassLoss, Device, Optimizer, Sgd, Tensor};
+
+/// Which workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Id {
+    W1,
+    W2,
+    W3,
+    W4,
+    W5,
+}
+
+pub const ALL: [Id; 5] = [Id::W1, Id::W2, Id::W3, Id::W4, Id::W5];
+
+impl Id {
+    pub fn name(self) -> &'static str {
+        match self {
+            Id::W1 => "W1 mlp",
+            Id::W2 => "W2 elementwise",
+            Id::W3 => "W3 matmul",
+            Id::W4 => "W4 norm-softmax",
+            Id::W5 => "W5 tiny-chain",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Id> {
+        ALL.into_iter().find(|id| format!("{id:?}").eq_ignore_ascii_case(s.trim()))
+    }
+}
+
+/// Uniform in [-1, 1) from a seed, as WORKLOADS.md fills inputs.
+fn uniform(shape: &[usize], seed: u64, scale: f64, device: &Device) -> wgrad::Result<Tensor> {
+    Tensor::rand(shape.to_vec(), seed, device)?.mul(2.0 * scale)?.sub(scale)
+}
+
+/// A workload's tensors, ready to step.
+pub struct Workload {
+    pub id: Id,
+    leaves: Vec<Tensor>,
+    data: Vec<Tensor>,
+    optimizer: Option<Sgd>,
+    /// Floating-point operations of one step (forward + backward), if the
+    /// workload is compute-bound.
+    pub flops: Option<f64>,
+    /// Bytes one step must move at least (inputs read, gradients written),
+    /// if the workload is memory-bound.
+    pub bytes: Option<f64>,
+}
+
+impl Workload {
+    /// Builds workload `id`; `small` shrinks sizes for smoke runs.
+    pub fn new(id: Id, device: &Device, small: bool) -> wgrad::Result<Workload> {
+        let leaf = |shape: &[usize], seed: u64, scale: f64| uniform(shape, seed, scale, device)?.requires_grad(true);
+        let mut w = Workload { id, leaves: Vec::new(), data: Vec::new(), optimizer: None, flops: None, bytes: None };
+        match id {
+            Id::W1 => {
+                let (batch, inp, hidden) = if small { (16, 64, 32) } else { (64, 784, 512) };
+                let labels: Vec<i32> = (0..batch as u64).map(|i| (splitmix(i + 7) % 10) as i32).collect();
+                w.data = vec![uniform(&[batch, inp], 1, 1.0, device)?, Tensor::from_slice(&labels, [batch], device)?];
+                w.leaves = vec![
+                    leaf(&[inp, hidden], 2, 1.0 / (inp as f64).sqrt())?,
+                    leaf(&[hidden], 3, 1.0)?,
+                    leaf(&[hidden, hidden], 4, 1.0 / (hidden as f64).sqrt())?,
+                    leaf(&[hidden], 5, 1.0)?,
+                    leaf(&[hidden, 10], 6, 1.0 / (hidden as f64).sqrt())?,
+                    leaf(&[10], 7, 1.0)?,
+                ];
+                w.optimizer = Some(Sgd::new(&w.leaves, 0.01, 0.0, 0.0)?);
+                let mm = (batch * inp * hidden + batch * hidden * hidden + batch * hidden * 10) as f64;
+                w.flops = Some(6.0 * mm);
+            }
+            Id::W2 => {
+                let n = if small { 1 << 12 } else { 1 << 20 };
+                w.leaves = vec![leaf(&[n], 1, 1.0)?, leaf(&[n], 2, 1.0)?, leaf(&[n], 3, 1.0)?];
+                w.bytes = Some(9.0 * 4.0 * n as f64); // read x, a, b twice; write three gradients
+            }
+            Id::W3 => {
+                let n = if small { 64 } else { 1024 };
+                w.leaves = vec![leaf(&[n, n], 1, 1.0)?, leaf(&[n, n], 2, 1.0)?];
+                w.flops = Some(6.0 * (n as f64).powi(3)); // forward and two gradient products
+            }
+            Id::W4 => {
+                let (rows, cols) = if small { (16, 64) } else { (256, 1024) };
+                w.leaves = vec![leaf(&[rows, cols], 1, 1.0)?, leaf(&[cols], 2, 1.0)?, leaf(&[cols], 3, 1.0)?];
+                w.data = vec![uniform(&[rows, cols], 4, 1.0, device)?];
+            }
+            Id::W5 => {
+                w.leaves = vec![leaf(&[16], 1, 1.0)?];
+            }
+        }
+        Ok(w)
+    }
+
+    /// The loss (recorded graph) of one forward pass.
+    fn loss(&self) -> wgrad::Result<Tensor> {
+        let p = &self.leaves;
+        match self.id {
+            Id::W1 => {
+                let h1 = self.data[0].matmul(&p[0])?.add(&p[1])?.relu()?;
+                let h2 = h1.matmul(&p[2])?.add(&p[3])?.relu()?;
+                h2.matmul(&p[4])?.add(&p[5])?.cross_entropy(&self.data[1], ClassLoss::default())
+            }
+            Id::W2 => {
+                let (x, a, b) = (&p[0], &p[1], &p[2]);
+                x.mul(a)?.add(b)?.tanh()?.mul(&x.sigmoid()?)?.add(&x.mul(x)?.neg()?.exp()?)?.sum_all()
+            }
+            Id::W3 => p[0].matmul(&p[1])?.sum_all(),
+            Id::W4 => {
+                let cols = p[0].dims()[1];
+                let y = p[0].layer_norm(&[cols], None, None, 1e-5)?.mul(&p[1])?.add(&p[2])?;
+                y.softmax(-1)?.mul(&self.data[0])?.sum_all()
+            }
+            Id::W5 => {
+                let mut x = p[0].clone();
+                for _ in 0..50 {
+                    x = x.sin()?.mul(0.9)?.add(&x.mul(0.1)?)?;
+                }
+                x.sum_all()
+            }
+        }
+    }
+
+    /// One step: forward, backward (and W1's SGD update), loss read back once.
+    pub fn step(&mut self) -> wgrad::Result<f32> {
+        for p in &self.leaves {
+            p.zero_grad();
+        }
+        let loss = self.loss()?;
+        loss.backward()?;
+        if let Some(opt) = &mut self.optimizer {
+            opt.step()?;
+        }
+        loss.to_scalar::<f32>()
+    }
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
