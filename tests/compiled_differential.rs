@@ -23,14 +23,24 @@
 //! gradient in both modes or in neither.
 //!
 //! - `every_op_compiled_matches_eager`: one small graph per differentiable op (with broadcasting
-//!   where the op allows), loss `sum(op(..) * W)` for a fixed random `W`.
+//!   where the op allows), loss `sum(op(..) * W)` for a fixed random `W`. The neural-network ops
+//!   are among them: softmax / log_softmax / logsumexp, softplus, layer_norm and rms_norm (affine
+//!   parameters broadcast over the leading dims), dropout, cross_entropy and nll_loss (ignore_index
+//!   outside and inside the class range, i32 and u32 labels), mse_loss, BCE with logits,
+//!   index_select / gather / embedding with repeated indices (also under a reduction, so the
+//!   gradient reaching the gather is a broadcast), conv2d with stride 2, padding 1 and dilation 2,
+//!   padded max / avg pools, and two small models built from them.
 //! - `random_graphs_compiled_match_eager`: 300 seeded random graphs of 2 to 25 ops (elementwise
-//!   ops with broadcasting, reductions, matmuls, movement ops, cat/stack, where), reusing
-//!   intermediates; the loss sums every tensor no later op reads. By graph index: `wgrad::grad`,
-//!   accumulation over two backwards, `backward_with` a random seed, or `backward()`; every 4th
-//!   graph is also run on new input values of the same shapes, which must replay the cached
-//!   program. A failure prints the seed and the graph's ops; `WGRAD_DIFF_GRAPH=<graph #>` reruns
-//!   one graph.
+//!   ops with broadcasting, reductions, matmuls, movement ops, cat/stack, where, and the
+//!   neural-network ops: softmax / log_softmax / logsumexp over a random dim, layer_norm / rms_norm
+//!   over the trailing dim(s) with parameters taken from the graph, softplus, dropout, class and
+//!   elementwise losses, index_select / gather / embedding with random indices, repeats included,
+//!   and now and then a small conv2d or pool on a 4-D tensor or one reshaped to [1, c, h, w]),
+//!   reusing intermediates; the loss sums every tensor no later op reads. By graph index:
+//!   `wgrad::grad`, accumulation over two backwards, `backward_with` a random seed, or
+//!   `backward()`; every 4th graph is also run on new input values of the same shapes, which must
+//!   replay the cached program. A failure prints the seed and the graph's ops;
+//!   `WGRAD_DIFF_GRAPH=<graph #>` reruns one graph.
 //! - `compiled_kernels_pass_naga`: every generated kernel of several programs validates in naga.
 //!
 //! Runtime is dominated by lavapipe compiling the fused pipelines (~700 distinct ones): about
@@ -307,6 +317,7 @@ fn op_cases(f16: bool) -> Vec<OpCase> {
             },
         ),
     ];
+    cases.extend(nn_op_cases());
     if f16 {
         cases.push(case("to_dtype_f16_roundtrip", vec![m(170)], |x| {
             let h = x[0].to_dtype(DType::F16)?;
@@ -314,6 +325,209 @@ fn op_cases(f16: bool) -> Vec<OpCase> {
         }));
     }
     cases
+}
+
+/// An i32 index / label tensor made from host data.
+fn ints(values: &[i32], shape: &[usize]) -> Tensor {
+    Tensor::from_slice(values, shape.to_vec(), &device()).expect("i32 tensor")
+}
+
+/// A u32 index / label tensor made from host data.
+fn uints(values: &[u32], shape: &[usize]) -> Tensor {
+    Tensor::from_slice(values, shape.to_vec(), &device()).expect("u32 tensor")
+}
+
+/// The neural-network ops: softmax family, normalisations, dropout, losses, indexing,
+/// convolution and pooling.
+fn nn_op_cases() -> Vec<OpCase> {
+    use wgrad::{ClassLoss, Conv2dOptions, Reduction};
+    let l = |shape: &[usize], s: u64| leaf(shape, s, -1.0, 1.0);
+    let wide = |shape: &[usize], s: u64| leaf(shape, s, -3.0, 3.0);
+    fn conv(stride: [usize; 2], padding: [usize; 2], dilation: [usize; 2]) -> Conv2dOptions {
+        Conv2dOptions { stride, padding, dilation }
+    }
+    fn ce(reduction: Reduction, ignore_index: Option<i32>) -> ClassLoss {
+        ClassLoss { reduction, ignore_index }
+    }
+    // Labels with repeats; -100 (PyTorch's default ignore index) outside the class range, and
+    // class 2 ignored inside it.
+    let labels = ints(&[1, 3, 0, 3], &[4]);
+    let labels_ignored = ints(&[1, -100, 4, 1], &[4]);
+    let labels_u32 = uints(&[2, 0, 2, 3], &[4]);
+    vec![
+        // Softmax family (the max they subtract is detached).
+        case("softmax_last", vec![wide(&[3, 4], 200)], |x| x[0].softmax(-1)),
+        case("softmax_dim0_rank3", vec![wide(&[2, 3, 4], 201)], |x| x[0].softmax(0)),
+        case("softmax_of_bcast_sum", vec![l(&[3, 4], 202), l(&[3, 1], 203)], |x| x[0].add(&x[1])?.softmax(1)),
+        case("log_softmax_last", vec![wide(&[3, 4], 204)], |x| x[0].log_softmax(1)),
+        case("log_softmax_mid_rank3", vec![wide(&[2, 3, 4], 205)], |x| x[0].log_softmax(-2)),
+        case("logsumexp", vec![wide(&[3, 4], 206)], |x| x[0].logsumexp(1, false)),
+        case("logsumexp_keepdim_rank3", vec![wide(&[2, 3, 4], 207)], |x| x[0].logsumexp(0, true)),
+        case("logsumexp_large", vec![leaf(&[3, 4], 208, -8.0, 8.0)], |x| x[0].logsumexp(-1, false)),
+        case("softplus", vec![wide(&[3, 4], 209)], |x| x[0].softplus()),
+        case("softplus_wide", vec![leaf(&[3, 4], 210, -20.0, 20.0)], |x| x[0].softplus()),
+        // Normalisations; the affine parameters broadcast over the leading dims.
+        case("layer_norm_affine_bcast", vec![wide(&[2, 3, 4], 211), l(&[4], 212), l(&[4], 213)], |x| {
+            x[0].layer_norm(&[4], Some(&x[1]), Some(&x[2]), 1e-5)
+        }),
+        case("layer_norm_two_dims_weight", vec![wide(&[2, 3, 4], 214), l(&[3, 4], 215)], |x| {
+            x[0].layer_norm(&[3, 4], Some(&x[1]), None, 1e-5)
+        }),
+        case("layer_norm_bias_only", vec![wide(&[3, 4], 216), l(&[4], 217)], |x| {
+            x[0].layer_norm(&[4], None, Some(&x[1]), 1e-5)
+        }),
+        case("layer_norm_plain", vec![wide(&[3, 5], 218)], |x| x[0].layer_norm(&[5], None, None, 1e-3)),
+        case("rms_norm_weight_bcast", vec![wide(&[2, 3, 4], 219), l(&[4], 220)], |x| {
+            x[0].rms_norm(&[4], Some(&x[1]), 1e-5)
+        }),
+        case("rms_norm_plain_two_dims", vec![wide(&[2, 3, 4], 221)], |x| x[0].rms_norm(&[3, 4], None, 1e-6)),
+        // Dropout: the same seed drops the same elements in both runs.
+        case("dropout_train", vec![l(&[3, 4], 222)], |x| x[0].dropout(0.5, 7, true)),
+        case("dropout_train_then_tanh", vec![l(&[4, 5], 223)], |x| x[0].dropout(0.25, 8, true)?.tanh()),
+        case("dropout_eval", vec![l(&[3, 4], 224)], |x| x[0].dropout(0.5, 7, false)?.mul(&x[0])),
+        case("dropout_p1", vec![l(&[3, 4], 225)], |x| x[0].dropout(1.0, 7, true)?.add(&x[0].square()?)),
+        // Losses.
+        case("cross_entropy_mean", vec![wide(&[4, 5], 230)], {
+            let labels = labels.clone();
+            move |x| x[0].cross_entropy(&labels, ce(Reduction::Mean, None))
+        }),
+        case("cross_entropy_ignore_mean", vec![wide(&[4, 5], 231)], {
+            let labels = labels_ignored.clone();
+            move |x| x[0].cross_entropy(&labels, ce(Reduction::Mean, Some(-100)))
+        }),
+        case("cross_entropy_ignore_in_range_sum_u32", vec![wide(&[4, 5], 232)], {
+            let labels = labels_u32.clone();
+            move |x| x[0].cross_entropy(&labels, ce(Reduction::Sum, Some(2)))
+        }),
+        case("cross_entropy_none", vec![wide(&[4, 5], 233)], {
+            let labels = labels_ignored.clone();
+            move |x| x[0].cross_entropy(&labels, ce(Reduction::None, Some(-100)))
+        }),
+        case("cross_entropy_of_matmul", vec![l(&[4, 3], 234), l(&[3, 5], 235), l(&[5], 236)], {
+            let labels = labels.clone();
+            move |x| x[0].matmul(&x[1])?.add(&x[2])?.cross_entropy(&labels, ClassLoss::default())
+        }),
+        case("nll_loss_of_log_softmax_ignore", vec![wide(&[4, 5], 237)], {
+            let labels = labels_u32.clone();
+            move |x| x[0].log_softmax(1)?.nll_loss(&labels, ce(Reduction::Mean, Some(2)))
+        }),
+        case("nll_loss_sum", vec![l(&[4, 5], 238)], {
+            let labels = labels.clone();
+            move |x| x[0].nll_loss(&labels, ce(Reduction::Sum, None))
+        }),
+        case("nll_loss_none_ignore", vec![l(&[4, 5], 239)], {
+            let labels = labels_ignored.clone();
+            move |x| x[0].nll_loss(&labels, ce(Reduction::None, Some(-100)))
+        }),
+        case("mse_loss_mean", vec![l(&[3, 4], 240), l(&[3, 4], 241)], |x| x[0].mse_loss(&x[1], Reduction::Mean)),
+        case("mse_loss_sum", vec![l(&[2, 3, 4], 242), l(&[2, 3, 4], 243)], |x| x[0].mse_loss(&x[1], Reduction::Sum)),
+        case("mse_loss_none_const_target", vec![l(&[3, 4], 244)], |x| {
+            x[0].mse_loss(&uniform(&[3, 4], 245, -1.0, 1.0)?, Reduction::None)
+        }),
+        case("bce_logits_mean", vec![wide(&[3, 4], 246), leaf(&[3, 4], 247, 0.0, 1.0)], |x| {
+            x[0].binary_cross_entropy_with_logits(&x[1], Reduction::Mean)
+        }),
+        case("bce_logits_sum_wide", vec![leaf(&[3, 4], 248, -20.0, 20.0), leaf(&[3, 4], 249, 0.0, 1.0)], |x| {
+            x[0].binary_cross_entropy_with_logits(&x[1], Reduction::Sum)
+        }),
+        case("bce_logits_none", vec![wide(&[2, 3], 250)], |x| {
+            x[0].binary_cross_entropy_with_logits(&uniform(&[2, 3], 251, 0.0, 1.0)?, Reduction::None)
+        }),
+        // Indexing, with repeated indices (their gradients accumulate).
+        case("index_select_rows_repeats", vec![l(&[4, 3], 260)], {
+            let idx = ints(&[2, 0, 2, 3, 2], &[5]);
+            move |x| x[0].index_select(0, &idx)
+        }),
+        case("index_select_mid_u32", vec![l(&[2, 3, 4], 261)], {
+            let idx = uints(&[2, 2, 0, 1], &[4]);
+            move |x| x[0].index_select(1, &idx)
+        }),
+        case("index_select_last_all_same", vec![l(&[3, 4], 262)], {
+            let idx = ints(&[3, 3, 3], &[3]);
+            move |x| x[0].index_select(-1, &idx)
+        }),
+        case("index_select_of_view_bcast", vec![l(&[4, 3], 263), l(&[4], 264)], {
+            let idx = ints(&[1, 1, 0], &[3]);
+            move |x| x[0].t()?.index_select(0, &idx)?.mul(&x[1])?.exp()
+        }),
+        case("gather_dim1_repeats", vec![l(&[3, 4], 265)], {
+            let idx = ints(&[0, 3, 3, 1, 0, 2, 2, 2, 2, 2, 1, 0, 1, 3, 1], &[3, 5]);
+            move |x| x[0].gather(1, &idx)
+        }),
+        case("gather_dim0_rank3_u32", vec![l(&[2, 3, 4], 266)], {
+            let idx = uints(&[1, 0, 1, 1, 0, 0, 1, 1, 1, 1, 0, 1, 0, 0, 0, 1, 1, 0], &[3, 2, 3]);
+            move |x| x[0].gather(0, &idx)
+        }),
+        case("gather_smaller_index_then_sin", vec![l(&[3, 4], 267)], {
+            let idx = ints(&[2, 2, 0, 1, 2, 2], &[2, 3]);
+            move |x| x[0].gather(0, &idx)?.sin()
+        }),
+        case("embedding_repeats", vec![l(&[5, 4], 268)], {
+            let ids = ints(&[1, 4, 1, 0, 1, 4], &[2, 3]);
+            move |x| wgrad::embedding(&ids, &x[0])
+        }),
+        case("embedding_u32_then_layer_norm", vec![l(&[3, 4], 269), l(&[4], 270)], {
+            let ids = uints(&[2, 2, 0, 2, 2], &[5]);
+            move |x| wgrad::embedding(&ids, &x[0])?.layer_norm(&[4], Some(&x[1]), None, 1e-5)
+        }),
+        // The gradient reaching the gather is a broadcast (the backward of a reduction).
+        case("index_select_then_sum", vec![l(&[4, 3], 271)], {
+            let idx = ints(&[3, 0, 3], &[3]);
+            move |x| x[0].index_select(0, &idx)?.sum(&[1], true)
+        }),
+        case("gather_then_mean", vec![l(&[3, 4], 272)], {
+            let idx = uints(&[1, 1, 3, 0, 2, 2], &[3, 2]);
+            move |x| x[0].gather(1, &idx)?.mean(&[0], false)
+        }),
+        case("embedding_then_sum", vec![l(&[5, 3], 273)], {
+            let ids = ints(&[4, 4, 1], &[3]);
+            move |x| wgrad::embedding(&ids, &x[0])?.sum(&[-1], false)
+        }),
+        // Convolution (im2col gather + matmul) and pooling (window gather + reduction).
+        case("conv2d_plain", vec![l(&[2, 3, 5, 5], 280), l(&[4, 3, 3, 3], 281)], |x| {
+            x[0].conv2d(&x[1], None, Conv2dOptions::default())
+        }),
+        case("conv2d_bias_stride2_pad1", vec![l(&[1, 2, 6, 6], 282), l(&[3, 2, 3, 3], 283), l(&[3], 284)], |x| {
+            x[0].conv2d(&x[1], Some(&x[2]), conv([2, 2], [1, 1], [1, 1]))
+        }),
+        case("conv2d_dilation2", vec![l(&[2, 2, 6, 6], 285), l(&[2, 2, 2, 3], 286)], |x| {
+            x[0].conv2d(&x[1], None, conv([1, 1], [0, 0], [2, 2]))
+        }),
+        case("conv2d_stride2_pad1_dilation2", vec![l(&[1, 3, 7, 6], 287), l(&[2, 3, 3, 2], 288), l(&[2], 289)], |x| {
+            x[0].conv2d(&x[1], Some(&x[2]), conv([2, 2], [1, 1], [2, 2]))
+        }),
+        case("conv2d_mixed_options", vec![l(&[2, 1, 5, 4], 290), l(&[2, 1, 2, 3], 291), l(&[2], 292)], |x| {
+            x[0].conv2d(&x[1], Some(&x[2]), conv([2, 1], [1, 2], [1, 2]))
+        }),
+        case("max_pool2d_2x2", vec![l(&[2, 3, 4, 4], 293)], |x| x[0].max_pool2d([2, 2], [2, 2], [0, 0])),
+        case("max_pool2d_pad1_stride2", vec![l(&[1, 2, 5, 5], 294)], |x| x[0].max_pool2d([3, 3], [2, 2], [1, 1])),
+        case("max_pool2d_overlapping_pad", vec![l(&[1, 2, 3, 4], 295)], |x| x[0].max_pool2d([2, 3], [1, 1], [1, 1])),
+        // Rows repeated by the expand tie in every window; ties share the gradient.
+        case("max_pool2d_ties", vec![l(&[1, 2, 1, 4], 296)], |x| {
+            x[0].expand([1, 2, 4, 4])?.max_pool2d([2, 2], [1, 1], [0, 0])
+        }),
+        case("avg_pool2d_2x2", vec![l(&[2, 3, 4, 4], 297)], |x| x[0].avg_pool2d([2, 2], [2, 2], [0, 0])),
+        case("avg_pool2d_pad1", vec![l(&[1, 2, 5, 5], 298)], |x| x[0].avg_pool2d([3, 3], [1, 1], [1, 1])),
+        case("avg_pool2d_asym_pad", vec![l(&[1, 2, 4, 5], 299)], |x| x[0].avg_pool2d([2, 3], [2, 1], [1, 1])),
+        // Small models, sharing intermediates.
+        case("cnn", vec![l(&[2, 1, 6, 6], 300), l(&[3, 1, 3, 3], 301), l(&[3], 302), l(&[12, 4], 303)], {
+            let labels = ints(&[3, 1], &[2]);
+            move |x| {
+                let h = x[0].conv2d(&x[1], Some(&x[2]), conv([1, 1], [1, 1], [1, 1]))?.relu()?;
+                let p = h.max_pool2d([3, 3], [3, 3], [0, 0])?.add(&h.avg_pool2d([3, 3], [3, 3], [0, 0])?)?;
+                p.reshape([2, 12])?.matmul(&x[3])?.cross_entropy(&labels, ClassLoss::default())
+            }
+        }),
+        case("attention", vec![l(&[6, 4], 304), l(&[4], 305), l(&[4], 306), l(&[4, 4], 307)], {
+            let ids = ints(&[5, 0, 5, 2], &[4]);
+            move |x| {
+                let h = wgrad::embedding(&ids, &x[0])?.layer_norm(&[4], Some(&x[1]), Some(&x[2]), 1e-5)?;
+                let q = h.matmul(&x[3])?;
+                let a = q.matmul(&h.t()?)?.mul(0.5)?.softmax(-1)?;
+                a.matmul(&h)?.rms_norm(&[4], None, 1e-6)?.logsumexp(0, false)
+            }
+        }),
+    ]
 }
 
 /// Gradients of `loss()` w.r.t. `leaves`, eager then compiled (one backward each).
@@ -461,6 +675,13 @@ struct Built {
     last: Tensor,
 }
 
+/// A convolution or pooling window and its output size.
+struct Window {
+    kernel: [usize; 2],
+    options: wgrad::Conv2dOptions,
+    out: [usize; 2],
+}
+
 impl Gen<'_> {
     fn dims(&self, i: usize) -> Vec<usize> {
         self.pool[i].t.dims().to_vec()
@@ -531,7 +752,7 @@ impl Gen<'_> {
     fn unary(&mut self) -> wgrad::Result<bool> {
         let i = self.pick();
         let (x, b) = (self.pool[i].t.clone(), self.pool[i].bound);
-        let (t, bound, desc) = match self.rng.below(24) {
+        let (t, bound, desc) = match self.rng.below(25) {
             0 => (x.tanh()?, b.min(1.0), format!("tanh(t{i})")),
             1 => (x.sigmoid()?, 1.0, format!("sigmoid(t{i})")),
             2 => (x.sin()?, 1.0, format!("sin(t{i})")),
@@ -572,6 +793,7 @@ impl Gen<'_> {
             }
             21 => (x.sign()?.mul(&x)?, b, format!("sign(t{i}) * t{i}")),
             22 => ((0.5f32 - &x)?, b + 0.5, format!("0.5 - t{i} (overload)")),
+            23 => (x.softplus()?, b + 2f64.ln(), format!("softplus(t{i})")),
             _ => (x.mul(0.5f32)?, b * 0.5, format!("t{i} * 0.5f32")),
         };
         self.push(t, bound, desc, i)?;
@@ -797,6 +1019,270 @@ impl Gen<'_> {
         Ok(true)
     }
 
+    /// An index tensor of `shape` with values in `0..size` (repeats likely), i32 or u32, made
+    /// from host data; and its description.
+    fn indices(&mut self, shape: &[usize], size: usize) -> wgrad::Result<(Tensor, String)> {
+        let values: Vec<usize> = (0..numel(shape)).map(|_| self.rng.below(size)).collect();
+        let dev = device();
+        if self.rng.chance(0.5) {
+            let v: Vec<i32> = values.iter().map(|&v| v as i32).collect();
+            Ok((Tensor::from_slice(&v, shape.to_vec(), &dev)?, format!("i32{shape:?}={values:?}")))
+        } else {
+            let v: Vec<u32> = values.iter().map(|&v| v as u32).collect();
+            Ok((Tensor::from_slice(&v, shape.to_vec(), &dev)?, format!("u32{shape:?}={values:?}")))
+        }
+    }
+
+    /// A parameter-like operand of shape `dims`: a pool member with as many elements
+    /// (reshaped), so gradients flow into the graph, or a fresh constant.
+    fn param(&mut self, dims: &[usize]) -> wgrad::Result<(Tensor, f64, String)> {
+        let n = numel(dims);
+        let cands: Vec<usize> = (0..self.pool.len()).filter(|&j| self.pool[j].t.numel() == n).collect();
+        if cands.is_empty() || self.rng.chance(0.3) {
+            let (t, name) = self.constant(dims)?;
+            return Ok((t, 1.0, name));
+        }
+        let j = cands[self.rng.below(cands.len())];
+        self.used[j] = true;
+        let e = &self.pool[j];
+        if e.t.dims() == dims {
+            Ok((e.t.clone(), e.bound, format!("t{j}")))
+        } else {
+            Ok((e.t.reshape(dims.to_vec())?, e.bound, format!("reshape(t{j}, {dims:?})")))
+        }
+    }
+
+    /// Pool member `i` as an [n, c, h, w] image: itself when 4-D, else reshaped to [1, c, h, w]
+    /// (c at most 4, h and w at least 2 where the element count allows).
+    fn image(&mut self, i: usize) -> wgrad::Result<(Tensor, String)> {
+        let x = self.pool[i].t.clone();
+        if x.rank() == 4 {
+            return Ok((x, format!("t{i}")));
+        }
+        let n = x.numel();
+        let cs: Vec<usize> = (1..=4.min(n)).filter(|&c| n.is_multiple_of(c)).collect();
+        let c = cs[self.rng.below(cs.len())];
+        let m = n / c;
+        let all: Vec<usize> = (1..=m).filter(|&h| m.is_multiple_of(h)).collect();
+        let square: Vec<usize> = all.iter().copied().filter(|&h| h >= 2 && m / h >= 2).collect();
+        let hs = if square.is_empty() { all } else { square };
+        let h = hs[self.rng.below(hs.len())];
+        let shape = [1, c, h, m / h];
+        Ok((x.reshape(shape)?, format!("reshape(t{i}, {shape:?})")))
+    }
+
+    /// A random window over spatial dims `hw`, or None when the drawn one does not fit. Pools
+    /// take dilation 1 and padding at most half the kernel.
+    fn window(&mut self, hw: [usize; 2], pool: bool) -> Option<Window> {
+        let mut w = Window { kernel: [0; 2], options: wgrad::Conv2dOptions::default(), out: [0; 2] };
+        for (a, &size) in hw.iter().enumerate() {
+            let k = self.rng.between(1, 3.min(size + 2));
+            let o = &mut w.options;
+            o.stride[a] = self.rng.between(1, 2);
+            o.padding[a] = if pool { self.rng.below(k / 2 + 1) } else { self.rng.below(2) };
+            if !pool && k > 1 && self.rng.chance(0.3) {
+                o.dilation[a] = 2;
+            }
+            let (padded, span) = (size + 2 * o.padding[a], o.dilation[a] * (k - 1) + 1);
+            if span > padded {
+                return None;
+            }
+            w.kernel[a] = k;
+            w.out[a] = (padded - span) / o.stride[a] + 1;
+        }
+        Some(w)
+    }
+
+    /// The neural-network ops: softmax family, normalisations, dropout, losses, indexing,
+    /// convolution and pooling.
+    fn nn(&mut self) -> wgrad::Result<bool> {
+        let i = self.pick();
+        let dims = self.dims(i);
+        let (x, b) = (self.pool[i].t.clone(), self.pool[i].bound);
+        let r = dims.len();
+        let n = numel(&dims);
+        if r == 0 {
+            return Ok(false);
+        }
+        // A random dim, sometimes counted from the end.
+        let d = self.rng.below(r);
+        let dn = if self.rng.chance(0.3) { d as isize - r as isize } else { d as isize };
+        let last = dims[r - 1];
+        let (t, bound, desc) = match self.rng.below(22) {
+            0..=2 => (x.softmax(dn)?, 1.0, format!("softmax(t{i}, {dn})")),
+            3 | 4 => {
+                let bound = 2.0 * b + (dims[d] as f64).ln();
+                (x.log_softmax(dn)?, bound, format!("log_softmax(t{i}, {dn})"))
+            }
+            5 | 6 => {
+                let keep = self.rng.chance(0.5);
+                let bound = b + (dims[d] as f64).ln();
+                (x.logsumexp(dn, keep)?, bound, format!("logsumexp(t{i}, {dn}, keepdim={keep})"))
+            }
+            7..=10 => {
+                // Over the last dim, sometimes the last two.
+                let k = if r >= 2 && self.rng.chance(0.25) { 2 } else { 1 };
+                let shape = dims[r - k..].to_vec();
+                let m = numel(&shape) as f64;
+                let eps = [1e-5, 1e-3, 0.1][self.rng.below(3)];
+                let (w, bw, wn) = if self.rng.chance(0.6) {
+                    self.param(&shape).map(|(t, b, n)| (Some(t), b, n))?
+                } else {
+                    (None, 1.0, "-".into())
+                };
+                if self.rng.chance(0.5) {
+                    let (bias, bb, bn) = if self.rng.chance(0.6) {
+                        self.param(&shape).map(|(t, b, n)| (Some(t), b, n))?
+                    } else {
+                        (None, 0.0, "-".into())
+                    };
+                    let out = x.layer_norm(&shape, w.as_ref(), bias.as_ref(), eps)?;
+                    // |normalised| <= sqrt(m - 1) with the biased variance.
+                    let bound = (m - 1.0).sqrt().max(1.0) * bw + bb;
+                    (out, bound, format!("layer_norm(t{i}, {shape:?}, w={wn}, b={bn}, eps={eps:e})"))
+                } else {
+                    let out = x.rms_norm(&shape, w.as_ref(), eps)?;
+                    (out, m.sqrt() * bw, format!("rms_norm(t{i}, {shape:?}, w={wn}, eps={eps:e})"))
+                }
+            }
+            11 if r == 2 => {
+                // x as an embedding table [vocabulary, dim].
+                let ids_shape: Vec<usize> = (0..self.rng.between(1, 2)).map(|_| self.rng.between(1, 3)).collect();
+                if numel(&ids_shape) * last > MAX_NUMEL {
+                    return Ok(false);
+                }
+                let (ids, idn) = self.indices(&ids_shape, dims[0])?;
+                (wgrad::embedding(&ids, &x)?, b, format!("embedding({idn}, t{i})"))
+            }
+            11 | 12 => {
+                let len = self.rng.between(1, 4);
+                if n / dims[d] * len > MAX_NUMEL {
+                    return Ok(false);
+                }
+                let (idx, idn) = self.indices(&[len], dims[d])?;
+                (x.index_select(dn, &idx)?, b, format!("index_select(t{i}, {dn}, {idn})"))
+            }
+            13 | 14 => {
+                let shape: Vec<usize> = (0..r)
+                    .map(|e| if e == d { self.rng.between(1, 4) } else { self.rng.between(1, dims[e]) })
+                    .collect();
+                if numel(&shape) > MAX_NUMEL {
+                    return Ok(false);
+                }
+                let (idx, idn) = self.indices(&shape, dims[d])?;
+                (x.gather(dn, &idx)?, b, format!("gather(t{i}, {dn}, {idn})"))
+            }
+            15 => {
+                let p = [0.25, 0.5][self.rng.below(2)];
+                let seed = self.rng.next() % 1000;
+                let training = self.rng.chance(0.8);
+                let bound = if training { b / (1.0 - p) } else { b };
+                (x.dropout(p, seed, training)?, bound, format!("dropout(t{i}, {p}, seed={seed}, training={training})"))
+            }
+            16..=18 => {
+                use wgrad::Reduction;
+                let reduction = [Reduction::Mean, Reduction::Sum, Reduction::None][self.rng.below(3)];
+                if self.rng.chance(0.65) {
+                    // Class losses: x as scores [rows, classes] (leading dims flattened); some
+                    // labels ignored, never all.
+                    let (rows, classes) = (n / last, last);
+                    let (scores, sn) = if r == 2 {
+                        (x, format!("t{i}"))
+                    } else {
+                        (x.reshape([rows, classes])?, format!("reshape(t{i}, [{rows}, {classes}])"))
+                    };
+                    let ignore = if self.rng.chance(0.4) {
+                        Some(if self.rng.chance(0.5) { -100 } else { self.rng.below(classes) as i32 })
+                    } else {
+                        None
+                    };
+                    let mut labels: Vec<i32> = (0..rows).map(|_| self.rng.below(classes) as i32).collect();
+                    if let Some(ig) = ignore {
+                        for l in labels.iter_mut() {
+                            if self.rng.chance(0.3) {
+                                *l = ig;
+                            }
+                        }
+                    }
+                    if labels.iter().all(|&l| Some(l) == ignore) {
+                        return Ok(false);
+                    }
+                    let (lt, ln) = if self.rng.chance(0.5) {
+                        (Tensor::from_slice(&labels, [rows], &device())?, format!("i32{labels:?}"))
+                    } else if labels.iter().all(|&l| l >= 0) {
+                        let u: Vec<u32> = labels.iter().map(|&l| l as u32).collect();
+                        (Tensor::from_slice(&u, [rows], &device())?, format!("u32{labels:?}"))
+                    } else {
+                        (Tensor::from_slice(&labels, [rows], &device())?, format!("i32{labels:?}"))
+                    };
+                    let options = wgrad::ClassLoss { reduction, ignore_index: ignore };
+                    let scale = if reduction == Reduction::Sum { rows as f64 } else { 1.0 };
+                    let what = format!("{sn}, {ln}, {reduction:?}, ignore={ignore:?}");
+                    if self.rng.chance(0.6) {
+                        let bound = (2.0 * b + (classes as f64).ln()) * scale;
+                        (scores.cross_entropy(&lt, options)?, bound, format!("cross_entropy({what})"))
+                    } else {
+                        (scores.nll_loss(&lt, options)?, b * scale, format!("nll_loss({what})"))
+                    }
+                } else {
+                    let scale = if reduction == Reduction::Sum { n as f64 } else { 1.0 };
+                    let cands: Vec<usize> = (0..self.pool.len()).filter(|&j| self.pool[j].t.dims() == dims).collect();
+                    let (y, by, yn) = self.joinee(&cands, &dims)?; // cands includes i itself
+                    if self.rng.chance(0.5) {
+                        let bound = (b + by).powi(2) * scale;
+                        (x.mse_loss(&y, reduction)?, bound, format!("mse_loss(t{i}, {yn}, {reduction:?})"))
+                    } else {
+                        // Targets in [0, 1], differentiable when they come from the graph.
+                        let bound = (3.0 * b + 1.0) * scale;
+                        let desc = format!("bce_with_logits(t{i}, sigmoid({yn}), {reduction:?})");
+                        (x.binary_cross_entropy_with_logits(&y.sigmoid()?, reduction)?, bound, desc)
+                    }
+                }
+            }
+            19 => {
+                // Rare and small: each compiled conv2d backward fuses matmuls, which lavapipe
+                // builds slowly.
+                let (img, imn) = self.image(i)?;
+                let [batch, c, h, w] = [img.dims()[0], img.dims()[1], img.dims()[2], img.dims()[3]];
+                let Some(Window { kernel: k, options, out: o }) = self.window([h, w], false) else { return Ok(false) };
+                let ocs: Vec<usize> = (1..=3).filter(|&oc| batch * oc * o[0] * o[1] <= MAX_NUMEL).collect();
+                if ocs.is_empty() {
+                    return Ok(false);
+                }
+                let oc = ocs[self.rng.below(ocs.len())];
+                let (wt, bw, wn) = self.param(&[oc, c, k[0], k[1]])?;
+                let (bias, bb, bn) = if self.rng.chance(0.5) {
+                    self.param(&[oc]).map(|(t, b, n)| (Some(t), b, n))?
+                } else {
+                    (None, 0.0, "-".into())
+                };
+                let out = img.conv2d(&wt, bias.as_ref(), options)?;
+                let desc = format!(
+                    "conv2d({imn}, {wn}, bias={bn}, stride={:?}, padding={:?}, dilation={:?})",
+                    options.stride, options.padding, options.dilation
+                );
+                (out, b * bw * (c * k[0] * k[1]) as f64 + bb, desc)
+            }
+            20 | 21 => {
+                let (img, imn) = self.image(i)?;
+                let [batch, c, h, w] = [img.dims()[0], img.dims()[1], img.dims()[2], img.dims()[3]];
+                let Some(Window { kernel: k, options, out: o }) = self.window([h, w], true) else { return Ok(false) };
+                if batch * c * o[0] * o[1] > MAX_NUMEL {
+                    return Ok(false);
+                }
+                let (s, p) = (options.stride, options.padding);
+                if self.rng.chance(0.5) {
+                    (img.max_pool2d(k, s, p)?, b, format!("max_pool2d({imn}, {k:?}, stride={s:?}, padding={p:?})"))
+                } else {
+                    (img.avg_pool2d(k, s, p)?, b, format!("avg_pool2d({imn}, {k:?}, stride={s:?}, padding={p:?})"))
+                }
+            }
+            _ => return Ok(false),
+        };
+        self.push(t, bound, desc, i)?;
+        Ok(true)
+    }
+
     fn build(mut self, inputs: &Inputs) -> wgrad::Result<Built> {
         for (k, l) in inputs.leaves.iter().enumerate() {
             self.ops.push(format!("t{} = leaf x{k} {:?}", self.pool.len(), l.dims()));
@@ -814,14 +1300,16 @@ impl Gen<'_> {
         while self.op_count < target && attempts < 1000 {
             attempts += 1;
             let roll = self.rng.below(100);
-            if roll < 28 {
+            if roll < 25 {
                 self.unary()?;
-            } else if roll < 58 {
+            } else if roll < 52 {
                 self.binary()?;
-            } else if roll < 72 {
+            } else if roll < 64 {
                 self.reduce()?;
-            } else if roll < 79 {
+            } else if roll < 71 {
                 self.matmul()?;
+            } else if roll < 83 {
+                self.nn()?;
             } else {
                 self.movement()?;
             }

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use crate::compiler::ir::{CapturedGraph, IrOp, Use, Value, ValueId};
-use crate::exec::kernel::{MapKernel, Node};
+use crate::exec::kernel::{Access, MapKernel, Node};
 use crate::ops::binary::BinaryOp;
 use crate::ops::unary::UnaryOp;
 
@@ -86,13 +86,21 @@ fn simplify(mut g: CapturedGraph) -> (CapturedGraph, usize) {
     for id in 0..g.values.len() {
         // Reads first, so chains of pass-throughs collapse in one sweep.
         let reader_is_matmul = matches!(g.values[id].op, IrOp::Matmul { .. });
+        // Reads at computed offsets see a flat buffer: they need contiguous views.
+        let gathered: Vec<bool> = match &g.values[id].op {
+            IrOp::Map { kernel, .. } => kernel.inputs.iter().map(|(_, a)| *a == Access::Gathered).collect(),
+            _ => Vec::new(),
+        };
         let mut op = g.values[id].op.clone();
-        for u in op.uses_mut() {
+        for (j, u) in op.uses_mut().into_iter().enumerate() {
             if reader_is_matmul {
                 continue; // matmul operands need a batch-collapsible view
             }
             if let Some(target) = &alias[u.value] {
                 if let Some(layout) = u.layout.compose(&target.layout) {
+                    if gathered.get(j).copied().unwrap_or(false) && !layout.is_contiguous() {
+                        continue;
+                    }
                     *u = Use { value: target.value, layout };
                     count += 1;
                 }
