@@ -16,4 +16,7 @@ if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
 fi
 
 cargo test --all-targets "$@" -- --test-threads 2
+# lavapipe picks the direct matmul; run the matmul-heavy tests on the
+# tiled (GPU) template as well, so both are exercised on the CI device.
+WGRAD_MATMUL=tiled cargo test "$@" --test ops_forward --test gradcheck --test compiled -- --test-threads 2
 cargo test --doc

@@ -407,6 +407,18 @@ impl Device {
         self.inner.limits.min_uniform_buffer_offset_alignment.max(16) as usize
     }
 
+    /// The matmul template for this adapter: the direct one on CPU adapters
+    /// (`WGRAD_MATMUL=tiled|direct` overrides, for benchmarking).
+    pub(crate) fn matmul_template(&self) -> crate::exec::codegen::MatmulTemplate {
+        use crate::exec::codegen::MatmulTemplate;
+        match std::env::var("WGRAD_MATMUL").as_deref() {
+            Ok("tiled") => MatmulTemplate::Tiled,
+            Ok("direct") => MatmulTemplate::Direct,
+            _ if self.inner.info.device_type == "Cpu" => MatmulTemplate::Direct,
+            _ => MatmulTemplate::Tiled,
+        }
+    }
+
     /// The most storage buffers one kernel may bind.
     pub(crate) fn max_storage_bindings(&self) -> usize {
         self.inner.limits.max_storage_buffers_per_shader_stage as usize

@@ -1545,7 +1545,7 @@ fn compiled_kernels_pass_naga() {
         assert_eq!(report.kernels.len(), program.kernel_count(), "one WGSL source per dispatched kernel");
         for (k, source) in report.kernels.iter().enumerate() {
             kernels += 1;
-            matmuls += usize::from(source.contains("a_tile"));
+            matmuls += usize::from(source.contains("fn epilogue("));
             reductions += usize::from(source.contains("fn combine("));
             if let Err(msg) = validate_wgsl(&format!("program {p} kernel {k}"), source) {
                 failures.push(msg);

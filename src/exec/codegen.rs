@@ -28,6 +28,25 @@ pub(crate) fn param_words(k: &MapKernel) -> usize {
 /// Shared helpers of generated kernels (kept as WGSL text in one place).
 const HELPERS: &str = include_str!("../../shaders/elementwise_helpers.wgsl");
 const MATMUL_TEMPLATE: &str = include_str!("../../shaders/matmul.wgsl");
+const MATMUL_DIRECT_TEMPLATE: &str = include_str!("../../shaders/matmul_direct.wgsl");
+
+/// Which matmul template: 64x64 tiles staged in workgroup memory (GPUs), or
+/// 32x32 tiles read straight from memory (CPU adapters such as lavapipe).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MatmulTemplate {
+    Tiled,
+    Direct,
+}
+
+impl MatmulTemplate {
+    /// Rows and columns of C one workgroup computes.
+    pub fn tile(self) -> (usize, usize) {
+        match self {
+            MatmulTemplate::Tiled => (64, 64),
+            MatmulTemplate::Direct => (32, 32),
+        }
+    }
+}
 const REDUCE_TEMPLATE: &str = include_str!("../../shaders/reduce.wgsl");
 
 /// Bindings, the uniform struct and the shared helpers.
@@ -146,7 +165,7 @@ pub(crate) fn render_reduce(k: &MapKernel, kind: ReduceKind) -> String {
 /// node; [`Node::Arg`] is the accumulated product) before it is stored at
 /// its linear index of the contiguous result. The template's words start
 /// at `M`, after the elementwise words of the epilogue.
-pub(crate) fn render_matmul(epilogue: &MapKernel, dtype: DType) -> String {
+pub(crate) fn render_matmul(epilogue: &MapKernel, dtype: DType, template: MatmulTemplate) -> String {
     let (node, _) = epilogue.outputs[0];
     let mut s = declarations(epilogue);
     let t = dtype.wgsl();
@@ -155,7 +174,10 @@ pub(crate) fn render_matmul(epilogue: &MapKernel, dtype: DType) -> String {
     let _ = writeln!(s, "@group(0) @binding({}) var<storage, read> b: array<{t}>;", next + 1);
     let _ = writeln!(s, "alias T = {t};\nconst M: u32 = {}u;", param_words(epilogue));
     let _ = writeln!(s, "fn epilogue(acc: T, i: u32) -> T {{\n{}    return v{node};\n}}", body(epilogue));
-    s.push_str(MATMUL_TEMPLATE);
+    s.push_str(match template {
+        MatmulTemplate::Tiled => MATMUL_TEMPLATE,
+        MatmulTemplate::Direct => MATMUL_DIRECT_TEMPLATE,
+    });
     s
 }
 

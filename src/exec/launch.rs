@@ -337,9 +337,11 @@ pub(crate) fn matmul_launches(
     let dtype = epilogue.dtype(epilogue.outputs[0].0);
     let out = Layout::contiguous(out_shape.clone());
     let words = map_words("matmul", &mut epilogue, out_shape, epilogue_inputs, &[out], scalars)?;
-    let source = codegen::render_matmul(&epilogue, dtype);
+    let template = device.matmul_template();
+    let source = codegen::render_matmul(&epilogue, dtype, template);
     let max = device.inner.limits.max_compute_workgroups_per_dimension as usize;
-    let (gx, gy, gz) = (n.div_ceil(64), m.div_ceil(64), batch_count);
+    let (tile_m, tile_n) = template.tile();
+    let (gx, gy, gz) = (n.div_ceil(tile_n), m.div_ceil(tile_m), batch_count);
     let mut launches = Vec::new();
     for bz in (0..gz).step_by(max) {
         for by in (0..gy).step_by(max) {

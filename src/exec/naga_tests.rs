@@ -3,7 +3,7 @@
 //! multi-output kernels, and the reduce and matmul templates per dtype.
 
 use crate::exec::ReduceKind;
-use crate::exec::codegen::{render, render_matmul, render_reduce};
+use crate::exec::codegen::{MatmulTemplate, render, render_matmul, render_reduce};
 use crate::exec::kernel::{Access, MapKernel, Node, RandomKind};
 use crate::metadata::DType;
 use crate::ops::binary::BinaryOp;
@@ -149,15 +149,18 @@ fn templates_validate() {
         let mut plain = MapKernel::default();
         let acc = plain.push(Node::Arg, dtype);
         plain.output(acc);
-        validate(&format!("matmul {dtype:?}"), &render_matmul(&plain, dtype));
+        for template in [MatmulTemplate::Tiled, MatmulTemplate::Direct] {
+            validate(&format!("matmul {dtype:?} {template:?}"), &render_matmul(&plain, dtype, template));
+        }
         let mut epilogue = MapKernel::default();
         let acc = epilogue.push(Node::Arg, dtype);
         let mask = epilogue.input(dtype);
         let y = epilogue.push(Node::Binary(BinaryOp::Mul, acc, mask), dtype);
         epilogue.output(y);
-        validate(
-            &format!("matmul with epilogue {dtype:?}"),
-            &render_matmul(&with_access(epilogue, Access::Strided), dtype),
-        );
+        let epilogue = with_access(epilogue, Access::Strided);
+        for template in [MatmulTemplate::Tiled, MatmulTemplate::Direct] {
+            let source = render_matmul(&epilogue, dtype, template);
+            validate(&format!("matmul with epilogue {dtype:?} {template:?}"), &source);
+        }
     }
 }
