@@ -55,7 +55,7 @@ fn fused_elementwise(c: &mut Criterion) {
     let leaf = |seed| Tensor::rand([n], seed, &device).and_then(|t| t.requires_grad(true)).expect("leaf");
     let (x, a, b) = (leaf(1), leaf(2), leaf(3));
     let loss = x.mul(&a).and_then(|t| t.add(&b)).and_then(|t| t.tanh()).expect("forward");
-    let loss = loss.mul(&x.sigmoid().expect("sigmoid")).and_then(|t| t.sum_all()).expect("loss");
+    let loss = loss.mul(x.sigmoid().expect("sigmoid")).and_then(|t| t.sum_all()).expect("loss");
     let seed = Tensor::ones([], wgrad::DType::F32, &device).expect("seed");
     let retain = wgrad::BackwardOptions { retain_graph: true, ..Default::default() };
     c.bench_function("fused elementwise backward (65536)", |bench| {
