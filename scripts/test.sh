@@ -15,7 +15,9 @@ if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
     export XDG_RUNTIME_DIR
 fi
 
-cargo test --all-targets "$@" -- --test-threads 2
+cargo test --lib --bins --tests --examples "$@" -- --test-threads 2
+# Criterion benches run each benchmark once under `cargo test` (a smoke run).
+cargo test --benches "$@"
 # lavapipe picks the direct matmul; run the matmul-heavy tests on the
 # tiled (GPU) template as well, so both are exercised on the CI device.
 WGRAD_MATMUL=tiled cargo test "$@" --test ops_forward --test gradcheck --test compiled -- --test-threads 2
