@@ -16,6 +16,7 @@
 //! compiler would otherwise compile the backward of the tests running beside it.
 
 mod common;
+use common::gradcheck::*;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Mutex, MutexGuard};
@@ -33,22 +34,7 @@ fn lock() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-const RTOL: f64 = 1e-3;
-const ATOL: f64 = 1e-3;
-const H: f64 = 1e-6;
-
 // ------------------------------------------------------------------ harness
-
-/// FNV-1a, to derive a per-check seed for `R` from the check's name.
-fn seed_of(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
-}
-
-/// Random data in [lo, hi), rounded to f32 so GPU and reference see the same values.
-fn r32(seed: u64, shape: &[usize], lo: f64, hi: f64) -> RefTensor {
-    let t = rand_tensor(seed, shape, lo, hi);
-    RefTensor::from_f32(&t.to_f32(), shape)
-}
 
 /// Pairwise distinct values `step` apart, in a random order (no ties for max pooling).
 fn distinct(seed: u64, shape: &[usize], step: f64) -> RefTensor {
@@ -66,33 +52,6 @@ fn distinct(seed: u64, shape: &[usize], step: f64) -> RefTensor {
 /// Random integers in `0..bound` (repeats likely when the count exceeds `bound`).
 fn rand_ints(seed: u64, n: usize, bound: usize) -> Vec<usize> {
     uniform(seed, n, 0.0, bound as f64).into_iter().map(|v| (v as usize).min(bound - 1)).collect()
-}
-
-/// Checks the forward value and the gradient of `sum(gpu(inputs) * R)` w.r.t. every input
-/// against the reference computation `reference` (f64, finite differences).
-fn gradcheck(
-    name: &str,
-    inputs: &[RefTensor],
-    gpu: impl Fn(&[Tensor]) -> wgrad::Result<Tensor>,
-    reference: impl Fn(&[RefTensor]) -> RefTensor,
-) {
-    let leaves: Vec<Tensor> = inputs.iter().map(|x| upload(x).requires_grad(true).unwrap()).collect();
-    let out = gpu(&leaves).unwrap_or_else(|e| panic!("{name}: forward failed: {e}"));
-    let expected = reference(inputs);
-    let got = out.to_vec::<f32>().unwrap();
-    assert_close_f32_shaped(&got, out.dims(), &expected, 1e-4, 1e-4, &format!("{name}: forward"));
-
-    let r = r32(seed_of(name), &expected.shape, -1.0, 1.0);
-    let loss = out.mul(upload(&r)).unwrap().sum_all().unwrap();
-    loss.backward().unwrap_or_else(|e| panic!("{name}: backward failed: {e}"));
-
-    let numeric = numeric_grad(|xs| reference(xs).mul(&r).sum_all(), inputs, H);
-    for (i, (leaf, want)) in leaves.iter().zip(&numeric).enumerate() {
-        let g = leaf.grad().unwrap_or_else(|| panic!("{name}: input {i} received no gradient"));
-        assert_eq!(g.dtype(), DType::F32, "{name}: grad {i} dtype");
-        let vals = g.to_vec::<f32>().unwrap();
-        assert_close_f32_shaped(&vals, g.dims(), want, RTOL, ATOL, &format!("{name}: d loss / d input {i}"));
-    }
 }
 
 fn i32_tensor(data: &[i32], shape: &[usize]) -> Tensor {

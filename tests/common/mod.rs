@@ -1,5 +1,6 @@
 #![allow(dead_code)]
 
+pub mod gradcheck;
 pub mod reference;
 
 use std::sync::OnceLock;
