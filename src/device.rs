@@ -71,6 +71,7 @@ pub struct Device {
 pub(crate) struct DeviceInner {
     id: DeviceId,
     info: DeviceInfo,
+    matmul: crate::exec::codegen::MatmulTemplate,
     pub(crate) device: wgpu::Device,
     queue: wgpu::Queue,
     pub(crate) limits: wgpu::Limits,
@@ -191,10 +192,22 @@ impl Device {
             device_type: format!("{:?}", ainfo.device_type),
             driver: format!("{} {}", ainfo.driver, ainfo.driver_info).trim().to_string(),
         };
+        // CPU adapters get the matmul without workgroup memory;
+        // `WGRAD_MATMUL=tiled|direct` overrides (for benchmarking).
+        let matmul = {
+            use crate::exec::codegen::MatmulTemplate;
+            match std::env::var("WGRAD_MATMUL").as_deref() {
+                Ok("tiled") => MatmulTemplate::Tiled,
+                Ok("direct") => MatmulTemplate::Direct,
+                _ if ainfo.device_type == wgpu::DeviceType::Cpu => MatmulTemplate::Direct,
+                _ => MatmulTemplate::Tiled,
+            }
+        };
         Ok(Device {
             inner: Arc::new(DeviceInner {
                 id: DeviceId(NEXT_DEVICE_ID.fetch_add(1, Ordering::Relaxed)),
                 info,
+                matmul,
                 device,
                 queue,
                 limits,
@@ -407,16 +420,9 @@ impl Device {
         self.inner.limits.min_uniform_buffer_offset_alignment.max(16) as usize
     }
 
-    /// The matmul template for this adapter: the direct one on CPU adapters
-    /// (`WGRAD_MATMUL=tiled|direct` overrides, for benchmarking).
+    /// The matmul template for this adapter, chosen when the device was made.
     pub(crate) fn matmul_template(&self) -> crate::exec::codegen::MatmulTemplate {
-        use crate::exec::codegen::MatmulTemplate;
-        match std::env::var("WGRAD_MATMUL").as_deref() {
-            Ok("tiled") => MatmulTemplate::Tiled,
-            Ok("direct") => MatmulTemplate::Direct,
-            _ if self.inner.info.device_type == "Cpu" => MatmulTemplate::Direct,
-            _ => MatmulTemplate::Tiled,
-        }
+        self.inner.matmul
     }
 
     /// The most storage buffers one kernel may bind.
