@@ -1,5 +1,6 @@
 #![allow(dead_code)]
 
+pub mod compiled_check;
 pub mod gradcheck;
 pub mod reference;
 
