@@ -1,24 +1,29 @@
-// Batched matmul without workgroup memory, for CPU adapters (lavapipe):
-// their invocations run as a loop inside each workgroup and every barrier
-// splits it, so the tiled kernel's staging costs more than it saves; a
-// CPU's caches do the reuse instead. Each invocation accumulates a 4x4
-// block of C (4 rows, 4 columns 8 apart), reading A and B straight from
-// their strided views.
+// Batched matmul for CPU adapters (lavapipe), without workgroup memory.
+//
+// llvmpipe runs 8 invocations as the lanes of one SIMD vector, but each
+// storage-buffer load is a loop over the lanes with a bounds check per
+// scalar. Loads, not multiply-adds, are the cost, so each invocation keeps
+// a 16x8 block of C in registers (spilling is cheaper than loading): per
+// step of k it loads 16 values of A and 8 of B for 128 multiply-adds.
+// Columns of a block are 8 apart so neighbouring lanes read neighbouring
+// elements of B. No workgroup memory: barriers split llvmpipe's invocation
+// loop, and its caches do the reuse instead.
+//
+// The block is spelled out by the generator (`codegen::direct_template`)
+// at the `//!` markers: llvmpipe leaves loops of this size rolled, and an
+// array of accumulators indexed in a loop lives in memory, not registers.
 //
 // Same interface as matmul.wgsl: `T`, the bindings (`a`, `b`, `out0`, the
 // epilogue's in0..), `M` and `epilogue(acc, i)` come from the generator;
 // words from M: m, n, k, a_offset, a_batch, a_row, a_col, b_offset,
 // b_batch, b_row, b_col, base_x, base_y, base_z. A workgroup covers a
-// 32x32 tile.
+// 64x64 tile.
 
-@compute @workgroup_size(8, 8)
+@compute @workgroup_size(8, 4)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let batch = wg.z + p(M + 13u);
-    // Rows row0..row0+3; columns col0, col0 + 8, col0 + 16, col0 + 24, so
-    // neighbouring invocations (SIMD lanes on a CPU) read neighbouring
-    // elements of B and the same elements of A.
-    let row0 = (wg.y + p(M + 12u)) * 32u + lid.y * 4u;
-    let col0 = (wg.x + p(M + 11u)) * 32u + lid.x;
+    let row0 = (wg.y + p(M + 12u)) * 64u + lid.y * 16u;
+    let col0 = (wg.x + p(M + 11u)) * 64u + lid.x;
     let m = p(M + 0u);
     let n = p(M + 1u);
     let k = p(M + 2u);
@@ -31,42 +36,21 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     let a_col = p(M + 6u);
     let b_row = p(M + 9u);
     let b_col = p(M + 10u);
-    var rows: array<u32, 4>;
-    var cols: array<u32, 4>;
-    for (var i = 0u; i < 4u; i = i + 1u) {
-        rows[i] = a_base + min(row0 + i, m - 1u) * a_row;
-        cols[i] = b_base + min(col0 + 8u * i, n - 1u) * b_col;
-    }
-    var acc: array<array<T, 4>, 4>;
-    for (var i = 0u; i < 4u; i = i + 1u) {
-        for (var j = 0u; j < 4u; j = j + 1u) {
-            acc[i][j] = T(0);
-        }
-    }
+    // Out-of-range rows and columns are clamped on load, skipped on store:
+    // rI = a_base + min(row0 + I, m - 1) * a_row, cJ likewise, accIJ = 0.
+    //! declare
     for (var kk = 0u; kk < k; kk = kk + 1u) {
         let b_off = kk * b_row;
         let a_off = kk * a_col;
-        let b0 = b[cols[0] + b_off];
-        let b1 = b[cols[1] + b_off];
-        let b2 = b[cols[2] + b_off];
-        let b3 = b[cols[3] + b_off];
-        for (var i = 0u; i < 4u; i = i + 1u) {
-            let va = a[rows[i] + a_off];
-            acc[i][0] = acc[i][0] + va * b0;
-            acc[i][1] = acc[i][1] + va * b1;
-            acc[i][2] = acc[i][2] + va * b2;
-            acc[i][3] = acc[i][3] + va * b3;
-        }
+        // vbJ = b[cJ + b_off]; then per row vaI = a[rI + a_off] and
+        // accIJ = accIJ + vaI * vbJ.
+        //! step
     }
+    // The block is stored as is, then (when the generator fused one) run
+    // through the epilogue in a loop over the block's elements: an
+    // epilogue inlined at each of the 128 stores would multiply the
+    // shader compiler's time.
     let c_base = batch * m * n;
-    for (var i = 0u; i < 4u; i = i + 1u) {
-        for (var j = 0u; j < 4u; j = j + 1u) {
-            let row = row0 + i;
-            let col = col0 + 8u * j;
-            if (row < m && col < n) {
-                let at = c_base + row * n + col;
-                out0[at] = epilogue(acc[i][j], at);
-            }
-        }
-    }
+    //! store
+    //! epilogue
 }

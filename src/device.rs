@@ -11,6 +11,7 @@ use parking_lot::Mutex;
 
 use crate::alloc::{MemoryStats, Pool, PooledBuffer, size_class};
 use crate::error::{Error, Result};
+use crate::exec::merge::{MapOp, PendingMaps};
 use crate::metadata::DeviceId;
 
 /// Threads per workgroup of the 1-D kernels (elementwise, reductions).
@@ -94,7 +95,14 @@ enum Command {
 struct Batch {
     commands: Vec<Command>,
     uniforms: Vec<u8>,
+    /// Elementwise ops not yet dispatched (see `exec::merge`): they run,
+    /// as one kernel, before any other command joins the batch.
+    pending: Option<PendingMaps>,
 }
+
+/// The most storage buffers a merged elementwise kernel binds (as the
+/// compiled backward's kernels).
+const MAX_MERGED_BINDINGS: usize = 32;
 
 static NEXT_DEVICE_ID: AtomicU64 = AtomicU64::new(0);
 
@@ -244,6 +252,9 @@ impl Device {
 
     /// Bytes live, peak and pooled.
     pub fn memory_stats(&self) -> MemoryStats {
+        // Pending elementwise ops hold their inputs until they are
+        // dispatched; do that first, so live bytes are what tensors hold.
+        drop(self.lock_batch());
         self.inner.pool.lock().stats
     }
 
@@ -255,6 +266,7 @@ impl Device {
 
     /// Releases every pooled (free) buffer back to the driver.
     pub fn empty_cache(&self) {
+        drop(self.lock_batch());
         self.inner.pool.lock().clear();
     }
 
@@ -365,16 +377,27 @@ impl Device {
         buffers: &[&wgpu::Buffer],
         grid: [u32; 3],
     ) -> Result<()> {
+        let mut batch = self.lock_batch();
+        self.push_dispatch(&mut batch, pipeline, params, buffers, grid)
+    }
+
+    fn push_dispatch(
+        &self,
+        batch: &mut Batch,
+        pipeline: &wgpu::ComputePipeline,
+        params: &[u32],
+        buffers: &[&wgpu::Buffer],
+        grid: [u32; 3],
+    ) -> Result<()> {
         if grid.contains(&0) {
             return Ok(());
         }
         let align = self.inner.limits.min_uniform_buffer_offset_alignment.max(16) as usize;
         let bytes: &[u8] = bytemuck::cast_slice(params);
         let size = bytes.len().max(16).next_multiple_of(16);
-        let mut batch = self.inner.batch.lock();
         let mut offset = batch.uniforms.len().next_multiple_of(align);
         if offset + size > ARENA_BYTES as usize || batch.commands.len() >= MAX_BATCH {
-            self.submit_batch(&mut batch);
+            self.submit_batch(batch);
             offset = 0;
         }
         batch.uniforms.resize(offset, 0);
@@ -461,7 +484,7 @@ impl Device {
     /// Submits the pending batch now if `commands` more would not fit in it,
     /// so that they are recorded into one encoder.
     pub(crate) fn reserve(&self, commands: usize) {
-        let mut batch = self.inner.batch.lock();
+        let mut batch = self.lock_batch();
         if batch.commands.len() + commands > MAX_BATCH {
             self.submit_batch(&mut batch);
         }
@@ -477,7 +500,7 @@ impl Device {
         if grid.contains(&0) {
             return;
         }
-        let mut batch = self.inner.batch.lock();
+        let mut batch = self.lock_batch();
         if batch.commands.len() >= MAX_BATCH {
             self.submit_batch(&mut batch);
         }
@@ -522,7 +545,7 @@ impl Device {
             view.slice(..bytes.len()).copy_from_slice(bytes);
         }
         staging.unmap();
-        let mut batch = self.inner.batch.lock();
+        let mut batch = self.lock_batch();
         batch.commands.push(Command::Copy {
             src: staging,
             src_offset: 0,
@@ -549,7 +572,7 @@ impl Device {
             mapped_at_creation: false,
         });
         {
-            let mut batch = self.inner.batch.lock();
+            let mut batch = self.lock_batch();
             batch.commands.push(Command::Copy {
                 src: buffer.clone(),
                 src_offset: start,
@@ -575,9 +598,53 @@ impl Device {
         Ok(out)
     }
 
+    /// Appends an elementwise op to the pending group, dispatching the group
+    /// first if the op cannot join it (`exec::merge`).
+    pub(crate) fn defer_map(&self, op: MapOp<'_>) -> Result<()> {
+        let mut batch = self.inner.batch.lock();
+        let max = self.max_storage_bindings().min(MAX_MERGED_BINDINGS);
+        if let Some(group) = batch.pending.as_mut() {
+            if group.join(&op, max) {
+                return Ok(());
+            }
+        }
+        self.dispatch_pending(&mut batch)?;
+        batch.pending = Some(PendingMaps::new(&op));
+        Ok(())
+    }
+
+    /// The batch, with the pending elementwise group dispatched into it so
+    /// that what comes next sees its results. A failure to build that
+    /// kernel is reported at the next sync.
+    fn lock_batch(&self) -> parking_lot::MutexGuard<'_, Batch> {
+        let mut batch = self.inner.batch.lock();
+        if let Err(e) = self.dispatch_pending(&mut batch) {
+            self.inner.uncaptured.lock().get_or_insert(e.to_string());
+        }
+        batch
+    }
+
+    fn dispatch_pending(&self, batch: &mut Batch) -> Result<()> {
+        let Some(merged) = batch.pending.take().and_then(PendingMaps::finish) else {
+            return Ok(());
+        };
+        let launch = crate::exec::map_launch(
+            self,
+            merged.label,
+            merged.kernel,
+            &merged.shape,
+            &merged.views,
+            &merged.out_views,
+            &merged.scalars,
+        )?;
+        let pipeline = self.pipeline(launch.label, &launch.source)?;
+        let buffers: Vec<&wgpu::Buffer> = merged.buffers.iter().map(|b| b.raw()).collect();
+        self.push_dispatch(batch, &pipeline, &launch.words, &buffers, launch.grid)
+    }
+
     /// Submits the pending batch without waiting.
     pub(crate) fn flush(&self) {
-        let mut batch = self.inner.batch.lock();
+        let mut batch = self.lock_batch();
         self.submit_batch(&mut batch);
     }
 

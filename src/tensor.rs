@@ -118,6 +118,14 @@ impl Tensor {
     }
 
     /// The device buffer; an error for a tensor of a compiled-backward trace.
+    /// The pooled buffer behind this tensor (see [`Self::buffer`]).
+    pub(crate) fn pooled(&self) -> Result<&Arc<PooledBuffer>> {
+        match &self.0.storage {
+            Storage::Buffer(b) => Ok(b),
+            Storage::Traced(_) => self.buffer().map(|_| unreachable!("a traced tensor has no buffer")),
+        }
+    }
+
     pub(crate) fn buffer(&self) -> Result<&wgpu::Buffer> {
         match &self.0.storage {
             Storage::Buffer(b) => Ok(b.raw()),

@@ -20,8 +20,9 @@ fn one_pipeline_serves_every_size_and_a_step_is_one_submit() -> wgrad::Result<()
     let after = device.counters();
     assert_eq!(after.pipelines_created, before.pipelines_created, "new sizes must reuse the pipelines");
 
-    // A training step (forward, backward, update) records dozens of
-    // dispatches but submits once, when the loss is read back.
+    // A training step (forward, backward, update) records several
+    // dispatches (fewer than ops: elementwise ops of one shape merge) but
+    // submits once, when the loss is read back.
     let x = Tensor::rand([32, 16], 1, &device)?;
     let w = Tensor::randn([16, 4], 2, &device)?.requires_grad(true)?;
     let step = |w: &Tensor| -> wgrad::Result<(Tensor, f32)> {
@@ -37,7 +38,7 @@ fn one_pipeline_serves_every_size_and_a_step_is_one_submit() -> wgrad::Result<()
     let after = device.counters();
     assert!(loss.is_finite());
     let dispatches = after.dispatches - before.dispatches;
-    assert!(dispatches >= 10, "a step records many dispatches, got {dispatches}");
+    assert!(dispatches >= 4, "a step records several dispatches, got {dispatches}");
     assert_eq!(after.submits - before.submits, 1, "one submit per step ({dispatches} dispatches)");
     assert_eq!(after.pipelines_created, before.pipelines_created, "steady state creates no pipelines");
     Ok(())

@@ -31,7 +31,7 @@ const MATMUL_TEMPLATE: &str = include_str!("../../shaders/matmul.wgsl");
 const MATMUL_DIRECT_TEMPLATE: &str = include_str!("../../shaders/matmul_direct.wgsl");
 
 /// Which matmul template: 64x64 tiles staged in workgroup memory (GPUs), or
-/// 32x32 tiles read straight from memory (CPU adapters such as lavapipe).
+/// register blocks read straight from memory (CPU adapters such as lavapipe).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum MatmulTemplate {
     Tiled,
@@ -43,7 +43,7 @@ impl MatmulTemplate {
     pub fn tile(self) -> (usize, usize) {
         match self {
             MatmulTemplate::Tiled => (64, 64),
-            MatmulTemplate::Direct => (32, 32),
+            MatmulTemplate::Direct => (64, 64),
         }
     }
 }
@@ -176,9 +176,76 @@ pub(crate) fn render_matmul(epilogue: &MapKernel, dtype: DType, template: Matmul
     let _ = writeln!(s, "fn epilogue(acc: T, i: u32) -> T {{\n{}    return v{node};\n}}", body(epilogue));
     s.push_str(match template {
         MatmulTemplate::Tiled => MATMUL_TEMPLATE,
-        MatmulTemplate::Direct => MATMUL_DIRECT_TEMPLATE,
+        MatmulTemplate::Direct => direct_template(!matches!(epilogue.nodes[node].0, Node::Arg)),
     });
     s
+}
+
+/// The direct template's pass of its stored block through a fused epilogue.
+const DIRECT_EPILOGUE: &str = "    for (var q = 0u; q < 128u; q = q + 1u) {
+        let row = row0 + q / 8u;
+        let col = col0 + 8u * (q % 8u);
+        if (row < m && col < n) {
+            let at = c_base + row * n + col;
+            out0[at] = epilogue(out0[at], at);
+        }
+    }
+";
+
+/// Rows and columns of C one invocation of the direct template computes.
+const DIRECT_BLOCK: (usize, usize) = (16, 8);
+
+/// `shaders/matmul_direct.wgsl` with its register block spelled out at the
+/// `//!` markers (llvmpipe keeps loops this large rolled, which would put
+/// the accumulators in memory).
+fn direct_template(fused_epilogue: bool) -> &'static str {
+    static PLAIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    static FUSED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    match fused_epilogue {
+        false => PLAIN.get_or_init(|| spell_out_direct_template(false)),
+        true => FUSED.get_or_init(|| spell_out_direct_template(true)),
+    }
+}
+
+fn spell_out_direct_template(fused_epilogue: bool) -> String {
+    let (rows, cols) = DIRECT_BLOCK;
+    let mut declare = String::new();
+    let mut step = String::new();
+    let mut store = String::new();
+    for i in 0..rows {
+        let _ = writeln!(declare, "    let r{i} = a_base + min(row0 + {i}u, m - 1u) * a_row;");
+    }
+    for j in 0..cols {
+        let _ = writeln!(declare, "    let c{j} = b_base + min(col0 + {}u, n - 1u) * b_col;", 8 * j);
+        let _ = writeln!(step, "        let vb{j} = b[c{j} + b_off];");
+    }
+    for i in 0..rows {
+        let _ = writeln!(step, "        let va{i} = a[r{i} + a_off];");
+        for j in 0..cols {
+            let _ = writeln!(declare, "    var acc{i}_{j} = T(0);");
+            let _ = writeln!(step, "        acc{i}_{j} = acc{i}_{j} + va{i} * vb{j};");
+            let _ = writeln!(
+                store,
+                "    if (row0 + {i}u < m && col0 + {c}u < n) {{ out0[c_base + (row0 + {i}u) * n + col0 + {c}u] = acc{i}_{j}; }}",
+                c = 8 * j
+            );
+        }
+    }
+    let mut out = String::new();
+    for line in MATMUL_DIRECT_TEMPLATE.lines() {
+        match line.trim() {
+            "//! declare" => out.push_str(&declare),
+            "//! step" => out.push_str(&step),
+            "//! store" => out.push_str(&store),
+            "//! epilogue" if fused_epilogue => out.push_str(DIRECT_EPILOGUE),
+            "//! epilogue" => {}
+            _ => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
 }
 
 /// The template words of a reduction launch (see `shaders/reduce.wgsl`).

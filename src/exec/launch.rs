@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::exec::ReduceKind;
 use crate::exec::codegen::{self, scalar_bits, view_base};
 use crate::exec::kernel::{Access, MapKernel, Node};
+use crate::exec::merge::MapOp;
 use crate::layout::{Layout, MAX_RANK};
 use crate::metadata::{DType, Shape};
 use crate::tensor::Tensor;
@@ -126,16 +127,18 @@ pub(crate) fn map(
             _ => t.layout().broadcast_to(op, out_shape),
         })
         .collect::<Result<Vec<_>>>()?;
-    let out_views: Vec<Layout> = outputs.iter().map(|t| t.layout().clone()).collect();
     if out_shape.numel() == 0 {
         return Ok(outputs);
     }
-    let launch = map_launch(device, op, kernel, out_shape, &views, &out_views, scalars)?;
-    let mut buffers = inputs.iter().map(|t| t.buffer()).collect::<Result<Vec<_>>>()?;
-    for t in &outputs {
-        buffers.push(t.buffer()?);
-    }
-    launch.dispatch(device, &buffers)?;
+    // Deferred: the op joins the device's pending elementwise group.
+    device.defer_map(MapOp {
+        label: op,
+        kernel: &kernel,
+        inputs: inputs.iter().zip(views).map(|(t, v)| Ok((t.pooled()?.clone(), v))).collect::<Result<_>>()?,
+        outputs: outputs.iter().map(|t| t.pooled().cloned()).collect::<Result<_>>()?,
+        scalars,
+        shape: out_shape,
+    })?;
     Ok(outputs)
 }
 
@@ -387,6 +390,30 @@ pub(crate) fn matmul_operands(a: &Tensor, b: &Tensor, batch: &Shape) -> Result<(
     Ok((operand(a)?, operand(b)?))
 }
 
+/// `a @ b` as an outer product when one operand is constant along the
+/// contraction dim (stride 0 over k, k > 1): `a[i, k] = u[i]` gives
+/// `u[i] · Σ_k b[k, j]`, and likewise for `b`. This is what flows back
+/// through a matmul whose output was summed or averaged (the gradient is a
+/// broadcast), so those backward products cost a reduction, not m·n·k
+/// multiply-adds. `None` when neither operand qualifies.
+fn rank_one_product(a: &Tensor, b: &Tensor, r: usize) -> Result<Option<Tensor>> {
+    let k = a.dims()[r + 1];
+    if k <= 1 {
+        return Ok(None);
+    }
+    // Internal arithmetic: nothing here is recorded for autograd.
+    let _no_grad = crate::autograd::no_grad();
+    if a.layout().strides[r + 1] == 0 {
+        let u = a.narrow(-1, 0, 1)?;
+        return Ok(Some(u.mul(&b.sum(&[-2], true)?)?));
+    }
+    if b.layout().strides[r] == 0 {
+        let v = b.narrow(-2, 0, 1)?;
+        return Ok(Some(a.sum(&[-1], true)?.mul(&v)?));
+    }
+    Ok(None)
+}
+
 /// `a` [..., m, k] @ `b` [..., k, n] with broadcast batch dims (the op layer
 /// has promoted vectors to matrices and checked shapes).
 pub(crate) fn matmul(a: &Tensor, b: &Tensor, batch: &Shape) -> Result<Tensor> {
@@ -396,6 +423,9 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor, batch: &Shape) -> Result<Tensor> {
     let mut out_dims = batch.dims().to_vec();
     out_dims.extend([a.dims()[batch.rank()], b.dims()[batch.rank() + 1]]);
     let out_shape = Shape::new(out_dims);
+    if let Some(out) = rank_one_product(&a, &b, batch.rank())? {
+        return Ok(out);
+    }
     if trace::is_active() {
         return trace::matmul(&a, &b, &out_shape);
     }

@@ -8,6 +8,7 @@
 pub(crate) mod codegen;
 pub(crate) mod kernel;
 mod launch;
+pub(crate) mod merge;
 #[cfg(test)]
 mod naga_tests;
 

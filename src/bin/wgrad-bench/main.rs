@@ -12,6 +12,7 @@
 //! submits and new pipelines per step from the device counters, peak
 //! device memory, and GFLOP/s (W1, W3) or GB/s (W2).
 
+mod matmul;
 mod workloads;
 
 use std::fmt::Write as _;
@@ -27,11 +28,19 @@ struct Options {
     small: bool,
     json: Option<String>,
     svg: Option<String>,
+    matmul: Vec<usize>,
 }
 
 fn parse() -> Result<Options, String> {
-    let mut o =
-        Options { workloads: ALL.to_vec(), modes: vec![false, true], steps: 20, small: false, json: None, svg: None };
+    let mut o = Options {
+        workloads: ALL.to_vec(),
+        modes: vec![false, true],
+        steps: 20,
+        small: false,
+        json: None,
+        svg: None,
+        matmul: Vec::new(),
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
@@ -54,9 +63,16 @@ fn parse() -> Result<Options, String> {
             "--small" => o.small = true,
             "--json" => o.json = Some(value()?),
             "--svg" => o.svg = Some(value()?),
+            "--matmul" => {
+                o.matmul = value()?
+                    .split(',')
+                    .map(|s| s.trim().parse::<usize>().map_err(|e| format!("--matmul {s:?}: {e}")))
+                    .collect::<Result<_, _>>()?;
+                o.workloads.clear();
+            }
             "-h" | "--help" => {
                 println!(
-                    "usage: wgrad-bench [--workload W1,..] [--mode eager|compiled|both] [--steps N] [--small] [--json FILE] [--svg FILE]"
+                    "usage: wgrad-bench [--workload W1,..] [--mode eager|compiled|both] [--steps N] [--small] [--json FILE] [--svg FILE] [--matmul 256,512]"
                 );
                 std::process::exit(0);
             }
@@ -253,6 +269,17 @@ fn run(o: &Options) -> Result<(), String> {
     if let Some(path) = &o.svg {
         std::fs::write(path, svg(&rows, &adapter)).map_err(|e| format!("writing {path}: {e}"))?;
     }
-    println!("\n{}", table(&rows));
+    if !rows.is_empty() {
+        println!("\n{}", table(&rows));
+    }
+    if !o.matmul.is_empty() {
+        let mut mm = Vec::new();
+        for &n in &o.matmul {
+            let row = matmul::measure(&device, n, o.steps).map_err(|e| format!("matmul {n}: {e}"))?;
+            eprintln!("matmul {n}: {:.1} GFLOP/s", row.gflops);
+            mm.push(row);
+        }
+        println!("\n{}", matmul::table(&mm));
+    }
     Ok(())
 }
