@@ -1,7 +1,9 @@
 //! Eager vs compiled backward on W2 (elementwise) and W5 (tiny chain) of
 //! `../shared/WORKLOADS.md`, side by side in one run: median backward time
-//! (finished on the device), the first compiled backward (capture + passes
-//! + pipeline creation), and kernel dispatches per backward.
+//! (finished on the device), the first compiled backward (capture, passes
+//! and pipeline creation), and kernel dispatches per backward. Eager runs
+//! twice: one dispatch per op (elementwise merging off, the classic eager
+//! executor) and merged (the library's default, see `exec::merge`).
 //!
 //! `cargo run --release --example compiled_backward [-- --iters N]`
 
@@ -71,27 +73,33 @@ fn main() -> wgrad::Result<()> {
     println!("adapter: {}", device.info());
     let mut table = Vec::new();
     for (name, build) in [("W2 elementwise", w2 as Build), ("W5 tiny-chain", w5 as Build)] {
+        device.set_merge_elementwise(false);
         let (eager, eager_grad) = measure(&device, build, iters)?;
+        device.set_merge_elementwise(true);
+        let (merged, _) = measure(&device, build, iters)?;
         let guard = WgslCompiler::install(&device)?;
         let (compiled, compiled_grad) = measure(&device, build, iters)?;
         let stats = guard.stats();
         drop(guard);
         let max_diff = eager_grad.iter().zip(&compiled_grad).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        table.push((name, eager, compiled, stats.ops_fused, max_diff));
+        table.push((name, eager, merged, compiled, stats.ops_fused, max_diff));
     }
     println!("\nbackward only, median of {iters} after warm-up (ms); kernels = dispatches per backward");
     println!(
-        "| workload | eager ms | compiled ms | speed-up | first compiled ms | eager kernels | compiled kernels | max |Δgrad| |"
+        "| workload | eager ms | merged ms | compiled ms | compiled vs eager | compiled vs merged | first compiled ms | kernels eager / merged / compiled | max |Δgrad| |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
-    for (name, e, c, _, diff) in &table {
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (name, e, m, c, _, diff) in &table {
         println!(
-            "| {name} | {:.2} | {:.2} | {:.2}x | {:.1} | {} | {} | {diff:.1e} |",
+            "| {name} | {:.2} | {:.2} | {:.2} | {:.2}x | {:.2}x | {:.1} | {} / {} / {} | {diff:.1e} |",
             e.median_ms,
+            m.median_ms,
             c.median_ms,
             e.median_ms / c.median_ms,
+            m.median_ms / c.median_ms,
             c.first_ms,
             e.kernels,
+            m.kernels,
             c.kernels
         );
     }

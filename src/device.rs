@@ -54,6 +54,10 @@ pub struct DeviceCounters {
     pub uploads: u64,
     /// Device-to-host readbacks.
     pub readbacks: u64,
+    /// Buffers allocated from the driver: tensor storage the pool could not
+    /// serve, staging for uploads and readbacks (beyond the reused one),
+    /// compiled programs' uniforms.
+    pub buffers_created: u64,
 }
 
 /// A GPU device: cheap to clone, `Send + Sync`. Tensors remember the device
@@ -73,6 +77,8 @@ pub(crate) struct DeviceInner {
     id: DeviceId,
     info: DeviceInfo,
     matmul: crate::exec::codegen::MatmulTemplate,
+    /// Whether eager elementwise ops merge into one dispatch (`exec::merge`).
+    merge: std::sync::atomic::AtomicBool,
     pub(crate) device: wgpu::Device,
     queue: wgpu::Queue,
     pub(crate) limits: wgpu::Limits,
@@ -84,7 +90,12 @@ pub(crate) struct DeviceInner {
     /// Errors wgpu reported outside an error scope; surfaced at the next sync.
     uncaptured: Arc<Mutex<Option<String>>>,
     arena: wgpu::Buffer,
+    /// The staging buffer of the last small readback, reused by the next.
+    readback: Mutex<Option<wgpu::Buffer>>,
 }
+
+/// Readback staging buffers up to this size are kept for reuse.
+const KEPT_READBACK_BYTES: u64 = 1 << 20;
 
 enum Command {
     Dispatch { pipeline: wgpu::ComputePipeline, bind_group: wgpu::BindGroup, grid: [u32; 3] },
@@ -216,6 +227,7 @@ impl Device {
                 id: DeviceId(NEXT_DEVICE_ID.fetch_add(1, Ordering::Relaxed)),
                 info,
                 matmul,
+                merge: std::sync::atomic::AtomicBool::new(std::env::var("WGRAD_MERGE").as_deref() != Ok("0")),
                 device,
                 queue,
                 limits,
@@ -226,8 +238,24 @@ impl Device {
                 counters: Mutex::new(DeviceCounters::default()),
                 uncaptured,
                 arena,
+                readback: Mutex::new(None),
             }),
         })
+    }
+
+    /// Whether eager elementwise ops over the same shape are merged into one
+    /// dispatch, run at the next command of another kind (on by default;
+    /// `WGRAD_MERGE=0` starts a device with it off). Results are the same
+    /// bits either way; off gives one dispatch per op, the classic eager
+    /// executor, which benchmarks use as their baseline.
+    pub fn set_merge_elementwise(&self, on: bool) {
+        drop(self.lock_batch());
+        self.inner.merge.store(on, Ordering::Relaxed);
+    }
+
+    /// See [`Self::set_merge_elementwise`].
+    pub fn merges_elementwise(&self) -> bool {
+        self.inner.merge.load(Ordering::Relaxed)
     }
 
     /// The adapter this device runs on.
@@ -327,6 +355,7 @@ impl Device {
     /// A new storage buffer, or `None` if the device is out of memory.
     fn create_storage_buffer(&self, bytes: u64) -> Option<wgpu::Buffer> {
         let scope = self.inner.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        self.inner.counters.lock().buffers_created += 1;
         let buffer = self.inner.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("wgrad tensor"),
             size: bytes,
@@ -428,6 +457,7 @@ impl Device {
 
     /// A uniform buffer holding `bytes` (a compiled program's sizes).
     pub(crate) fn create_uniform(&self, bytes: &[u8]) -> wgpu::Buffer {
+        self.inner.counters.lock().buffers_created += 1;
         let buffer = self.inner.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("wgrad program uniforms"),
             size: (bytes.len().max(16) as u64).next_multiple_of(16),
@@ -534,6 +564,7 @@ impl Device {
             return Ok(buffer);
         }
         let padded = (bytes.len() as u64).next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT);
+        self.inner.counters.lock().buffers_created += 1;
         let staging = self.inner.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("wgrad upload"),
             size: padded,
@@ -565,12 +596,24 @@ impl Device {
         }
         let start = offset - offset % wgpu::COPY_BUFFER_ALIGNMENT;
         let end = (offset + size).next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT);
-        let staging = self.inner.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("wgrad readback"),
-            size: end - start,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        // One staging buffer is kept and reused while large enough, so a
+        // training loop's per-step loss readback allocates nothing.
+        let reused = self.inner.readback.lock().take().filter(|b| b.size() >= end - start);
+        let staging = match reused {
+            Some(b) => b,
+            None => {
+                self.inner.counters.lock().buffers_created += 1;
+                self.inner.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("wgrad readback"),
+                    size: match end - start {
+                        small if small <= KEPT_READBACK_BYTES => small.next_power_of_two().max(256),
+                        large => large,
+                    },
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                })
+            }
+        };
         {
             let mut batch = self.lock_batch();
             batch.commands.push(Command::Copy {
@@ -594,6 +637,9 @@ impl Device {
         let out = view[lo..lo + size as usize].to_vec();
         drop(view);
         staging.unmap();
+        if staging.size() <= KEPT_READBACK_BYTES {
+            *self.inner.readback.lock() = Some(staging);
+        }
         self.inner.counters.lock().readbacks += 1;
         Ok(out)
     }
@@ -603,6 +649,12 @@ impl Device {
     pub(crate) fn defer_map(&self, op: MapOp<'_>) -> Result<()> {
         let mut batch = self.inner.batch.lock();
         let max = self.max_storage_bindings().min(MAX_MERGED_BINDINGS);
+        if !self.merges_elementwise() {
+            // One op alone is a group of one, dispatched at once.
+            self.dispatch_pending(&mut batch)?;
+            batch.pending = Some(PendingMaps::new(&op));
+            return self.dispatch_pending(&mut batch);
+        }
         if let Some(group) = batch.pending.as_mut() {
             if group.join(&op, max) {
                 return Ok(());

@@ -1,45 +1,55 @@
-//! `wgrad-bench`: the five workloads of WORKLOADS.md in eager and compiled
-//! mode, side by side in one run.
+//! `wgrad-bench`: the five workloads of WORKLOADS.md side by side in one
+//! run, in three modes: `eager` (one dispatch per op, the classic eager
+//! executor), `merged` (eager, with elementwise ops of one shape merged
+//! into one dispatch: the library's default) and `compiled` (merged
+//! forward, compiled backward).
 //!
 //! ```sh
-//! cargo run --release --bin wgrad-bench -- [--workload W1,W3] [--mode eager|compiled|both]
-//!     [--steps 20] [--small] [--json FILE] [--svg FILE]
+//! cargo run --release --bin wgrad-bench -- [--workload W1,W3] [--mode eager,merged,compiled]
+//!     [--steps 20] [--small] [--json FILE] [--svg FILE] [--matmul 256,512] [--memory-steps 1000]
 //! ```
 //!
 //! A step is forward + backward (+ W1's SGD update) + the loss read back
 //! once. Reported: the first step (pipeline creation, capture), then the
-//! median / min / max over `--steps` steps after 3 warm-ups, with kernels,
-//! submits and new pipelines per step from the device counters, peak
-//! device memory, and GFLOP/s (W1, W3) or GB/s (W2).
+//! median / min / max over `--steps` steps after 3 warm-ups, the modes'
+//! steps interleaved so that a busy machine slows them alike; kernels and
+//! submits per step, new pipelines and driver buffers over the measured
+//! steps, peak device memory, and GFLOP/s (W1, W3) or GB/s (W2).
+//! `--matmul` times the matmul kernel alone; `--memory-steps` runs W1
+//! compiled that long and checks memory (see `memory.rs`).
 
 mod matmul;
+mod memory;
 mod workloads;
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::Instant;
 
-use wgrad::{Device, WgslCompiler};
+use wgrad::{CompilerGuard, Device, WgslCompiler};
 use workloads::{ALL, Id, Workload};
 
 struct Options {
     workloads: Vec<Id>,
-    modes: Vec<bool>,
+    modes: Vec<Mode>,
     steps: usize,
     small: bool,
     json: Option<String>,
     svg: Option<String>,
     matmul: Vec<usize>,
+    memory_steps: Option<usize>,
 }
 
 fn parse() -> Result<Options, String> {
     let mut o = Options {
         workloads: ALL.to_vec(),
-        modes: vec![false, true],
+        modes: Mode::ALL.to_vec(),
         steps: 20,
         small: false,
         json: None,
         svg: None,
         matmul: Vec::new(),
+        memory_steps: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -52,17 +62,28 @@ fn parse() -> Result<Options, String> {
                     .collect::<Result<_, _>>()?
             }
             "--mode" => {
-                o.modes = match value()?.as_str() {
-                    "eager" => vec![false],
-                    "compiled" => vec![true],
-                    "both" => vec![false, true],
-                    m => return Err(format!("unknown mode {m:?} (eager, compiled, both)")),
-                }
+                o.modes = value()?
+                    .split(',')
+                    .map(|m| match m.trim() {
+                        "both" => Ok(vec![Mode::Eager, Mode::Compiled]),
+                        "all" => Ok(Mode::ALL.to_vec()),
+                        m => Mode::ALL
+                            .into_iter()
+                            .find(|x| x.name() == m)
+                            .map(|x| vec![x])
+                            .ok_or(format!("unknown mode {m:?} (eager, merged, compiled, all)")),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+                    .concat()
             }
             "--steps" => o.steps = value()?.parse::<usize>().map_err(|e| format!("--steps: {e}"))?.max(1),
             "--small" => o.small = true,
             "--json" => o.json = Some(value()?),
             "--svg" => o.svg = Some(value()?),
+            "--memory-steps" => {
+                o.memory_steps = Some(value()?.parse::<usize>().map_err(|e| format!("--memory-steps: {e}"))?.max(5));
+                o.workloads.clear();
+            }
             "--matmul" => {
                 o.matmul = value()?
                     .split(',')
@@ -72,7 +93,7 @@ fn parse() -> Result<Options, String> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: wgrad-bench [--workload W1,..] [--mode eager|compiled|both] [--steps N] [--small] [--json FILE] [--svg FILE] [--matmul 256,512]"
+                    "usage: wgrad-bench [--workload W1,..] [--mode eager,merged,compiled] [--steps N] [--small] [--json FILE] [--svg FILE] [--matmul 256,512] [--memory-steps 1000]"
                 );
                 std::process::exit(0);
             }
@@ -85,7 +106,7 @@ fn parse() -> Result<Options, String> {
 /// One measured (workload, mode).
 struct Row {
     id: Id,
-    compiled: bool,
+    mode: Mode,
     first_ms: f64,
     median_ms: f64,
     min_ms: f64,
@@ -93,73 +114,164 @@ struct Row {
     kernels: f64,
     submits: f64,
     new_pipelines: u64,
+    new_buffers: u64,
     peak_mb: f64,
     roofline: Option<(f64, &'static str)>,
     loss: f32,
 }
 
-fn measure(device: &Device, id: Id, compiled: bool, o: &Options) -> wgrad::Result<Row> {
-    let guard = if compiled { Some(WgslCompiler::install(device)?) } else { None };
-    let mut w = Workload::new(id, device, o.small)?;
-    device.synchronize()?;
-    let start = Instant::now();
-    w.step()?;
-    let first_ms = start.elapsed().as_secs_f64() * 1e3;
-    for _ in 0..3 {
-        w.step()?;
-    }
-    device.synchronize()?;
-    device.reset_peak_memory();
-    let before = device.counters();
-    let mut times = Vec::with_capacity(o.steps);
-    let mut loss = 0.0;
-    for _ in 0..o.steps {
-        let t = Instant::now();
-        loss = w.step()?;
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    let after = device.counters();
-    drop(guard);
-    let n = o.steps as f64;
-    times.sort_by(f64::total_cmp);
-    let median_ms = times[times.len() / 2];
-    let roofline = match (w.flops, w.bytes) {
-        (Some(f), _) => Some((f / (median_ms * 1e-3) / 1e9, "GFLOP/s")),
-        (None, Some(b)) => Some((b / (median_ms * 1e-3) / 1e9, "GB/s")),
-        (None, None) => None,
-    };
-    Ok(Row {
-        id,
-        compiled,
-        first_ms,
-        median_ms,
-        min_ms: times[0],
-        max_ms: times[times.len() - 1],
-        kernels: (after.dispatches - before.dispatches) as f64 / n,
-        submits: (after.submits - before.submits) as f64 / n,
-        new_pipelines: after.pipelines_created - before.pipelines_created,
-        peak_mb: device.memory_stats().peak_bytes as f64 / (1 << 20) as f64,
-        roofline,
-        loss,
-    })
+/// One mode's side of a workload: its own copy of the workload and, when
+/// compiled, its own compiler, installed only around its own steps.
+struct Runner {
+    mode: Mode,
+    w: Workload,
+    compiler: Option<Arc<WgslCompiler>>,
+    first_ms: f64,
+    /// Live bytes the workload holds between steps (weights, data,
+    /// gradients, a compiled program's buffers).
+    resident: u64,
+    times: Vec<f64>,
+    /// The most a step allocated above what was live when it started.
+    step_peak: u64,
+    counters: [u64; 4],
+    loss: f32,
 }
 
-fn mode(compiled: bool) -> &'static str {
-    if compiled { "compiled" } else { "eager" }
+impl Runner {
+    fn new(device: &Device, id: Id, mode: Mode, o: &Options) -> wgrad::Result<Runner> {
+        device.synchronize()?;
+        let live = device.memory_stats().live_bytes;
+        let compiler = (mode == Mode::Compiled).then(|| Arc::new(WgslCompiler::new(device)));
+        let mut r = Runner {
+            mode,
+            w: Workload::new(id, device, o.small)?,
+            compiler,
+            first_ms: 0.0,
+            resident: 0,
+            times: Vec::with_capacity(o.steps),
+            step_peak: 0,
+            counters: [0; 4],
+            loss: 0.0,
+        };
+        device.synchronize()?;
+        r.first_ms = r.step(device)?;
+        for _ in 0..3 {
+            r.step(device)?;
+        }
+        r.resident = device.memory_stats().live_bytes.saturating_sub(live);
+        Ok(r)
+    }
+
+    /// One step in this runner's mode; its wall time in ms.
+    fn step(&mut self, device: &Device) -> wgrad::Result<f64> {
+        device.set_merge_elementwise(self.mode != Mode::Eager);
+        let _guard = self.compiler.as_ref().map(|c| CompilerGuard::install_arc(c.clone())).transpose()?;
+        device.synchronize()?;
+        let live = device.memory_stats().live_bytes;
+        device.reset_peak_memory();
+        let before = device.counters();
+        let t = Instant::now();
+        self.loss = self.w.step()?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        let after = device.counters();
+        self.step_peak = self.step_peak.max(device.memory_stats().peak_bytes - live);
+        let deltas = [
+            after.dispatches - before.dispatches,
+            after.submits - before.submits,
+            after.pipelines_created - before.pipelines_created,
+            after.buffers_created - before.buffers_created,
+        ];
+        for (c, d) in self.counters.iter_mut().zip(deltas) {
+            *c += d;
+        }
+        Ok(ms)
+    }
+
+    fn row(mut self, id: Id) -> Row {
+        let n = self.times.len() as f64;
+        self.times.sort_by(f64::total_cmp);
+        let median_ms = self.times[self.times.len() / 2];
+        let roofline = match (self.w.flops, self.w.bytes) {
+            (Some(f), _) => Some((f / (median_ms * 1e-3) / 1e9, "GFLOP/s")),
+            (None, Some(b)) => Some((b / (median_ms * 1e-3) / 1e9, "GB/s")),
+            (None, None) => None,
+        };
+        Row {
+            id,
+            mode: self.mode,
+            first_ms: self.first_ms,
+            median_ms,
+            min_ms: self.times[0],
+            max_ms: self.times[self.times.len() - 1],
+            kernels: self.counters[0] as f64 / n,
+            submits: self.counters[1] as f64 / n,
+            new_pipelines: self.counters[2],
+            new_buffers: self.counters[3],
+            peak_mb: (self.resident + self.step_peak) as f64 / (1 << 20) as f64,
+            roofline,
+            loss: self.loss,
+        }
+    }
+}
+
+/// Every mode of one workload: first steps and warm-ups mode by mode, then
+/// the measured steps interleaved (eager, merged, compiled, eager, ...), so
+/// that a busy machine slows every mode alike.
+fn measure(device: &Device, id: Id, o: &Options) -> wgrad::Result<Vec<Row>> {
+    let mut runners = Vec::new();
+    for &mode in &o.modes {
+        runners.push(Runner::new(device, id, mode, o)?);
+    }
+    // Counters from here on count the measured steps only.
+    for r in &mut runners {
+        r.counters = [0; 4];
+        r.step_peak = 0;
+    }
+    for _ in 0..o.steps {
+        for r in &mut runners {
+            let ms = r.step(device)?;
+            r.times.push(ms);
+        }
+    }
+    device.set_merge_elementwise(true);
+    Ok(runners.into_iter().map(|r| r.row(id)).collect())
+}
+
+/// How a workload runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// One dispatch per op (elementwise merging off), eager backward.
+    Eager,
+    /// Elementwise ops of one shape merged into one dispatch, eager backward.
+    Merged,
+    /// Merged forward, compiled backward.
+    Compiled,
+}
+
+impl Mode {
+    const ALL: [Mode; 3] = [Mode::Eager, Mode::Merged, Mode::Compiled];
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Eager => "eager",
+            Mode::Merged => "merged",
+            Mode::Compiled => "compiled",
+        }
+    }
 }
 
 fn table(rows: &[Row]) -> String {
     let mut s = String::from(
-        "| workload | mode | first ms | median ms | min ms | max ms | kernels/step | submits/step | new pipelines | peak MiB | roofline |\n\
+        "| workload | mode | first ms | median ms | min ms | max ms | kernels/step | submits/step | new pipelines / buffers | peak MiB | roofline |\n\
          |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         let roof = r.roofline.map(|(v, unit)| format!("{v:.2} {unit}")).unwrap_or_else(|| "-".into());
         let _ = writeln!(
             s,
-            "| {} | {} | {:.1} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | {} | {:.1} | {roof} |",
+            "| {} | {} | {:.1} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | {} / {} | {:.1} | {roof} |",
             r.id.name(),
-            mode(r.compiled),
+            r.mode.name(),
             r.first_ms,
             r.median_ms,
             r.min_ms,
@@ -167,6 +279,7 @@ fn table(rows: &[Row]) -> String {
             r.kernels,
             r.submits,
             r.new_pipelines,
+            r.new_buffers,
             r.peak_mb
         );
     }
@@ -181,9 +294,9 @@ fn json(rows: &[Row], adapter: &str) -> String {
         let _ = write!(
             s,
             "    {{\"workload\": {:?}, \"mode\": {:?}, \"first_ms\": {}, \"median_ms\": {}, \"min_ms\": {}, \"max_ms\": {}, \
-             \"kernels_per_step\": {}, \"submits_per_step\": {}, \"new_pipelines\": {}, \"peak_mib\": {}, \"roofline\": {roof}, \"loss\": {}}}",
+             \"kernels_per_step\": {}, \"submits_per_step\": {}, \"new_pipelines\": {}, \"new_buffers\": {}, \"peak_mib\": {}, \"roofline\": {roof}, \"loss\": {}}}",
             format!("{:?}", r.id),
-            mode(r.compiled),
+            r.mode.name(),
             r.first_ms,
             r.median_ms,
             r.min_ms,
@@ -191,6 +304,7 @@ fn json(rows: &[Row], adapter: &str) -> String {
             r.kernels,
             r.submits,
             r.new_pipelines,
+            r.new_buffers,
             r.peak_mb,
             r.loss
         );
@@ -200,15 +314,15 @@ fn json(rows: &[Row], adapter: &str) -> String {
     s
 }
 
-/// Median step time per workload, eager and compiled bars side by side,
+/// Median step time per workload, one bar per mode,
 /// each workload scaled to its slower mode.
 fn svg(rows: &[Row], adapter: &str) -> String {
     let ids: Vec<Id> = ALL.into_iter().filter(|id| rows.iter().any(|r| r.id == *id)).collect();
-    let (w, row_h) = (720.0, 46.0);
+    let (w, row_h) = (720.0, 64.0);
     let h = 60.0 + row_h * ids.len() as f64;
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <text x=\"10\" y=\"20\" font-size=\"14\">wgrad median step time (ms), eager vs compiled</text>\n\
+         <text x=\"10\" y=\"20\" font-size=\"14\">wgrad median step time (ms), eager, merged, compiled</text>\n\
          <text x=\"10\" y=\"38\" fill=\"#555\">{}</text>\n",
         adapter.replace('&', "&amp;").replace('<', "&lt;")
     );
@@ -218,7 +332,11 @@ fn svg(rows: &[Row], adapter: &str) -> String {
         let max = rows.iter().filter(|r| r.id == *id).map(|r| r.median_ms).fold(f64::MIN_POSITIVE, f64::max);
         for (j, r) in rows.iter().filter(|r| r.id == *id).enumerate() {
             let len = 420.0 * r.median_ms / max;
-            let color = if r.compiled { "#2a7" } else { "#888" };
+            let color = match r.mode {
+                Mode::Eager => "#888",
+                Mode::Merged => "#58c",
+                Mode::Compiled => "#2a7",
+            };
             let by = y + 4.0 + 18.0 * j as f64;
             let _ = writeln!(s, "<rect x=\"150\" y=\"{by}\" width=\"{len:.1}\" height=\"15\" fill=\"{color}\"/>");
             let _ = writeln!(
@@ -226,7 +344,7 @@ fn svg(rows: &[Row], adapter: &str) -> String {
                 "<text x=\"{:.1}\" y=\"{}\">{} {:.2} ms</text>",
                 155.0 + len,
                 by + 12.0,
-                mode(r.compiled),
+                r.mode.name(),
                 r.median_ms
             );
         }
@@ -256,10 +374,8 @@ fn run(o: &Options) -> Result<(), String> {
     println!("steps: {} after 3 warm-ups{}", o.steps, if o.small { " (small sizes)" } else { "" });
     let mut rows = Vec::new();
     for &id in &o.workloads {
-        for &compiled in &o.modes {
-            let row =
-                measure(&device, id, compiled, o).map_err(|e| format!("{} {}: {e}", id.name(), mode(compiled)))?;
-            eprintln!("{} {}: median {:.2} ms", id.name(), mode(compiled), row.median_ms);
+        for row in measure(&device, id, o).map_err(|e| format!("{}: {e}", id.name()))? {
+            eprintln!("{} {}: median {:.2} ms", id.name(), row.mode.name(), row.median_ms);
             rows.push(row);
         }
     }
@@ -271,6 +387,10 @@ fn run(o: &Options) -> Result<(), String> {
     }
     if !rows.is_empty() {
         println!("\n{}", table(&rows));
+    }
+    if let Some(steps) = o.memory_steps {
+        let report = memory::check(&device, steps).map_err(|e| format!("memory check: {e}"))?;
+        println!("\n{report}");
     }
     if !o.matmul.is_empty() {
         let mut mm = Vec::new();

@@ -128,15 +128,28 @@ impl Workload {
 
     /// One step: forward, backward (and W1's SGD update), loss read back once.
     pub fn step(&mut self) -> wgrad::Result<f32> {
+        self.step_observed(|| {})
+    }
+
+    /// [`Self::step`], calling `before_backward` between forward and backward.
+    pub fn step_observed(&mut self, before_backward: impl FnOnce()) -> wgrad::Result<f32> {
         for p in &self.leaves {
             p.zero_grad();
         }
         let loss = self.loss()?;
+        before_backward();
         loss.backward()?;
         if let Some(opt) = &mut self.optimizer {
             opt.step()?;
         }
         loss.to_scalar::<f32>()
+    }
+}
+
+impl Workload {
+    /// Bytes of the parameters' gradients (one f32 per parameter element).
+    pub fn gradient_bytes(&self) -> u64 {
+        self.leaves.iter().map(|p| 4 * p.numel() as u64).sum()
     }
 }
 
