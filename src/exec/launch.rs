@@ -96,6 +96,11 @@ pub(crate) fn map_launch(
     scalars: &[f64],
 ) -> Result<Launch> {
     let words = map_words(op, &mut kernel, shape, inputs, outputs, scalars)?;
+    let views: Vec<Layout> = inputs.iter().chain(outputs).cloned().collect();
+    if codegen::vectorisable(&kernel, shape.numel(), &views) {
+        let grid = device.grid_1d(shape.numel() as u64 / 4)?;
+        return Ok(Launch { label: op, source: codegen::render_x4(&kernel), words, grid });
+    }
     let grid = device.grid_1d(shape.numel() as u64)?;
     Ok(Launch { label: op, source: codegen::render(&kernel), words, grid })
 }

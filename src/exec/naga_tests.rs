@@ -3,7 +3,7 @@
 //! multi-output kernels, and the reduce and matmul templates per dtype.
 
 use crate::exec::ReduceKind;
-use crate::exec::codegen::{MatmulTemplate, render, render_matmul, render_reduce};
+use crate::exec::codegen::{MatmulTemplate, render, render_matmul, render_reduce, render_x4};
 use crate::exec::kernel::{Access, MapKernel, Node, RandomKind};
 use crate::metadata::DType;
 use crate::ops::binary::BinaryOp;
@@ -39,6 +39,15 @@ const BINARY: [BinaryOp; 7] =
 const CMP: [CmpOp; 6] = [CmpOp::Eq, CmpOp::Ne, CmpOp::Lt, CmpOp::Le, CmpOp::Gt, CmpOp::Ge];
 const DTYPES: [DType; 4] = [DType::F32, DType::F16, DType::I32, DType::U32];
 
+/// The vectorised rendering (its outputs are always contiguous).
+fn x4(k: &MapKernel) -> String {
+    let mut k = k.clone();
+    for output in &mut k.outputs {
+        output.1 = Access::Linear;
+    }
+    render_x4(&k)
+}
+
 fn with_access(mut k: MapKernel, access: Access) -> MapKernel {
     for input in &mut k.inputs {
         input.1 = access;
@@ -57,7 +66,10 @@ fn unary_kernels_validate() {
             let x = k.input(dtype);
             let y = k.push(Node::Unary(op, x), dtype);
             k.output(y);
-            validate(&format!("{op:?} {dtype:?}"), &render(&with_access(k, Access::Strided)));
+            validate(&format!("{op:?} {dtype:?} x4"), &x4(&k));
+            let k = with_access(k, Access::Strided);
+            validate(&format!("{op:?} {dtype:?}"), &render(&k));
+            validate(&format!("{op:?} {dtype:?} strided x4"), &x4(&k));
         }
     }
 }
@@ -72,7 +84,9 @@ fn binary_and_compare_kernels_validate() {
                 let b = k.scalar(dtype);
                 let c = k.push(Node::Binary(op, a, b), dtype);
                 k.output(c);
-                validate(&format!("{op:?} {dtype:?} {access:?}"), &render(&with_access(k, access)));
+                let k = with_access(k, access);
+                validate(&format!("{op:?} {dtype:?} {access:?}"), &render(&k));
+                validate(&format!("{op:?} {dtype:?} {access:?} x4"), &x4(&k));
             }
         }
         for op in CMP {
@@ -84,6 +98,7 @@ fn binary_and_compare_kernels_validate() {
             k.output(m);
             k.output(s);
             validate(&format!("{op:?} {dtype:?}"), &render(&k));
+            validate(&format!("{op:?} {dtype:?} x4"), &x4(&k));
         }
         for to in DTYPES {
             let mut k = MapKernel::default();
@@ -91,6 +106,7 @@ fn binary_and_compare_kernels_validate() {
             let c = k.push(Node::Cast(a), to);
             k.output(c);
             validate(&format!("cast {dtype:?} -> {to:?}"), &render(&k));
+            validate(&format!("cast {dtype:?} -> {to:?} x4"), &x4(&k));
         }
     }
 }
@@ -104,6 +120,7 @@ fn creation_kernels_validate() {
         let r = k.push(Node::Random(kind, slot), DType::F32);
         k.output(r);
         validate(&format!("{kind:?}"), &render(&k));
+        validate(&format!("{kind:?} x4"), &x4(&k));
     }
     let mut k = MapKernel::default();
     let i = k.push(Node::Index, DType::F32);
@@ -111,6 +128,7 @@ fn creation_kernels_validate() {
     let y = k.push(Node::Binary(BinaryOp::Mul, i, s), DType::F32);
     k.output(y);
     validate("arange", &render(&k));
+    validate("arange x4", &x4(&k));
 }
 
 #[test]
@@ -127,7 +145,8 @@ fn fused_chain_validates() {
     let y = k.push(Node::Binary(BinaryOp::Mul, t, s), DType::F32);
     k.output(y);
     k.output(t);
-    validate("fused", &render(&with_access(k, Access::Strided)));
+    validate("fused", &render(&with_access(k.clone(), Access::Strided)));
+    validate("fused x4", &x4(&k));
 }
 
 #[test]
