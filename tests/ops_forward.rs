@@ -470,6 +470,31 @@ fn matmul_of_views() {
         ATOL,
         "narrowed operands",
     );
+    // Row- and column-major A with dims that are multiples of 4 (and one
+    // at an aligned offset), each with partial edge tiles of the 64x64
+    // blocks both templates use.
+    let a2 = r32(107, &[68, 36], -1.0, 1.0);
+    let b2 = r32(108, &[68, 20], -1.0, 1.0);
+    let c2 = r32(109, &[36, 76], -1.0, 1.0);
+    let (ga2, gb2, gc2) = (upload(&a2), upload(&b2), upload(&c2));
+    check(&ga2.t().unwrap().matmul(&gb2).unwrap(), &a2.transpose(0, 1).matmul(&b2), RTOL, ATOL, "a^T @ b, m % 4 == 0");
+    check(&ga2.matmul(&gc2).unwrap(), &a2.matmul(&c2), RTOL, ATOL, "a @ c, k % 4 == 0");
+    check(
+        &ga2.narrow(0, 4, 60).unwrap().matmul(&gc2).unwrap(),
+        &a2.narrow(0, 4, 60).matmul(&c2),
+        RTOL,
+        ATOL,
+        "aligned offset, k % 4 == 0",
+    );
+    let x2 = r32(110, &[2, 8, 12], -1.0, 1.0);
+    let y2 = r32(111, &[2, 8, 5], -1.0, 1.0);
+    check(
+        &upload(&x2).transpose(-1, -2).unwrap().matmul(&upload(&y2)).unwrap(),
+        &x2.transpose(1, 2).matmul(&y2),
+        RTOL,
+        ATOL,
+        "batched column-major A",
+    );
     // A permuted batch (not collapsible to one batch stride).
     let p = r32(105, &[4, 2, 3, 5], -1.0, 1.0);
     let q = r32(106, &[2, 4, 5, 3], -1.0, 1.0);
