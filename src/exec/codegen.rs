@@ -48,14 +48,16 @@ impl MatmulTemplate {
     }
 }
 const REDUCE_TEMPLATE: &str = include_str!("../../shaders/reduce.wgsl");
+const REDUCE_X4_TEMPLATE: &str = include_str!("../../shaders/reduce_x4.wgsl");
 
 /// Bindings, the uniform struct and the shared helpers.
 fn declarations(k: &MapKernel) -> String {
-    declarations_as(k, false)
+    declarations_as(k, false, false)
 }
 
-/// Bindings as `array<T>`; contiguous ones as `array<vec4<T>>` when `vec4`.
-fn declarations_as(k: &MapKernel, vec4: bool) -> String {
+/// Bindings as `array<T>`; contiguous inputs as `array<vec4<T>>` when
+/// `vec4`, contiguous outputs too when `vec4_outputs`.
+fn declarations_as(k: &MapKernel, vec4: bool, vec4_outputs: bool) -> String {
     let elem = |t: &str, access: Access| match vec4 && access == Access::Linear {
         true => format!("vec4<{t}>"),
         false => t.to_string(),
@@ -78,7 +80,7 @@ fn declarations_as(k: &MapKernel, vec4: bool) -> String {
     }
     for (o, (node, access)) in k.outputs.iter().enumerate() {
         let dtype = k.dtype(*node);
-        let t = elem(dtype.wgsl(), *access);
+        let t = if vec4_outputs { elem(dtype.wgsl(), *access) } else { dtype.wgsl().to_string() };
         let _ = writeln!(s, "@group(0) @binding({binding}) var<storage, read_write> out{o}: array<{t}>;");
         binding += 1;
     }
@@ -188,13 +190,27 @@ pub(crate) fn vectorisable(k: &MapKernel, numel: usize, views: &[Layout]) -> boo
 /// in a loop; a vec4 load shares that loop four ways (about 2x faster for
 /// memory-bound kernels on lavapipe). Same bindings and words as `render`.
 pub(crate) fn render_x4(k: &MapKernel) -> String {
-    let mut s = declarations_as(k, true);
+    let mut s = declarations_as(k, true, true);
     s.push_str(
         "\n@compute @workgroup_size(256)\n\
          fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {\n\
          \x20   let q = gid.x + gid.y * nwg.x * 256u;\n\
          \x20   if (q * 4u >= p(0u)) { return; }\n",
     );
+    s.push_str(&body_x4(k));
+    for (o, (node, _)) in k.outputs.iter().enumerate() {
+        let t = k.dtype(*node).wgsl();
+        let base = view_base(k.inputs.len() + o);
+        let _ = writeln!(s, "    out{o}[p({base}u) / 4u + q] = vec4<{t}>(v{node}_0, v{node}_1, v{node}_2, v{node}_3);");
+    }
+    s.push_str("}\n");
+    s
+}
+
+/// The vec4 loads of `k`'s contiguous inputs at vec4 `q`, then its nodes
+/// for the four elements.
+fn body_x4(k: &MapKernel) -> String {
+    let mut s = String::new();
     for (j, (_, access)) in k.inputs.iter().enumerate() {
         if *access == Access::Linear {
             let _ = writeln!(s, "    let in{j}_q = in{j}[p({}u) / 4u + q];", view_base(j));
@@ -203,12 +219,38 @@ pub(crate) fn render_x4(k: &MapKernel) -> String {
     for lane in 0..4 {
         s.push_str(&body_of_lane(k, Some(lane)));
     }
-    for (o, (node, _)) in k.outputs.iter().enumerate() {
-        let t = k.dtype(*node).wgsl();
-        let base = view_base(k.inputs.len() + o);
-        let _ = writeln!(s, "    out{o}[p({base}u) / 4u + q] = vec4<{t}>(v{node}_0, v{node}_1, v{node}_2, v{node}_3);");
-    }
-    s.push_str("}\n");
+    s
+}
+
+/// [`render_reduce`] four elements at a time (`shaders/reduce_x4.wgsl`),
+/// for a prologue that is [`vectorisable`] over a K that is a multiple of 4.
+pub(crate) fn render_reduce_x4(k: &MapKernel, kind: ReduceKind) -> String {
+    let (node, _) = k.outputs[0];
+    let dtype = k.dtype(node);
+    let mut s = declarations_as(k, true, false);
+    let t = dtype.wgsl();
+    s.push_str(&reduce_functions(dtype, kind, param_words(k)));
+    let _ = writeln!(
+        s,
+        "fn value4(q: u32) -> vec4<T> {{\n{}    return vec4<{t}>(v{node}_0, v{node}_1, v{node}_2, v{node}_3);\n}}",
+        body_x4(k)
+    );
+    s.push_str(REDUCE_X4_TEMPLATE);
+    s
+}
+
+/// The element type, identity and combine of a reduction.
+fn reduce_functions(dtype: DType, kind: ReduceKind, words: usize) -> String {
+    let mut s = String::new();
+    let t = dtype.wgsl();
+    let _ = writeln!(s, "\nalias T = {t};\nconst R: u32 = {words}u;");
+    let (identity, combine) = match kind {
+        ReduceKind::Sum => ("T(0)".to_string(), "a + b"),
+        ReduceKind::Max => (extreme_literal(dtype, false), "max(a, b)"),
+        ReduceKind::Min => (extreme_literal(dtype, true), "min(a, b)"),
+    };
+    let _ = writeln!(s, "fn identity() -> T {{ return {identity}; }}");
+    let _ = writeln!(s, "fn combine(a: T, b: T) -> T {{ return {combine}; }}");
     s
 }
 
@@ -222,15 +264,7 @@ pub(crate) fn render_reduce(k: &MapKernel, kind: ReduceKind) -> String {
     let (node, _) = k.outputs[0];
     let dtype = k.dtype(node);
     let mut s = declarations(k);
-    let t = dtype.wgsl();
-    let _ = writeln!(s, "\nalias T = {t};\nconst R: u32 = {}u;", param_words(k));
-    let (identity, combine) = match kind {
-        ReduceKind::Sum => ("T(0)".to_string(), "a + b"),
-        ReduceKind::Max => (extreme_literal(dtype, false), "max(a, b)"),
-        ReduceKind::Min => (extreme_literal(dtype, true), "min(a, b)"),
-    };
-    let _ = writeln!(s, "fn identity() -> T {{ return {identity}; }}");
-    let _ = writeln!(s, "fn combine(a: T, b: T) -> T {{ return {combine}; }}");
+    s.push_str(&reduce_functions(dtype, kind, param_words(k)));
     let _ = writeln!(s, "fn value(i: u32) -> T {{\n{}    return v{node};\n}}", body(k));
     s.push_str(REDUCE_TEMPLATE);
     s

@@ -233,9 +233,14 @@ pub(crate) fn reduce_launch(
     n_chunks: usize,
 ) -> Result<Launch> {
     let out = Layout::contiguous(shape.clone());
-    let mut words = map_words("reduce", &mut kernel, shape, inputs, &[out], scalars)?;
-    words.extend_from_slice(&codegen::reduce_words(a, k, n_chunks));
+    let mut words = map_words("reduce", &mut kernel, shape, inputs, std::slice::from_ref(&out), scalars)?;
     let grid = device.grid_1d((a * n_chunks) as u64)?;
+    let views: Vec<Layout> = inputs.iter().chain([&out]).cloned().collect();
+    if k.is_multiple_of(4) && codegen::vectorisable(&kernel, a * k, &views) {
+        words.extend_from_slice(&codegen::reduce_words(a, k / 4, n_chunks));
+        return Ok(Launch { label: "reduce", source: codegen::render_reduce_x4(&kernel, kind), words, grid });
+    }
+    words.extend_from_slice(&codegen::reduce_words(a, k, n_chunks));
     Ok(Launch { label: "reduce", source: codegen::render_reduce(&kernel, kind), words, grid })
 }
 

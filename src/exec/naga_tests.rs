@@ -3,7 +3,7 @@
 //! multi-output kernels, and the reduce and matmul templates per dtype.
 
 use crate::exec::ReduceKind;
-use crate::exec::codegen::{MatmulTemplate, render, render_matmul, render_reduce, render_x4};
+use crate::exec::codegen::{MatmulTemplate, render, render_matmul, render_reduce, render_reduce_x4, render_x4};
 use crate::exec::kernel::{Access, MapKernel, Node, RandomKind};
 use crate::metadata::DType;
 use crate::ops::binary::BinaryOp;
@@ -157,6 +157,7 @@ fn templates_validate() {
             let mut plain = MapKernel::default();
             let x = plain.input(dtype);
             plain.output(x);
+            validate(&format!("reduce {kind:?} {dtype:?} x4"), &render_reduce_x4(&plain, kind));
             validate(&format!("reduce {kind:?} {dtype:?}"), &render_reduce(&with_access(plain, Access::Strided), kind));
             let mut fused = MapKernel::default();
             let x = fused.input(dtype);
@@ -164,6 +165,7 @@ fn templates_validate() {
             let z = fused.push(Node::Binary(BinaryOp::Mul, x, y), dtype);
             fused.output(z);
             validate(&format!("fused reduce {kind:?} {dtype:?}"), &render_reduce(&fused, kind));
+            validate(&format!("fused reduce {kind:?} {dtype:?} x4"), &render_reduce_x4(&fused, kind));
         }
         let mut plain = MapKernel::default();
         let acc = plain.push(Node::Arg, dtype);
