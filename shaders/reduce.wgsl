@@ -1,9 +1,11 @@
 
 // Reduction main. The generator defines above: `T`, `identity()`,
 // `combine(a, b)`, the bindings (`out0` receives the results) and
-// `value(i)`, the element at linear index i of an [A, K] iteration space
-// whose last axis is reduced. Template words from R: A, K, n_chunks,
-// j_count (= ceil(K / n_chunks)), n_out (= A * n_chunks).
+// `fold(acc, i)`, which combines step i of an [A, K] iteration space whose
+// last axis is reduced into acc: element i (`value(i)`), or for a
+// vectorised reduction the vec4 of elements 4i .. 4i + 3 (`value4(i)`,
+// K then counting vec4s). Template words from R: A, K, n_chunks, j_count
+// (= ceil(K / n_chunks)), n_out (= A * n_chunks).
 //
 // Invocation t produces partial result (a, c) of [A, n_chunks]: chunk c
 // holds elements c, c + n_chunks, c + 2 n_chunks, ... of its row, so
@@ -26,7 +28,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         if (kk >= k) {
             break;
         }
-        acc = combine(acc, value(a * k + kk));
+        acc = fold(acc, a * k + kk);
     }
     out0[t] = acc;
 }

@@ -48,7 +48,6 @@ impl MatmulTemplate {
     }
 }
 const REDUCE_TEMPLATE: &str = include_str!("../../shaders/reduce.wgsl");
-const REDUCE_X4_TEMPLATE: &str = include_str!("../../shaders/reduce_x4.wgsl");
 
 /// Bindings, the uniform struct and the shared helpers.
 fn declarations(k: &MapKernel) -> String {
@@ -222,8 +221,9 @@ fn body_x4(k: &MapKernel) -> String {
     s
 }
 
-/// [`render_reduce`] four elements at a time (`shaders/reduce_x4.wgsl`),
-/// for a prologue that is [`vectorisable`] over a K that is a multiple of 4.
+/// [`render_reduce`] four elements per step (vec4 loads, as [`render_x4`]),
+/// for a prologue that is [`vectorisable`] over a K that is a multiple of
+/// 4; the template's K counts vec4s.
 pub(crate) fn render_reduce_x4(k: &MapKernel, kind: ReduceKind) -> String {
     let (node, _) = k.outputs[0];
     let dtype = k.dtype(node);
@@ -235,7 +235,11 @@ pub(crate) fn render_reduce_x4(k: &MapKernel, kind: ReduceKind) -> String {
         "fn value4(q: u32) -> vec4<T> {{\n{}    return vec4<{t}>(v{node}_0, v{node}_1, v{node}_2, v{node}_3);\n}}",
         body_x4(k)
     );
-    s.push_str(REDUCE_X4_TEMPLATE);
+    s.push_str(
+        "fn fold(acc: T, q: u32) -> T {\n    let v = value4(q);\n    \
+         return combine(combine(acc, v.x), combine(v.y, combine(v.z, v.w)));\n}\n",
+    );
+    s.push_str(REDUCE_TEMPLATE);
     s
 }
 
@@ -266,6 +270,7 @@ pub(crate) fn render_reduce(k: &MapKernel, kind: ReduceKind) -> String {
     let mut s = declarations(k);
     s.push_str(&reduce_functions(dtype, kind, param_words(k)));
     let _ = writeln!(s, "fn value(i: u32) -> T {{\n{}    return v{node};\n}}", body(k));
+    s.push_str("fn fold(acc: T, i: u32) -> T { return combine(acc, value(i)); }\n");
     s.push_str(REDUCE_TEMPLATE);
     s
 }
