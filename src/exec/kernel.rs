@@ -63,6 +63,34 @@ pub(crate) enum Node {
     },
 }
 
+impl Node {
+    /// The same node with its operands, bindings and scalar slots
+    /// renumbered (splicing one kernel into another).
+    pub fn remap(
+        self,
+        id: impl Fn(NodeId) -> NodeId,
+        binding: impl Fn(usize) -> usize,
+        slot: impl Fn(usize) -> usize,
+    ) -> Node {
+        match self {
+            Node::Input(b) => Node::Input(binding(b)),
+            Node::Scalar(s) => Node::Scalar(slot(s)),
+            Node::Index => Node::Index,
+            Node::Random(kind, s) => Node::Random(kind, slot(s)),
+            Node::Unary(op, a) => Node::Unary(op, id(a)),
+            Node::Binary(op, x, y) => Node::Binary(op, id(x), id(y)),
+            Node::Compare(op, x, y) => Node::Compare(op, id(x), id(y)),
+            Node::Select(c, x, y) => Node::Select(id(c), id(x), id(y)),
+            Node::Cast(a) => Node::Cast(id(a)),
+            Node::Arg => Node::Arg,
+            Node::Gather(b, offset) => Node::Gather(binding(b), id(offset)),
+            Node::SegmentSum { values, starts, positions } => {
+                Node::SegmentSum { values: binding(values), starts: binding(starts), positions: binding(positions) }
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub(crate) struct MapKernel {
     pub inputs: Vec<(DType, Access)>,

@@ -167,24 +167,7 @@ impl PendingMaps {
                     Source::Binding(at) => self.kernel.push(Node::Input(at), dtype),
                 },
                 other => {
-                    let mapped = match other {
-                        Node::Input(_) => unreachable!(),
-                        Node::Scalar(s) => Node::Scalar(scalar_base + s),
-                        Node::Index => Node::Index,
-                        Node::Random(kind, s) => Node::Random(kind, scalar_base + s),
-                        Node::Unary(u, a) => Node::Unary(u, ids[a]),
-                        Node::Binary(b, x, y) => Node::Binary(b, ids[x], ids[y]),
-                        Node::Compare(c, x, y) => Node::Compare(c, ids[x], ids[y]),
-                        Node::Select(c, x, y) => Node::Select(ids[c], ids[x], ids[y]),
-                        Node::Cast(a) => Node::Cast(ids[a]),
-                        Node::Arg => Node::Arg,
-                        Node::Gather(j, offset) => Node::Gather(binding(j), ids[offset]),
-                        Node::SegmentSum { values, starts, positions } => Node::SegmentSum {
-                            values: binding(values),
-                            starts: binding(starts),
-                            positions: binding(positions),
-                        },
-                    };
+                    let mapped = other.remap(|n| ids[n], binding, |slot| scalar_base + slot);
                     self.kernel.push(mapped, dtype)
                 }
             };
@@ -257,24 +240,7 @@ impl PendingMaps {
             if !needed[id] {
                 continue;
             }
-            let mapped = match node {
-                Node::Input(b) => Node::Input(binding_of[b]),
-                Node::Scalar(s) => Node::Scalar(s),
-                Node::Index => Node::Index,
-                Node::Random(kind, s) => Node::Random(kind, s),
-                Node::Unary(u, a) => Node::Unary(u, ids[a]),
-                Node::Binary(op, x, y) => Node::Binary(op, ids[x], ids[y]),
-                Node::Compare(c, x, y) => Node::Compare(c, ids[x], ids[y]),
-                Node::Select(c, x, y) => Node::Select(ids[c], ids[x], ids[y]),
-                Node::Cast(a) => Node::Cast(ids[a]),
-                Node::Arg => Node::Arg,
-                Node::Gather(b, offset) => Node::Gather(binding_of[b], ids[offset]),
-                Node::SegmentSum { values, starts, positions } => Node::SegmentSum {
-                    values: binding_of[values],
-                    starts: binding_of[starts],
-                    positions: binding_of[positions],
-                },
-            };
+            let mapped = node.remap(|n| ids[n], |b| binding_of[b], |slot| slot);
             ids[id] = kernel.push(mapped, dtype);
         }
         let own = Layout::contiguous(self.shape.clone());
