@@ -122,13 +122,6 @@ impl Tensor {
     pub(crate) fn pooled(&self) -> Result<&Arc<PooledBuffer>> {
         match &self.0.storage {
             Storage::Buffer(b) => Ok(b),
-            Storage::Traced(_) => self.buffer().map(|_| unreachable!("a traced tensor has no buffer")),
-        }
-    }
-
-    pub(crate) fn buffer(&self) -> Result<&wgpu::Buffer> {
-        match &self.0.storage {
-            Storage::Buffer(b) => Ok(b.raw()),
             Storage::Traced(_) => Err(Error::InvalidArgument {
                 op: "compiled backward",
                 message: "a tensor of a compiled-backward trace has no data outside the trace; \
@@ -136,6 +129,10 @@ impl Tensor {
                     .into(),
             }),
         }
+    }
+
+    pub(crate) fn buffer(&self) -> Result<&wgpu::Buffer> {
+        self.pooled().map(|b| b.raw())
     }
 
     /// Whether both handles view the same elements of the same buffer.
