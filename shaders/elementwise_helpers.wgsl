@@ -17,6 +17,13 @@ fn strided(base: u32, i: u32) -> u32 {
     return off;
 }
 
+// NaN tests on the bits: WGSL lets an implementation assume floats are
+// never NaN, so `x != x` may be folded to false. (f16 is widened first;
+// widening keeps NaN.)
+fn wgrad_isnan(x: f32) -> bool {
+    return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u;
+}
+
 // erf, Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7).
 fn wgrad_erf(x: f32) -> f32 {
     let t = 1.0 / (1.0 + 0.3275911 * abs(x));
@@ -37,6 +44,14 @@ fn wgrad_log1p(u: f32) -> f32 {
 // pow with PyTorch's conventions: x^0 = 1, negative bases with integral
 // exponents keep their sign, negative bases with fractional exponents are NaN.
 fn wgrad_pow(x: f32, y: f32) -> f32 {
+    // C's and PyTorch's pow: x^0 = 1 and 1^y = 1 even for NaN; otherwise a
+    // NaN operand gives NaN (some drivers' pow(NaN, 2) is 0).
+    if (y == 0.0 || x == 1.0) {
+        return 1.0;
+    }
+    if (wgrad_isnan(x) || wgrad_isnan(y)) {
+        return bitcast<f32>(0x7fc00000u);
+    }
     var r = pow(abs(x), y);
     // WGSL leaves pow(0, y <= 0) undefined (lavapipe returns 0 for 0^-1);
     // spell out 0^y: 0 for y > 0, +inf for y < 0 (y == 0 is handled below).

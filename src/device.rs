@@ -371,6 +371,7 @@ impl Device {
         if let Some(p) = self.inner.pipelines.lock().get(source) {
             return Ok(p.clone());
         }
+        crate::exec::codegen::check_uniform_reads(label, source)?;
         let device = &self.inner.device;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {

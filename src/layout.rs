@@ -93,6 +93,25 @@ impl Layout {
     }
 }
 
+/// Checks a shape an op is about to produce, at the call (so an error names
+/// the op the user called, in every executor mode): dims whose product
+/// overflows, ranks past [`MAX_RANK`], and element counts that kernels'
+/// `u32` indices cannot address.
+pub(crate) fn check_shape(op: &'static str, shape: &Shape) -> Result<()> {
+    shape.check_size(op)?;
+    Layout::contiguous(shape.clone()).check_rank(op)?;
+    if shape.numel() > u32::MAX as usize {
+        return Err(Error::InvalidArgument {
+            op,
+            message: format!(
+                "shape {shape} has {} elements; kernels index at most 2^32 - 1, so split the tensor",
+                shape.numel()
+            ),
+        });
+    }
+    Ok(())
+}
+
 impl Layout {
     /// The number of elements.
     pub fn numel(&self) -> usize {

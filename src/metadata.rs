@@ -82,15 +82,34 @@ impl Shape {
         self.0.iter().fold(1usize, |n, &d| n.saturating_mul(d))
     }
 
-    /// Row-major (C-contiguous) strides, in elements.
+    /// Row-major (C-contiguous) strides, in elements. Saturating: only a
+    /// shape with a zero dim can get this far with dims whose product
+    /// overflows (see [`Shape::check_size`]), and its strides are never used
+    /// to address an element.
     pub fn contiguous_strides(&self) -> Vec<usize> {
         let mut strides = vec![0; self.0.len()];
-        let mut acc = 1;
+        let mut acc = 1usize;
         for (s, d) in strides.iter_mut().zip(&self.0).rev() {
             *s = acc;
-            acc *= d;
+            acc = acc.saturating_mul(*d);
         }
         strides
+    }
+
+    /// An error unless the product of the non-zero dims fits in an `i64`
+    /// (PyTorch's limit); called wherever a user gives a shape, so no later
+    /// size or stride arithmetic can overflow.
+    pub(crate) fn check_size(&self, op: &'static str) -> crate::Result<()> {
+        let product = self.0.iter().filter(|&&d| d != 0).try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
+        match product {
+            Some(p) if p <= i64::MAX as u64 => Ok(()),
+            _ => Err(crate::Error::InvalidArgument {
+                op,
+                message: format!(
+                    "shape {self} is too large: its dims multiply past 2^63; use smaller dims or split the tensor"
+                ),
+            }),
+        }
     }
 
     /// NumPy broadcasting of two shapes, `None` when they are incompatible.
@@ -112,16 +131,13 @@ impl Shape {
 }
 
 pub(crate) fn resolve_axis(op: &'static str, axis: isize, rank: usize) -> crate::Result<usize> {
-    let r = rank as isize;
+    // As in PyTorch, a 0-d tensor has one virtual dim: 0 and -1 name it.
+    let r = rank.max(1) as isize;
     let a = if axis < 0 { axis + r } else { axis };
-    if a < 0 || a >= r.max(1) || (rank == 0 && a != 0) {
+    if a < 0 || a >= r {
         return Err(crate::Error::InvalidArgument {
             op,
-            message: format!(
-                "axis {axis} is out of range for a tensor of rank {rank} (valid: {} to {})",
-                -r.max(1),
-                r.max(1) - 1
-            ),
+            message: format!("axis {axis} is out of range for a tensor of rank {rank} (valid: {} to {})", -r, r - 1),
         });
     }
     Ok(a as usize)

@@ -113,6 +113,16 @@ impl Tensor {
         }))
     }
 
+    /// The node that produced this tensor, if this was the tensor's last
+    /// handle (so dropping the node is up to the caller; see `Node`'s `Drop`).
+    pub(crate) fn into_last_grad_fn(self) -> Option<Arc<Node>> {
+        let mut inner = Arc::into_inner(self.0)?;
+        match std::mem::replace(&mut inner.autograd, AutogradMeta::None) {
+            AutogradMeta::Interior(node) => Some(node),
+            AutogradMeta::None | AutogradMeta::Leaf(_) => None,
+        }
+    }
+
     pub(crate) fn layout(&self) -> &Layout {
         &self.0.layout
     }
@@ -169,6 +179,7 @@ impl Tensor {
     /// Copies host data to a new tensor of the given shape.
     pub fn from_slice<T: Element>(data: &[T], shape: impl Into<Shape>, device: &Device) -> Result<Tensor> {
         let shape = shape.into();
+        crate::layout::check_shape("from_slice", &shape)?;
         if shape.numel() != data.len() {
             return Err(Error::InvalidArgument {
                 op: "from_slice",

@@ -584,7 +584,8 @@ fn out_of_range_and_malformed_indices_are_errors() {
 
     // Wrong ranks and shapes.
     expect_err("index_select 2-D index", || x.index_select(0, &i32_tensor(&[0, 1], &[1, 2])));
-    expect_err("index_select 0-d index", || x.index_select(0, &i32_tensor(&[0], &[])));
+    // A 0-d index selects one slice, keeping the dim (as in PyTorch).
+    assert_eq!(x.index_select(0, &i32_tensor(&[0], &[])).unwrap().dims()[0], 1);
     expect_err("index_select dim 2 of rank 2", || x.index_select(2, &i32_tensor(&[0], &[1])));
     expect_err("index_select dim -3 of rank 2", || x.index_select(-3, &i32_tensor(&[0], &[1])));
     expect_err("gather index of lower rank", || x.gather(0, &i32_tensor(&[0, 1], &[2])));

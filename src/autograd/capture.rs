@@ -27,6 +27,11 @@ pub(crate) struct Bindings {
     seeds: Range<usize>,
     pub saved: HashMap<usize, Vec<usize>>,
     old_grads: HashMap<usize, usize>,
+    /// Whether the program adds the old `.grad`s itself. Not when the graph
+    /// has hooks: a hook may change a `.grad` mid-backward (`zero_grad`,
+    /// `set_grad`), and eager mode reads `.grad` after every hook has run,
+    /// so the compiled backward adds them after the replay, as eager does.
+    pub accumulates: bool,
 }
 
 pub(crate) fn bindings(task: &GraphTask) -> Bindings {
@@ -34,6 +39,7 @@ pub(crate) fn bindings(task: &GraphTask) -> Bindings {
     let seeds = 0..tensors.len();
     let mut saved = HashMap::new();
     let mut old_grads = HashMap::new();
+    let accumulates = task.targets.is_none() && !task.order.iter().any(|n| n.has_hooks());
     for (i, node) in task.order.iter().enumerate() {
         match &node.kind {
             NodeKind::Op(_) if task.needs[i].iter().any(|&b| b) => {
@@ -50,7 +56,7 @@ pub(crate) fn bindings(task: &GraphTask) -> Bindings {
                 }
                 saved.insert(i, slots);
             }
-            NodeKind::AccumulateGrad(leaf) if task.targets.is_none() => {
+            NodeKind::AccumulateGrad(leaf) if accumulates => {
                 if let Some(g) = leaf.grad.lock().clone() {
                     old_grads.insert(i, tensors.len());
                     tensors.push(g);
@@ -59,7 +65,7 @@ pub(crate) fn bindings(task: &GraphTask) -> Bindings {
             _ => {}
         }
     }
-    Bindings { tensors, seeds, saved, old_grads }
+    Bindings { tensors, seeds, saved, old_grads, accumulates }
 }
 
 /// Capture: placeholders instead of tensors, hook points instead of hooks.
@@ -137,7 +143,15 @@ pub(crate) fn run_compiled(
     let mut captured = HashMap::new();
     for (role, t) in program.roles().iter().zip(outputs) {
         match role {
-            OutputRole::Leaf(i) => new_grads.push((leaf_of(task, *i).expect("leaf output").clone(), t)),
+            OutputRole::Leaf(i) => {
+                let leaf = leaf_of(task, *i).expect("leaf output").clone();
+                let old = if bindings.accumulates { None } else { leaf.grad.lock().clone() };
+                let total = match old {
+                    Some(old) => old.add(&t)?,
+                    None => t,
+                };
+                new_grads.push((leaf, total));
+            }
             OutputRole::Captured(input) => {
                 captured.insert(*input, t);
             }

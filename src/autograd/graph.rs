@@ -118,6 +118,33 @@ impl Node {
     }
 }
 
+/// Dropping a node drops its edges, which may drop the nodes they point to,
+/// and so on: a recursive drop as deep as the graph, which overflows the
+/// stack for chains of some tens of thousands of ops. Instead, a node hands
+/// its children (through edges and saved tensors) to an explicit stack, and
+/// a child is taken apart here only when this was its last handle.
+impl Drop for Node {
+    fn drop(&mut self) {
+        let mut stack = Vec::new();
+        self.take_children(&mut stack);
+        while let Some(node) = stack.pop() {
+            if let Some(mut node) = Arc::into_inner(node) {
+                node.take_children(&mut stack);
+                // `node` drops here with no children left: no recursion.
+            }
+        }
+    }
+}
+
+impl Node {
+    fn take_children(&mut self, stack: &mut Vec<Arc<Node>>) {
+        stack.extend(self.edges.drain(..).filter_map(|e| e.node));
+        if let Some(saved) = self.saved.get_mut().take() {
+            stack.extend(saved.into_iter().filter_map(Tensor::into_last_grad_fn));
+        }
+    }
+}
+
 /// An edge of the backward graph: where the gradient of one op input goes.
 /// An edge with no node carries no gradient (the input does not require grad).
 #[derive(Clone)]

@@ -140,10 +140,8 @@ impl Program {
             });
         }
         let _replay = self.replay.lock();
-        *self.replaying.lock() = Some(std::thread::current().id());
-        let result = self.replay_locked(inputs, hooks);
-        *self.replaying.lock() = None;
-        result
+        let _here = ReplayingHere::mark(&self.replaying);
+        self.replay_locked(inputs, hooks)
     }
 
     fn replay_locked(
@@ -216,6 +214,24 @@ impl Program {
                 )
             })
             .collect())
+    }
+}
+
+/// Marks a program as replaying on this thread until dropped, also when a
+/// hook panics: a mark left behind would make every later backward of the
+/// program on this thread run eagerly.
+struct ReplayingHere<'a>(&'a Mutex<Option<std::thread::ThreadId>>);
+
+impl<'a> ReplayingHere<'a> {
+    fn mark(slot: &'a Mutex<Option<std::thread::ThreadId>>) -> ReplayingHere<'a> {
+        *slot.lock() = Some(std::thread::current().id());
+        ReplayingHere(slot)
+    }
+}
+
+impl Drop for ReplayingHere<'_> {
+    fn drop(&mut self) {
+        *self.0.lock() = None;
     }
 }
 

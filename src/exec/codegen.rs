@@ -15,6 +15,13 @@ use crate::metadata::DType;
 
 pub(crate) const HEADER_WORDS: usize = 2 + MAX_RANK;
 pub(crate) const VIEW_WORDS: usize = 1 + MAX_RANK;
+/// Words the reduce template reads after the elementwise words (from `R`):
+/// see [`reduce_words`].
+pub(crate) const REDUCE_WORDS: usize = 5;
+/// Words the matmul templates read after the elementwise words (from `M`):
+/// m, n, k, a's offset, batch stride and two strides, b's likewise, and
+/// the grid base (x, y, z) of a split launch.
+pub(crate) const MATMUL_WORDS: usize = 14;
 
 /// Word index where the view of binding `slot` (inputs first, then outputs) starts.
 pub(crate) fn view_base(slot: usize) -> usize {
@@ -49,14 +56,17 @@ impl MatmulTemplate {
 }
 const REDUCE_TEMPLATE: &str = include_str!("../../shaders/reduce.wgsl");
 
-/// Bindings, the uniform struct and the shared helpers.
-fn declarations(k: &MapKernel) -> String {
-    declarations_as(k, false, false)
+/// Bindings, the uniform struct (with room for `template_words` after the
+/// elementwise words) and the shared helpers.
+fn declarations(k: &MapKernel, template_words: usize) -> String {
+    declarations_as(k, false, false, template_words)
 }
 
 /// Bindings as `array<T>`; contiguous inputs as `array<vec4<T>>` when
-/// `vec4`, contiguous outputs too when `vec4_outputs`.
-fn declarations_as(k: &MapKernel, vec4: bool, vec4_outputs: bool) -> String {
+/// `vec4`, contiguous outputs too when `vec4_outputs`. The uniform is
+/// declared as large as every word the kernel reads, so no read indexes
+/// past it (which WGSL leaves to the bounds-check policy of each backend).
+fn declarations_as(k: &MapKernel, vec4: bool, vec4_outputs: bool, template_words: usize) -> String {
     let elem = |t: &str, access: Access| match vec4 && access == Access::Linear {
         true => format!("vec4<{t}>"),
         false => t.to_string(),
@@ -65,7 +75,7 @@ fn declarations_as(k: &MapKernel, vec4: bool, vec4_outputs: bool) -> String {
     if k.uses_f16() {
         s.push_str("enable f16;\n\n");
     }
-    let words = param_words(k).div_ceil(4).max(1);
+    let words = (param_words(k) + template_words).div_ceil(4).max(1);
     let _ = writeln!(s, "struct Params {{ v: array<vec4<u32>, {words}> }}");
     s.push_str("@group(0) @binding(0) var<uniform> params: Params;\n");
     let mut binding = 1;
@@ -126,8 +136,12 @@ fn body_of_lane(k: &MapKernel, lane: Option<usize>) -> String {
             Node::Binary(op, a, b) => op.wgsl(&v(a), &v(b), *dtype),
             Node::Compare(op, a, b) => format!("select(0u, 1u, {})", op.wgsl(&v(a), &v(b))),
             Node::Select(c, a, b) => {
+                // Non-zero is true, NaN included (`NaN != 0` may fold to false).
                 let zero = zero_literal(k.dtype(c));
-                format!("select({}, {}, {} != {zero})", v(b), v(a), v(c))
+                match nan_test(&v(c), k.dtype(c)) {
+                    Some(nan) => format!("select({}, {}, {} != {zero} || {nan})", v(b), v(a), v(c)),
+                    None => format!("select({}, {}, {} != {zero})", v(b), v(a), v(c)),
+                }
             }
             Node::Cast(a) => format!("{t}({})", v(a)),
             Node::Arg => "acc".to_string(),
@@ -152,7 +166,7 @@ fn body_of_lane(k: &MapKernel, lane: Option<usize>) -> String {
 /// An elementwise kernel: every invocation evaluates the graph at one
 /// index and stores each output.
 pub(crate) fn render(k: &MapKernel) -> String {
-    let mut s = declarations(k);
+    let mut s = declarations(k, 0);
     s.push_str(
         "\n@compute @workgroup_size(256)\n\
          fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {\n\
@@ -189,7 +203,7 @@ pub(crate) fn vectorisable(k: &MapKernel, numel: usize, views: &[Layout]) -> boo
 /// in a loop; a vec4 load shares that loop four ways (about 2x faster for
 /// memory-bound kernels on lavapipe). Same bindings and words as `render`.
 pub(crate) fn render_x4(k: &MapKernel) -> String {
-    let mut s = declarations_as(k, true, true);
+    let mut s = declarations_as(k, true, true, 0);
     s.push_str(
         "\n@compute @workgroup_size(256)\n\
          fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {\n\
@@ -227,7 +241,7 @@ fn body_x4(k: &MapKernel) -> String {
 pub(crate) fn render_reduce_x4(k: &MapKernel, kind: ReduceKind) -> String {
     let (node, _) = k.outputs[0];
     let dtype = k.dtype(node);
-    let mut s = declarations_as(k, true, false);
+    let mut s = declarations_as(k, true, false, REDUCE_WORDS);
     let t = dtype.wgsl();
     s.push_str(&reduce_functions(dtype, kind, param_words(k)));
     let _ = writeln!(
@@ -249,9 +263,9 @@ fn reduce_functions(dtype: DType, kind: ReduceKind, words: usize) -> String {
     let t = dtype.wgsl();
     let _ = writeln!(s, "\nalias T = {t};\nconst R: u32 = {words}u;");
     let (identity, combine) = match kind {
-        ReduceKind::Sum => ("T(0)".to_string(), "a + b"),
-        ReduceKind::Max => (extreme_literal(dtype, false), "max(a, b)"),
-        ReduceKind::Min => (extreme_literal(dtype, true), "min(a, b)"),
+        ReduceKind::Sum => ("T(0)".to_string(), "a + b".to_string()),
+        ReduceKind::Max => (extreme_literal(dtype, false), nan_propagating("max", "a", "b", dtype)),
+        ReduceKind::Min => (extreme_literal(dtype, true), nan_propagating("min", "a", "b", dtype)),
     };
     let _ = writeln!(s, "fn identity() -> T {{ return {identity}; }}");
     let _ = writeln!(s, "fn combine(a: T, b: T) -> T {{ return {combine}; }}");
@@ -267,7 +281,7 @@ fn reduce_functions(dtype: DType, kind: ReduceKind, words: usize) -> String {
 pub(crate) fn render_reduce(k: &MapKernel, kind: ReduceKind) -> String {
     let (node, _) = k.outputs[0];
     let dtype = k.dtype(node);
-    let mut s = declarations(k);
+    let mut s = declarations(k, REDUCE_WORDS);
     s.push_str(&reduce_functions(dtype, kind, param_words(k)));
     let _ = writeln!(s, "fn value(i: u32) -> T {{\n{}    return v{node};\n}}", body(k));
     s.push_str("fn fold(acc: T, i: u32) -> T { return combine(acc, value(i)); }\n");
@@ -281,7 +295,7 @@ pub(crate) fn render_reduce(k: &MapKernel, kind: ReduceKind) -> String {
 /// at `M`, after the elementwise words of the epilogue.
 pub(crate) fn render_matmul(epilogue: &MapKernel, dtype: DType, template: MatmulTemplate) -> String {
     let (node, _) = epilogue.outputs[0];
-    let mut s = declarations(epilogue);
+    let mut s = declarations(epilogue, MATMUL_WORDS);
     let t = dtype.wgsl();
     let next = 2 + epilogue.inputs.len();
     let _ = writeln!(s, "\n@group(0) @binding({next}) var<storage, read> a: array<{t}>;");
@@ -363,7 +377,7 @@ fn spell_out_direct_template(fused_epilogue: bool) -> String {
 }
 
 /// The template words of a reduction launch (see `shaders/reduce.wgsl`).
-pub(crate) fn reduce_words(a: usize, k: usize, n_chunks: usize) -> [u32; 5] {
+pub(crate) fn reduce_words(a: usize, k: usize, n_chunks: usize) -> [u32; REDUCE_WORDS] {
     [a as u32, k as u32, n_chunks as u32, k.div_ceil(n_chunks) as u32, (a * n_chunks) as u32]
 }
 
@@ -399,6 +413,25 @@ fn scalar_expr(dtype: DType, word: usize) -> String {
     }
 }
 
+/// A WGSL test that `x` (of `dtype`) is NaN, on the bits (see
+/// `wgrad_isnan`); `None` for integer dtypes, which have no NaN.
+pub(crate) fn nan_test(x: &str, dtype: DType) -> Option<String> {
+    match dtype {
+        DType::F32 => Some(format!("wgrad_isnan({x})")),
+        DType::F16 => Some(format!("wgrad_isnan(f32({x}))")),
+        DType::I32 | DType::U32 => None,
+    }
+}
+
+/// `max` or `min` of `a` and `b` that returns a NaN operand as it is, as
+/// PyTorch's `maximum` / `amax` do (WGSL's `max` may drop NaN).
+pub(crate) fn nan_propagating(f: &str, a: &str, b: &str, dtype: DType) -> String {
+    match (nan_test(a, dtype), nan_test(b, dtype)) {
+        (Some(nan_a), Some(nan_b)) => format!("select(select({f}({a}, {b}), {b}, {nan_b}), {a}, {nan_a})"),
+        _ => format!("{f}({a}, {b})"),
+    }
+}
+
 pub(crate) fn zero_literal(dtype: DType) -> &'static str {
     match dtype {
         DType::F32 => "0.0f",
@@ -414,5 +447,65 @@ pub(crate) fn scalar_bits(dtype: DType, value: f64) -> u32 {
         DType::F32 | DType::F16 => (value as f32).to_bits(),
         DType::I32 => (value as i32) as u32,
         DType::U32 => value as u32,
+    }
+}
+
+/// The uniform words a generated module declares and the highest word it
+/// reads, found in its source: `p(Nu)`, `p(R + Nu)` and `p(M + Nu)` read
+/// word N (after the template's base), and `strided(Bu, ..)` reads words B
+/// to B + MAX_RANK. The generator checks every module with this before it
+/// is compiled (`Device::pipeline`), so a template that reads a word its
+/// uniform does not declare is a clear error in every build, not a read
+/// that each backend's bounds-check policy resolves its own way.
+pub(crate) fn uniform_reads(source: &str) -> (usize, Option<usize>) {
+    let number_after = |s: &str, prefix: &str| -> Option<usize> {
+        let at = s.find(prefix)? + prefix.len();
+        let digits: String = s[at..].chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    };
+    let declared = number_after(source, "struct Params { v: array<vec4<u32>, ").map_or(0, |v| v * 4);
+    let base_r = number_after(source, "const R: u32 = ");
+    let base_m = number_after(source, "const M: u32 = ");
+    let mut highest: Option<usize> = None;
+    let mut note = |w: usize| highest = Some(highest.map_or(w, |h| h.max(w)));
+    for (at, _) in source.match_indices("p(") {
+        // Only calls of the word reader, not names that end in `p`.
+        if source[..at].chars().next_back().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+            continue;
+        }
+        let arg = &source[at + 2..];
+        let (base, rest) = match arg {
+            a if a.starts_with("R + ") => (base_r, &a[4..]),
+            a if a.starts_with("M + ") => (base_m, &a[4..]),
+            a => (Some(0), a),
+        };
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        let constant = rest[digits.len()..].starts_with("u)");
+        if let (Some(base), true, Ok(n)) = (base, constant, digits.parse::<usize>()) {
+            note(base + n);
+        }
+    }
+    for (at, _) in source.match_indices("strided(") {
+        if let Some(b) = number_after(&source[at..], "strided(") {
+            if source[at + 8 + b.to_string().len()..].starts_with("u,") {
+                note(b + MAX_RANK);
+            }
+        }
+    }
+    (declared, highest)
+}
+
+/// An error naming the kernel when it reads a uniform word past the ones
+/// it declares (see [`uniform_reads`]).
+pub(crate) fn check_uniform_reads(label: &str, source: &str) -> crate::Result<()> {
+    match uniform_reads(source) {
+        (declared, Some(highest)) if highest >= declared => Err(crate::Error::Shader {
+            label: label.to_string(),
+            message: format!(
+                "internal: the kernel reads uniform word {highest} but declares {declared}; \
+                 this is a wgrad bug, please report it"
+            ),
+        }),
+        _ => Ok(()),
     }
 }

@@ -115,6 +115,7 @@ pub(crate) fn map(
     out_shape: &Shape,
     device: &Device,
 ) -> Result<Vec<Tensor>> {
+    crate::layout::check_shape(op, out_shape)?;
     if trace::is_active() {
         return trace::map(op, kernel, inputs, scalars, out_shape, device);
     }
@@ -212,8 +213,10 @@ pub(crate) fn reduce_view(layout: &Layout, axes: &[usize]) -> (Layout, usize, us
     let dims = layout.shape.dims();
     let mut perm: Vec<usize> = (0..dims.len()).filter(|i| !axes.contains(i)).collect();
     perm.extend_from_slice(axes);
+    // Both from the dims, not numel / k: with an empty reduced axis (k = 0)
+    // the kept part still has `a` outputs, each the reduction's identity.
     let k: usize = axes.iter().map(|&i| dims[i]).product();
-    let a = layout.numel().checked_div(k).unwrap_or(0);
+    let a: usize = (0..dims.len()).filter(|i| !axes.contains(i)).map(|i| dims[i]).product();
     (layout.permute(&perm), a, k)
 }
 
@@ -360,7 +363,7 @@ pub(crate) fn matmul_launches(
         for by in (0..gy).step_by(max) {
             for bx in (0..gx).step_by(max) {
                 let mut w = words.clone();
-                w.extend_from_slice(&[
+                let template_words: [u32; codegen::MATMUL_WORDS] = [
                     m as u32,
                     n as u32,
                     k as u32,
@@ -375,7 +378,8 @@ pub(crate) fn matmul_launches(
                     bx as u32,
                     by as u32,
                     bz as u32,
-                ]);
+                ];
+                w.extend_from_slice(&template_words);
                 let grid = [(gx - bx).min(max) as u32, (gy - by).min(max) as u32, (gz - bz).min(max) as u32];
                 launches.push(Launch { label: "matmul", source: source.clone(), words: w, grid });
             }

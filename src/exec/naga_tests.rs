@@ -16,6 +16,34 @@ fn validate(label: &str, source: &str) {
     naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
         .validate(&module)
         .unwrap_or_else(|e| panic!("{label}: validation error {e:?}\n{source}"));
+    // Every uniform word the kernel reads is one it declares.
+    crate::exec::codegen::check_uniform_reads(label, source).unwrap_or_else(|e| panic!("{e}\n{source}"));
+    let (declared, highest) = crate::exec::codegen::uniform_reads(source);
+    assert!(declared > 0 && highest.is_some(), "{label}: no uniform reads found");
+}
+
+/// The uniform check sees the template words: a reduction or matmul
+/// declared without room for them (as before the check) is refused.
+#[test]
+fn kernels_that_read_past_their_uniform_are_refused() {
+    let mut k = MapKernel::default();
+    let x = k.input(DType::F32);
+    k.output(x);
+    let words = crate::exec::codegen::param_words(&k);
+    for (label, source, template_words) in [
+        ("reduce", render_reduce(&k, ReduceKind::Sum), crate::exec::codegen::REDUCE_WORDS),
+        ("matmul", render_matmul(&k, DType::F32, MatmulTemplate::Tiled), crate::exec::codegen::MATMUL_WORDS),
+        ("matmul direct", render_matmul(&k, DType::F32, MatmulTemplate::Direct), crate::exec::codegen::MATMUL_WORDS),
+    ] {
+        let (declared, highest) = crate::exec::codegen::uniform_reads(&source);
+        assert_eq!(highest, Some(words + template_words - 1), "{label}");
+        assert!(declared >= words + template_words, "{label}");
+        let short = source.replace(
+            &format!("array<vec4<u32>, {}>", declared / 4),
+            &format!("array<vec4<u32>, {}>", words.div_ceil(4)),
+        );
+        assert!(crate::exec::codegen::check_uniform_reads(label, &short).is_err(), "{label}");
+    }
 }
 
 const UNARY: [UnaryOp; 14] = [

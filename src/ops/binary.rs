@@ -46,8 +46,8 @@ impl BinaryOp {
             BinaryOp::Mul => format!("{a} * {b}"),
             BinaryOp::Div => format!("{a} / {b}"),
             BinaryOp::Pow => format!("{t}(wgrad_pow(f32({a}), f32({b})))"),
-            BinaryOp::Maximum => format!("max({a}, {b})"),
-            BinaryOp::Minimum => format!("min({a}, {b})"),
+            BinaryOp::Maximum => crate::exec::codegen::nan_propagating("max", a, b, dtype),
+            BinaryOp::Minimum => crate::exec::codegen::nan_propagating("min", a, b, dtype),
         }
     }
 
@@ -99,18 +99,19 @@ impl BinaryOp {
                     }
                 })?,
             ],
-            // Ties split the gradient evenly, as in PyTorch.
+            // PyTorch's formula: a side loses the gradient where the other
+            // side wins, ties split it evenly, and where a NaN is compared
+            // (no side wins, no tie) both sides get all of it.
             BinaryOp::Maximum | BinaryOp::Minimum => {
+                use crate::ops::compare::CmpOp;
                 let (at, _) = operand_tensors(a, b)?;
-                let strict = if self == BinaryOp::Maximum {
-                    compare_operands(crate::ops::compare::CmpOp::Gt, a, b)?
-                } else {
-                    compare_operands(crate::ops::compare::CmpOp::Lt, a, b)?
-                };
-                let tie = compare_operands(crate::ops::compare::CmpOp::Eq, a, b)?;
+                let (a_loses, b_loses) =
+                    if self == BinaryOp::Maximum { (CmpOp::Lt, CmpOp::Gt) } else { (CmpOp::Gt, CmpOp::Lt) };
                 let dtype = at.dtype();
-                let weight_a = strict.to_dtype(dtype)?.add(&tie.to_dtype(dtype)?.mul(0.5)?)?;
-                [side(want[0], &|| g.mul(&weight_a))?, side(want[1], &|| g.mul(&weight_a.neg()?.add(1.0)?))?]
+                let half_tie = compare_operands(CmpOp::Eq, a, b)?.to_dtype(dtype)?.mul(0.5)?;
+                let weight =
+                    |loses: CmpOp| compare_operands(loses, a, b)?.to_dtype(dtype)?.add(&half_tie)?.neg()?.add(1.0);
+                [side(want[0], &|| g.mul(&weight(a_loses)?))?, side(want[1], &|| g.mul(&weight(b_loses)?))?]
             }
         })
     }

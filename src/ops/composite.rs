@@ -24,8 +24,12 @@ impl Tensor {
                 message: format!("needs min <= max, got {min} > {max}"),
             });
         }
-        let upper = self.gt(max)?.where_(max, self)?;
-        self.lt(min)?.where_(min, &upper)
+        // PyTorch's clamp: NaN stays NaN, and the gradient passes only
+        // where min <= x <= max (so not to a NaN). The out-of-range value is
+        // computed from a detached x, so no gradient reaches x through it.
+        let x = self.detach();
+        let outside = x.lt(min)?.where_(min, &x.gt(max)?.where_(max, &x)?)?;
+        self.ge(min)?.mul(&self.le(max)?)?.where_(self, &outside)
     }
 
     /// `x * x`.

@@ -41,12 +41,25 @@ struct Windows {
 }
 
 impl Windows {
+    /// The output size (oh, ow), checked: every product here is of user
+    /// numbers, so overflow is an error rather than a wrapped size.
     fn output(&self, op: &'static str) -> Result<[usize; 2]> {
         let mut out = [0; 2];
         for (a, slot) in out.iter_mut().enumerate() {
-            let size = self.input[2 + a] + 2 * self.options.padding[a];
-            let span = self.options.dilation[a] * self.kernel[a].saturating_sub(1) + 1;
-            if self.options.stride[a] == 0 || self.options.dilation[a] == 0 || self.kernel[a] == 0 || span > size {
+            let (pad, dil, k) = (self.options.padding[a], self.options.dilation[a], self.kernel[a]);
+            let size = pad.checked_mul(2).and_then(|p| p.checked_add(self.input[2 + a]));
+            let span = dil.checked_mul(k.saturating_sub(1)).and_then(|s| s.checked_add(1));
+            let (Some(size), Some(span)) = (size, span) else {
+                return Err(Error::InvalidArgument {
+                    op,
+                    message: format!(
+                        "padding {:?} or dilation {:?} is too large (the window arithmetic overflows); \
+                         use sizes on the order of the input",
+                        self.options.padding, self.options.dilation
+                    ),
+                });
+            };
+            if self.options.stride[a] == 0 || dil == 0 || k == 0 || span > size {
                 return Err(Error::InvalidArgument {
                     op,
                     message: format!(
@@ -57,7 +70,23 @@ impl Windows {
             }
             *slot = (size - span) / self.options.stride[a] + 1;
         }
-        Ok(out)
+        // The gather map addresses the padded input and the windows with u32
+        // offsets, and is built on the host: refuse sizes it cannot hold.
+        let [n, c, h, w] = self.input;
+        let taps = [n, c, out[0], out[1], self.kernel[0], self.kernel[1]];
+        let windows = taps.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+        let padded = [n, c, h, w].iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).and_then(|x| x.checked_add(1));
+        match (windows, padded) {
+            (Some(windows), Some(padded)) if windows <= u32::MAX as usize && padded <= u32::MAX as usize => Ok(out),
+            _ => Err(Error::InvalidArgument {
+                op,
+                message: format!(
+                    "input {:?} with a {:?} kernel and options {:?} makes more than 2^32 window elements; \
+                     use a smaller input, padding or dilation",
+                    self.input, self.kernel, self.options
+                ),
+            }),
+        }
     }
 
     /// Source element (in the flattened input, or the sentinel one past
@@ -186,7 +215,7 @@ impl Tensor {
 }
 
 fn check_pool_padding(op: &'static str, kernel: [usize; 2], padding: [usize; 2]) -> Result<()> {
-    if padding[0] * 2 > kernel[0] || padding[1] * 2 > kernel[1] {
+    if padding[0] > kernel[0] / 2 || padding[1] > kernel[1] / 2 {
         return Err(Error::InvalidArgument {
             op,
             message: format!("padding {padding:?} must be at most half the kernel {kernel:?}"),

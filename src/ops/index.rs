@@ -100,11 +100,24 @@ impl Tensor {
     /// (repeats allowed): `torch.index_select`. `index` is 1-D, i32 or u32.
     pub fn index_select(&self, dim: isize, index: &Tensor) -> Result<Tensor> {
         let d = crate::metadata::resolve_axis("index_select", dim, self.rank())?;
-        if index.rank() != 1 {
+        if index.rank() > 1 {
             return Err(Error::InvalidArgument {
                 op: "index_select",
-                message: format!("index must be 1-D, got shape {}", index.shape()),
+                message: format!("index must be 1-D (or 0-d), got shape {}", index.shape()),
             });
+        }
+        if index.rank() == 0 {
+            return self.index_select(dim, &index.reshape([1])?);
+        }
+        if self.rank() == 0 {
+            // As in PyTorch, a 0-d tensor is indexed as one of size 1 and stays 0-d.
+            if index.numel() != 1 {
+                return Err(Error::InvalidArgument {
+                    op: "index_select",
+                    message: format!("the index into a 0-d tensor must hold exactly one value, got {}", index.numel()),
+                });
+            }
+            return self.reshape([1])?.index_select(0, index)?.reshape([0usize; 0]);
         }
         let idx = host_indices("index_select", index, self.dims()[d])?;
         let dims = self.dims();
@@ -128,6 +141,10 @@ impl Tensor {
     /// than this tensor's off `dim`, and gives the output shape.
     pub fn gather(&self, dim: isize, index: &Tensor) -> Result<Tensor> {
         let d = crate::metadata::resolve_axis("gather", dim, self.rank())?;
+        if self.rank() == 0 && index.rank() == 0 {
+            // As in PyTorch, a 0-d tensor is indexed as one of size 1.
+            return self.reshape([1])?.gather(0, &index.reshape([1])?)?.reshape([0usize; 0]);
+        }
         let fits = index.rank() == self.rank()
             && index.dims().iter().zip(self.dims()).enumerate().all(|(i, (a, b))| i == d || a <= b);
         if !fits {

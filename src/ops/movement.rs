@@ -45,6 +45,7 @@ impl Tensor {
     /// the data is contiguous, a copy otherwise.
     pub fn reshape(&self, shape: impl Into<Shape>) -> Result<Tensor> {
         let shape = shape.into();
+        crate::layout::check_shape("reshape", &shape)?;
         if shape.numel() != self.numel() {
             return Err(Error::InvalidArgument {
                 op: "reshape",
@@ -87,6 +88,10 @@ impl Tensor {
     pub fn transpose(&self, dim0: isize, dim1: isize) -> Result<Tensor> {
         let a = resolve_axis("transpose", dim0, self.rank())?;
         let b = resolve_axis("transpose", dim1, self.rank())?;
+        if self.rank() == 0 {
+            // Dims 0 and -1 name the one (virtual) dim of a 0-d tensor: nothing to swap.
+            return self.permute(&[]);
+        }
         let mut perm: Vec<usize> = (0..self.rank()).collect();
         perm.swap(a, b);
         self.permute(&perm)
@@ -109,6 +114,7 @@ impl Tensor {
         if &shape == self.shape() {
             return Ok(self.clone());
         }
+        crate::layout::check_shape("broadcast_to", &shape)?;
         let layout = self.layout().broadcast_to("broadcast_to", &shape)?;
         let out = self.with_layout(layout);
         Ok(record(Op::Expand { input: self.shape().clone() }, &[self], Vec::new(), out))
@@ -193,6 +199,16 @@ pub fn cat(tensors: &[&Tensor], dim: isize) -> Result<Tensor> {
     let Some(first) = tensors.first() else {
         return Err(Error::InvalidArgument { op: "cat", message: "needs at least one tensor".into() });
     };
+    if let Some(scalar) = tensors.iter().find(|t| t.rank() == 0) {
+        return Err(Error::InvalidArgument {
+            op: "cat",
+            message: format!(
+                "cannot concatenate a 0-d tensor (shape {}): it has no dim to join along; \
+                 use `stack` to make a vector of scalars, or `unsqueeze(0)` each one first",
+                scalar.shape()
+            ),
+        });
+    }
     let d = resolve_axis("cat", dim, first.rank())?;
     let mut sizes = Vec::with_capacity(tensors.len());
     for t in tensors {

@@ -94,7 +94,8 @@ impl Tensor {
     /// Mean of all elements, as a scalar.
     pub fn mean_all(&self) -> Result<Tensor> {
         float_only("mean_all", self.dtype())?;
-        self.sum_all()?.mul(1.0 / self.numel().max(1) as f64)
+        // The mean of no elements is 0/0 = NaN, as in PyTorch.
+        self.sum_all()?.mul(1.0 / self.numel() as f64)
     }
 
     /// Maximum of all elements, as a scalar.

@@ -56,6 +56,11 @@ impl UnaryOp {
     /// The WGSL expression of the op applied to `x` (of type `dtype`).
     pub(crate) fn wgsl(self, x: &str, dtype: DType) -> String {
         let t = dtype.wgsl();
+        // Ops whose WGSL form may drop a NaN (clamp, max) return it as it is.
+        let keep_nan = |expr: String| match crate::exec::codegen::nan_test(x, dtype) {
+            Some(nan) => format!("select({expr}, {x}, {nan})"),
+            None => expr,
+        };
         match self {
             UnaryOp::Neg => format!("-{x}"),
             UnaryOp::Exp => format!("exp({x})"),
@@ -64,12 +69,12 @@ impl UnaryOp {
             UnaryOp::Rsqrt => format!("inverseSqrt({x})"),
             // tanh(±15) is ±1 in f32; clamping avoids inf/inf in drivers
             // that compute tanh through exp.
-            UnaryOp::Tanh => format!("tanh(clamp({x}, {t}(-15), {t}(15)))"),
+            UnaryOp::Tanh => keep_nan(format!("tanh(clamp({x}, {t}(-15), {t}(15)))")),
             // Both branches are finite where selected: stable for any x.
             UnaryOp::Sigmoid => {
                 format!("select(exp({x}) / ({t}(1) + exp({x})), {t}(1) / ({t}(1) + exp(-{x})), {x} >= {t}(0))")
             }
-            UnaryOp::Relu => format!("max({x}, {t}(0))"),
+            UnaryOp::Relu => keep_nan(format!("max({x}, {t}(0))")),
             UnaryOp::Sin => format!("sin({x})"),
             UnaryOp::Cos => format!("cos({x})"),
             UnaryOp::Abs => format!("abs({x})"),
@@ -96,7 +101,9 @@ impl UnaryOp {
                 let s = x.sigmoid()?;
                 g.mul(&s.mul(&s.neg()?.add(1.0)?)?)
             }
-            UnaryOp::Relu => g.mul(&x.gt(0.0)?.to_dtype(x.dtype())?),
+            // PyTorch's threshold_backward: zero where x <= 0, the gradient
+            // elsewhere (NaN included, since NaN <= 0 is false).
+            UnaryOp::Relu => crate::ops::where_(&x.le(0.0)?, 0.0, g),
             UnaryOp::Sin => g.mul(&x.cos()?),
             UnaryOp::Cos => g.mul(&x.sin()?.neg()?),
             UnaryOp::Abs => g.mul(&x.sign()?),

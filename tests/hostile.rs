@@ -1,0 +1,381 @@
+//! Hostile and edge-case input: each case either gives PyTorch's answer or
+//! a clear `Err`, and never panics, aborts or corrupts another tensor.
+
+mod common;
+
+use common::device;
+use wgrad::{DType, Error, Tensor};
+
+fn f32s(data: &[f32], shape: &[usize]) -> Tensor {
+    Tensor::from_slice(data, shape, &device()).unwrap()
+}
+
+fn scalar(v: f32) -> Tensor {
+    Tensor::from_slice(&[v], [0usize; 0], &device()).unwrap()
+}
+
+// ------------------------------------------------------------------ deep graphs
+
+/// Dropping a long chain frees it iteratively (recursion would overflow the stack).
+#[test]
+fn dropping_a_million_node_chain_does_not_overflow_the_stack() {
+    let x = f32s(&[1.0], &[1]).requires_grad(true).unwrap();
+    // Build under a small stack so a recursive drop would fail fast even for fewer nodes.
+    let handle = std::thread::Builder::new()
+        .stack_size(256 * 1024)
+        .spawn(move || {
+            let mut y = x.clone();
+            for _ in 0..1_000_000 {
+                y = y.add(0.5).unwrap();
+            }
+            drop(y);
+        })
+        .unwrap();
+    handle.join().expect("the chain dropped without overflowing the stack");
+}
+
+// ------------------------------------------------------------------ 0-d tensors
+
+#[test]
+fn zero_d_movement_and_indexing_match_pytorch_or_err() {
+    let s = scalar(3.0);
+    // transpose(0, 0) of a 0-d tensor is the tensor itself in PyTorch.
+    let t = s.transpose(0, 0).unwrap();
+    assert_eq!(t.dims(), &[] as &[usize]);
+    assert_eq!(t.to_vec::<f32>().unwrap(), vec![3.0]);
+    assert_eq!(s.transpose(-1, 0).unwrap().to_vec::<f32>().unwrap(), vec![3.0]);
+    // cat of 0-d tensors: PyTorch refuses ("zero-dimensional tensor cannot be concatenated").
+    let err = wgrad::cat(&[&s, &s], 0).unwrap_err();
+    assert!(err.to_string().contains("cat"), "{err}");
+    // stack of 0-d tensors gives a vector.
+    let st = wgrad::stack(&[&s, &scalar(4.0)], 0).unwrap();
+    assert_eq!(st.dims(), &[2]);
+    assert_eq!(st.to_vec::<f32>().unwrap(), vec![3.0, 4.0]);
+    // index_select on a 0-d input with a 0-d or one-element index: PyTorch treats it as size 1.
+    let idx0 = Tensor::from_slice(&[0i32], [1], &device()).unwrap();
+    let r = s.index_select(0, &idx0).unwrap();
+    assert_eq!(r.to_vec::<f32>().unwrap(), vec![3.0]);
+    let bad = Tensor::from_slice(&[1i32], [1], &device()).unwrap();
+    assert!(s.index_select(0, &bad).is_err());
+    // gather on a 0-d input with a 0-d index.
+    let idx_s = Tensor::from_slice(&[0i32], [0usize; 0], &device()).unwrap();
+    let g = s.gather(0, &idx_s).unwrap();
+    assert_eq!(g.dims(), &[] as &[usize]);
+    assert_eq!(g.to_vec::<f32>().unwrap(), vec![3.0]);
+    assert!(s.gather(0, &Tensor::from_slice(&[2i32], [0usize; 0], &device()).unwrap()).is_err());
+}
+
+// ------------------------------------------------------------------ shape arithmetic
+
+#[test]
+fn huge_shapes_are_errors_not_overflow() {
+    let d = device();
+    for shape in [vec![0, usize::MAX, 2], vec![usize::MAX, 2], vec![1 << 40, 1 << 40]] {
+        let r = Tensor::zeros(shape.clone(), DType::F32, &d);
+        // [0, MAX, 2] has no elements; PyTorch accepts it, and so may we, but
+        // anything that reads its strides must not overflow.
+        if let Ok(t) = r {
+            assert_eq!(t.numel(), 0, "{shape:?}");
+            let s = t.sum_all().unwrap();
+            assert_eq!(s.to_vec::<f32>().unwrap(), vec![0.0]);
+        }
+    }
+    let x = f32s(&[1.0; 4], &[4]);
+    assert!(x.reshape([usize::MAX, 2, 2]).is_err());
+    let e = Tensor::zeros([0, 2], DType::F32, &d).unwrap();
+    assert!(e.reshape([0, usize::MAX, 2]).is_err() || e.reshape([0, usize::MAX, 2]).unwrap().numel() == 0);
+    let img = Tensor::zeros([1, 1, 4, 4], DType::F32, &d).unwrap();
+    let w = Tensor::zeros([1, 1, 3, 3], DType::F32, &d).unwrap();
+    for options in [
+        wgrad::Conv2dOptions { padding: [usize::MAX / 2, 0], ..Default::default() },
+        wgrad::Conv2dOptions { dilation: [usize::MAX / 2, 1], ..Default::default() },
+        wgrad::Conv2dOptions { stride: [usize::MAX, 1], padding: [usize::MAX, 0], ..Default::default() },
+    ] {
+        let err = img.conv2d(&w, None, options).unwrap_err();
+        assert!(err.to_string().contains("conv2d"), "{err}");
+    }
+    assert!(img.max_pool2d([2, 2], [2, 2], [usize::MAX / 2, 0]).is_err());
+}
+
+// ------------------------------------------------------------------ empty reductions
+
+#[test]
+fn empty_reductions_give_pytorch_results() {
+    let d = device();
+    // Dirty the pool so that stale data would show.
+    for _ in 0..3 {
+        let junk = f32s(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], &[8]);
+        junk.mul(2.0).unwrap().to_vec::<f32>().unwrap();
+    }
+    let e = Tensor::zeros([3, 0], DType::F32, &d).unwrap();
+    assert_eq!(e.sum(&[1], false).unwrap().to_vec::<f32>().unwrap(), vec![0.0; 3]);
+    assert!(e.mean(&[1], false).unwrap().to_vec::<f32>().unwrap().iter().all(|v| v.is_nan()));
+    assert_eq!(e.sum(&[0], false).unwrap().dims(), &[0]);
+    assert_eq!(e.sum_all().unwrap().to_vec::<f32>().unwrap(), vec![0.0]);
+    assert!(e.mean_all().unwrap().to_vec::<f32>().unwrap()[0].is_nan());
+    assert!(e.max(&[1], false).is_err());
+    assert!(e.max_all().is_err());
+    assert!(e.min(&[1], false).is_err());
+    // max over the non-empty axis of an empty tensor is an empty result.
+    assert_eq!(e.max(&[0], false).unwrap().dims(), &[0]);
+    let big = Tensor::zeros([1000, 0], DType::F32, &d).unwrap();
+    assert_eq!(big.sum(&[1], false).unwrap().to_vec::<f32>().unwrap(), vec![0.0; 1000]);
+    // An unrelated op in the same batch is untouched.
+    let x = f32s(&[1.0, 2.0], &[2]);
+    let y = x.exp().unwrap();
+    let s = big.sum(&[1], false).unwrap();
+    let y = y.to_vec::<f32>().unwrap();
+    assert!((y[0] - 1.0f32.exp()).abs() < 1e-6 && (y[1] - 2.0f32.exp()).abs() < 1e-5, "{y:?}");
+    assert_eq!(s.to_vec::<f32>().unwrap(), vec![0.0; 1000]);
+}
+
+#[test]
+fn empty_reduction_backward_gives_empty_or_zero_grads() {
+    let d = device();
+    for _ in 0..3 {
+        f32s(&[2.0, 4.0, 6.0], &[3]).add(1.0).unwrap().to_vec::<f32>().unwrap();
+    }
+    let e = Tensor::zeros([3, 0], DType::F32, &d).unwrap().requires_grad(true).unwrap();
+    e.sum_all().unwrap().backward().unwrap();
+    let g = e.grad().unwrap();
+    assert_eq!(g.dims(), &[3, 0]);
+    assert!(g.to_vec::<f32>().unwrap().is_empty());
+    // A bias that meets an empty batch gets a zero gradient, not pool data.
+    let b = f32s(&[1.0, 2.0, 3.0], &[3]).requires_grad(true).unwrap();
+    let x = Tensor::zeros([0, 3], DType::F32, &d).unwrap();
+    x.add(&b).unwrap().sum_all().unwrap().backward().unwrap();
+    assert_eq!(b.grad().unwrap().to_vec::<f32>().unwrap(), vec![0.0; 3]);
+    // Cross-entropy over an empty batch: mean is NaN (0/0), sum is 0.
+    let logits = Tensor::zeros([0, 4], DType::F32, &d).unwrap().requires_grad(true).unwrap();
+    let labels = Tensor::from_slice(&[] as &[i32], [0], &d).unwrap();
+    let mean = logits.cross_entropy(&labels, Default::default()).unwrap();
+    assert!(mean.to_vec::<f32>().unwrap()[0].is_nan());
+    let sum = logits
+        .cross_entropy(&labels, wgrad::ClassLoss { reduction: wgrad::Reduction::Sum, ..Default::default() })
+        .unwrap();
+    assert_eq!(sum.to_vec::<f32>().unwrap(), vec![0.0]);
+    sum.backward().unwrap();
+    assert_eq!(logits.grad().unwrap().dims(), &[0, 4]);
+}
+
+// ------------------------------------------------------------------ ranks at the call
+
+#[test]
+fn rank_nine_is_refused_at_the_call_in_every_mode() {
+    let d = device();
+    for merge in [true, false] {
+        d.set_merge_elementwise(merge);
+        let err = Tensor::ones([1usize; 9], DType::F32, &d).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument { .. }), "{err:?}");
+        assert!(err.to_string().contains("rank 9"), "{err}");
+        let x = f32s(&[1.0, 2.0], &[2]);
+        assert!(x.reshape([1usize, 1, 1, 1, 1, 1, 1, 1, 2]).is_err());
+        // The device is fine afterwards.
+        assert_eq!(x.mul(2.0).unwrap().to_vec::<f32>().unwrap(), vec![2.0, 4.0]);
+    }
+    d.set_merge_elementwise(true);
+}
+
+// ------------------------------------------------------------------ compiled mode
+
+/// One compiler per process: the compiled cases here take turns.
+static COMPILER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+#[test]
+fn empty_reductions_in_the_compiled_backward_give_zero_grads() {
+    let _turn = COMPILER.lock().unwrap_or_else(|e| e.into_inner());
+    let d = device();
+    let guard = wgrad::WgslCompiler::install(&d).unwrap();
+    for _ in 0..3 {
+        f32s(&[2.0, 4.0, 6.0], &[3]).add(1.0).unwrap().to_vec::<f32>().unwrap();
+    }
+    let b = f32s(&[1.0, 2.0, 3.0], &[3]).requires_grad(true).unwrap();
+    let w = f32s(&[1.0, 1.0, 1.0, 1.0, 1.0, 1.0], &[3, 2]).requires_grad(true).unwrap();
+    let x = Tensor::zeros([0, 3], DType::F32, &d).unwrap();
+    for _ in 0..2 {
+        let loss = x.add(&b).unwrap().tanh().unwrap().matmul(&w).unwrap().sum_all().unwrap();
+        assert_eq!(loss.to_vec::<f32>().unwrap(), vec![0.0]);
+        loss.backward().unwrap();
+        assert_eq!(b.grad().unwrap().to_vec::<f32>().unwrap(), vec![0.0; 3]);
+        assert_eq!(w.grad().unwrap().to_vec::<f32>().unwrap(), vec![0.0; 6]);
+        b.zero_grad();
+        w.zero_grad();
+    }
+    assert!(guard.stats().replays >= 1, "{:?}", guard.stats());
+}
+
+/// `.grad` after a backward whose hook changes a leaf's `.grad` mid-way,
+/// with or without a compiler installed.
+fn grad_after_hook_mutation(compiled: bool, set_to: Option<f32>) -> Vec<f32> {
+    let d = device();
+    let guard = compiled.then(|| wgrad::WgslCompiler::install(&d).unwrap());
+    let x = f32s(&[1.0, 2.0], &[2]).requires_grad(true).unwrap();
+    let mut result = Vec::new();
+    // Twice, so the compiled run replays a cached program the second time.
+    for _ in 0..2 {
+        x.set_grad(Some(f32s(&[100.0, 100.0], &[2]))).unwrap();
+        let h = x.mul(3.0).unwrap();
+        let leaf = x.clone();
+        let dev = d.clone();
+        h.register_hook(move |_| {
+            match set_to {
+                None => leaf.zero_grad(),
+                Some(v) => leaf.set_grad(Some(Tensor::full([2], v as f64, DType::F32, &dev).unwrap())).unwrap(),
+            }
+            None
+        })
+        .unwrap();
+        h.sum_all().unwrap().backward().unwrap();
+        result = x.grad().unwrap().to_vec::<f32>().unwrap();
+    }
+    if let Some(g) = guard {
+        assert_eq!(g.stats().fallbacks, 0);
+        assert!(g.stats().replays >= 2);
+    }
+    result
+}
+
+#[test]
+fn compiled_reads_grad_after_hooks_like_eager() {
+    let _turn = COMPILER.lock().unwrap_or_else(|e| e.into_inner());
+    for set_to in [None, Some(50.0)] {
+        let eager = grad_after_hook_mutation(false, set_to);
+        let compiled = grad_after_hook_mutation(true, set_to);
+        let expected = match set_to {
+            None => vec![3.0, 3.0],
+            Some(v) => vec![v + 3.0, v + 3.0],
+        };
+        assert_eq!(eager, expected);
+        assert_eq!(compiled, expected);
+    }
+}
+
+#[test]
+fn a_panicking_hook_does_not_disable_replay() {
+    let _turn = COMPILER.lock().unwrap_or_else(|e| e.into_inner());
+    let d = device();
+    let guard = wgrad::WgslCompiler::install(&d).unwrap();
+    let x = f32s(&[1.0, 2.0], &[2]).requires_grad(true).unwrap();
+    let run = |panic: bool| {
+        let h = x.mul(3.0).unwrap();
+        h.register_hook(move |_| {
+            if panic {
+                panic!("hook panics on purpose");
+            }
+            None
+        })
+        .unwrap();
+        h.sum_all().unwrap().backward()
+    };
+    run(false).unwrap(); // capture
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(true)));
+    assert!(caught.is_err());
+    let before = guard.stats();
+    x.zero_grad();
+    run(false).unwrap();
+    let after = guard.stats();
+    assert_eq!(after.replays, before.replays + 1, "{before:?} -> {after:?}");
+    assert_eq!(after.fallbacks, before.fallbacks);
+    assert_eq!(x.grad().unwrap().to_vec::<f32>().unwrap(), vec![3.0, 3.0]);
+}
+
+// ------------------------------------------------------------------ NaN propagation
+
+fn is_nan_at(v: &[f32], i: usize) -> bool {
+    v[i].is_nan()
+}
+
+/// Every op PyTorch propagates NaN through does here too, forward; the
+/// non-NaN elements keep their values.
+#[test]
+fn nan_propagates_through_max_like_ops() {
+    let nan = f32::NAN;
+    let x = f32s(&[nan, -1.0, 2.0, nan], &[4]);
+    let y = f32s(&[0.0, nan, 1.0, 5.0], &[4]);
+    let relu = x.relu().unwrap().to_vec::<f32>().unwrap();
+    assert!(is_nan_at(&relu, 0) && relu[1] == 0.0 && relu[2] == 2.0);
+    for r in [x.maximum(&y).unwrap(), x.minimum(&y).unwrap()] {
+        let r = r.to_vec::<f32>().unwrap();
+        assert!(r[0].is_nan() && r[1].is_nan() && r[3].is_nan(), "{r:?}");
+    }
+    assert_eq!(x.maximum(&y).unwrap().to_vec::<f32>().unwrap()[2], 2.0);
+    assert!(x.maximum(0.0).unwrap().to_vec::<f32>().unwrap()[0].is_nan());
+    let c = x.clamp(-0.5, 0.5).unwrap().to_vec::<f32>().unwrap();
+    assert!(c[0].is_nan() && c[1] == -0.5 && c[2] == 0.5 && c[3].is_nan(), "{c:?}");
+    let t = x.tanh().unwrap().to_vec::<f32>().unwrap();
+    assert!(t[0].is_nan(), "tanh(NaN) = {}", t[0]);
+    let p = x.powf(2.0).unwrap().to_vec::<f32>().unwrap();
+    assert!(p[0].is_nan() && p[1] == 1.0, "{p:?}");
+    assert_eq!(x.powf(0.0).unwrap().to_vec::<f32>().unwrap(), vec![1.0; 4]);
+    // Reductions: a NaN anywhere in the reduced slice wins, wherever it sits.
+    let m = f32s(&[1.0, nan, 3.0, 4.0, 5.0, 6.0], &[2, 3]);
+    let rows = m.max(&[1], false).unwrap().to_vec::<f32>().unwrap();
+    assert!(rows[0].is_nan() && rows[1] == 6.0, "{rows:?}");
+    let cols = m.min(&[0], false).unwrap().to_vec::<f32>().unwrap();
+    assert!(cols[0] == 1.0 && cols[1].is_nan() && cols[2] == 3.0, "{cols:?}");
+    assert!(m.max_all().unwrap().to_scalar::<f32>().unwrap().is_nan());
+    // Large enough to take the chunked and vectorised reduction paths.
+    let mut big = vec![1.0f32; 1 << 16];
+    big[40_000] = nan;
+    let b = f32s(&big, &[1 << 16]);
+    assert!(b.max_all().unwrap().to_scalar::<f32>().unwrap().is_nan());
+    assert!(b.min(&[0], false).unwrap().to_scalar::<f32>().unwrap().is_nan());
+    let img =
+        f32s(&[1.0, 2.0, nan, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0, 16.0], &[1, 1, 4, 4]);
+    let pooled = img.max_pool2d([2, 2], [2, 2], [0, 0]).unwrap().to_vec::<f32>().unwrap();
+    assert!(!pooled[0].is_nan() && pooled[1].is_nan(), "{pooled:?}");
+    // where: a NaN condition is non-zero, so true, as the README says.
+    let ones = f32s(&[1.0; 4], &[4]);
+    let w = x.where_(&ones, 0.0).unwrap().to_vec::<f32>().unwrap();
+    assert_eq!(w, vec![1.0, 1.0, 1.0, 1.0]);
+    let zero_cond = f32s(&[0.0, -0.0], &[2]).where_(ones.narrow(0, 0, 2).unwrap(), 0.0).unwrap();
+    let zero_cond = zero_cond.to_vec::<f32>().unwrap();
+    assert_eq!(zero_cond, vec![0.0, 0.0]);
+}
+
+/// Gradients through NaN follow PyTorch's formulas, eager and compiled alike.
+#[test]
+fn nan_gradients_follow_pytorch_eager_and_compiled() {
+    let _turn = COMPILER.lock().unwrap_or_else(|e| e.into_inner());
+    let nan = f32::NAN;
+    let run = |compiled: bool| -> Vec<Vec<f32>> {
+        let d = device();
+        let guard = compiled.then(|| wgrad::WgslCompiler::install(&d).unwrap());
+        let x = f32s(&[nan, -1.0, 2.0, 0.5], &[4]).requires_grad(true).unwrap();
+        let y = f32s(&[0.0, nan, 1.0, 0.5], &[4]).requires_grad(true).unwrap();
+        let w = f32s(&[1.0, 2.0, 3.0, 4.0], &[4]);
+        let mut out = Vec::new();
+        for _ in 0..2 {
+            x.zero_grad();
+            y.zero_grad();
+            let loss = x
+                .relu()
+                .unwrap()
+                .add(x.maximum(&y).unwrap())
+                .unwrap()
+                .add(x.clamp(-0.5, 0.5).unwrap())
+                .unwrap()
+                .mul(&w)
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            assert!(loss.to_scalar::<f32>().unwrap().is_nan());
+            loss.backward().unwrap();
+            out = vec![x.grad().unwrap().to_vec::<f32>().unwrap(), y.grad().unwrap().to_vec::<f32>().unwrap()];
+        }
+        if let Some(g) = guard {
+            assert_eq!(g.stats().fallbacks, 0);
+        }
+        out
+    };
+    let eager = run(false);
+    // relu: w where x > 0 or NaN; maximum: both sides get w where a NaN is
+    // compared, the winner elsewhere, half each on ties; clamp: w where
+    // -0.5 <= x <= 0.5 only.
+    let expect_x = [1.0 + 1.0 + 0.0, 0.0 + 2.0 + 0.0, 3.0 + 3.0 + 0.0, 4.0 + 2.0 + 4.0];
+    let expect_y = [1.0, 2.0, 0.0, 2.0];
+    assert_eq!(eager[0], expect_x, "x");
+    assert_eq!(eager[1], expect_y, "y");
+    let compiled = run(true);
+    assert_eq!(compiled, eager);
+}
