@@ -379,3 +379,101 @@ fn nan_gradients_follow_pytorch_eager_and_compiled() {
     let compiled = run(true);
     assert_eq!(compiled, eager);
 }
+
+// ------------------------------------------------------------------ the loop budget
+
+/// A float64 dot product of two f32 slices.
+fn dot64(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum()
+}
+
+fn close(got: f32, want: f64, what: &str) {
+    let tol = 1e-4 * want.abs().max(1.0);
+    assert!((f64::from(got) - want).abs() <= tol, "{what}: got {got}, want {want}");
+}
+
+/// llvmpipe ends an invocation after 65,535 loop back-edges; long
+/// contractions, long reductions and long scatter-add segments are split so
+/// that every one gives the right answer.
+#[test]
+fn long_contractions_and_reductions_are_exact() {
+    let d = device();
+    for k in [65_536usize, 200_000] {
+        let ones = Tensor::ones([1, k], DType::F32, &d).unwrap();
+        let col = Tensor::ones([k, 1], DType::F32, &d).unwrap();
+        assert_eq!(ones.matmul(&col).unwrap().to_vec::<f32>().unwrap(), vec![k as f32], "ones, k = {k}");
+        let a = Tensor::rand([2, k], 1, &d).unwrap();
+        let b = Tensor::rand([k, 3], 2, &d).unwrap();
+        let (av, bv) = (a.to_vec::<f32>().unwrap(), b.to_vec::<f32>().unwrap());
+        let c = a.matmul(&b).unwrap().to_vec::<f32>().unwrap();
+        for i in 0..2 {
+            for j in 0..3 {
+                let col: Vec<f32> = (0..k).map(|r| bv[r * 3 + j]).collect();
+                close(c[i * 3 + j], dot64(&av[i * k..(i + 1) * k], &col), &format!("matmul k = {k} ({i}, {j})"));
+            }
+        }
+    }
+    // A strided reduction: the sum over the first axis of a [70000, 2] tensor
+    // reads with stride 2, one output per invocation.
+    let n = 70_000;
+    let x = Tensor::rand([n, 2], 3, &d).unwrap();
+    let xv = x.to_vec::<f32>().unwrap();
+    let s = x.sum(&[0], false).unwrap().to_vec::<f32>().unwrap();
+    for j in 0..2 {
+        close(s[j], (0..n).map(|i| f64::from(xv[i * 2 + j])).sum(), "strided sum");
+    }
+    // A broadcast reduction: max over a broadcast view of 65,534 + 1 values.
+    let v = Tensor::arange(0.0, 65_535.0, 1.0, &d).unwrap().reshape([65_535, 1]).unwrap();
+    let wide = v.broadcast_to([65_535, 3]).unwrap();
+    assert_eq!(wide.max(&[0], false).unwrap().to_vec::<f32>().unwrap(), vec![65_534.0; 3]);
+    assert_eq!(wide.transpose(0, 1).unwrap().max(&[1], false).unwrap().to_vec::<f32>().unwrap(), vec![65_534.0; 3]);
+    // Enough outputs that each gets one invocation (no chunks for
+    // parallelism), each reading 66,000 elements of a broadcast row.
+    let row = Tensor::ones([1, 66_000], DType::F32, &d).unwrap();
+    let tall = row.broadcast_to([16_384, 66_000]).unwrap();
+    assert_eq!(tall.sum(&[1], false).unwrap().to_vec::<f32>().unwrap(), vec![66_000.0; 16_384]);
+}
+
+#[test]
+fn an_index_repeated_past_the_loop_budget_accumulates_exactly() {
+    let d = device();
+    let w = f32s(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[3, 2]).requires_grad(true).unwrap();
+    let mut ids = vec![0i32; 70_000];
+    ids.extend([2, 2, 1]);
+    let ids = Tensor::from_slice(&ids, [ids.len()], &d).unwrap();
+    let rows = wgrad::embedding(&ids, &w).unwrap();
+    rows.sum_all().unwrap().backward().unwrap();
+    assert_eq!(w.grad().unwrap().to_vec::<f32>().unwrap(), vec![70_000.0, 70_000.0, 1.0, 1.0, 2.0, 2.0]);
+}
+
+#[test]
+fn loop_budget_splits_hold_in_the_compiled_backward() {
+    let _turn = COMPILER.lock().unwrap_or_else(|e| e.into_inner());
+    let d = device();
+    let guard = wgrad::WgslCompiler::install(&d).unwrap();
+    // The gradient of b is a^T @ (g * w3): a contraction over k = 70,000.
+    let k = 70_000;
+    let a = Tensor::rand([k, 2], 5, &d).unwrap().requires_grad(true).unwrap();
+    let b = f32s(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3]).requires_grad(true).unwrap();
+    let w3 = Tensor::rand([k, 3], 6, &d).unwrap();
+    let w = f32s(&[1.0, 2.0, 3.0, 4.0], &[2, 2]).requires_grad(true).unwrap();
+    let ids = Tensor::from_slice(&vec![1i32; 70_000], [70_000], &d).unwrap();
+    let (av, wv) = (a.to_vec::<f32>().unwrap(), w3.to_vec::<f32>().unwrap());
+    for _ in 0..2 {
+        let y = a.matmul(&b).unwrap().mul(&w3).unwrap().sum_all().unwrap();
+        let e = wgrad::embedding(&ids, &w).unwrap().sum_all().unwrap();
+        y.add(&e).unwrap().backward().unwrap();
+        let gb = b.grad().unwrap().to_vec::<f32>().unwrap();
+        for i in 0..2 {
+            for j in 0..3 {
+                let want: f64 = (0..k).map(|r| f64::from(av[r * 2 + i]) * f64::from(wv[r * 3 + j])).sum();
+                close(gb[i * 3 + j], want, "compiled a^T @ g");
+            }
+        }
+        assert_eq!(w.grad().unwrap().to_vec::<f32>().unwrap(), vec![0.0, 0.0, 70_000.0, 70_000.0]);
+        for t in [&a, &b, &w] {
+            t.zero_grad();
+        }
+    }
+    assert!(guard.stats().replays >= 2 && guard.stats().fallbacks == 0, "{:?}", guard.stats());
+}

@@ -126,7 +126,7 @@ impl Lowering<'_> {
                     return Ok(());
                 }
                 let layouts: Vec<Layout> = reads.iter().map(|u| u.layout.clone()).collect();
-                let mut chunks = exec::reduce_chunks(a, k);
+                let mut chunks = exec::reduce_chunks(a, k, kernel);
                 let dtype = self.g.values[*value].meta.dtype;
                 let target = self.buf(*value);
                 let elem = dtype.size_in_bytes() as u64;
@@ -137,7 +137,7 @@ impl Lowering<'_> {
                 bufs.push(dst);
                 self.push(launch, bufs)?;
                 while chunks > 1 {
-                    let next = exec::reduce_chunks(a, chunks);
+                    let next = exec::reduce_chunks(a, chunks, &copy_kernel(dtype));
                     let src = dst;
                     dst = if next == 1 { target } else { Buf::Slot(self.slots.take((a * next) as u64 * elem)) };
                     let partials = Layout::contiguous(Shape::new([a, chunks]));

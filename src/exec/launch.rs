@@ -194,16 +194,21 @@ pub(crate) fn assemble(
     Ok(out)
 }
 
-/// How many chunks a reduction of `k` elements into `a` results is split
-/// into, so enough invocations run in parallel.
-pub(crate) fn reduce_chunks(a: usize, k: usize) -> usize {
+/// How many chunks a reduction of `k` elements of `kernel` into `a`
+/// results is split into: enough that invocations run in parallel, and
+/// enough that no invocation loops past the [`super::LOOP_BUDGET`] (each
+/// step folds one element, plus the loops of any segment sum in `kernel`).
+pub(crate) fn reduce_chunks(a: usize, k: usize, kernel: &MapKernel) -> usize {
     const TARGET_THREADS: usize = 1 << 14;
     const MIN_CHUNK: usize = 64;
-    if a >= TARGET_THREADS || k <= MIN_CHUNK || a == 0 {
+    let parallel = if a >= TARGET_THREADS || k <= MIN_CHUNK || a == 0 {
         1
     } else {
         k.div_ceil(MIN_CHUNK).min(TARGET_THREADS.div_ceil(a)).max(1)
-    }
+    };
+    let segments = kernel.nodes.iter().filter(|(n, _)| matches!(n, Node::SegmentSum { .. })).count();
+    let max_steps = (super::LOOP_BUDGET / (1 + segments * (super::SEGMENT_CHUNK + 1))).max(1);
+    parallel.max(k.div_ceil(max_steps))
 }
 
 /// The iteration view of a reduction: `layout` permuted so the kept axes
@@ -276,7 +281,7 @@ fn reduce_pass(
 ) -> Result<Tensor> {
     let device = inputs[0].device();
     let dtype = kernel.dtype(kernel.outputs[0].0);
-    let n_chunks = reduce_chunks(a, k);
+    let n_chunks = reduce_chunks(a, k, &kernel);
     let out = Tensor::empty(Shape::new([a * n_chunks]), dtype, device)?;
     if a * n_chunks > 0 {
         let layouts = vec![view.clone(); inputs.len()];
@@ -388,6 +393,33 @@ pub(crate) fn matmul_launches(
     Ok(launches)
 }
 
+/// `a @ b` for a contraction longer than [`super::MATMUL_K_CHUNK`]: the
+/// product of each run of k, summed in order (split-K), so no kernel loops
+/// past the loop budget. In a trace the partial products are ordinary
+/// matmuls and adds, so fusion makes each add the next product's epilogue.
+fn split_k_product(a: &Tensor, b: &Tensor, batch: &Shape) -> Result<Tensor> {
+    let r = batch.rank();
+    let k = a.dims()[r + 1];
+    let mut total: Option<Tensor> = None;
+    for start in (0..k).step_by(super::MATMUL_K_CHUNK) {
+        let len = super::MATMUL_K_CHUNK.min(k - start);
+        let a_run = a.with_layout(a.layout().narrow(r + 1, start, len));
+        let b_run = b.with_layout(b.layout().narrow(r, start, len));
+        let part = matmul(&a_run, &b_run, batch)?;
+        total = Some(match total {
+            None => part,
+            Some(sum) => {
+                let mut kernel = MapKernel::default();
+                let (x, y) = (kernel.input(sum.dtype()), kernel.input(part.dtype()));
+                let z = kernel.push(Node::Binary(crate::ops::binary::BinaryOp::Add, x, y), sum.dtype());
+                kernel.output(z);
+                map("matmul", kernel, &[&sum, &part], &[], &part.shape().clone(), a.device())?.remove(0)
+            }
+        });
+    }
+    Ok(total.expect("a split contraction has at least one run"))
+}
+
 /// The operands of `a` [..., m, k] @ `b` [..., k, n] broadcast to `batch`,
 /// copied only when their batch dims cannot be walked with one stride.
 pub(crate) fn matmul_operands(a: &Tensor, b: &Tensor, batch: &Shape) -> Result<(Tensor, Tensor)> {
@@ -439,6 +471,9 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor, batch: &Shape) -> Result<Tensor> {
     let out_shape = Shape::new(out_dims);
     if let Some(out) = rank_one_product(&a, &b, batch.rank())? {
         return Ok(out);
+    }
+    if a.dims()[batch.rank() + 1] > super::MATMUL_K_CHUNK {
+        return split_k_product(&a, &b, batch);
     }
     if trace::is_active() {
         return trace::matmul(&a, &b, &out_shape);

@@ -16,6 +16,23 @@ pub(crate) use launch::{
     Launch, assemble, map, map_launch, matmul, matmul_launches, reduce, reduce_chunks, reduce_launch, reduce_view,
 };
 
+/// Mesa's llvmpipe (lavapipe, the CI device) silently ends an invocation
+/// after 65,535 loop back-edges in total, nested loops included, and the
+/// kernel's results are then simply wrong. Every loop in generated code is
+/// bounded to stay below this (with a margin): loops over ranks are written
+/// out, a reduction splits `k` across invocations and passes, a long matmul
+/// contraction is split ([`MATMUL_K_CHUNK`]), and scatter-add segments are
+/// cut into runs of [`SEGMENT_CHUNK`].
+pub(crate) const LOOP_BUDGET: usize = 60_000;
+
+/// The longest contraction one matmul kernel runs: both templates loop once
+/// per element (direct) or per tile (tiled) of k.
+pub(crate) const MATMUL_K_CHUNK: usize = 16_384;
+
+/// The longest run a `SegmentSum` node loops over; longer segments are
+/// summed in runs of this length and the runs summed after.
+pub(crate) const SEGMENT_CHUNK: usize = 4_096;
+
 /// Reductions the reduce template implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum ReduceKind {

@@ -11,6 +11,7 @@
 use crate::autograd::record;
 use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::exec::SEGMENT_CHUNK;
 use crate::exec::kernel::{MapKernel, Node};
 use crate::metadata::{DType, Shape};
 use crate::ops::Op;
@@ -22,15 +23,31 @@ pub(crate) type IndexMap = [Tensor; 3];
 
 /// Uploads a gather map from `offsets` (one source element per output
 /// element, each below `source_numel`).
+///
+/// A source element read more than [`SEGMENT_CHUNK`] times (an embedding
+/// row repeated in a large batch) would make its scatter-add loop past the
+/// loop budget (see `exec::LOOP_BUDGET`), so the segments are cut into runs:
+/// `starts` then describes `runs` consecutive runs per source element, and
+/// [`scatter_add_flat`] sums the runs after.
 pub(crate) fn index_map(device: &Device, source_numel: usize, out_shape: &Shape, offsets: &[u32]) -> Result<IndexMap> {
-    let mut starts = vec![0u32; source_numel + 1];
+    let mut counts = vec![0u32; source_numel];
     for &o in offsets {
-        starts[o as usize + 1] += 1;
+        counts[o as usize] += 1;
     }
-    for i in 0..source_numel {
-        starts[i + 1] += starts[i];
+    let longest = counts.iter().copied().max().unwrap_or(0) as usize;
+    let runs = longest.div_ceil(SEGMENT_CHUNK).max(1);
+    let mut starts = Vec::with_capacity(source_numel * runs + 1);
+    let mut first = vec![0u32; source_numel];
+    let mut at = 0u32;
+    for (s, &count) in counts.iter().enumerate() {
+        first[s] = at;
+        for r in 0..runs {
+            starts.push(at + (r * SEGMENT_CHUNK).min(count as usize) as u32);
+        }
+        at += count;
     }
-    let mut cursor = starts.clone();
+    starts.push(at);
+    let mut cursor = first;
     let mut positions = vec![0u32; offsets.len()];
     for (e, &o) in offsets.iter().enumerate() {
         positions[cursor[o as usize] as usize] = e as u32;
@@ -38,7 +55,7 @@ pub(crate) fn index_map(device: &Device, source_numel: usize, out_shape: &Shape,
     }
     Ok([
         Tensor::from_slice(offsets, out_shape.clone(), device)?,
-        Tensor::from_slice(&starts, [source_numel + 1], device)?,
+        Tensor::from_slice(&starts, [source_numel * runs + 1], device)?,
         Tensor::from_slice(&positions, [offsets.len()], device)?,
     ])
 }
@@ -67,7 +84,18 @@ pub(crate) fn scatter_add_flat(g: &Tensor, map: &IndexMap, target: &Shape) -> Re
     let positions = k.gathered(DType::U32);
     let v = k.push(Node::SegmentSum { values, starts, positions }, g_c.dtype());
     k.output(v);
-    let out = crate::exec::map("scatter_add", k, &[&g_c, &map[1], &map[2]], &[], target, g.device())?.remove(0);
+    // Runs per target element (see `index_map`): 1 unless a segment is long.
+    let runs = if target.numel() == 0 { 1 } else { (map[1].numel() - 1) / target.numel() };
+    let out = if runs == 1 {
+        crate::exec::map("scatter_add", k, &[&g_c, &map[1], &map[2]], &[], target, g.device())?.remove(0)
+    } else {
+        let mut dims = target.dims().to_vec();
+        dims.push(runs);
+        let run_sums =
+            crate::exec::map("scatter_add", k, &[&g_c, &map[1], &map[2]], &[], &Shape::new(dims), g.device())?
+                .remove(0);
+        crate::exec::reduce(crate::exec::ReduceKind::Sum, &run_sums, &[target.rank()], false)?
+    };
     let op = Op::ScatterAdd { target: target.clone() };
     Ok(record(op, &[g], map.to_vec(), out))
 }
