@@ -37,6 +37,8 @@ pub(crate) fn size_class(bytes: u64) -> u64 {
 pub(crate) struct Pool {
     free: HashMap<u64, Vec<wgpu::Buffer>>,
     pub(crate) stats: MemoryStats,
+    /// Buffers whose contents a failed batch left stale (`crate::poison`).
+    pub(crate) poison: crate::poison::Poison,
 }
 
 impl Pool {
@@ -54,6 +56,7 @@ impl Pool {
     }
 
     fn give_back(&mut self, class: u64, buffer: wgpu::Buffer) {
+        self.poison.forget(&buffer);
         self.stats.live_bytes -= class;
         self.stats.pooled_bytes += class;
         self.free.entry(class).or_default().push(buffer);

@@ -86,6 +86,11 @@ pub(crate) struct DeviceInner {
     pool: Arc<Mutex<Pool>>,
     batch: Mutex<Batch>,
     pipelines: Mutex<HashMap<String, wgpu::ComputePipeline>>,
+    /// Which of each pipeline's storage buffers it writes (`poison`).
+    pipeline_writes: Mutex<HashMap<wgpu::ComputePipeline, Arc<[usize]>>>,
+    /// How many errors wgpu has reported outside an error scope, so a
+    /// submit can tell whether it failed.
+    errors: Arc<AtomicU64>,
     counters: Mutex<DeviceCounters>,
     /// Errors wgpu reported outside an error scope; surfaced at the next sync.
     uncaptured: Arc<Mutex<Option<String>>>,
@@ -98,8 +103,18 @@ pub(crate) struct DeviceInner {
 const KEPT_READBACK_BYTES: u64 = 1 << 20;
 
 enum Command {
-    Dispatch { pipeline: wgpu::ComputePipeline, bind_group: wgpu::BindGroup, grid: [u32; 3] },
-    Copy { src: wgpu::Buffer, src_offset: u64, dst: wgpu::Buffer, dst_offset: u64, size: u64 },
+    /// `writes`: the storage buffers the kernel writes, spoiled if the
+    /// batch fails (see `poison`); `op` names the op that recorded it.
+    Dispatch {
+        op: &'static str,
+        pipeline: wgpu::ComputePipeline,
+        bind_group: wgpu::BindGroup,
+        grid: [u32; 3],
+        writes: Vec<wgpu::Buffer>,
+    },
+    /// `spoils_dst`: whether `dst` is a tensor's storage (an upload), as
+    /// opposed to a readback's staging buffer.
+    Copy { src: wgpu::Buffer, src_offset: u64, dst: wgpu::Buffer, dst_offset: u64, size: u64, spoils_dst: bool },
 }
 
 #[derive(Default)]
@@ -193,10 +208,13 @@ impl Device {
 
         let uncaptured = Arc::new(Mutex::new(None));
         let sink = uncaptured.clone();
+        let errors = Arc::new(AtomicU64::new(0));
+        let counted = errors.clone();
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            counted.fetch_add(1, Ordering::SeqCst);
             let mut slot = sink.lock();
             if slot.is_none() {
-                *slot = Some(e.to_string());
+                *slot = Some(describe_gpu_error(&e));
             }
         }));
         let arena = device.create_buffer(&wgpu::BufferDescriptor {
@@ -235,6 +253,8 @@ impl Device {
                 pool: Arc::new(Mutex::new(Pool::default())),
                 batch: Mutex::new(Batch::default()),
                 pipelines: Mutex::new(HashMap::new()),
+                pipeline_writes: Mutex::new(HashMap::new()),
+                errors,
                 counters: Mutex::new(DeviceCounters::default()),
                 uncaptured,
                 arena,
@@ -394,7 +414,31 @@ impl Device {
         }
         self.inner.counters.lock().pipelines_created += 1;
         self.inner.pipelines.lock().insert(source.to_string(), pipeline.clone());
+        self.inner.pipeline_writes.lock().insert(pipeline.clone(), crate::poison::writable_bindings(source).into());
         Ok(pipeline)
+    }
+
+    /// The positions of the storage buffers `pipeline` writes.
+    fn writes_of(&self, pipeline: &wgpu::ComputePipeline) -> Arc<[usize]> {
+        self.inner.pipeline_writes.lock().get(pipeline).cloned().unwrap_or_else(|| Arc::from([]))
+    }
+
+    /// Checks a dispatch of `op` binding `buffers` on the host (usage
+    /// conflicts) and carries spoiled inputs over to its outputs; returns
+    /// the buffers it writes.
+    fn checked_writes(
+        &self,
+        op: &'static str,
+        pipeline: &wgpu::ComputePipeline,
+        buffers: &[&wgpu::Buffer],
+    ) -> Result<Vec<wgpu::Buffer>> {
+        let writes = self.writes_of(pipeline);
+        if !(cfg!(test) && op == crate::poison::INJECTED_FAULT) {
+            crate::poison::check_conflicts(op, buffers, &writes)?;
+        }
+        let written: Vec<&wgpu::Buffer> = writes.iter().filter_map(|&w| buffers.get(w).copied()).collect();
+        self.inner.pool.lock().poison.record(buffers, &written);
+        Ok(written.into_iter().cloned().collect())
     }
 
     /// Appends a dispatch: binding 0 is a uniform holding `params`, bindings
@@ -402,18 +446,20 @@ impl Device {
     /// that respects the per-dimension workgroup limit (see [`Self::grid_1d`]).
     pub(crate) fn dispatch(
         &self,
+        op: &'static str,
         pipeline: &wgpu::ComputePipeline,
         params: &[u32],
         buffers: &[&wgpu::Buffer],
         grid: [u32; 3],
     ) -> Result<()> {
         let mut batch = self.lock_batch();
-        self.push_dispatch(&mut batch, pipeline, params, buffers, grid)
+        self.push_dispatch(&mut batch, op, pipeline, params, buffers, grid)
     }
 
     fn push_dispatch(
         &self,
         batch: &mut Batch,
+        op: &'static str,
         pipeline: &wgpu::ComputePipeline,
         params: &[u32],
         buffers: &[&wgpu::Buffer],
@@ -422,6 +468,7 @@ impl Device {
         if grid.contains(&0) {
             return Ok(());
         }
+        let writes = self.checked_writes(op, pipeline, buffers)?;
         let align = self.inner.limits.min_uniform_buffer_offset_alignment.max(16) as usize;
         let bytes: &[u8] = bytemuck::cast_slice(params);
         let size = bytes.len().max(16).next_multiple_of(16);
@@ -446,12 +493,18 @@ impl Device {
         for (i, b) in buffers.iter().enumerate() {
             entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource: b.as_entire_binding() });
         }
+        let errors = self.inner.errors.load(Ordering::SeqCst);
         let bind_group = self.inner.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,
             layout: &layout,
             entries: &entries,
         });
-        batch.commands.push(Command::Dispatch { pipeline: pipeline.clone(), bind_group, grid });
+        if self.inner.errors.load(Ordering::SeqCst) != errors {
+            // wgpu rejected the bind group: this op's own error, at its call.
+            let message = self.inner.uncaptured.lock().take().unwrap_or_default();
+            return Err(Error::GpuFailed { op, message });
+        }
+        batch.commands.push(Command::Dispatch { op, pipeline: pipeline.clone(), bind_group, grid, writes });
         self.inner.counters.lock().dispatches += 1;
         Ok(())
     }
@@ -524,19 +577,25 @@ impl Device {
     /// Appends a dispatch with a ready bind group to the pending batch.
     pub(crate) fn dispatch_bound(
         &self,
+        op: &'static str,
         pipeline: &wgpu::ComputePipeline,
         bind_group: &wgpu::BindGroup,
+        buffers: &[wgpu::Buffer],
         grid: [u32; 3],
-    ) {
+    ) -> Result<()> {
         if grid.contains(&0) {
-            return;
+            return Ok(());
         }
+        let bound: Vec<&wgpu::Buffer> = buffers.iter().collect();
+        let writes = self.checked_writes(op, pipeline, &bound)?;
         let mut batch = self.lock_batch();
         if batch.commands.len() >= MAX_BATCH {
             self.submit_batch(&mut batch);
         }
-        batch.commands.push(Command::Dispatch { pipeline: pipeline.clone(), bind_group: bind_group.clone(), grid });
+        let (pipeline, bind_group) = (pipeline.clone(), bind_group.clone());
+        batch.commands.push(Command::Dispatch { op, pipeline, bind_group, grid, writes });
         self.inner.counters.lock().dispatches += 1;
+        Ok(())
     }
 
     /// A grid of `WORKGROUP_SIZE`-thread workgroups covering `threads`
@@ -578,12 +637,15 @@ impl Device {
         }
         staging.unmap();
         let mut batch = self.lock_batch();
+        // A new tensor's storage: whatever the pooled buffer held before is gone.
+        self.inner.pool.lock().poison.forget(buffer.raw());
         batch.commands.push(Command::Copy {
             src: staging,
             src_offset: 0,
             dst: buffer.raw().clone(),
             dst_offset: 0,
             size: padded,
+            spoils_dst: true,
         });
         self.inner.counters.lock().uploads += 1;
         Ok(buffer)
@@ -623,6 +685,7 @@ impl Device {
                 dst: staging.clone(),
                 dst_offset: 0,
                 size: end - start,
+                spoils_dst: false,
             });
             self.submit_batch(&mut batch);
         }
@@ -632,6 +695,10 @@ impl Device {
         });
         self.wait()?;
         self.take_uncaptured()?;
+        // The batch that computed this buffer failed: its bytes are stale.
+        if let Some(spoiled) = self.inner.pool.lock().poison.get(buffer) {
+            return Err(spoiled.error());
+        }
         rx.recv().map_err(|e| Error::Readback(e.to_string()))?.map_err(|e| Error::Readback(e.to_string()))?;
         let view = staging.get_mapped_range(..).map_err(|e| Error::Readback(e.to_string()))?;
         let lo = (offset - start) as usize;
@@ -692,7 +759,7 @@ impl Device {
         )?;
         let pipeline = self.pipeline(launch.label, &launch.source)?;
         let buffers: Vec<&wgpu::Buffer> = merged.buffers.iter().map(|b| b.raw()).collect();
-        self.push_dispatch(batch, &pipeline, &launch.words, &buffers, launch.grid)
+        self.push_dispatch(batch, merged.label, &pipeline, &launch.words, &buffers, launch.grid)
     }
 
     /// Submits the pending batch without waiting.
@@ -714,9 +781,12 @@ impl Device {
         // Consecutive dispatches share one compute pass (wgpu still inserts
         // the barriers between them); a copy ends the pass.
         let mut pass: Option<wgpu::ComputePass<'static>> = None;
+        let errors = inner.errors.load(Ordering::SeqCst);
+        let mut written: Vec<(&'static str, wgpu::Buffer)> = Vec::new();
         for cmd in batch.commands.drain(..) {
             match cmd {
-                Command::Dispatch { pipeline, bind_group, grid } => {
+                Command::Dispatch { op, pipeline, bind_group, grid, writes } => {
+                    written.extend(writes.into_iter().map(|w| (op, w)));
                     let pass = pass.get_or_insert_with(|| {
                         encoder.begin_compute_pass(&wgpu::ComputePassDescriptor::default()).forget_lifetime()
                     });
@@ -724,9 +794,12 @@ impl Device {
                     pass.set_bind_group(0, &bind_group, &[]);
                     pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
                 }
-                Command::Copy { src, src_offset, dst, dst_offset, size } => {
+                Command::Copy { src, src_offset, dst, dst_offset, size, spoils_dst } => {
                     pass = None;
                     encoder.copy_buffer_to_buffer(&src, src_offset, &dst, dst_offset, size);
+                    if spoils_dst {
+                        written.push(("from_slice", dst));
+                    }
                 }
             }
         }
@@ -734,6 +807,24 @@ impl Device {
         batch.uniforms.clear();
         inner.queue.submit([encoder.finish()]);
         inner.counters.lock().submits += 1;
+        if inner.errors.load(Ordering::SeqCst) != errors {
+            // wgpu rejected the batch, so none of it ran: every buffer it
+            // writes is stale, and reports this error when read (`poison`).
+            let message = inner.uncaptured.lock().take().unwrap_or_default();
+            inner.pool.lock().poison.spoil(written, &message);
+        }
+    }
+}
+
+/// wgpu's own text of an error: its `Display` is only the kind
+/// ("Validation Error"); the description says what was wrong.
+fn describe_gpu_error(e: &wgpu::Error) -> String {
+    match e {
+        wgpu::Error::Validation { description, .. } | wgpu::Error::Internal { description, .. } => {
+            // One line: the kind, then each cause.
+            description.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
+        }
+        wgpu::Error::OutOfMemory { .. } => "out of device memory".to_string(),
     }
 }
 

@@ -161,6 +161,19 @@ pub enum Error {
     /// wgpu reported an error on the device.
     #[error("GPU error: {0}")]
     Gpu(String),
+    /// The GPU rejected the work that computes this tensor (or a tensor it
+    /// was computed from); its value was never computed.
+    #[error(
+        "{op}: the GPU rejected the work that computes this tensor, so it has no value \
+         (the GPU said: {message}); tensors that do not depend on it are unaffected and the device \
+         still works: fix the cause and compute it again"
+    )]
+    GpuFailed {
+        /// The op whose kernel wrote the tensor, or the first failed one upstream of it.
+        op: &'static str,
+        /// What the GPU reported.
+        message: String,
+    },
     /// A compiler is already installed for this process.
     #[error(
         "a compiler is already installed; drop its `CompilerGuard` before installing another \

@@ -35,6 +35,7 @@ mod metadata;
 pub mod nn;
 mod ops;
 pub mod optim;
+mod poison;
 mod tensor;
 
 pub use alloc::MemoryStats;

@@ -159,6 +159,17 @@ impl Core {
             if p.device() != first.device() {
                 return Err(Error::DeviceMismatch { op, lhs: first.device().id(), rhs: p.device().id() });
             }
+            // Updated in place, two parameters on one buffer would each be
+            // updated from stale values (and bound twice for writing).
+            if let Some(j) = params[..i].iter().position(|q| q.shares_storage(p)) {
+                return Err(Error::InvalidArgument {
+                    op,
+                    message: format!(
+                        "parameters {j} and {i} share one buffer (the same tensor listed twice, or two handles \
+                         to one storage); list each parameter once"
+                    ),
+                });
+            }
         }
         let state = params
             .iter()
@@ -172,8 +183,10 @@ impl Core {
         let mut work: Vec<(usize, Tensor)> = Vec::new();
         for (i, p) in self.params.iter().enumerate() {
             let Some(g) = p.grad() else { continue };
-            // The kernel reads g and writes p: g must be its own buffer.
-            let own = g.is_contiguous() && g.layout().offset == 0 && !g.shares_storage(p);
+            // The kernel reads g and writes every parameter of its group: g
+            // must not share a parameter's buffer (its own or another's).
+            let shares = self.params.iter().any(|q| g.shares_storage(q));
+            let own = g.is_contiguous() && g.layout().offset == 0 && !shares;
             let g = if own { g } else { g.contiguous_copy()? };
             work.push((i, g));
         }
@@ -209,7 +222,7 @@ impl Core {
             }
             let pipeline = device.pipeline("optimizer", &self.rule.source(chunk.len()))?;
             let grid = device.grid_1d(total as u64)?;
-            device.dispatch(&pipeline, &words, &buffers, grid)?;
+            device.dispatch("step", &pipeline, &words, &buffers, grid)?;
         }
         Ok(())
     }

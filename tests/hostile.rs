@@ -477,3 +477,26 @@ fn loop_budget_splits_hold_in_the_compiled_backward() {
     }
     assert!(guard.stats().replays >= 2 && guard.stats().fallbacks == 0, "{:?}", guard.stats());
 }
+
+// ------------------------------------------------------------------ GPU errors in a batch
+
+/// A `.grad` that shares another parameter's buffer is read before any
+/// update (copied first), and nothing else in the batch is touched.
+#[test]
+fn a_grad_sharing_another_parameters_buffer_updates_correctly() {
+    use wgrad::Optimizer;
+    let p1 = f32s(&[1.0, 2.0, 3.0], &[3]).requires_grad(true).unwrap();
+    let p2 = f32s(&[10.0, 20.0, 30.0], &[3]).requires_grad(true).unwrap();
+    p1.set_grad(Some(f32s(&[1.0, 1.0, 1.0], &[3]))).unwrap();
+    p2.set_grad(Some(p1.clone())).unwrap(); // p2's gradient is p1's storage
+    let unrelated = f32s(&[0.0, 1.0], &[2]).exp().unwrap();
+    let mut opt = wgrad::Sgd::new(&[p1.clone(), p2.clone()], 1.0, 0.0, 0.0).unwrap();
+    opt.step().unwrap();
+    assert_eq!(p1.to_vec::<f32>().unwrap(), vec![0.0, 1.0, 2.0]);
+    assert_eq!(p2.to_vec::<f32>().unwrap(), vec![9.0, 18.0, 27.0]); // p2 -= p1 as it was before the step
+    let u = unrelated.to_vec::<f32>().unwrap();
+    assert!((u[0] - 1.0).abs() < 1e-6 && (u[1] - 1.0f32.exp()).abs() < 1e-5, "{u:?}");
+    // The same parameter twice, or two handles to one buffer, is refused.
+    let err = wgrad::Sgd::new(&[p1.clone(), p1.clone()], 0.1, 0.0, 0.0).err().expect("duplicate parameter");
+    assert!(err.to_string().contains("share one buffer"), "{err}");
+}

@@ -178,8 +178,8 @@ impl Program {
                         *cached = Some((buffers, bg));
                         self.bind_groups_created.fetch_add(1, Ordering::Relaxed);
                     }
-                    let (_, bind_group) = cached.as_ref().expect("bind group is set");
-                    device.dispatch_bound(&d.pipeline, bind_group, d.grid);
+                    let (bound, bind_group) = cached.as_ref().expect("bind group is set");
+                    device.dispatch_bound("compiled backward", &d.pipeline, bind_group, bound, d.grid)?;
                 }
                 Action::Hook { point, src, layout, meta, index } => {
                     let storage = match *src {

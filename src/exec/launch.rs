@@ -27,7 +27,7 @@ impl Launch {
     /// Dispatches now, with `buffers` bound after the uniform in order.
     pub fn dispatch(&self, device: &Device, buffers: &[&wgpu::Buffer]) -> Result<()> {
         let pipeline = device.pipeline(self.label, &self.source)?;
-        device.dispatch(&pipeline, &self.words, buffers, self.grid)
+        device.dispatch(self.label, &pipeline, &self.words, buffers, self.grid)
     }
 }
 

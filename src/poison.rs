@@ -1,0 +1,233 @@
+//! GPU errors attributed to the tensors they spoil.
+//!
+//! What the host can check, it checks at the call, so the op returns its own
+//! `Err`: shapes and ranks (`layout::check_shape`), indices, and here the
+//! usage conflict of a buffer bound twice where one binding writes it.
+//!
+//! What only the GPU can report arrives later: wgpu rejects the whole
+//! command buffer of a batch when one command in it fails. Then nothing in
+//! that batch ran, so every buffer a command of the batch writes holds stale
+//! data. Those buffers are *spoiled*: each carries the op that wrote it and
+//! the GPU's message, and reading one returns `Error::GpuFailed` naming that
+//! op instead of the stale bytes. A command that reads a spoiled buffer
+//! spoils what it writes, so the error follows every value computed from it;
+//! a command that writes a buffer from clean inputs cleans it (a pooled
+//! buffer handed to a new tensor). Tensors that depend on nothing spoiled
+//! read normally, and the device goes on working.
+//!
+//! Native wgpu reports a failed submit synchronously (through the
+//! uncaptured-error handler, during `queue.submit`), so the batch is
+//! spoiled before `submit_batch` returns and nothing blocks. In a browser
+//! the report comes later, as a promise: there each batch's writes would be
+//! kept until its error scope resolves, and spoiled then (no blocking wait,
+//! as reads are asynchronous there too).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+
+/// Why a buffer's contents are not what its last writer meant.
+#[derive(Debug, Clone)]
+pub(crate) struct Spoiled {
+    /// The op whose command wrote the buffer (or the first spoiled one
+    /// upstream of it).
+    pub op: &'static str,
+    /// What the GPU said.
+    pub message: Arc<str>,
+}
+
+impl Spoiled {
+    pub fn error(&self) -> Error {
+        Error::GpuFailed { op: self.op, message: self.message.to_string() }
+    }
+}
+
+/// The spoiled buffers of one device. It lives in the buffer pool, so a
+/// buffer's entry goes when the buffer returns to the pool.
+#[derive(Default)]
+pub(crate) struct Poison {
+    spoiled: HashMap<wgpu::Buffer, Spoiled>,
+}
+
+impl Poison {
+    /// A command of `op` reads `bound` (every buffer it binds, written ones
+    /// included: a read-write binding is read too) and writes `writes`:
+    /// the writes are spoiled if anything bound is, clean otherwise.
+    pub fn record(&mut self, bound: &[&wgpu::Buffer], writes: &[&wgpu::Buffer]) {
+        if self.spoiled.is_empty() {
+            return;
+        }
+        let upstream = bound.iter().find_map(|b| self.spoiled.get(*b)).cloned();
+        for w in writes {
+            match &upstream {
+                Some(s) => {
+                    self.spoiled.insert((*w).clone(), s.clone());
+                }
+                None => {
+                    self.spoiled.remove(*w);
+                }
+            }
+        }
+    }
+
+    /// The batch that wrote `writes` (each with its op) failed with `message`.
+    pub fn spoil(&mut self, writes: Vec<(&'static str, wgpu::Buffer)>, message: &str) {
+        let message: Arc<str> = message.into();
+        for (op, buffer) in writes {
+            self.spoiled.insert(buffer, Spoiled { op, message: message.clone() });
+        }
+    }
+
+    pub fn get(&self, buffer: &wgpu::Buffer) -> Option<&Spoiled> {
+        self.spoiled.get(buffer)
+    }
+
+    pub fn forget(&mut self, buffer: &wgpu::Buffer) {
+        self.spoiled.remove(buffer);
+    }
+}
+
+/// The positions, in a module's list of storage buffers (binding 1 is
+/// position 0), of the ones it declares `read_write`. Every generated module
+/// declares its bindings one per line, as `codegen` writes them.
+pub(crate) fn writable_bindings(source: &str) -> Vec<usize> {
+    source
+        .lines()
+        .filter(|line| line.contains("var<storage, read_write>"))
+        .filter_map(|line| {
+            let at = line.find("@binding(")? + "@binding(".len();
+            let digits: String = line[at..].chars().take_while(char::is_ascii_digit).collect();
+            digits.parse::<usize>().ok()?.checked_sub(1)
+        })
+        .collect()
+}
+
+/// `Err` naming `op` when a buffer it writes is also bound another time:
+/// wgpu would reject the whole batch for the usage conflict, so it is
+/// refused here, at the call, instead.
+pub(crate) fn check_conflicts(op: &'static str, buffers: &[&wgpu::Buffer], writes: &[usize]) -> Result<()> {
+    for &w in writes {
+        let Some(written) = buffers.get(w) else { continue };
+        if let Some(other) = (0..buffers.len()).find(|&j| j != w && buffers[j] == *written) {
+            return Err(Error::InvalidArgument {
+                op,
+                message: format!(
+                    "would read and write the same device buffer in one kernel (bindings {} and {}), which \
+                     the GPU rejects; this happens when a tensor it updates in place shares storage with \
+                     another operand (e.g. a `.grad` set to a parameter or a view of one): pass a copy \
+                     (`.contiguous()` of a clone) instead",
+                    other.min(w) + 1,
+                    other.max(w) + 1
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The op name of a dispatch a test records *without* the host checks, to
+/// make the GPU reject a batch (only in the crate's own unit tests).
+pub(crate) const INJECTED_FAULT: &str = "injected fault";
+
+#[cfg(test)]
+mod tests {
+    use super::writable_bindings;
+
+    #[test]
+    fn finds_the_read_write_bindings() {
+        let source = "@group(0) @binding(0) var<uniform> params: Params;\n\
+                      @group(0) @binding(1) var<storage, read> in0: array<f32>;\n\
+                      @group(0) @binding(2) var<storage, read_write> out0: array<f32>;\n\
+                      @group(0) @binding(3) var<storage, read_write> out1: array<vec4<f32>>;\n";
+        assert_eq!(writable_bindings(source), vec![1, 2]);
+    }
+}
+
+/// Records a kernel that reads and writes `t`'s buffer through two
+/// bindings: a usage conflict the host checks would refuse, so the GPU
+/// rejects the batch it lands in.
+#[cfg(test)]
+fn inject_usage_conflict(device: &crate::Device, t: &crate::Tensor) {
+    use crate::exec::kernel::MapKernel;
+    use crate::metadata::{DType, Shape};
+    let mut k = MapKernel::default();
+    let x = k.input(DType::F32);
+    k.output(x);
+    let shape = Shape::new([t.numel()]);
+    let layout = crate::layout::Layout::contiguous(shape.clone());
+    let launch = crate::exec::map_launch(
+        device,
+        INJECTED_FAULT,
+        k,
+        &shape,
+        std::slice::from_ref(&layout),
+        std::slice::from_ref(&layout),
+        &[],
+    )
+    .unwrap();
+    let pipeline = device.pipeline(INJECTED_FAULT, &launch.source).unwrap();
+    let buffer = t.buffer().unwrap();
+    device.dispatch(INJECTED_FAULT, &pipeline, &launch.words, &[buffer, buffer], launch.grid).unwrap();
+}
+
+#[cfg(test)]
+mod fault_tests {
+    use super::inject_usage_conflict;
+    use crate::{DType, Device, Error, Tensor};
+
+    fn values(t: &Tensor) -> crate::Result<Vec<f32>> {
+        t.to_vec::<f32>()
+    }
+
+    /// A GPU error in the middle of a batch: every tensor that batch (or a
+    /// later op on its results) computes reports the error and the op; every
+    /// other tensor reads its own value; the device works afterwards.
+    #[test]
+    fn a_failed_batch_spoils_exactly_what_depends_on_it() {
+        let device = Device::new().unwrap();
+        let earlier = Tensor::from_slice(&[1.0f32, 2.0], [2], &device).unwrap();
+        assert_eq!(values(&earlier).unwrap(), vec![1.0, 2.0]);
+        // One batch: an upload, an elementwise op, the fault, another op.
+        let uploaded = Tensor::from_slice(&[10.0f32, 20.0, 30.0], [3], &device).unwrap();
+        let doubled = earlier.mul(2.0).unwrap();
+        inject_usage_conflict(&device, &uploaded);
+        let later = doubled.add(1.0).unwrap();
+        for (name, t) in [("uploaded", &uploaded), ("doubled", &doubled), ("later", &later)] {
+            match values(t) {
+                Err(Error::GpuFailed { op, message }) => {
+                    assert!(!message.is_empty(), "{name}");
+                    assert!(["from_slice", "mul", "add", super::INJECTED_FAULT].contains(&op), "{name}: {op}");
+                }
+                other => panic!("{name}: expected GpuFailed, got {other:?}"),
+            }
+        }
+        // Written before the failed batch: intact.
+        assert_eq!(values(&earlier).unwrap(), vec![1.0, 2.0]);
+        // Computed from a spoiled tensor after the failure: spoiled too.
+        let downstream = later.exp().unwrap();
+        assert!(matches!(values(&downstream), Err(Error::GpuFailed { .. })));
+        // The device still works, and pooled buffers reused for new tensors are clean.
+        drop((uploaded, doubled, later, downstream));
+        for _ in 0..3 {
+            let fresh = Tensor::from_slice(&[3.0f32, 4.0, 5.0], [3], &device).unwrap();
+            assert_eq!(values(&fresh.mul(2.0).unwrap()).unwrap(), vec![6.0, 8.0, 10.0]);
+            assert_eq!(values(&earlier.add(1.0).unwrap()).unwrap(), vec![2.0, 3.0]);
+        }
+        device.synchronize().unwrap();
+    }
+
+    /// An allocation past what the device can hold is refused at the call,
+    /// and the pending batch around it is unaffected.
+    #[test]
+    fn an_allocation_past_the_device_is_refused_at_the_call() {
+        let device = Device::new().unwrap();
+        let x = Tensor::from_slice(&[1.0f32, 2.0], [2], &device).unwrap();
+        let y = x.mul(3.0).unwrap();
+        let huge = device.max_tensor_bytes() / 4 + 1;
+        let err = Tensor::zeros([huge as usize], DType::F32, &device).unwrap_err();
+        assert!(matches!(err, Error::TensorTooLarge { .. } | Error::OutOfMemory { .. }), "{err:?}");
+        assert_eq!(values(&y).unwrap(), vec![3.0, 6.0]);
+        device.synchronize().unwrap();
+    }
+}
