@@ -91,6 +91,8 @@ pub(crate) struct DeviceInner {
     /// How many errors wgpu has reported outside an error scope, so a
     /// submit can tell whether it failed.
     errors: Arc<AtomicU64>,
+    /// Why the device was lost, once it is: every later sync reports it.
+    lost: Arc<Mutex<Option<String>>>,
     counters: Mutex<DeviceCounters>,
     /// Errors wgpu reported outside an error scope; surfaced at the next sync.
     uncaptured: Arc<Mutex<Option<String>>>,
@@ -217,6 +219,11 @@ impl Device {
                 *slot = Some(describe_gpu_error(&e));
             }
         }));
+        let lost = Arc::new(Mutex::new(None));
+        let lost_sink = lost.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            lost_sink.lock().get_or_insert(format!("{reason:?}: {message}"));
+        });
         let arena = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("wgrad uniform arena"),
             size: ARENA_BYTES,
@@ -255,6 +262,7 @@ impl Device {
                 pipelines: Mutex::new(HashMap::new()),
                 pipeline_writes: Mutex::new(HashMap::new()),
                 errors,
+                lost,
                 counters: Mutex::new(DeviceCounters::default()),
                 uncaptured,
                 arena,
@@ -331,16 +339,31 @@ impl Device {
     }
 
     fn wait(&self) -> Result<()> {
+        if let Some(reason) = self.inner.lost.lock().clone() {
+            return Err(Error::DeviceLost { reason });
+        }
         self.inner
             .device
             .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
             .map(|_| ())
-            .map_err(|e| Error::Gpu(e.to_string()))
+            .map_err(|e| self.gpu_error(e.to_string()))
+    }
+
+    /// An error wgpu reported: `DeviceLost` once the device is lost (every
+    /// later failure follows from that), else `Gpu` with wgpu's text.
+    fn gpu_error(&self, message: String) -> Error {
+        match self.inner.lost.lock().clone() {
+            Some(reason) => Error::DeviceLost { reason },
+            None => Error::Gpu(message),
+        }
     }
 
     fn take_uncaptured(&self) -> Result<()> {
+        if let Some(reason) = self.inner.lost.lock().clone() {
+            return Err(Error::DeviceLost { reason });
+        }
         match self.inner.uncaptured.lock().take() {
-            Some(message) => Err(Error::Gpu(message)),
+            Some(message) => Err(self.gpu_error(message)),
             None => Ok(()),
         }
     }
@@ -632,7 +655,7 @@ impl Device {
             mapped_at_creation: true,
         });
         {
-            let mut view = staging.get_mapped_range_mut(..).map_err(|e| Error::Gpu(e.to_string()))?;
+            let mut view = staging.get_mapped_range_mut(..).map_err(|e| self.gpu_error(e.to_string()))?;
             view.slice(..bytes.len()).copy_from_slice(bytes);
         }
         staging.unmap();
@@ -699,8 +722,12 @@ impl Device {
         if let Some(spoiled) = self.inner.pool.lock().poison.get(buffer) {
             return Err(spoiled.error());
         }
-        rx.recv().map_err(|e| Error::Readback(e.to_string()))?.map_err(|e| Error::Readback(e.to_string()))?;
-        let view = staging.get_mapped_range(..).map_err(|e| Error::Readback(e.to_string()))?;
+        let readback = |e: String| match self.gpu_error(e) {
+            Error::Gpu(message) => Error::Readback(message),
+            lost => lost,
+        };
+        rx.recv().map_err(|e| readback(e.to_string()))?.map_err(|e| readback(e.to_string()))?;
+        let view = staging.get_mapped_range(..).map_err(|e| readback(e.to_string()))?;
         let lo = (offset - start) as usize;
         let out = view[lo..lo + size as usize].to_vec();
         drop(view);
@@ -738,9 +765,9 @@ impl Device {
     /// kernel is reported at the next sync.
     fn lock_batch(&self) -> parking_lot::MutexGuard<'_, Batch> {
         let mut batch = self.inner.batch.lock();
-        if let Err(e) = self.dispatch_pending(&mut batch) {
-            self.inner.uncaptured.lock().get_or_insert(e.to_string());
-        }
+        // On failure the group's outputs are spoiled (see `dispatch_pending`):
+        // their readers get the error, not whoever syncs next.
+        let _ = self.dispatch_pending(&mut batch);
         batch
     }
 
@@ -748,18 +775,29 @@ impl Device {
         let Some(merged) = batch.pending.take().and_then(PendingMaps::finish) else {
             return Ok(());
         };
-        let launch = crate::exec::map_launch(
-            self,
-            merged.label,
-            merged.kernel,
-            &merged.shape,
-            &merged.views,
-            &merged.out_views,
-            &merged.scalars,
-        )?;
-        let pipeline = self.pipeline(launch.label, &launch.source)?;
-        let buffers: Vec<&wgpu::Buffer> = merged.buffers.iter().map(|b| b.raw()).collect();
-        self.push_dispatch(batch, merged.label, &pipeline, &launch.words, &buffers, launch.grid)
+        let label = merged.label;
+        let outputs: Vec<wgpu::Buffer> = merged.buffers[merged.views.len()..].iter().map(|b| b.raw().clone()).collect();
+        let result = (|| {
+            let launch = crate::exec::map_launch(
+                self,
+                merged.label,
+                merged.kernel,
+                &merged.shape,
+                &merged.views,
+                &merged.out_views,
+                &merged.scalars,
+            )?;
+            let pipeline = self.pipeline(launch.label, &launch.source)?;
+            let buffers: Vec<&wgpu::Buffer> = merged.buffers.iter().map(|b| b.raw()).collect();
+            self.push_dispatch(batch, label, &pipeline, &launch.words, &buffers, launch.grid)
+        })();
+        if let Err(e) = &result {
+            // The group's ops returned Ok when they joined it; their outputs
+            // will never be written, so they report this error when read.
+            let written = outputs.into_iter().map(|b| (label, b)).collect();
+            self.inner.pool.lock().poison.spoil(written, &e.to_string());
+        }
+        result
     }
 
     /// Submits the pending batch without waiting.

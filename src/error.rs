@@ -174,6 +174,15 @@ pub enum Error {
         /// What the GPU reported.
         message: String,
     },
+    /// The device was lost (driver reset, GPU removed, or destroyed).
+    #[error(
+        "the GPU device was lost ({reason}); its tensors are gone: create a new `Device` and \
+         recompute (or reload) what you need"
+    )]
+    DeviceLost {
+        /// wgpu's reason and message.
+        reason: String,
+    },
     /// A compiler is already installed for this process.
     #[error(
         "a compiler is already installed; drop its `CompilerGuard` before installing another \

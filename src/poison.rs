@@ -217,6 +217,26 @@ mod fault_tests {
         device.synchronize().unwrap();
     }
 
+    /// A lost device (simulated by destroying it): every read is an `Err`,
+    /// nothing panics, and no stale value is returned.
+    #[test]
+    fn a_lost_device_gives_errors_not_panics_or_values() {
+        let device = Device::new().unwrap();
+        let x = Tensor::from_slice(&[1.0f32, 2.0], [2], &device).unwrap();
+        assert_eq!(values(&x).unwrap(), vec![1.0, 2.0]);
+        let y = x.exp().unwrap();
+        device.inner.device.destroy();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let read_y = values(&y);
+            let more = Tensor::from_slice(&[3.0f32], [1], &device).and_then(|t| t.mul(2.0)).and_then(|t| values(&t));
+            (read_y, more, values(&x))
+        }));
+        let (read_y, more, read_x) = outcome.expect("no panic on a lost device");
+        for r in [&read_y, &more, &read_x] {
+            assert!(matches!(r, Err(Error::DeviceLost { .. })), "{r:?}");
+        }
+    }
+
     /// An allocation past what the device can hold is refused at the call,
     /// and the pending batch around it is unaffected.
     #[test]
