@@ -84,7 +84,7 @@ impl Shape {
 
     /// Row-major (C-contiguous) strides, in elements. Saturating: only a
     /// shape with a zero dim can get this far with dims whose product
-    /// overflows (see [`Shape::check_size`]), and its strides are never used
+    /// overflows (shapes are checked where users give them), and its strides are never used
     /// to address an element.
     pub fn contiguous_strides(&self) -> Vec<usize> {
         let mut strides = vec![0; self.0.len()];
