@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
@@ -74,11 +75,24 @@ pub(crate) struct PooledBuffer {
     buffer: Option<wgpu::Buffer>,
     class: u64,
     pool: Arc<Mutex<Pool>>,
+    /// PyTorch's `VariableVersion`: bumped by every in-place write, so a
+    /// backward can tell that a tensor it saved has changed since.
+    version: AtomicU64,
 }
 
 impl PooledBuffer {
     pub(crate) fn new(buffer: wgpu::Buffer, class: u64, pool: Arc<Mutex<Pool>>) -> PooledBuffer {
-        PooledBuffer { buffer: Some(buffer), class, pool }
+        PooledBuffer { buffer: Some(buffer), class, pool, version: AtomicU64::new(0) }
+    }
+
+    /// How many in-place writes this storage has seen.
+    pub(crate) fn version(&self) -> u64 {
+        self.version.load(Ordering::SeqCst)
+    }
+
+    /// Records an in-place write (an optimizer update).
+    pub(crate) fn bump_version(&self) {
+        self.version.fetch_add(1, Ordering::SeqCst);
     }
 
     pub(crate) fn raw(&self) -> &wgpu::Buffer {

@@ -105,6 +105,24 @@ pub enum Error {
         /// The node that was already released.
         op: &'static str,
     },
+    /// A tensor saved for the backward was modified in place after it was saved.
+    #[error(
+        "backward through `{op}`: saved tensor {index} (shape {shape}) was modified by an in-place \
+         operation after the forward saved it (version {found}, saved at version {expected}); run the \
+         forward again after the in-place update (e.g. after `optimizer.step()`), or backward before it"
+    )]
+    ModifiedInPlace {
+        /// The node whose saved tensor changed.
+        op: &'static str,
+        /// Which of its saved tensors.
+        index: usize,
+        /// That tensor's shape.
+        shape: Shape,
+        /// Its version when saved.
+        expected: u64,
+        /// Its version now.
+        found: u64,
+    },
     /// A backward formula or hook produced a gradient that does not match its input.
     #[error(
         "the gradient produced by `{op}` for input {input} is {got:?} but the input is {expected:?}; \

@@ -24,6 +24,38 @@ enum Rule {
 }
 
 impl Rule {
+    /// PyTorch's checks of the hyper-parameters: a NaN, infinite or
+    /// negative one would silently wreck every parameter on the first step.
+    fn validate(&self, op: &'static str) -> Result<()> {
+        let mut checks: Vec<(&str, f64, bool)> = Vec::new();
+        let non_negative = |v: f64| v.is_finite() && v >= 0.0;
+        match *self {
+            Rule::Sgd { lr, momentum, weight_decay } => {
+                checks.push(("learning rate", lr, non_negative(lr)));
+                checks.push(("momentum", momentum, non_negative(momentum)));
+                checks.push(("weight decay", weight_decay, non_negative(weight_decay)));
+            }
+            Rule::Adam { lr, betas, eps, weight_decay, .. } => {
+                let beta = |b: f64| (0.0..1.0).contains(&b);
+                checks.push(("learning rate", lr, non_negative(lr)));
+                checks.push(("beta1", betas.0, beta(betas.0)));
+                checks.push(("beta2", betas.1, beta(betas.1)));
+                checks.push(("eps", eps, non_negative(eps)));
+                checks.push(("weight decay", weight_decay, non_negative(weight_decay)));
+            }
+        }
+        match checks.into_iter().find(|&(_, _, ok)| !ok) {
+            None => Ok(()),
+            Some((name, value, _)) => Err(Error::InvalidArgument {
+                op,
+                message: format!(
+                    "invalid {name} {value}: {}",
+                    if name.starts_with("beta") { "betas must be in [0, 1)" } else { "it must be finite and >= 0" }
+                ),
+            }),
+        }
+    }
+
     /// Per-parameter state buffers (momentum; first and second moments).
     fn state_count(&self) -> usize {
         match self {
@@ -137,6 +169,7 @@ struct Core {
 
 impl Core {
     fn new(op: &'static str, params: &[Tensor], rule: Rule) -> Result<Core> {
+        rule.validate(op)?;
         let Some(first) = params.first() else {
             return Err(Error::InvalidArgument { op, message: "needs at least one parameter".into() });
         };
@@ -223,6 +256,9 @@ impl Core {
             let pipeline = device.pipeline("optimizer", &self.rule.source(chunk.len()))?;
             let grid = device.grid_1d(total as u64)?;
             device.dispatch("step", &pipeline, &words, &buffers, grid)?;
+            for (i, _) in chunk {
+                self.params[*i].pooled()?.bump_version();
+            }
         }
         Ok(())
     }

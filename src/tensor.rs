@@ -113,6 +113,15 @@ impl Tensor {
         }))
     }
 
+    /// The version of this tensor's storage: how many in-place writes
+    /// (optimizer updates) it has seen. Views share their base's version.
+    pub fn version(&self) -> u64 {
+        match &self.0.storage {
+            Storage::Buffer(b) => b.version(),
+            Storage::Traced(_) => 0,
+        }
+    }
+
     /// The node that produced this tensor, if this was the tensor's last
     /// handle (so dropping the node is up to the caller; see `Node`'s `Drop`).
     pub(crate) fn into_last_grad_fn(self) -> Option<Arc<Node>> {

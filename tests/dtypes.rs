@@ -13,7 +13,10 @@ fn integer_arithmetic_and_reductions() -> wgrad::Result<()> {
     let b = Tensor::from_slice(&[2i32, 2, -3, 1], [2, 2], &d)?;
     assert_eq!(a.add(&b)?.to_vec::<i32>()?, vec![9, -1, 7, 5]);
     assert_eq!(a.mul(&b)?.to_vec::<i32>()?, vec![14, -6, -30, 4]);
-    assert_eq!(a.div(&b)?.to_vec::<i32>()?, vec![3, -1, -3, 4], "integer division truncates");
+    // As in PyTorch: `div` is true division (f32), `floor_divide` rounds toward -inf.
+    let c = Tensor::from_slice(&[2i32, 2, -4, 1], [2, 2], &d)?;
+    assert_eq!(a.div(&c)?.to_vec::<f32>()?, vec![3.5, -1.5, -2.5, 4.0]);
+    assert_eq!(a.floor_divide(&c)?.to_vec::<i32>()?, vec![3, -2, -3, 4]);
     assert_eq!(a.neg()?.abs()?.to_vec::<i32>()?, vec![7, 3, 10, 4]);
     assert_eq!(a.sum(&[0], false)?.to_vec::<i32>()?, vec![17, 1]);
     assert_eq!(a.max(&[1], false)?.to_vec::<i32>()?, vec![7, 10]);

@@ -97,6 +97,12 @@ pub fn grad(
     grad_outputs: Option<&[Tensor]>,
     options: BackwardOptions,
 ) -> Result<Vec<Option<Tensor>>> {
+    if let Some(seeds) = grad_outputs.filter(|s| s.len() != outputs.len()) {
+        return Err(Error::InvalidArgument {
+            op: "grad",
+            message: format!("{} outputs but {} grad_outputs; pass one seed per output", outputs.len(), seeds.len()),
+        });
+    }
     let mut roots = Vec::with_capacity(outputs.len());
     for (i, out) in outputs.iter().enumerate() {
         let seed = match grad_outputs {
@@ -194,10 +200,22 @@ fn plan(roots: &[(Tensor, Tensor)], sink: &Sink<'_>) -> Result<GraphTask> {
     };
     order.retain(|n| needed.contains(&key(n)));
 
-    // Refuse before doing anything if part of the graph was released.
+    // Refuse before doing anything if part of the graph was released, or
+    // a tensor it saved was modified in place since (PyTorch's version
+    // check), in eager and compiled mode alike.
     for n in &order {
-        if matches!(n.kind, NodeKind::Op(_)) && n.saved.lock().is_none() {
+        if !matches!(n.kind, NodeKind::Op(_)) {
+            continue;
+        }
+        let saved = n.saved.lock();
+        let Some(saved) = saved.as_ref() else {
             return Err(Error::GraphReleased { op: n.name() });
+        };
+        for (index, (t, &expected)) in saved.iter().zip(&n.saved_versions).enumerate() {
+            let found = t.version();
+            if found != expected {
+                return Err(Error::ModifiedInPlace { op: n.name(), index, shape: t.shape().clone(), expected, found });
+            }
         }
     }
     let index: HashMap<NodeKey, usize> = order.iter().enumerate().map(|(i, n)| (key(n), i)).collect();

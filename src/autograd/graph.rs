@@ -76,6 +76,9 @@ pub struct Node {
     pub(crate) metadata: InputMetadata,
     /// Tensors the backward formula needs; `None` once released.
     pub(crate) saved: Mutex<Option<Vec<Tensor>>>,
+    /// The storage version of each saved tensor when it was saved: a
+    /// backward refuses to use one that was modified in place since.
+    pub(crate) saved_versions: Vec<u64>,
     /// Hooks on the op's output tensor, run before the formula.
     pub(crate) pre_hooks: Mutex<Vec<Hook>>,
 }
@@ -89,6 +92,7 @@ impl Node {
             kind,
             edges,
             metadata,
+            saved_versions: saved.iter().map(Tensor::version).collect(),
             saved: Mutex::new(Some(saved)),
             pre_hooks: Mutex::new(Vec::new()),
         }

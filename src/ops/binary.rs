@@ -13,6 +13,8 @@ pub(crate) enum BinaryOp {
     Sub,
     Mul,
     Div,
+    /// `floor(a / b)`; for integers, division rounding toward -inf.
+    FloorDiv,
     Pow,
     Maximum,
     Minimum,
@@ -25,6 +27,7 @@ impl BinaryOp {
             BinaryOp::Sub => "sub",
             BinaryOp::Mul => "mul",
             BinaryOp::Div => "div",
+            BinaryOp::FloorDiv => "floor_divide",
             BinaryOp::Pow => "pow",
             BinaryOp::Maximum => "maximum",
             BinaryOp::Minimum => "minimum",
@@ -45,6 +48,15 @@ impl BinaryOp {
             BinaryOp::Sub => format!("{a} - {b}"),
             BinaryOp::Mul => format!("{a} * {b}"),
             BinaryOp::Div => format!("{a} / {b}"),
+            // Integers: WGSL truncates and defines x / 0 = x; floor instead,
+            // and give 0 for a zero divisor (documented on `floor_divide`).
+            BinaryOp::FloorDiv => match dtype {
+                DType::F32 | DType::F16 => format!("floor({a} / {b})"),
+                DType::U32 => format!("select({a} / {b}, 0u, {b} == 0u)"),
+                DType::I32 => format!(
+                    "select({a} / {b} - select(0i, 1i, {a} % {b} != 0i && (({a} < 0i) != ({b} < 0i))), 0i, {b} == 0i)"
+                ),
+            },
             BinaryOp::Pow => format!("{t}(wgrad_pow(f32({a}), f32({b})))"),
             BinaryOp::Maximum => crate::exec::codegen::nan_propagating("max", a, b, dtype),
             BinaryOp::Minimum => crate::exec::codegen::nan_propagating("min", a, b, dtype),
@@ -64,6 +76,8 @@ impl BinaryOp {
                 // -g a / b²
                 side(want[1], &|| g.mul(a.clone())?.div(b.clone())?.div(b.clone())?.neg())?,
             ],
+            // Piecewise constant: zero almost everywhere (PyTorch's gradient too).
+            BinaryOp::FloorDiv => [side(want[0], &|| g.mul(0.0))?, side(want[1], &|| g.mul(0.0))?],
             BinaryOp::Pow => [
                 // g b a^(b-1)
                 side(want[0], &|| {
@@ -125,6 +139,17 @@ fn operand_tensors<'a>(a: &'a Operand, b: &'a Operand) -> Result<(&'a Tensor, Op
     }
 }
 
+/// `a / b` of integer operands as PyTorch's `div`: converted to f32 first.
+fn true_div(a: Operand, b: Operand) -> Result<Tensor> {
+    let as_float = |o: Operand| -> Result<Operand> {
+        Ok(match o {
+            Operand::Tensor(t) => Operand::Tensor(t.to_dtype(DType::F32)?),
+            scalar => scalar,
+        })
+    };
+    binary(BinaryOp::Div, as_float(a)?, as_float(b)?)
+}
+
 fn compare_operands(op: crate::ops::compare::CmpOp, a: &Operand, b: &Operand) -> Result<Tensor> {
     crate::ops::compare::compare(op, a.clone(), b.clone())
 }
@@ -133,6 +158,10 @@ fn compare_operands(op: crate::ops::compare::CmpOp, a: &Operand, b: &Operand) ->
 /// scalars as uniforms) and runs it at the broadcast shape.
 pub(crate) fn binary(op: BinaryOp, a: Operand, b: Operand) -> Result<Tensor> {
     let dtype = common_dtype(op.name(), &a, &b)?;
+    if op == BinaryOp::Div && !dtype.is_float() {
+        // `div` and `/` on integers are true division, as in PyTorch.
+        return true_div(a, b);
+    }
     let device = common_device(op.name(), &[&a, &b])?.clone();
     if !op.supports(dtype) {
         return Err(Error::UnsupportedDType { op: op.name(), dtype, hint: "this op needs a float tensor" });
@@ -196,9 +225,20 @@ impl Tensor {
     pub fn mul(&self, rhs: impl Into<Operand>) -> Result<Tensor> {
         binary(BinaryOp::Mul, self.into(), rhs.into())
     }
-    /// `self / rhs` (integer division truncates).
+    /// `self / rhs`, true division as in PyTorch: integer operands are
+    /// divided as f32 and give an f32 result (use [`Tensor::floor_divide`]
+    /// for integer division). Division by zero follows IEEE: ±inf, or NaN
+    /// for 0 / 0.
     pub fn div(&self, rhs: impl Into<Operand>) -> Result<Tensor> {
         binary(BinaryOp::Div, self.into(), rhs.into())
+    }
+    /// `floor(self / rhs)` (PyTorch's `floor_divide` / `//`): integers are
+    /// divided rounding toward -inf. An integer division by zero gives 0
+    /// (PyTorch raises on the CPU; a GPU cannot report it per element);
+    /// a float one gives ±inf or NaN. No gradient flows (it is zero almost
+    /// everywhere).
+    pub fn floor_divide(&self, rhs: impl Into<Operand>) -> Result<Tensor> {
+        binary(BinaryOp::FloorDiv, self.into(), rhs.into())
     }
     /// `self ^ exponent` for a tensor or scalar exponent; negative bases
     /// with integral exponents work as in PyTorch.
@@ -221,7 +261,7 @@ impl Tensor {
     pub fn rsub(&self, scalar: f64) -> Result<Tensor> {
         binary(BinaryOp::Sub, Operand::Scalar(scalar), self.into())
     }
-    /// `scalar / self`.
+    /// `scalar / self` (true division, as [`Tensor::div`]).
     pub fn rdiv(&self, scalar: f64) -> Result<Tensor> {
         binary(BinaryOp::Div, Operand::Scalar(scalar), self.into())
     }

@@ -103,7 +103,10 @@ pub(crate) fn scatter_add_flat(g: &Tensor, map: &IndexMap, target: &Shape) -> Re
 /// The indices of an integer tensor, checked to lie in `0..size`: known on
 /// the host when the tensor was made from host data, read back otherwise
 /// (then the only sync of an indexing op).
-fn host_indices(op: &'static str, index: &Tensor, size: usize) -> Result<Vec<usize>> {
+fn host_indices(op: &'static str, source: &Tensor, index: &Tensor, size: usize) -> Result<Vec<usize>> {
+    if index.device() != source.device() {
+        return Err(Error::DeviceMismatch { op, lhs: source.device().id(), rhs: index.device().id() });
+    }
     let values: Vec<i64> = match index.dtype() {
         DType::I32 | DType::U32 if index.host_ints().is_some() => index.host_ints().unwrap_or_default().to_vec(),
         DType::I32 => index.to_vec::<i32>()?.into_iter().map(i64::from).collect(),
@@ -147,7 +150,7 @@ impl Tensor {
             }
             return self.reshape([1])?.index_select(0, index)?.reshape([0usize; 0]);
         }
-        let idx = host_indices("index_select", index, self.dims()[d])?;
+        let idx = host_indices("index_select", self, index, self.dims()[d])?;
         let dims = self.dims();
         let inner: usize = dims[d + 1..].iter().product();
         let outer: usize = dims[..d].iter().product();
@@ -178,7 +181,7 @@ impl Tensor {
         if !fits {
             return Err(Error::ShapeMismatch { op: "gather", lhs: self.shape().clone(), rhs: index.shape().clone() });
         }
-        let idx = host_indices("gather", index, self.dims()[d])?;
+        let idx = host_indices("gather", self, index, self.dims()[d])?;
         let strides = self.shape().contiguous_strides();
         let idims = index.dims();
         let mut offsets = Vec::with_capacity(idx.len());

@@ -65,6 +65,44 @@ impl Tensor {
         Ok(record(Op::Reshape { input: self.shape().clone() }, &[self], Vec::new(), out))
     }
 
+    /// [`Tensor::reshape`] where one dim may be `-1`, inferred from the
+    /// element count (PyTorch's `reshape(2, -1)`).
+    pub fn reshape_infer(&self, dims: &[isize]) -> Result<Tensor> {
+        let bad = |message: String| Error::InvalidArgument { op: "reshape", message };
+        if dims.iter().filter(|&&d| d == -1).count() > 1 {
+            return Err(bad(format!("only one dim of {dims:?} can be -1")));
+        }
+        if let Some(d) = dims.iter().find(|&&d| d < -1) {
+            return Err(bad(format!("dim {d} in {dims:?} is invalid; dims are >= 0, or -1 for one inferred dim")));
+        }
+        let known: usize = dims
+            .iter()
+            .filter(|&&d| d >= 0)
+            .map(|&d| d as usize)
+            .try_fold(1usize, |a, d| a.checked_mul(d))
+            .ok_or_else(|| bad(format!("the dims {dims:?} multiply past the largest size")))?;
+        let inferred = match dims.iter().position(|&d| d == -1) {
+            None => None,
+            Some(_) if known == 0 => {
+                return Err(bad(format!(
+                    "cannot infer the -1 in {dims:?}: with a zero dim it could be any size; give every dim"
+                )));
+            }
+            Some(_) if !self.numel().is_multiple_of(known) => {
+                return Err(bad(format!(
+                    "cannot reshape {} ({} elements) to {dims:?}: {} is not a multiple of {known}",
+                    self.shape(),
+                    self.numel(),
+                    self.numel()
+                )));
+            }
+            Some(_) => Some(self.numel() / known),
+        };
+        let resolved: Vec<usize> =
+            dims.iter().map(|&d| if d == -1 { inferred.unwrap_or(0) } else { d as usize }).collect();
+        self.reshape(resolved)
+    }
+
     /// All elements as one dimension.
     pub fn flatten_all(&self) -> Result<Tensor> {
         self.reshape([self.numel()])

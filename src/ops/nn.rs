@@ -9,30 +9,38 @@ impl Tensor {
     /// The max over `dim` (kept), detached: softmax-style ops subtract it
     /// for stability, and their value does not depend on it, so neither
     /// does their gradient.
-    fn stable_shift(&self, dim: isize) -> Result<Tensor> {
+    /// The axis is resolved here, so an error names the op the user called.
+    /// Over an empty axis there is nothing to shift (and no max): zeros.
+    fn stable_shift(&self, op: &'static str, dim: isize) -> Result<Tensor> {
+        crate::ops::float_only(op, self.dtype())?;
+        let d = crate::metadata::resolve_axis(op, dim, self.rank())?;
+        if self.rank() > 0 && self.dims()[d] == 0 {
+            let mut dims = self.dims().to_vec();
+            dims[d] = 1;
+            return Tensor::zeros(dims, self.dtype(), self.device());
+        }
         Ok(self.max(&[dim], true)?.detach())
     }
 
     /// `exp(x) / sum(exp(x))` over `dim`, computed as `exp(x - max)`.
     pub fn softmax(&self, dim: isize) -> Result<Tensor> {
-        crate::ops::float_only("softmax", self.dtype())?;
-        let e = self.sub(&self.stable_shift(dim)?)?.exp()?;
+        let e = self.sub(&self.stable_shift("softmax", dim)?)?.exp()?;
         e.div(&e.sum(&[dim], true)?)
     }
 
     /// `log(softmax(x))` over `dim`, finite for any finite logits.
     pub fn log_softmax(&self, dim: isize) -> Result<Tensor> {
-        crate::ops::float_only("log_softmax", self.dtype())?;
-        let shifted = self.sub(&self.stable_shift(dim)?)?;
+        let shifted = self.sub(&self.stable_shift("log_softmax", dim)?)?;
         shifted.sub(&shifted.exp()?.sum(&[dim], true)?.log()?)
     }
 
-    /// `log(sum(exp(x)))` over `dim` (removed unless `keepdim`).
+    /// `log(sum(exp(x)))` over `dim` (removed unless `keepdim`); `-inf`
+    /// over an empty dim, as in PyTorch.
     pub fn logsumexp(&self, dim: isize, keepdim: bool) -> Result<Tensor> {
-        crate::ops::float_only("logsumexp", self.dtype())?;
-        let m = self.stable_shift(dim)?;
+        let m = self.stable_shift("logsumexp", dim)?;
         let out = self.sub(&m)?.exp()?.sum(&[dim], true)?.log()?.add(&m)?;
-        if keepdim { Ok(out) } else { out.squeeze(dim) }
+        // A 0-d tensor has no dim to remove.
+        if keepdim || self.rank() == 0 { Ok(out) } else { out.squeeze(dim) }
     }
 
     /// The trailing axes named by `normalized_shape` (which must match them).
