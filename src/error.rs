@@ -40,6 +40,18 @@ pub enum Error {
         /// Right shape.
         rhs: Shape,
     },
+    /// Operand shapes that do not fit the op's rule (other than broadcasting).
+    #[error("{op}: shapes {lhs} and {rhs} do not fit: {rule}")]
+    IncompatibleShapes {
+        /// The op.
+        op: &'static str,
+        /// Left (or first) shape.
+        lhs: Shape,
+        /// Right (or offending) shape.
+        rhs: Shape,
+        /// What the op needs, and so what to change.
+        rule: &'static str,
+    },
     /// An argument (shape, axis, range, ...) is invalid for the op.
     #[error("{op}: {message}")]
     InvalidArgument {
@@ -138,8 +150,22 @@ pub enum Error {
         /// What arrived.
         got: Box<InputMetadata>,
     },
+    /// `set_grad` was given a gradient unlike its tensor.
+    #[error(
+        "set_grad: the gradient is {got:?} but the tensor is {expected:?}; pass a gradient of the tensor's \
+         shape, dtype and device (or `None` to clear it)"
+    )]
+    SetGradMismatch {
+        /// The tensor's metadata.
+        expected: Box<InputMetadata>,
+        /// The given gradient's.
+        got: Box<InputMetadata>,
+    },
     /// A seed gradient has the wrong shape or dtype.
-    #[error("seed gradient is {got:?} but the output is {expected:?}")]
+    #[error(
+        "the seed gradient is {got:?} but the output is {expected:?}; pass a seed of the output's shape, \
+         dtype and device (e.g. `out.ones_like()?`, or convert it with `.to_dtype(..)`)"
+    )]
     SeedMismatch {
         /// The output's metadata.
         expected: Box<InputMetadata>,
@@ -177,7 +203,10 @@ pub enum Error {
         message: String,
     },
     /// wgpu reported an error on the device.
-    #[error("GPU error: {0}")]
+    #[error(
+        "the GPU reported an error at a sync point ({0}); work submitted since the previous sync may not \
+         have run: tensors whose computation failed report their own error when read"
+    )]
     Gpu(String),
     /// The GPU rejected the work that computes this tensor (or a tensor it
     /// was computed from); its value was never computed.

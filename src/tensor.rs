@@ -422,9 +422,7 @@ impl Tensor {
         };
         if let Some(g) = &grad {
             if g.metadata() != leaf.metadata {
-                return Err(Error::GradientMismatch {
-                    op: "set_grad",
-                    input: 0,
+                return Err(Error::SetGradMismatch {
                     expected: Box::new(leaf.metadata.clone()),
                     got: Box::new(g.metadata()),
                 });

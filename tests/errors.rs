@@ -58,22 +58,24 @@ fn matmul_inner_dim_mismatch() {
     let b = Tensor::zeros([4, 5], DType::F32, &device()).unwrap();
     let err = a.matmul(&b).unwrap_err();
     match &err {
-        Error::ShapeMismatch { op, lhs, rhs } => {
+        Error::IncompatibleShapes { op, lhs, rhs, .. } => {
             assert_eq!(*op, "matmul");
             assert_eq!(lhs.dims(), &[2, 3]);
             assert_eq!(rhs.dims(), &[4, 5]);
         }
-        other => panic!("expected ShapeMismatch, got {other:?}"),
+        other => panic!("expected IncompatibleShapes, got {other:?}"),
     }
-    message(&err, &["matmul", "[2, 3]", "[4, 5]"]);
+    // The message states matmul's rule, not broadcasting's.
+    message(&err, &["matmul", "[2, 3]", "[4, 5]", "[.., m, k] @ [.., k, n]"]);
+    assert!(!err.to_string().contains("broadcast together"), "{err}");
     // Vector operands report the shapes the caller passed.
     let v = Tensor::zeros([4], DType::F32, &device()).unwrap();
     match a.matmul(&v).unwrap_err() {
-        Error::ShapeMismatch { lhs, rhs, .. } => {
+        Error::IncompatibleShapes { lhs, rhs, .. } => {
             assert_eq!(lhs.dims(), &[2, 3]);
             assert_eq!(rhs.dims(), &[4]);
         }
-        other => panic!("expected ShapeMismatch, got {other:?}"),
+        other => panic!("expected IncompatibleShapes, got {other:?}"),
     }
 }
 
@@ -379,7 +381,9 @@ fn set_grad_with_the_wrong_shape() {
     let x = leaf(&[1.0, 2.0]);
     x.set_grad(Some(f32s(&[5.0, 6.0], &[2]))).unwrap();
     let err = x.set_grad(Some(f32s(&[1.0], &[1]))).unwrap_err();
-    assert!(matches!(err, Error::GradientMismatch { op: "set_grad", .. }), "{err:?}");
+    assert!(matches!(err, Error::SetGradMismatch { .. }), "{err:?}");
+    message(&err, &["set_grad", "[2]", "[1]", "shape, dtype and device"]);
+    assert!(!err.to_string().contains("hook"), "{err}");
     assert_eq!(grad_of(&x), vec![5.0, 6.0]);
     let plain = f32s(&[1.0], &[1]);
     assert!(matches!(plain.set_grad(None), Err(Error::InvalidArgument { op: "set_grad", .. })));
@@ -404,4 +408,43 @@ fn shape_whose_size_overflows_is_too_large() {
 fn narrow_with_an_overflowing_range() {
     let x = Tensor::zeros([2, 3], DType::F32, &device()).unwrap();
     assert!(matches!(x.narrow(1, usize::MAX, 2), Err(Error::InvalidArgument { op: "narrow", .. })));
+}
+
+// ------------------------------------------------------------------ messages name the op and the fix
+
+/// Each message names the op the user called, says what was wrong, and
+/// what to do, rather than an internal op or the wrong rule.
+#[test]
+fn messages_name_the_called_op_and_its_rule() {
+    let d = device();
+    let zeros = |shape: &[usize]| Tensor::zeros(shape.to_vec(), DType::F32, &d).unwrap();
+    // cat: its own rule, not broadcasting.
+    let err = wgrad::cat(&[&zeros(&[2, 3]), &zeros(&[2, 4])], 0).unwrap_err();
+    message(&err, &["cat", "[2, 3]", "[2, 4]", "same dims except the one joined along"]);
+    assert!(!err.to_string().contains("broadcast together"), "{err}");
+    // conv2d: channels, and a wrong bias named as such (not an internal reshape).
+    let img = zeros(&[1, 3, 5, 5]);
+    let err = img.conv2d(&zeros(&[4, 2, 3, 3]), None, Default::default()).unwrap_err();
+    message(&err, &["conv2d", "[1, 3, 5, 5]", "[4, 2, 3, 3]", "same c"]);
+    let err = img.conv2d(&zeros(&[4, 3, 3, 3]), Some(&zeros(&[3])), Default::default()).unwrap_err();
+    message(&err, &["conv2d", "bias", "[out_channels]", "[3]"]);
+    assert!(!err.to_string().contains("reshape"), "{err}");
+    // softmax over a dim that does not exist names softmax, not max.
+    let err = zeros(&[2, 3]).softmax(2).unwrap_err();
+    message(&err, &["softmax", "axis 2", "rank 2"]);
+    assert!(!err.to_string().starts_with("max"), "{err}");
+    // A seed of the wrong dtype says how to fix it.
+    let x = f32s(&[1.0, 2.0], &[2]).requires_grad(true).unwrap();
+    let y = x.mul(2.0).unwrap();
+    let seed = Tensor::ones([2], DType::I32, &d).unwrap();
+    let err = y.backward_with(&seed, BackwardOptions::default()).unwrap_err();
+    message(&err, &["seed", "I32", "F32", "to_dtype"]);
+    // mse_loss and gather state their rules.
+    message(&zeros(&[2]).mse_loss(&zeros(&[3]), wgrad::Reduction::Mean).unwrap_err(), &["mse_loss", "same shape"]);
+    let idx = Tensor::from_slice(&[0i32, 1], [2], &d).unwrap();
+    message(&zeros(&[2, 2]).gather(0, &idx).unwrap_err(), &["gather", "the index must have the input's rank"]);
+    // Optimizer hyper-parameters name the constructor and the parameter.
+    let p = f32s(&[1.0], &[1]).requires_grad(true).unwrap();
+    let err = wgrad::Adam::with(std::slice::from_ref(&p), 0.1, (0.9, 1.5), 1e-8, 0.0).err().unwrap();
+    message(&err, &["Adam::new", "beta2", "[0, 1)"]);
 }

@@ -179,9 +179,22 @@ impl Tensor {
     /// `bias` `[out_channels]`: im2col (a gather) and one tiled matmul.
     pub fn conv2d(&self, weight: &Tensor, bias: Option<&Tensor>, options: Conv2dOptions) -> Result<Tensor> {
         if weight.rank() != 4 || self.rank() != 4 || weight.dims()[1] != self.dims()[1] {
-            return Err(Error::ShapeMismatch { op: "conv2d", lhs: self.shape().clone(), rhs: weight.shape().clone() });
+            return Err(Error::IncompatibleShapes {
+                op: "conv2d",
+                lhs: self.shape().clone(),
+                rhs: weight.shape().clone(),
+                rule: "the input must be [n, c, h, w] and the weight [out_channels, c, kh, kw], with the same c",
+            });
         }
         let (oc, c, kh, kw) = (weight.dims()[0], weight.dims()[1], weight.dims()[2], weight.dims()[3]);
+        if let Some(b) = bias.filter(|b| b.dims() != [oc]) {
+            return Err(Error::IncompatibleShapes {
+                op: "conv2d",
+                lhs: weight.shape().clone(),
+                rhs: b.shape().clone(),
+                rule: "the bias must be [out_channels], out_channels being the weight's first dim",
+            });
+        }
         let n = self.dims()[0];
         let (cols, [oh, ow]) = self.windows("conv2d", [kh, kw], options, false, 0.0)?;
         let rows = cols.reshape([n * oh * ow, c * kh * kw])?;

@@ -179,7 +179,12 @@ impl Tensor {
         let fits = index.rank() == self.rank()
             && index.dims().iter().zip(self.dims()).enumerate().all(|(i, (a, b))| i == d || a <= b);
         if !fits {
-            return Err(Error::ShapeMismatch { op: "gather", lhs: self.shape().clone(), rhs: index.shape().clone() });
+            return Err(Error::IncompatibleShapes {
+                op: "gather",
+                lhs: self.shape().clone(),
+                rhs: index.shape().clone(),
+                rule: "the index must have the input's rank, and no dim larger than the input's except along `dim`",
+            });
         }
         let idx = host_indices("gather", self, index, self.dims()[d])?;
         let strides = self.shape().contiguous_strides();

@@ -120,10 +120,11 @@ impl Tensor {
     /// Mean squared error `(self - target)²`.
     pub fn mse_loss(&self, target: &Tensor, reduction: Reduction) -> Result<Tensor> {
         if self.shape() != target.shape() {
-            return Err(Error::ShapeMismatch {
+            return Err(Error::IncompatibleShapes {
                 op: "mse_loss",
                 lhs: self.shape().clone(),
                 rhs: target.shape().clone(),
+                rule: "the input and the target must have the same shape",
             });
         }
         reduce(self.sub(target)?.square()?, reduction)
@@ -134,10 +135,11 @@ impl Tensor {
     /// exactly `sigmoid(x) - y`.
     pub fn binary_cross_entropy_with_logits(&self, target: &Tensor, reduction: Reduction) -> Result<Tensor> {
         if self.shape() != target.shape() {
-            return Err(Error::ShapeMismatch {
+            return Err(Error::IncompatibleShapes {
                 op: "binary_cross_entropy_with_logits",
                 lhs: self.shape().clone(),
                 rhs: target.shape().clone(),
+                rule: "the logits and the target must have the same shape",
             });
         }
         let loss = target.neg()?.add(1.0)?.mul(self)?.add(&self.neg()?.softplus()?)?;

@@ -7,6 +7,8 @@ use crate::metadata::Shape;
 use crate::ops::{Op, common_dtype};
 use crate::tensor::Tensor;
 
+const MATMUL_RULE: &str = "the left operand's last dim must equal the right operand's second-to-last ([.., m, k] @ [.., k, n]), and their batch dims must broadcast";
+
 /// Both operands at least 2-D; records the op.
 fn matmul_nd(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (ra, rb) = (a.rank(), b.rank());
@@ -15,7 +17,12 @@ fn matmul_nd(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let batch_b = Shape::new(&b.dims()[..rb - 2]);
     let batch = batch_a.broadcast(&batch_b);
     let (Some(batch), true) = (batch, k1 == k2) else {
-        return Err(Error::ShapeMismatch { op: "matmul", lhs: a.shape().clone(), rhs: b.shape().clone() });
+        return Err(Error::IncompatibleShapes {
+            op: "matmul",
+            lhs: a.shape().clone(),
+            rhs: b.shape().clone(),
+            rule: MATMUL_RULE,
+        });
     };
     let out = crate::exec::matmul(a, b, &batch)?;
     Ok(record(Op::Matmul, &[a, b], vec![a.clone(), b.clone()], out))
@@ -47,8 +54,8 @@ impl Tensor {
         let a = if ra == 1 { self.unsqueeze(0)? } else { self.clone() };
         let b = if rb == 1 { rhs.unsqueeze(1)? } else { rhs.clone() };
         let mut out = matmul_nd(&a, &b).map_err(|e| match e {
-            Error::ShapeMismatch { op, .. } => {
-                Error::ShapeMismatch { op, lhs: self.shape().clone(), rhs: rhs.shape().clone() }
+            Error::IncompatibleShapes { op, rule, .. } => {
+                Error::IncompatibleShapes { op, lhs: self.shape().clone(), rhs: rhs.shape().clone(), rule }
             }
             other => other,
         })?;

@@ -253,7 +253,12 @@ pub fn cat(tensors: &[&Tensor], dim: isize) -> Result<Tensor> {
         let same_rest = t.rank() == first.rank()
             && t.dims().iter().zip(first.dims()).enumerate().all(|(i, (a, b))| i == d || a == b);
         if !same_rest {
-            return Err(Error::ShapeMismatch { op: "cat", lhs: first.shape().clone(), rhs: t.shape().clone() });
+            return Err(Error::IncompatibleShapes {
+                op: "cat",
+                lhs: first.shape().clone(),
+                rhs: t.shape().clone(),
+                rule: "every tensor must have the same rank and the same dims except the one joined along",
+            });
         }
         if t.dtype() != first.dtype() {
             return Err(Error::DTypeMismatch { op: "cat", lhs: first.dtype(), rhs: t.dtype() });
