@@ -161,3 +161,25 @@ fn valid_edge_cases_are_accepted() {
     t.backward_with(&seed, retain).unwrap();
     assert_eq!(values(&w.grad().unwrap()), vec![2.0, 6.0, 4.0, 8.0]);
 }
+
+/// The same, compiled: a graph of views only (no kernel in its backward but
+/// the accumulation) replays, and a second backward with `retain_graph` works.
+#[test]
+fn view_only_graphs_backward_twice_compiled() {
+    let _turn = COMPILER.lock().unwrap_or_else(|e| e.into_inner());
+    let guard = wgrad::WgslCompiler::install(&device()).unwrap();
+    let w = f32s(&[1.0, 2.0, 3.0, 4.0], &[2, 2]).requires_grad(true).unwrap();
+    let retain = BackwardOptions { retain_graph: true, ..Default::default() };
+    let seed = f32s(&[1.0, 2.0, 3.0, 4.0], &[2, 2]);
+    let t = w.transpose(0, 1).unwrap();
+    t.backward_with(&seed, retain).unwrap();
+    t.backward_with(&seed, retain).unwrap();
+    assert_eq!(values(&w.grad().unwrap()), vec![2.0, 6.0, 4.0, 8.0]);
+    let s = w.t().unwrap().sum_all().unwrap();
+    let one = Tensor::ones([], DType::F32, &device()).unwrap();
+    w.zero_grad();
+    s.backward_with(&one, retain).unwrap();
+    s.backward_with(&one, retain).unwrap();
+    assert_eq!(values(&w.grad().unwrap()), vec![2.0; 4]);
+    assert_eq!(guard.stats().fallbacks, 0, "{:?}", guard.stats());
+}
