@@ -196,8 +196,10 @@ pub(crate) fn assemble(
 
 /// How many chunks a reduction of `k` elements of `kernel` into `a`
 /// results is split into: enough that invocations run in parallel, and
-/// enough that no invocation loops past the [`super::LOOP_BUDGET`] (each
-/// step folds one element, plus the loops of any segment sum in `kernel`).
+/// enough that no invocation loops past the [`super::LOOP_BUDGET`]. Each
+/// step folds one element (one back-edge), and evaluating it may loop too:
+/// up to `MAX_RANK` times per input read through a strided view (the rank
+/// loop of `strided()`; any input may be), and the loop of each segment sum.
 pub(crate) fn reduce_chunks(a: usize, k: usize, kernel: &MapKernel) -> usize {
     const TARGET_THREADS: usize = 1 << 14;
     const MIN_CHUNK: usize = 64;
@@ -207,7 +209,8 @@ pub(crate) fn reduce_chunks(a: usize, k: usize, kernel: &MapKernel) -> usize {
         k.div_ceil(MIN_CHUNK).min(TARGET_THREADS.div_ceil(a)).max(1)
     };
     let segments = kernel.nodes.iter().filter(|(n, _)| matches!(n, Node::SegmentSum { .. })).count();
-    let max_steps = (super::LOOP_BUDGET / (1 + segments * (super::SEGMENT_CHUNK + 1))).max(1);
+    let per_step = 1 + kernel.inputs.len() * MAX_RANK + segments * (super::SEGMENT_CHUNK + 1);
+    let max_steps = (super::LOOP_BUDGET / per_step).max(1);
     parallel.max(k.div_ceil(max_steps))
 }
 

@@ -19,8 +19,9 @@ pub(crate) use launch::{
 /// Mesa's llvmpipe (lavapipe, the CI device) silently ends an invocation
 /// after 65,535 loop back-edges in total, nested loops included, and the
 /// kernel's results are then simply wrong. Every loop in generated code is
-/// bounded to stay below this (with a margin): loops over ranks are written
-/// out, a reduction splits `k` across invocations and passes, a long matmul
+/// bounded to stay below this (with a margin): a reduction splits `k`
+/// across invocations and passes, counting the rank loops of its strided
+/// reads, a long matmul
 /// contraction is split ([`MATMUL_K_CHUNK`]), and scatter-add segments are
 /// cut into runs of [`SEGMENT_CHUNK`].
 pub(crate) const LOOP_BUDGET: usize = 60_000;
