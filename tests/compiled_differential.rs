@@ -303,8 +303,8 @@ fn op_cases(f16: bool) -> Vec<OpCase> {
         case("stack", vec![m(140), m(141)], |x| wgrad::stack(&[&x[0], &x[1]], 0)),
         case("stack_last", vec![m(142), m(143)], |x| wgrad::stack(&[&x[0], &x[1]], -1)),
         // Composites.
-        case("gelu", vec![leaf(&[3, 4], 150, -3.0, 3.0)], |x| x[0].gelu()),
-        case("gelu_erf", vec![leaf(&[3, 4], 151, -3.0, 3.0)], |x| x[0].gelu_erf()),
+        case("gelu_tanh", vec![leaf(&[3, 4], 150, -3.0, 3.0)], |x| x[0].gelu_tanh()),
+        case("gelu", vec![leaf(&[3, 4], 151, -3.0, 3.0)], |x| x[0].gelu()),
         case("clamp", vec![sg(&[3, 4], 152)], |x| x[0].clamp(-0.5, 0.55)),
         case("square", vec![m(153)], |x| x[0].square()),
         // A few ops together, sharing intermediates.
@@ -767,8 +767,8 @@ impl Gen<'_> {
             10 => (x.square()?.add(0.25)?.sqrt()?, (b * b + 0.25).sqrt(), format!("sqrt(square(t{i}) + 0.25)")),
             11 => (x.square()?.add(0.5)?.rsqrt()?, 2f64.sqrt(), format!("rsqrt(square(t{i}) + 0.5)")),
             12 => (x.square()?, b * b, format!("square(t{i})")),
-            13 => (x.gelu()?, b, format!("gelu(t{i})")),
-            14 => (x.gelu_erf()?, b, format!("gelu_erf(t{i})")),
+            13 => (x.gelu_tanh()?, b, format!("gelu_tanh(t{i})")),
+            14 => (x.gelu()?, b, format!("gelu(t{i})")),
             15 => (x.clamp(-0.5, 0.5)?, b.min(0.5), format!("clamp(t{i}, -0.5, 0.5)")),
             16 => {
                 let c = self.rng.scalar();
@@ -930,7 +930,7 @@ impl Gen<'_> {
                 (x.transpose(d0, d1)?, format!("transpose(t{i}, {d0}, {d1})"))
             }
             3 if r >= 2 => {
-                let mut perm: Vec<usize> = (0..r).collect();
+                let mut perm: Vec<isize> = (0..r as isize).collect();
                 for k in (1..r).rev() {
                     perm.swap(k, self.rng.below(k + 1));
                 }

@@ -33,8 +33,8 @@ fn assert_close(got: &[f32], want: &[f64]) {
 /// What hooks record, shared with the test.
 type Log<T> = Arc<Mutex<Vec<T>>>;
 
-const RETAIN: BackwardOptions = BackwardOptions { retain_graph: true, create_graph: false };
-const CREATE: BackwardOptions = BackwardOptions { retain_graph: false, create_graph: true };
+const RETAIN: BackwardOptions = BackwardOptions { retain_graph: true, create_graph: false, allow_unused: false };
+const CREATE: BackwardOptions = BackwardOptions { retain_graph: false, create_graph: true, allow_unused: false };
 
 // ------------------------------------------------------------------ accumulation in one graph
 
@@ -142,7 +142,12 @@ fn grad_gives_none_for_an_unused_input() {
     let used_elsewhere = leaf(&[7.0, 8.0]);
     let _other_graph = used_elsewhere.mul(2.0).unwrap(); // has an accumulator, not reachable from y
     let y = x.mul(2.0).unwrap().sum_all().unwrap();
-    let g = wgrad::grad(&[&y], &[&never_used, &x, &used_elsewhere], None, BackwardOptions::default()).unwrap();
+    // As in PyTorch, an unused input is an error unless `allow_unused`; the
+    // error comes before anything runs, so the graph is still there.
+    let err = wgrad::grad(&[&y], &[&never_used, &x, &used_elsewhere], None, BackwardOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("input 0 was not used") && err.to_string().contains("allow_unused"), "{err}");
+    let allow = BackwardOptions { allow_unused: true, ..Default::default() };
+    let g = wgrad::grad(&[&y], &[&never_used, &x, &used_elsewhere], None, allow).unwrap();
     assert_eq!(g.len(), 3);
     assert!(g[0].is_none());
     assert_close(&vals(g[1].as_ref().unwrap()), &[2.0, 2.0]);

@@ -173,12 +173,14 @@ fn narrow_out_of_range() {
 #[test]
 fn permute_that_is_not_a_permutation() {
     let x = Tensor::zeros([2, 3, 4], DType::F32, &device()).unwrap();
-    for perm in [&[0usize, 0, 1][..], &[0, 1], &[0, 1, 3], &[0, 1, 2, 3]] {
+    for perm in [&[0isize, 0, 1][..], &[0, 1], &[0, 1, 3], &[0, 1, 2, 3], &[0, -4, 1]] {
         let err = x.permute(perm).unwrap_err();
         assert!(matches!(err, Error::InvalidArgument { op: "permute", .. }), "{perm:?}: {err:?}");
         message(&err, &["permute", "not a permutation"]);
     }
     assert_eq!(x.permute(&[2, 0, 1]).unwrap().dims(), &[4, 2, 3]);
+    // Negative dims count from the end, as in PyTorch.
+    assert_eq!(x.permute(&[-1, 0, -2]).unwrap().dims(), &[4, 2, 3]);
 }
 
 #[test]

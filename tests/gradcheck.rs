@@ -59,8 +59,8 @@ fn unary_ops() {
         ("sin", Tensor::sin, f64::sin),
         ("cos", Tensor::cos, f64::cos),
         ("erf", Tensor::erf, erf),
-        ("gelu", Tensor::gelu, gelu_tanh),
-        ("gelu_erf", Tensor::gelu_erf, gelu_erf),
+        ("gelu_tanh", Tensor::gelu_tanh, gelu_tanh),
+        ("gelu", Tensor::gelu, gelu_erf),
         ("square", Tensor::square, |v| v * v),
     ];
     let positive: Vec<Case> = vec![

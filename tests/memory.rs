@@ -147,7 +147,7 @@ fn memory_reaches_a_steady_state_and_the_pool_works() {
     assert_eq!(stats(&device).pooled_bytes, 0);
 
     // ---------------------------------------------------------------- higher-order graphs
-    let opts = BackwardOptions { retain_graph: false, create_graph: true };
+    let opts = BackwardOptions { create_graph: true, ..Default::default() };
     let cube = || {
         let x = Tensor::full([100], 2.0, DType::F32, &device).unwrap().requires_grad(true).unwrap();
         let y = x.mul(&x).unwrap().mul(&x).unwrap().sum_all().unwrap();

@@ -25,6 +25,10 @@ pub struct BackwardOptions {
     /// keeps both alive until `zero_grad()` (as in PyTorch); prefer
     /// [`grad`] for higher-order derivatives.
     pub create_graph: bool,
+    /// For [`grad`]: an input the outputs do not depend on gets `None`
+    /// instead of being an error (PyTorch's `allow_unused`; off by default,
+    /// as there).
+    pub allow_unused: bool,
 }
 
 pub(crate) type NodeKey = *const Node;
@@ -79,7 +83,8 @@ impl Tensor {
 /// Gradients of `outputs` w.r.t. `inputs` (PyTorch's `torch.autograd.grad`),
 /// returned rather than accumulated: no `.grad` is touched. `grad_outputs`
 /// seeds each output (`None`: ones, for scalar outputs). An input that does
-/// not influence the outputs gets `None`.
+/// not influence the outputs is an error, or gets `None` with
+/// `allow_unused: true` in `options` (as in PyTorch).
 ///
 /// ```
 /// # use wgrad::{Device, Tensor, BackwardOptions};
@@ -158,7 +163,7 @@ pub(crate) struct GraphTask {
 }
 
 /// Finds the nodes a backward from `roots` must run and checks that it can.
-fn plan(roots: &[(Tensor, Tensor)], sink: &Sink<'_>) -> Result<GraphTask> {
+fn plan(roots: &[(Tensor, Tensor)], sink: &Sink<'_>, options: BackwardOptions) -> Result<GraphTask> {
     let mut root_nodes = Vec::new();
     for (out, seed) in roots {
         let edge = out.gradient_edge();
@@ -219,6 +224,19 @@ fn plan(roots: &[(Tensor, Tensor)], sink: &Sink<'_>) -> Result<GraphTask> {
         }
     }
     let index: HashMap<NodeKey, usize> = order.iter().enumerate().map(|(i, n)| (key(n), i)).collect();
+    // Checked before anything runs, so the error changes nothing.
+    if let Sink::Capture(targets) = sink {
+        let unused = targets.iter().filter(|(k, _)| !index.contains_key(*k)).flat_map(|(_, v)| v.iter()).min();
+        if let (Some(input), false) = (unused, options.allow_unused) {
+            return Err(Error::InvalidArgument {
+                op: "grad",
+                message: format!(
+                    "input {input} was not used to compute the outputs, so it has no gradient; pass \
+                     `BackwardOptions {{ allow_unused: true, .. }}` to get `None` for it"
+                ),
+            });
+        }
+    }
     let needs = order
         .iter()
         .map(|n| n.edges.iter().map(|e| e.node.as_ref().is_some_and(|c| index.contains_key(&key(c)))).collect())
@@ -363,7 +381,7 @@ pub(crate) fn finish(task: &GraphTask, new_grads: Vec<(Arc<LeafState>, Tensor)>,
 /// Runs the graph from `roots` (output, seed) pairs: compiled when a
 /// compiler is installed and the backward qualifies, eagerly otherwise.
 fn run(roots: &[(Tensor, Tensor)], sink: Sink<'_>, options: BackwardOptions) -> Result<HashMap<usize, Tensor>> {
-    let task = plan(roots, &sink)?;
+    let task = plan(roots, &sink, options)?;
     if let Some(compiler) = crate::compiler::guard::active_compiler() {
         if let Some(result) = crate::autograd::capture::run_compiled(&task, compiler, options)? {
             return Ok(result);

@@ -4,15 +4,17 @@ use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 impl Tensor {
-    /// GELU with the tanh approximation (PyTorch's `approximate='tanh'`).
-    pub fn gelu(&self) -> Result<Tensor> {
+    /// GELU with the tanh approximation (PyTorch's
+    /// `gelu(x, approximate='tanh')`).
+    pub fn gelu_tanh(&self) -> Result<Tensor> {
         let c = (2.0 / std::f64::consts::PI).sqrt();
         let inner = self.add(&self.mul(self)?.mul(self)?.mul(0.044715)?)?.mul(c)?;
         self.mul(0.5)?.mul(&inner.tanh()?.add(1.0)?)
     }
 
-    /// Exact GELU, `x Φ(x) = x/2 (1 + erf(x/√2))`.
-    pub fn gelu_erf(&self) -> Result<Tensor> {
+    /// GELU, `x Φ(x) = x/2 (1 + erf(x/√2))`: PyTorch's `gelu` (its exact
+    /// form; see [`Tensor::gelu_tanh`] for the approximation).
+    pub fn gelu(&self) -> Result<Tensor> {
         self.mul(0.5)?.mul(&self.mul(std::f64::consts::FRAC_1_SQRT_2)?.erf()?.add(1.0)?)
     }
 

@@ -183,7 +183,7 @@ impl Op {
             Op::Extremum { axes } => Ok(vec![Some(reduce::extremum_backward(&saved[0], &saved[1], g, axes)?)]),
             Op::Matmul => matmul::backward(&saved[0], &saved[1], g, needs),
             Op::Reshape { input } => Ok(vec![Some(g.reshape(input.clone())?)]),
-            Op::Permute { perm } => Ok(vec![Some(g.permute(&movement::inverse_permutation(perm))?)]),
+            Op::Permute { perm } => Ok(vec![Some(g.permute_axes(&movement::inverse_permutation(perm))?)]),
             Op::Expand { input } => Ok(vec![Some(g.sum_to_shape(input)?)]),
             Op::Narrow { input, dim, start } => Ok(vec![Some(g.pad_narrowed(input, *dim, *start)?)]),
             Op::Pad { dim, start, len } => Ok(vec![Some(g.narrow(*dim as isize, *start, *len)?)]),

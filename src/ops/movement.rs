@@ -108,8 +108,29 @@ impl Tensor {
         self.reshape([self.numel()])
     }
 
-    /// Reorders dimensions: output dim `i` is input dim `perm[i]` (a view).
-    pub fn permute(&self, perm: &[usize]) -> Result<Tensor> {
+    /// Reorders dimensions: output dim `i` is input dim `dims[i]` (a view);
+    /// negative dims count from the end, as in PyTorch.
+    pub fn permute(&self, dims: &[isize]) -> Result<Tensor> {
+        let rank = self.rank() as isize;
+        let perm: Vec<usize> = dims
+            .iter()
+            .map(|&d| {
+                let a = if d < 0 { d + rank } else { d };
+                // Out of range stays out of range, for the message below.
+                usize::try_from(a).unwrap_or(usize::MAX)
+            })
+            .collect();
+        self.permute_axes(&perm).map_err(|e| match e {
+            Error::InvalidArgument { op, .. } => Error::InvalidArgument {
+                op,
+                message: format!("{dims:?} is not a permutation of the {} dims of {}", self.rank(), self.shape()),
+            },
+            other => other,
+        })
+    }
+
+    /// [`Tensor::permute`] with resolved (non-negative) dims.
+    pub(crate) fn permute_axes(&self, perm: &[usize]) -> Result<Tensor> {
         let mut seen = vec![false; self.rank()];
         if perm.len() != self.rank() || perm.iter().any(|&p| p >= self.rank() || std::mem::replace(&mut seen[p], true))
         {
@@ -128,11 +149,11 @@ impl Tensor {
         let b = resolve_axis("transpose", dim1, self.rank())?;
         if self.rank() == 0 {
             // Dims 0 and -1 name the one (virtual) dim of a 0-d tensor: nothing to swap.
-            return self.permute(&[]);
+            return self.permute_axes(&[]);
         }
         let mut perm: Vec<usize> = (0..self.rank()).collect();
         perm.swap(a, b);
-        self.permute(&perm)
+        self.permute_axes(&perm)
     }
 
     /// Transpose of a 2-D tensor.
