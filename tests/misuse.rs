@@ -183,3 +183,51 @@ fn view_only_graphs_backward_twice_compiled() {
     assert_eq!(values(&w.grad().unwrap()), vec![2.0; 4]);
     assert_eq!(guard.stats().fallbacks, 0, "{:?}", guard.stats());
 }
+
+// ------------------------------------------------------------------ removable hooks (issue 12)
+
+/// A removed hook never runs again, eager or compiled, also after its
+/// program has been cached and replayed; the other hooks keep running.
+#[test]
+fn a_removed_hook_never_runs_again() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let _turn = COMPILER.lock().unwrap_or_else(|e| e.into_inner());
+    for compiled in [false, true] {
+        let guard = compiled.then(|| wgrad::WgslCompiler::install(&device()).unwrap());
+        let x = f32s(&[1.0, 2.0], &[2]).requires_grad(true).unwrap();
+        let (on_leaf, on_node, kept) =
+            (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let count = |c: &Arc<AtomicUsize>| {
+            let c = c.clone();
+            move |_: &Tensor| {
+                c.fetch_add(1, Ordering::SeqCst);
+                None
+            }
+        };
+        let leaf_handle = x.register_hook(count(&on_leaf)).unwrap();
+        x.register_hook(count(&kept)).unwrap();
+        let h = x.mul(3.0).unwrap();
+        let node_handle = h.register_hook(count(&on_node)).unwrap();
+        let loss = h.sum_all().unwrap();
+        let retain = BackwardOptions { retain_graph: true, ..Default::default() };
+        let one = Tensor::ones([], DType::F32, &device()).unwrap();
+        for _ in 0..2 {
+            loss.backward_with(&one, retain).unwrap(); // the second one replays when compiled
+        }
+        assert_eq!((on_leaf.load(Ordering::SeqCst), on_node.load(Ordering::SeqCst)), (2, 2));
+        leaf_handle.remove();
+        node_handle.remove();
+        leaf_handle.remove(); // twice is harmless
+        for _ in 0..2 {
+            loss.backward_with(&one, retain).unwrap();
+        }
+        assert_eq!((on_leaf.load(Ordering::SeqCst), on_node.load(Ordering::SeqCst)), (2, 2), "compiled {compiled}");
+        assert_eq!(kept.load(Ordering::SeqCst), 4, "the other hook still runs");
+        assert_eq!(values(&x.grad().unwrap()), vec![12.0, 12.0]);
+        if let Some(g) = guard {
+            assert_eq!(g.stats().fallbacks, 0);
+            assert!(g.stats().replays >= 4, "{:?}", g.stats());
+        }
+    }
+}

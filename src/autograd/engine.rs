@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::autograd::grad_mode::set_grad_enabled;
-use crate::autograd::graph::{AutogradMeta, Hook, LeafState, Node, NodeKind};
+use crate::autograd::graph::{AutogradMeta, Hook, HookHandle, LeafState, Node, NodeKind};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -66,17 +66,15 @@ impl Tensor {
     /// Registers a hook on this tensor's gradient. Hooks run in registration
     /// order each time a gradient for this tensor is computed, before it is
     /// accumulated (leaves) or used further (other tensors); a hook that
-    /// returns `Some(g)` replaces the gradient.
-    pub fn register_hook(&self, hook: impl Fn(&Tensor) -> Option<Tensor> + Send + Sync + 'static) -> Result<()> {
+    /// returns `Some(g)` replaces the gradient. The handle's `remove()`
+    /// unregisters it.
+    pub fn register_hook(
+        &self,
+        hook: impl Fn(&Tensor) -> Option<Tensor> + Send + Sync + 'static,
+    ) -> Result<HookHandle> {
         let hook: Hook = Arc::new(hook);
-        match &self.0.autograd {
-            AutogradMeta::Leaf(leaf) => leaf.hooks.lock().push(hook),
-            AutogradMeta::Interior(node) => node.pre_hooks.lock().push(hook),
-            AutogradMeta::None => {
-                return Err(Error::NoGradFn { what: "the tensor given to register_hook".into() });
-            }
-        }
-        Ok(())
+        HookHandle::register(&self.0.autograd, hook)
+            .ok_or_else(|| Error::NoGradFn { what: "the tensor given to register_hook".into() })
     }
 }
 
@@ -322,8 +320,8 @@ pub(crate) fn walk(task: &GraphTask, env: &mut dyn WalkEnv) -> Result<WalkResult
 /// Runs the user's hooks of `node` on `g`, in registration order.
 pub(crate) fn run_hooks(node: &Node, mut g: Tensor) -> Result<Tensor> {
     let hooks: Vec<Hook> = match &node.kind {
-        NodeKind::AccumulateGrad(leaf) => leaf.hooks.lock().clone(),
-        NodeKind::Op(_) => node.pre_hooks.lock().clone(),
+        NodeKind::AccumulateGrad(leaf) => leaf.hooks.lock().iter().map(|(_, h)| h.clone()).collect(),
+        NodeKind::Op(_) => node.pre_hooks.lock().iter().map(|(_, h)| h.clone()).collect(),
     };
     for hook in hooks {
         if let Some(replaced) = hook(&g) {

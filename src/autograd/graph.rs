@@ -13,6 +13,72 @@ use crate::tensor::Tensor;
 /// A gradient hook: sees the gradient of a tensor and may replace it.
 pub(crate) type Hook = Arc<dyn Fn(&Tensor) -> Option<Tensor> + Send + Sync>;
 
+/// A registered hook with the id its [`HookHandle`] removes it by.
+pub(crate) type HookEntry = (u64, Hook);
+
+static NEXT_HOOK_ID: AtomicU64 = AtomicU64::new(0);
+
+/// Returned by [`Tensor::register_hook`]; [`HookHandle::remove`] unregisters
+/// the hook (PyTorch's `RemovableHandle`). Dropping the handle keeps the
+/// hook registered, as in PyTorch.
+pub struct HookHandle {
+    owner: HookOwner,
+    id: u64,
+}
+
+enum HookOwner {
+    Leaf(Weak<LeafState>),
+    Node(Weak<Node>),
+}
+
+impl std::fmt::Debug for HookHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let on = match &self.owner {
+            HookOwner::Leaf(_) => "leaf",
+            HookOwner::Node(_) => "node",
+        };
+        write!(f, "HookHandle({} on a {on})", self.id)
+    }
+}
+
+impl HookHandle {
+    pub(crate) fn register(autograd: &AutogradMeta, hook: Hook) -> Option<HookHandle> {
+        let id = NEXT_HOOK_ID.fetch_add(1, Ordering::Relaxed);
+        let owner = match autograd {
+            AutogradMeta::Leaf(leaf) => {
+                leaf.hooks.lock().push((id, hook));
+                HookOwner::Leaf(Arc::downgrade(leaf))
+            }
+            AutogradMeta::Interior(node) => {
+                node.pre_hooks.lock().push((id, hook));
+                HookOwner::Node(Arc::downgrade(node))
+            }
+            AutogradMeta::None => return None,
+        };
+        Some(HookHandle { owner, id })
+    }
+
+    /// Unregisters the hook: no later backward runs it, eager or compiled
+    /// (a compiled program's hook points call whatever hooks are registered
+    /// when it replays, and the hook count is part of its signature).
+    /// Removing twice, or after the tensor is gone, does nothing.
+    pub fn remove(&self) {
+        let keep = |hooks: &Mutex<Vec<HookEntry>>| hooks.lock().retain(|(id, _)| *id != self.id);
+        match &self.owner {
+            HookOwner::Leaf(leaf) => {
+                if let Some(leaf) = leaf.upgrade() {
+                    keep(&leaf.hooks);
+                }
+            }
+            HookOwner::Node(node) => {
+                if let Some(node) = node.upgrade() {
+                    keep(&node.pre_hooks);
+                }
+            }
+        }
+    }
+}
+
 /// How a tensor takes part in autograd.
 pub(crate) enum AutogradMeta {
     /// Not tracked.
@@ -28,7 +94,7 @@ pub(crate) enum AutogradMeta {
 pub(crate) struct LeafState {
     pub metadata: InputMetadata,
     pub grad: Mutex<Option<Tensor>>,
-    pub hooks: Mutex<Vec<Hook>>,
+    pub hooks: Mutex<Vec<HookEntry>>,
     accumulator: Mutex<Weak<Node>>,
 }
 
@@ -80,7 +146,7 @@ pub struct Node {
     /// backward refuses to use one that was modified in place since.
     pub(crate) saved_versions: Vec<u64>,
     /// Hooks on the op's output tensor, run before the formula.
-    pub(crate) pre_hooks: Mutex<Vec<Hook>>,
+    pub(crate) pre_hooks: Mutex<Vec<HookEntry>>,
 }
 
 static NEXT_SEQ: AtomicU64 = AtomicU64::new(0);

@@ -13,6 +13,6 @@ mod graph;
 pub use engine::{BackwardOptions, grad};
 pub(crate) use engine::{GraphTask, key};
 pub use grad_mode::{NoGradGuard, is_grad_enabled, no_grad};
-pub use graph::Edge;
 pub(crate) use graph::NodeKind;
 pub(crate) use graph::{AutogradMeta, LeafState, Node, record};
+pub use graph::{Edge, HookHandle};
