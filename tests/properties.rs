@@ -6,9 +6,9 @@
 //! returns `Err`; after any error the device still computes correctly; a
 //! failed backward leaves every `.grad` as it was.
 //!
-//! CI runs 64 cases per property (`config`, about 5 s on lavapipe);
-//! `PROPTEST_CASES=10000 cargo test --test properties` runs a longer sweep
-//! (1,500 cases took 90 s).
+//! CI runs 64 cases per property from a fixed seed (`config`, about 5 s on
+//! lavapipe); `PROPTEST_CASES=10000 PROPTEST_RNG_SEED=$RANDOM cargo test
+//! --test properties` runs a longer, new sweep (1,500 cases take 90 s).
 //!
 //! Domains follow WGSL's accuracy rules, which PyTorch on a GPU shares:
 //! `sin` and `cos` are only accurate for moderate arguments, so they get
@@ -22,9 +22,17 @@ use common::device;
 use proptest::prelude::*;
 use wgrad::{BackwardOptions, DType, Tensor};
 
+/// 64 cases from a fixed seed, so CI sees the same cases every run;
+/// `PROPTEST_CASES` and `PROPTEST_RNG_SEED` in the environment override both.
 fn config() -> ProptestConfig {
-    // PROPTEST_CASES in the environment overrides this.
-    ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() }
+    let mut config = ProptestConfig { failure_persistence: None, ..ProptestConfig::default() };
+    if std::env::var_os("PROPTEST_CASES").is_none() {
+        config.cases = 64;
+    }
+    if std::env::var_os("PROPTEST_RNG_SEED").is_none() {
+        config.rng_seed = proptest::test_runner::RngSeed::Fixed(0x2026_1130);
+    }
+    config
 }
 
 // ------------------------------------------------------------------ generators
@@ -352,7 +360,10 @@ proptest! {
             match op {
                 0 => (x.tanh(), 1.0 - x.tanh().powi(2)),
                 1 => { let s = 1.0 / (1.0 + (-x).exp()); (s, s * (1.0 - s)) }
-                2 => (x * x, 2.0 * x),
+                // Halved so every intermediate stays in [-2, 2]: squaring
+                // alone grows x^(2^n), where f32 rounding of the argument
+                // of a following sin dominates any derivative.
+                2 => (x * x * 0.5, x),
                 3 => (x.sin(), x.cos()),
                 4 => (x * 0.5 + 1.0, 0.5),
                 _ => (if x > 0.0 { x } else { 0.0 }, if x > 0.0 { 1.0 } else { 0.0 }),
@@ -375,7 +386,7 @@ proptest! {
                 y = match op {
                     0 => y.tanh()?,
                     1 => y.sigmoid()?,
-                    2 => y.mul(&y)?,
+                    2 => y.mul(&y)?.mul(0.5)?,
                     3 => y.sin()?,
                     4 => y.mul(0.5)?.add(1.0)?,
                     _ => y.relu()?,
