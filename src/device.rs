@@ -339,8 +339,8 @@ impl Device {
     }
 
     fn wait(&self) -> Result<()> {
-        if let Some(reason) = self.inner.lost.lock().clone() {
-            return Err(Error::DeviceLost { reason });
+        if let Some(lost) = self.lost() {
+            return Err(lost);
         }
         self.inner
             .device
@@ -352,15 +352,17 @@ impl Device {
     /// An error wgpu reported: `DeviceLost` once the device is lost (every
     /// later failure follows from that), else `Gpu` with wgpu's text.
     fn gpu_error(&self, message: String) -> Error {
-        match self.inner.lost.lock().clone() {
-            Some(reason) => Error::DeviceLost { reason },
-            None => Error::Gpu(message),
-        }
+        self.lost().unwrap_or(Error::Gpu(message))
+    }
+
+    /// `DeviceLost` once the device is lost.
+    fn lost(&self) -> Option<Error> {
+        self.inner.lost.lock().clone().map(|reason| Error::DeviceLost { reason })
     }
 
     fn take_uncaptured(&self) -> Result<()> {
-        if let Some(reason) = self.inner.lost.lock().clone() {
-            return Err(Error::DeviceLost { reason });
+        if let Some(lost) = self.lost() {
+            return Err(lost);
         }
         match self.inner.uncaptured.lock().take() {
             Some(message) => Err(self.gpu_error(message)),

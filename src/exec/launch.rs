@@ -409,15 +409,10 @@ fn split_k_product(a: &Tensor, b: &Tensor, batch: &Shape) -> Result<Tensor> {
         let a_run = a.with_layout(a.layout().narrow(r + 1, start, len));
         let b_run = b.with_layout(b.layout().narrow(r, start, len));
         let part = matmul(&a_run, &b_run, batch)?;
+        // The runs carry no autograd history, so `add` records nothing.
         total = Some(match total {
             None => part,
-            Some(sum) => {
-                let mut kernel = MapKernel::default();
-                let (x, y) = (kernel.input(sum.dtype()), kernel.input(part.dtype()));
-                let z = kernel.push(Node::Binary(crate::ops::binary::BinaryOp::Add, x, y), sum.dtype());
-                kernel.output(z);
-                map("matmul", kernel, &[&sum, &part], &[], &part.shape().clone(), a.device())?.remove(0)
-            }
+            Some(sum) => sum.add(&part)?,
         });
     }
     Ok(total.expect("a split contraction has at least one run"))
