@@ -39,7 +39,7 @@ mod poison;
 mod tensor;
 
 pub use alloc::MemoryStats;
-pub use autograd::{BackwardOptions, Edge, HookHandle, NoGradGuard, grad, is_grad_enabled, no_grad};
+pub use autograd::{BackwardOptions, Edge, HookHandle, NoGradGuard, backward, grad, is_grad_enabled, no_grad};
 pub use compiler::{CompilerGuard, CompilerInterface, CompilerStats, WgslCompiler};
 pub use device::{Device, DeviceCounters, DeviceInfo};
 pub use error::{Error, Result};

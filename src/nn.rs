@@ -8,10 +8,79 @@ use crate::metadata::{DType, Shape};
 use crate::ops::Conv2dOptions;
 use crate::tensor::Tensor;
 
-/// Something with parameters.
+/// Something with parameters, and a training or evaluation mode.
+///
+/// Modules start in training mode, as in PyTorch. `train(false)` (or
+/// `eval()`) switches a module and everything it contains to evaluation
+/// mode; layers whose forward depends on the mode ([`Dropout`] today)
+/// override [`Module::train`] and [`Module::is_training`], and a module
+/// made of other modules forwards `train` to each of them.
 pub trait Module {
     /// The parameters, in a fixed order.
     fn parameters(&self) -> Vec<Tensor>;
+
+    /// Sets training (`true`) or evaluation (`false`) mode. Layers that
+    /// behave the same in both keep the default, which does nothing.
+    fn train(&mut self, _mode: bool) {}
+
+    /// Evaluation mode: `train(false)`.
+    fn eval(&mut self) {
+        self.train(false);
+    }
+
+    /// Whether the module is in training mode. Layers that behave the same
+    /// in both modes report `true`, the mode they start in.
+    fn is_training(&self) -> bool {
+        true
+    }
+}
+
+/// Inverted dropout as a layer (PyTorch's `nn.Dropout`): in training mode
+/// each forward zeroes elements with probability `p` and scales the rest by
+/// `1 / (1 - p)`; in evaluation mode it is the identity. Each forward draws
+/// a new mask from `seed` and a call counter, so a run is reproducible from
+/// its seed.
+pub struct Dropout {
+    /// The probability of zeroing an element, in [0, 1].
+    pub p: f64,
+    seed: u64,
+    calls: std::sync::atomic::AtomicU64,
+    training: bool,
+}
+
+impl Dropout {
+    /// A dropout layer in training mode; `p` outside [0, 1] is an `Err`.
+    pub fn new(p: f64, seed: u64) -> Result<Dropout> {
+        if !(0.0..=1.0).contains(&p) {
+            return Err(crate::Error::InvalidArgument {
+                op: "Dropout::new",
+                message: format!("p must be in [0, 1], got {p}"),
+            });
+        }
+        Ok(Dropout { p, seed, calls: std::sync::atomic::AtomicU64::new(0), training: true })
+    }
+
+    /// Applies dropout in training mode; returns `x` itself in evaluation mode.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !self.training {
+            return x.dropout(self.p, 0, false);
+        }
+        let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Distinct, well-mixed seeds per call (splitmix64's increment).
+        x.dropout(self.p, self.seed.wrapping_add(call.wrapping_mul(0x9E37_79B9_7F4A_7C15)), true)
+    }
+}
+
+impl Module for Dropout {
+    fn parameters(&self) -> Vec<Tensor> {
+        Vec::new()
+    }
+    fn train(&mut self, mode: bool) {
+        self.training = mode;
+    }
+    fn is_training(&self) -> bool {
+        self.training
+    }
 }
 
 /// Uniform in `[-bound, bound)` from `seed`, requiring grad.

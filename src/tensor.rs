@@ -397,18 +397,22 @@ impl Tensor {
         }
     }
 
-    /// The accumulated gradient of a leaf, if any backward reached it.
+    /// The accumulated gradient of a leaf, or of a non-leaf on which
+    /// [`Tensor::retain_grad`] was called, if any backward reached it.
     pub fn grad(&self) -> Option<Tensor> {
         match &self.0.autograd {
             AutogradMeta::Leaf(leaf) => leaf.grad.lock().clone(),
-            _ => None,
+            AutogradMeta::Interior(node) => node.retained_grad.lock().clone(),
+            AutogradMeta::None => None,
         }
     }
 
     /// Forgets the accumulated gradient (PyTorch's `zero_grad(set_to_none=True)`).
     pub fn zero_grad(&self) {
-        if let AutogradMeta::Leaf(leaf) = &self.0.autograd {
-            *leaf.grad.lock() = None;
+        match &self.0.autograd {
+            AutogradMeta::Leaf(leaf) => *leaf.grad.lock() = None,
+            AutogradMeta::Interior(node) => *node.retained_grad.lock() = None,
+            AutogradMeta::None => {}
         }
     }
 

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::autograd::engine::{BackwardOptions, GraphTask, WalkEnv, finish, leaf_of, run_hooks, walk};
+use crate::autograd::engine::{BackwardOptions, GraphTask, NewGrads, WalkEnv, finish, leaf_of, run_hooks, walk};
 use crate::autograd::grad_mode::set_grad_enabled;
 use crate::autograd::graph::{Node, NodeKind};
 use crate::compiler::ir::{CapturedGraph, OutputRole};
@@ -106,6 +106,7 @@ fn capture(task: &GraphTask, bindings: &Bindings, device: &crate::Device) -> Res
     let mut captured: Vec<(usize, Tensor)> = result.captured.into_iter().collect();
     captured.sort_by_key(|(i, _)| *i);
     outputs.extend(captured.into_iter().map(|(i, g)| (g, OutputRole::Captured(i))));
+    outputs.extend(result.retained.into_iter().map(|(i, g)| (g, OutputRole::Retained(i))));
     let outputs = outputs.into_iter().map(|(t, role)| Ok((trace::output(&t)?, role))).collect::<Result<Vec<_>>>()?;
     let (values, inputs) = scope.finish();
     Ok(CapturedGraph { values, inputs, outputs })
@@ -139,7 +140,7 @@ pub(crate) fn run_compiled(
     }
     let outputs = program.run(&bindings.tensors, &mut |point, g| run_hooks(&task.order[point], g))?;
     compiler.replayed(&program);
-    let mut new_grads = Vec::new();
+    let mut new_grads = NewGrads::default();
     let mut captured = HashMap::new();
     for (role, t) in program.roles().iter().zip(outputs) {
         match role {
@@ -150,13 +151,14 @@ pub(crate) fn run_compiled(
                     Some(old) => old.add(&t)?,
                     None => t,
                 };
-                new_grads.push((leaf, total));
+                new_grads.leaves.push((leaf, total));
             }
             OutputRole::Captured(input) => {
                 captured.insert(*input, t);
             }
+            OutputRole::Retained(position) => new_grads.retain(task, *position, t)?,
         }
     }
-    finish(task, new_grads, options);
+    finish(task, new_grads, options)?;
     Ok(Some(captured))
 }

@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::autograd::grad_mode::set_grad_enabled;
-use crate::autograd::graph::{AutogradMeta, Hook, HookHandle, LeafState, Node, NodeKind};
+use crate::autograd::graph::{AutogradMeta, Hook, LeafState, Node, NodeKind};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -39,9 +39,11 @@ pub(crate) fn key(node: &Arc<Node>) -> NodeKey {
 
 /// Where the engine delivers gradients.
 enum Sink<'a> {
-    /// Accumulate into every reached leaf's `.grad`.
-    Leaves,
-    /// Return the gradients of these nodes; touch no `.grad`.
+    /// Accumulate into the `.grad` of every reached leaf, or (PyTorch's
+    /// `backward(inputs=)`) only into those of these nodes: leaves'
+    /// accumulators, and non-leaf nodes whose gradient is then retained.
+    Leaves(Option<&'a HashSet<NodeKey>>),
+    /// Return the gradients of these nodes; touch no leaf's `.grad`.
     Capture(&'a HashMap<NodeKey, Vec<usize>>),
 }
 
@@ -60,26 +62,14 @@ impl Tensor {
     /// Backpropagates `seed` (the gradient of some loss w.r.t. this tensor,
     /// same shape and dtype) into the leaves' `.grad`.
     pub fn backward_with(&self, seed: &Tensor, options: BackwardOptions) -> Result<()> {
-        run(&[(self.clone(), seed.clone())], Sink::Leaves, options).map(|_| ())
-    }
-
-    /// Registers a hook on this tensor's gradient. Hooks run in registration
-    /// order each time a gradient for this tensor is computed, before it is
-    /// accumulated (leaves) or used further (other tensors); a hook that
-    /// returns `Some(g)` replaces the gradient. The handle's `remove()`
-    /// unregisters it.
-    pub fn register_hook(
-        &self,
-        hook: impl Fn(&Tensor) -> Option<Tensor> + Send + Sync + 'static,
-    ) -> Result<HookHandle> {
-        let hook: Hook = Arc::new(hook);
-        HookHandle::register(&self.0.autograd, hook)
-            .ok_or_else(|| Error::NoGradFn { what: "the tensor given to register_hook".into() })
+        run(&[(self.clone(), seed.clone())], Sink::Leaves(None), options).map(|_| ())
     }
 }
 
 /// Gradients of `outputs` w.r.t. `inputs` (PyTorch's `torch.autograd.grad`),
-/// returned rather than accumulated: no `.grad` is touched. `grad_outputs`
+/// returned rather than accumulated: no leaf's `.grad` is touched (a
+/// non-leaf on which [`Tensor::retain_grad`] was called does keep the
+/// gradient that reaches it, as in PyTorch). `grad_outputs`
 /// seeds each output (`None`: ones, for scalar outputs). An input that does
 /// not influence the outputs is an error, or gets `None` with
 /// `allow_unused: true` in `options` (as in PyTorch).
@@ -100,32 +90,7 @@ pub fn grad(
     grad_outputs: Option<&[Tensor]>,
     options: BackwardOptions,
 ) -> Result<Vec<Option<Tensor>>> {
-    if let Some(seeds) = grad_outputs.filter(|s| s.len() != outputs.len()) {
-        return Err(Error::InvalidArgument {
-            op: "grad",
-            message: format!("{} outputs but {} grad_outputs; pass one seed per output", outputs.len(), seeds.len()),
-        });
-    }
-    let mut roots = Vec::with_capacity(outputs.len());
-    for (i, out) in outputs.iter().enumerate() {
-        let seed = match grad_outputs {
-            Some(seeds) => seeds.get(i).cloned().ok_or_else(|| Error::InvalidArgument {
-                op: "grad",
-                message: format!(
-                    "{} outputs but {} grad_outputs; pass one seed per output",
-                    outputs.len(),
-                    seeds.len()
-                ),
-            })?,
-            None => {
-                if out.numel() != 1 {
-                    return Err(Error::NonScalarBackward { shape: out.shape().clone() });
-                }
-                crate::no_grad_scope(|| out.ones_like())?
-            }
-        };
-        roots.push(((*out).clone(), seed));
-    }
+    let roots = seeded_roots("grad", outputs, grad_outputs)?;
     let mut targets: HashMap<NodeKey, Vec<usize>> = HashMap::new();
     let mut keep = Vec::new();
     for (i, t) in inputs.iter().enumerate() {
@@ -146,6 +111,92 @@ pub fn grad(
     Ok((0..inputs.len()).map(|i| captured.get(&i).cloned()).collect())
 }
 
+/// Backpropagates from `outputs` (seeded by `grad_outputs`, or ones for
+/// scalar outputs) into `.grad`s, as PyTorch's `torch.autograd.backward`.
+/// With `inputs`, only the `.grad` of those tensors changes, and only the
+/// part of the graph that leads to them is computed: a leaf outside
+/// `inputs` keeps its `.grad` and its hooks do not run. A non-leaf in
+/// `inputs` gets its gradient accumulated in its `.grad` as if
+/// [`Tensor::retain_grad`] had been called for this backward. An input the
+/// outputs do not depend on keeps its `.grad` (as in PyTorch).
+///
+/// ```
+/// # use wgrad::{Device, Tensor, BackwardOptions};
+/// # let device = Device::new()?;
+/// let x = Tensor::from_slice(&[2.0f32], [1], &device)?.requires_grad(true)?;
+/// let w = Tensor::from_slice(&[3.0f32], [1], &device)?.requires_grad(true)?;
+/// let loss = x.mul(&w)?.sum_all()?;
+/// wgrad::backward(&[&loss], None, Some(&[&w]), BackwardOptions::default())?;
+/// assert_eq!(w.grad().unwrap().to_vec::<f32>()?, vec![2.0]);
+/// assert!(x.grad().is_none()); // not among the inputs
+/// # Ok::<(), wgrad::Error>(())
+/// ```
+pub fn backward(
+    outputs: &[&Tensor],
+    grad_outputs: Option<&[Tensor]>,
+    inputs: Option<&[&Tensor]>,
+    options: BackwardOptions,
+) -> Result<()> {
+    let roots = seeded_roots("backward", outputs, grad_outputs)?;
+    let Some(inputs) = inputs else {
+        return run(&roots, Sink::Leaves(None), options).map(|_| ());
+    };
+    if inputs.is_empty() {
+        return Err(Error::InvalidArgument {
+            op: "backward",
+            message: "`inputs` is empty, so no gradient would be computed; pass `None` to accumulate into \
+                      every leaf"
+                .into(),
+        });
+    }
+    let mut only = HashSet::new();
+    let mut keep = Vec::new();
+    for (i, t) in inputs.iter().enumerate() {
+        let node = match &t.0.autograd {
+            AutogradMeta::None => return Err(Error::NoGradFn { what: format!("input {i} of backward()") }),
+            AutogradMeta::Leaf(leaf) => leaf.accumulator(),
+            AutogradMeta::Interior(node) => node.clone(),
+        };
+        only.insert(key(&node));
+        keep.push(node);
+    }
+    run(&roots, Sink::Leaves(Some(&only)), options).map(|_| ())
+}
+
+/// (output, seed) pairs: `grad_outputs`, or ones for scalar outputs.
+fn seeded_roots(
+    op: &'static str,
+    outputs: &[&Tensor],
+    grad_outputs: Option<&[Tensor]>,
+) -> Result<Vec<(Tensor, Tensor)>> {
+    if let Some(seeds) = grad_outputs.filter(|s| s.len() != outputs.len()) {
+        return Err(Error::InvalidArgument {
+            op,
+            message: format!("{} outputs but {} grad_outputs; pass one seed per output", outputs.len(), seeds.len()),
+        });
+    }
+    if outputs.is_empty() {
+        return Err(Error::InvalidArgument {
+            op,
+            message: "no outputs given; pass the tensors to differentiate".into(),
+        });
+    }
+    let mut roots = Vec::with_capacity(outputs.len());
+    for (i, out) in outputs.iter().enumerate() {
+        let seed = match grad_outputs {
+            Some(seeds) => seeds[i].clone(),
+            None => {
+                if out.numel() != 1 {
+                    return Err(Error::NonScalarBackward { shape: out.shape().clone() });
+                }
+                crate::no_grad_scope(|| out.ones_like())?
+            }
+        };
+        roots.push(((*out).clone(), seed));
+    }
+    Ok(roots)
+}
+
 /// The part of the graph a backward runs, in execution order.
 pub(crate) struct GraphTask {
     /// Needed nodes by decreasing creation sequence: a topological order
@@ -158,6 +209,11 @@ pub(crate) struct GraphTask {
     pub roots: Vec<(usize, Tensor)>,
     /// Capture targets: node position -> indices of `grad()` inputs.
     pub targets: Option<HashMap<usize, Vec<usize>>>,
+    /// With `backward(inputs=)`: the positions of the inputs' nodes, sorted.
+    pub inputs: Option<Vec<usize>>,
+    /// Positions of the non-leaf nodes whose gradient is kept in their
+    /// `.grad` (`retain_grad()`, or a non-leaf in `backward(inputs=)`).
+    pub retain: HashSet<usize>,
 }
 
 /// Finds the nodes a backward from `roots` must run and checks that it can.
@@ -187,20 +243,19 @@ fn plan(roots: &[(Tensor, Tensor)], sink: &Sink<'_>, options: BackwardOptions) -
 
     // Which nodes must run: all of them when accumulating into leaves;
     // only those from which a capture target is reachable otherwise.
-    let needed: HashSet<NodeKey> = match sink {
-        Sink::Leaves => order.iter().map(key).collect(),
-        Sink::Capture(targets) => {
-            let mut needed = HashSet::new();
-            for n in order.iter().rev() {
-                let k = key(n);
-                let child_needed = n.edges.iter().any(|e| e.node.as_ref().is_some_and(|c| needed.contains(&key(c))));
-                if targets.contains_key(&k) || child_needed {
-                    needed.insert(k);
-                }
-            }
-            needed
-        }
+    let is_target = |k: &NodeKey| match sink {
+        Sink::Leaves(None) => true,
+        Sink::Leaves(Some(only)) => only.contains(k),
+        Sink::Capture(targets) => targets.contains_key(k),
     };
+    let mut needed = HashSet::new();
+    for n in order.iter().rev() {
+        let k = key(n);
+        let child_needed = n.edges.iter().any(|e| e.node.as_ref().is_some_and(|c| needed.contains(&key(c))));
+        if is_target(&k) || child_needed {
+            needed.insert(k);
+        }
+    }
     order.retain(|n| needed.contains(&key(n)));
 
     // Refuse before doing anything if part of the graph was released, or
@@ -241,12 +296,29 @@ fn plan(roots: &[(Tensor, Tensor)], sink: &Sink<'_>, options: BackwardOptions) -
         .collect();
     let roots = root_nodes.into_iter().filter_map(|(n, seed)| index.get(&key(&n)).map(|&i| (i, seed))).collect();
     let targets = match sink {
-        Sink::Leaves => None,
+        Sink::Leaves(_) => None,
         Sink::Capture(targets) => {
             Some(targets.iter().filter_map(|(k, v)| index.get(k).map(|&i| (i, v.clone()))).collect())
         }
     };
-    Ok(GraphTask { order, index, needs, roots, targets })
+    let inputs = match sink {
+        Sink::Leaves(Some(only)) => {
+            let mut positions: Vec<usize> = only.iter().filter_map(|k| index.get(k).copied()).collect();
+            positions.sort_unstable();
+            Some(positions)
+        }
+        _ => None,
+    };
+    let retain = order
+        .iter()
+        .enumerate()
+        .filter(|(i, n)| {
+            matches!(n.kind, NodeKind::Op(_))
+                && (n.retains_grad() || inputs.as_ref().is_some_and(|p| p.binary_search(i).is_ok()))
+        })
+        .map(|(i, _)| i)
+        .collect();
+    Ok(GraphTask { order, index, needs, roots, targets, inputs, retain })
 }
 
 /// What the walk needs from its surroundings: eager mode hands it the real
@@ -262,10 +334,12 @@ pub(crate) trait WalkEnv {
 }
 
 /// What a walk produced: the gradient reaching each leaf (by position),
-/// and the gradients for `grad()`'s inputs.
+/// the gradients for `grad()`'s inputs, and those of retained non-leaves
+/// (by position).
 pub(crate) struct WalkResult {
     pub leaf_grads: Vec<(usize, Tensor)>,
     pub captured: HashMap<usize, Tensor>,
+    pub retained: Vec<(usize, Tensor)>,
 }
 
 /// Runs every node's formula in order, summing gradients that meet.
@@ -275,11 +349,15 @@ pub(crate) fn walk(task: &GraphTask, env: &mut dyn WalkEnv) -> Result<WalkResult
         let seed = env.seed(r, seed);
         accumulate(&mut pending[*i], seed)?;
     }
-    let mut result = WalkResult { leaf_grads: Vec::new(), captured: HashMap::new() };
+    let mut result = WalkResult { leaf_grads: Vec::new(), captured: HashMap::new(), retained: Vec::new() };
     for (i, node) in task.order.iter().enumerate() {
         let Some(mut g) = pending[i].take() else { continue };
         if node.has_hooks() {
             g = env.hooks(i, node, g)?;
+        }
+        // After the hooks, as PyTorch runs its retain-grad hook last.
+        if task.retain.contains(&i) {
+            result.retained.push((i, g.clone()));
         }
         if let Some(indices) = task.targets.as_ref().and_then(|t| t.get(&i)) {
             for &input in indices {
@@ -361,11 +439,39 @@ pub(crate) fn leaf_of(task: &GraphTask, position: usize) -> Option<&Arc<LeafStat
     }
 }
 
+/// The new `.grad`s of a backward, computed before any is published.
+#[derive(Default)]
+pub(crate) struct NewGrads {
+    pub leaves: Vec<(Arc<LeafState>, Tensor)>,
+    pub retained: Vec<(Arc<Node>, Tensor)>,
+}
+
+impl NewGrads {
+    /// Adds the retained gradient `g` of the node at `position` to its
+    /// current one.
+    pub(crate) fn retain(&mut self, task: &GraphTask, position: usize, g: Tensor) -> Result<()> {
+        let node = task.order[position].clone();
+        let old = node.retained_grad.lock().clone();
+        let total = match old {
+            Some(old) => old.add(&g)?,
+            None => g,
+        };
+        self.retained.push((node, total));
+        Ok(())
+    }
+}
+
 /// Publishes new `.grad`s together and releases the saved tensors unless
-/// the graph is retained: the common end of eager and compiled backward.
-pub(crate) fn finish(task: &GraphTask, new_grads: Vec<(Arc<LeafState>, Tensor)>, options: BackwardOptions) {
-    for (leaf, total) in new_grads {
+/// the graph is retained, then runs the post-accumulate hooks: the common
+/// end of eager and compiled backward.
+pub(crate) fn finish(task: &GraphTask, new_grads: NewGrads, options: BackwardOptions) -> Result<()> {
+    let mut reached = Vec::with_capacity(new_grads.leaves.len());
+    for (leaf, total) in new_grads.leaves {
         *leaf.grad.lock() = Some(total);
+        reached.push(leaf);
+    }
+    for (node, total) in new_grads.retained {
+        *node.retained_grad.lock() = Some(total);
     }
     if !(options.retain_graph || options.create_graph) {
         for n in &task.order {
@@ -374,6 +480,7 @@ pub(crate) fn finish(task: &GraphTask, new_grads: Vec<(Arc<LeafState>, Tensor)>,
             }
         }
     }
+    crate::autograd::hooks::run_post_accumulate_hooks(&reached)
 }
 
 /// Runs the graph from `roots` (output, seed) pairs: compiled when a
@@ -389,19 +496,23 @@ fn run(roots: &[(Tensor, Tensor)], sink: Sink<'_>, options: BackwardOptions) -> 
     let result = walk(&task, &mut EagerEnv)?;
 
     // Everything ran: compute the new `.grad`s, then publish them together.
-    let mut new_grads = Vec::with_capacity(result.leaf_grads.len());
+    let mut new_grads = NewGrads::default();
+    let keep_graph = |g: Tensor| if options.create_graph { g } else { g.detach() };
+    for (i, g) in result.retained {
+        new_grads.retain(&task, i, keep_graph(g))?;
+    }
     for (i, g) in result.leaf_grads {
         let leaf = leaf_of(&task, i).expect("leaf gradients come from accumulators").clone();
-        let g = if options.create_graph { g } else { g.detach() };
+        let g = keep_graph(g);
         let old = leaf.grad.lock().clone();
         let total = match old {
             Some(old) => old.add(&g)?,
             None if g.is_contiguous() => g,
             None => g.contiguous()?,
         };
-        new_grads.push((leaf, total));
+        new_grads.leaves.push((leaf, total));
     }
-    finish(&task, new_grads, options);
+    finish(&task, new_grads, options)?;
     Ok(result.captured)
 }
 

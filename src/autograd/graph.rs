@@ -1,6 +1,6 @@
 //! Nodes and edges of the backward graph.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
@@ -8,13 +8,25 @@ use parking_lot::Mutex;
 use crate::autograd::grad_mode::is_grad_enabled;
 use crate::metadata::InputMetadata;
 use crate::ops::Op;
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, TensorImpl};
 
 /// A gradient hook: sees the gradient of a tensor and may replace it.
 pub(crate) type Hook = Arc<dyn Fn(&Tensor) -> Option<Tensor> + Send + Sync>;
 
 /// A registered hook with the id its [`HookHandle`] removes it by.
 pub(crate) type HookEntry = (u64, Hook);
+
+/// A hook run after a leaf's `.grad` is updated; it is handed the leaf.
+pub(crate) type PostAccumulateHook = Arc<dyn Fn(&Tensor) -> crate::Result<()> + Send + Sync>;
+
+/// A registered post-accumulate hook and the leaf it is handed. The leaf
+/// is held weakly: the leaf's own state holds the hook, so a strong handle
+/// would keep the leaf alive forever.
+pub(crate) struct PostHookEntry {
+    pub id: u64,
+    pub leaf: Weak<TensorImpl>,
+    pub hook: PostAccumulateHook,
+}
 
 static NEXT_HOOK_ID: AtomicU64 = AtomicU64::new(0);
 
@@ -29,6 +41,7 @@ pub struct HookHandle {
 enum HookOwner {
     Leaf(Weak<LeafState>),
     Node(Weak<Node>),
+    PostAccumulate(Weak<LeafState>),
 }
 
 impl std::fmt::Debug for HookHandle {
@@ -36,6 +49,7 @@ impl std::fmt::Debug for HookHandle {
         let on = match &self.owner {
             HookOwner::Leaf(_) => "leaf",
             HookOwner::Node(_) => "node",
+            HookOwner::PostAccumulate(_) => "leaf, post-accumulate",
         };
         write!(f, "HookHandle({} on a {on})", self.id)
     }
@@ -58,6 +72,14 @@ impl HookHandle {
         Some(HookHandle { owner, id })
     }
 
+    /// Registers `hook` to run after `leaf`'s `.grad` is updated.
+    pub(crate) fn register_post_accumulate(tensor: &Tensor, hook: PostAccumulateHook) -> Option<HookHandle> {
+        let AutogradMeta::Leaf(state) = &tensor.0.autograd else { return None };
+        let id = NEXT_HOOK_ID.fetch_add(1, Ordering::Relaxed);
+        state.post_hooks.lock().push(PostHookEntry { id, leaf: Arc::downgrade(&tensor.0), hook });
+        Some(HookHandle { owner: HookOwner::PostAccumulate(Arc::downgrade(state)), id })
+    }
+
     /// Unregisters the hook: no later backward runs it, eager or compiled
     /// (a compiled program's hook points call whatever hooks are registered
     /// when it replays, and the hook count is part of its signature).
@@ -73,6 +95,11 @@ impl HookHandle {
             HookOwner::Node(node) => {
                 if let Some(node) = node.upgrade() {
                     keep(&node.pre_hooks);
+                }
+            }
+            HookOwner::PostAccumulate(leaf) => {
+                if let Some(leaf) = leaf.upgrade() {
+                    leaf.post_hooks.lock().retain(|entry| entry.id != self.id);
                 }
             }
         }
@@ -95,6 +122,8 @@ pub(crate) struct LeafState {
     pub metadata: InputMetadata,
     pub grad: Mutex<Option<Tensor>>,
     pub hooks: Mutex<Vec<HookEntry>>,
+    /// Hooks run once a backward has published the new `.grad`.
+    pub post_hooks: Mutex<Vec<PostHookEntry>>,
     accumulator: Mutex<Weak<Node>>,
 }
 
@@ -104,6 +133,7 @@ impl LeafState {
             metadata,
             grad: Mutex::new(None),
             hooks: Mutex::new(Vec::new()),
+            post_hooks: Mutex::new(Vec::new()),
             accumulator: Mutex::new(Weak::new()),
         }
     }
@@ -147,6 +177,11 @@ pub struct Node {
     pub(crate) saved_versions: Vec<u64>,
     /// Hooks on the op's output tensor, run before the formula.
     pub(crate) pre_hooks: Mutex<Vec<HookEntry>>,
+    /// Whether the gradient of the op's output is kept in `retained_grad`
+    /// (PyTorch's `retain_grad()` on a non-leaf).
+    pub(crate) retains_grad: AtomicBool,
+    /// The retained gradient, summed over backward calls as a leaf's is.
+    pub(crate) retained_grad: Mutex<Option<Tensor>>,
 }
 
 static NEXT_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -161,7 +196,14 @@ impl Node {
             saved_versions: saved.iter().map(Tensor::version).collect(),
             saved: Mutex::new(Some(saved)),
             pre_hooks: Mutex::new(Vec::new()),
+            retains_grad: AtomicBool::new(false),
+            retained_grad: Mutex::new(None),
         }
+    }
+
+    /// Whether `retain_grad()` was called on the op's output.
+    pub(crate) fn retains_grad(&self) -> bool {
+        self.retains_grad.load(Ordering::Relaxed)
     }
 
     /// Whether hooks are registered on the gradient this node receives.
@@ -212,6 +254,7 @@ impl Node {
         if let Some(saved) = self.saved.get_mut().take() {
             stack.extend(saved.into_iter().filter_map(Tensor::into_last_grad_fn));
         }
+        stack.extend(self.retained_grad.get_mut().take().and_then(Tensor::into_last_grad_fn));
     }
 }
 

@@ -9,8 +9,9 @@ pub(crate) mod capture;
 mod engine;
 mod grad_mode;
 mod graph;
+mod hooks;
 
-pub use engine::{BackwardOptions, grad};
+pub use engine::{BackwardOptions, backward, grad};
 pub(crate) use engine::{GraphTask, key};
 pub use grad_mode::{NoGradGuard, is_grad_enabled, no_grad};
 pub(crate) use graph::NodeKind;

@@ -83,6 +83,9 @@ pub(crate) enum OutputRole {
     Leaf(usize),
     /// The gradient returned for this input of `wgrad::grad`.
     Captured(usize),
+    /// The gradient of the retained non-leaf at this position of the walk
+    /// (added to its `.grad` after the replay).
+    Retained(usize),
 }
 
 /// A backward graph captured by the tracing executor: values in

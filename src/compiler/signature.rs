@@ -37,9 +37,10 @@ fn view(t: &Tensor) -> String {
 impl Signature {
     pub(crate) fn of(task: &GraphTask, options: BackwardOptions, bindings: &Bindings) -> Signature {
         let mut lines = Vec::new();
-        let sink = match &task.targets {
-            None => "accumulate into leaves".to_string(),
-            Some(t) => {
+        let sink = match (&task.targets, &task.inputs) {
+            (None, None) => "accumulate into leaves".to_string(),
+            (None, Some(inputs)) => format!("accumulate into inputs at nodes {inputs:?}"),
+            (Some(t), _) => {
                 let mut t: Vec<_> = t.iter().collect();
                 t.sort();
                 format!("grad() of nodes {t:?}")
@@ -63,6 +64,9 @@ impl Signature {
             match &node.kind {
                 NodeKind::Op(op) => {
                     let mut s = format!("node {i} {op:?} -> [{}] hooks {hooks}", edges.join(","));
+                    if task.retain.contains(&i) {
+                        s.push_str(" retained");
+                    }
                     let _ = write!(s, " grad {:?}{}", node.metadata.dtype, node.metadata.shape);
                     lines.push((Kind::Node, s));
                     for (j, &slot) in bindings.saved.get(&i).map(Vec::as_slice).unwrap_or(&[]).iter().enumerate() {
