@@ -13,6 +13,7 @@ use crate::alloc::{MemoryStats, Pool, PooledBuffer, size_class};
 use crate::error::{Error, Result};
 use crate::exec::merge::{MapOp, PendingMaps};
 use crate::metadata::DeviceId;
+use crate::profile::{BatchTimer, KernelInfo, Profile, Profiler, TimestampSupport};
 
 /// Threads per workgroup of the 1-D kernels (elementwise, reductions).
 pub(crate) const WORKGROUP_SIZE: u32 = 256;
@@ -38,6 +39,64 @@ impl std::fmt::Display for DeviceInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} ({}, {}, {})", self.name, self.backend, self.device_type, self.driver)
     }
+}
+
+/// Which limits a device requests from its adapter.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum LimitsPreset {
+    /// Everything the adapter offers: its full storage binding size,
+    /// buffer size and binding counts (the default).
+    #[default]
+    Adapter,
+    /// Exactly WebGPU's default limits (8 storage buffers per shader stage,
+    /// 128 MiB per binding, 256 MiB per buffer, 16 KiB of workgroup
+    /// storage, 256 invocations per workgroup), and no `shader-f16`: what a
+    /// page can count on in any browser, checked on a native adapter.
+    WebGpu,
+}
+
+/// How [`Device::with_options`] sets up a device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceOptions {
+    /// The limits to request.
+    pub limits: LimitsPreset,
+}
+
+impl DeviceOptions {
+    /// The options [`Device::new`] uses: `WGRAD_LIMITS=webgpu` requests
+    /// WebGPU's default limits, `adapter` (or unset) the adapter's own.
+    pub fn from_env() -> Result<DeviceOptions> {
+        let limits = match std::env::var("WGRAD_LIMITS").as_deref() {
+            Err(_) | Ok("") | Ok("adapter") => LimitsPreset::Adapter,
+            Ok("webgpu") => LimitsPreset::WebGpu,
+            Ok(other) => {
+                return Err(Error::InvalidArgument {
+                    op: "Device::new",
+                    message: format!("WGRAD_LIMITS={other:?} is not a limits preset; use `webgpu` or `adapter`"),
+                });
+            }
+        };
+        Ok(DeviceOptions { limits })
+    }
+}
+
+/// The limits a device got (see [`LimitsPreset`]), as the runtime uses them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceLimits {
+    /// The preset requested.
+    pub preset: LimitsPreset,
+    /// Storage buffers one kernel may bind.
+    pub storage_buffers_per_stage: u32,
+    /// Bytes one storage binding may span.
+    pub storage_binding_bytes: u64,
+    /// Bytes of one buffer.
+    pub buffer_bytes: u64,
+    /// Bytes of workgroup storage per workgroup.
+    pub workgroup_storage_bytes: u32,
+    /// Invocations per workgroup.
+    pub invocations_per_workgroup: u32,
+    /// Whether `shader-f16` (and so `DType::F16`) is available.
+    pub f16: bool,
 }
 
 /// Running totals of what the device did; cheap to read, useful in tests
@@ -82,6 +141,7 @@ pub(crate) struct DeviceInner {
     pub(crate) device: wgpu::Device,
     queue: wgpu::Queue,
     pub(crate) limits: wgpu::Limits,
+    preset: LimitsPreset,
     f16: bool,
     pool: Arc<Mutex<Pool>>,
     batch: Mutex<Batch>,
@@ -99,6 +159,7 @@ pub(crate) struct DeviceInner {
     arena: wgpu::Buffer,
     /// The staging buffer of the last small readback, reused by the next.
     readback: Mutex<Option<wgpu::Buffer>>,
+    profiler: Profiler,
 }
 
 /// Readback staging buffers up to this size are kept for reuse.
@@ -113,6 +174,8 @@ enum Command {
         bind_group: wgpu::BindGroup,
         grid: [u32; 3],
         writes: Vec<wgpu::Buffer>,
+        /// What it computes, kept only while profiling.
+        info: Option<KernelInfo>,
     },
     /// `spoils_dst`: whether `dst` is a tensor's storage (an upload), as
     /// opposed to a readback's staging buffer.
@@ -155,6 +218,12 @@ impl Device {
     /// backends. Otherwise a discrete GPU is preferred over an integrated one,
     /// and either over a software adapter such as lavapipe.
     pub fn new() -> Result<Device> {
+        Device::with_options(DeviceOptions::from_env()?)
+    }
+
+    /// [`Device::new`] with explicit options (the environment's
+    /// `WGRAD_LIMITS` is not read).
+    pub fn with_options(options: DeviceOptions) -> Result<Device> {
         // WGPU_BACKEND restricts the search; otherwise Vulkan/Metal/DX12
         // first, and GL (weakest compute support, noisy to probe) only if
         // they find nothing.
@@ -188,16 +257,32 @@ impl Device {
             };
             return Err(Error::NoAdapter { detail });
         };
-        Device::from_adapter(adapter)
+        Device::from_adapter(adapter, options)
     }
 
-    fn from_adapter(adapter: wgpu::Adapter) -> Result<Device> {
+    fn from_adapter(adapter: wgpu::Adapter, options: DeviceOptions) -> Result<Device> {
         let ainfo = adapter.get_info();
-        let f16 = adapter.features().contains(wgpu::Features::SHADER_F16);
-        let required_features = if f16 { wgpu::Features::SHADER_F16 } else { wgpu::Features::empty() };
-        // Everything the adapter offers: the runtime needs its full storage
-        // binding size, buffer size and workgroup limits, not WebGPU's defaults.
-        let limits = adapter.limits();
+        let f16 = options.limits == LimitsPreset::Adapter && adapter.features().contains(wgpu::Features::SHADER_F16);
+        let mut required_features = if f16 { wgpu::Features::SHADER_F16 } else { wgpu::Features::empty() };
+        // Timestamps for the profiler, where the adapter has them; unused
+        // (and free) while it is off.
+        let offered = adapter.features();
+        let timestamps =
+            if offered.contains(wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES) {
+                required_features |= wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
+                TimestampSupport::InsidePasses
+            } else if offered.contains(wgpu::Features::TIMESTAMP_QUERY) {
+                required_features |= wgpu::Features::TIMESTAMP_QUERY;
+                TimestampSupport::PerPass
+            } else {
+                TimestampSupport::None
+            };
+        // By default everything the adapter offers: the runtime wants its
+        // full storage binding size, buffer size and binding counts.
+        let limits = match options.limits {
+            LimitsPreset::Adapter => adapter.limits(),
+            LimitsPreset::WebGpu => wgpu::Limits::default(),
+        };
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("wgrad"),
             required_features,
@@ -208,6 +293,7 @@ impl Device {
         }))
         .map_err(|e| Error::RequestDevice { adapter: ainfo.name.clone(), message: e.to_string() })?;
 
+        let queue_period = queue.get_timestamp_period();
         let uncaptured = Arc::new(Mutex::new(None));
         let sink = uncaptured.clone();
         let errors = Arc::new(AtomicU64::new(0));
@@ -256,6 +342,7 @@ impl Device {
                 device,
                 queue,
                 limits,
+                preset: options.limits,
                 f16,
                 pool: Arc::new(Mutex::new(Pool::default())),
                 batch: Mutex::new(Batch::default()),
@@ -267,8 +354,57 @@ impl Device {
                 uncaptured,
                 arena,
                 readback: Mutex::new(None),
+                profiler: Profiler::new(timestamps, queue_period),
             }),
         })
+    }
+
+    /// The limits this device got from its adapter.
+    pub fn limits(&self) -> DeviceLimits {
+        let l = &self.inner.limits;
+        DeviceLimits {
+            preset: self.inner.preset,
+            storage_buffers_per_stage: l.max_storage_buffers_per_shader_stage,
+            storage_binding_bytes: l.max_storage_buffer_binding_size,
+            buffer_bytes: l.max_buffer_size,
+            workgroup_storage_bytes: l.max_compute_workgroup_storage_size,
+            invocations_per_workgroup: l.max_compute_invocations_per_workgroup,
+            f16: self.inner.f16,
+        }
+    }
+
+    /// Switches the kernel profiler on or off (`WGRAD_PROFILE=1` starts
+    /// every device with it on, printing each batch's table to stderr).
+    /// While on, every submit waits for the GPU and records each dispatch's
+    /// GPU time (timestamp queries; without them, the batch's wall-clock
+    /// time), what it fused, and the bytes and FLOPs it moved; read them
+    /// with [`Device::profile`].
+    pub fn set_profiling(&self, on: bool) {
+        self.flush();
+        self.inner.profiler.set(on);
+    }
+
+    /// Whether the profiler is on.
+    pub fn is_profiling(&self) -> bool {
+        self.inner.profiler.is_on()
+    }
+
+    /// What the profiler recorded so far (submitting what is pending first).
+    pub fn profile(&self) -> Profile {
+        self.flush();
+        self.inner.profiler.snapshot()
+    }
+
+    /// What the profiler recorded so far, clearing its log.
+    pub fn take_profile(&self) -> Profile {
+        self.flush();
+        self.inner.profiler.take()
+    }
+
+    /// Whether the adapter has timestamp queries, so the profiler times
+    /// each kernel rather than each submit.
+    pub fn has_timestamps(&self) -> bool {
+        self.inner.profiler.support != TimestampSupport::None
     }
 
     /// Whether eager elementwise ops over the same shape are merged into one
@@ -469,22 +605,26 @@ impl Device {
     /// Appends a dispatch: binding 0 is a uniform holding `params`, bindings
     /// 1.. are the storage buffers in order. `threads` is split into a grid
     /// that respects the per-dimension workgroup limit (see [`Self::grid_1d`]).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn dispatch(
         &self,
         op: &'static str,
+        info: &KernelInfo,
         pipeline: &wgpu::ComputePipeline,
         params: &[u32],
         buffers: &[&wgpu::Buffer],
         grid: [u32; 3],
     ) -> Result<()> {
         let mut batch = self.lock_batch();
-        self.push_dispatch(&mut batch, op, pipeline, params, buffers, grid)
+        self.push_dispatch(&mut batch, op, info, pipeline, params, buffers, grid)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn push_dispatch(
         &self,
         batch: &mut Batch,
         op: &'static str,
+        info: &KernelInfo,
         pipeline: &wgpu::ComputePipeline,
         params: &[u32],
         buffers: &[&wgpu::Buffer],
@@ -529,7 +669,8 @@ impl Device {
             let message = self.inner.uncaptured.lock().take().unwrap_or_default();
             return Err(Error::GpuFailed { op, message });
         }
-        batch.commands.push(Command::Dispatch { op, pipeline: pipeline.clone(), bind_group, grid, writes });
+        let info = self.inner.profiler.is_on().then(|| info.clone());
+        batch.commands.push(Command::Dispatch { op, pipeline: pipeline.clone(), bind_group, grid, writes, info });
         self.inner.counters.lock().dispatches += 1;
         Ok(())
     }
@@ -603,6 +744,7 @@ impl Device {
     pub(crate) fn dispatch_bound(
         &self,
         op: &'static str,
+        info: &KernelInfo,
         pipeline: &wgpu::ComputePipeline,
         bind_group: &wgpu::BindGroup,
         buffers: &[wgpu::Buffer],
@@ -618,7 +760,8 @@ impl Device {
             self.submit_batch(&mut batch);
         }
         let (pipeline, bind_group) = (pipeline.clone(), bind_group.clone());
-        batch.commands.push(Command::Dispatch { op, pipeline, bind_group, grid, writes });
+        let info = self.inner.profiler.is_on().then(|| info.clone());
+        batch.commands.push(Command::Dispatch { op, pipeline, bind_group, grid, writes, info });
         self.inner.counters.lock().dispatches += 1;
         Ok(())
     }
@@ -791,7 +934,7 @@ impl Device {
             )?;
             let pipeline = self.pipeline(launch.label, &launch.source)?;
             let buffers: Vec<&wgpu::Buffer> = merged.buffers.iter().map(|b| b.raw()).collect();
-            self.push_dispatch(batch, label, &pipeline, &launch.words, &buffers, launch.grid)
+            self.push_dispatch(batch, label, &launch.info, &pipeline, &launch.words, &buffers, launch.grid)
         })();
         if let Err(e) = &result {
             // The group's ops returned Ok when they joined it; their outputs
@@ -823,16 +966,36 @@ impl Device {
         let mut pass: Option<wgpu::ComputePass<'static>> = None;
         let errors = inner.errors.load(Ordering::SeqCst);
         let mut written: Vec<(&'static str, wgpu::Buffer)> = Vec::new();
+        // While profiling: what each dispatch computes, and its timestamps.
+        let timer = inner.profiler.is_on().then(|| {
+            let dispatches = batch.commands.iter().filter(|c| matches!(c, Command::Dispatch { .. })).count();
+            BatchTimer::new(&inner.device, inner.profiler.support, dispatches)
+        });
+        let mut profiled: Vec<(&'static str, KernelInfo)> = Vec::new();
         for cmd in batch.commands.drain(..) {
             match cmd {
-                Command::Dispatch { op, pipeline, bind_group, grid, writes } => {
+                Command::Dispatch { op, pipeline, bind_group, grid, writes, info } => {
                     written.extend(writes.into_iter().map(|w| (op, w)));
+                    let i = profiled.len();
+                    let own_pass = timer.as_ref().and_then(|t| t.pass_writes(i));
+                    if own_pass.is_some() {
+                        pass = None;
+                    }
                     let pass = pass.get_or_insert_with(|| {
-                        encoder.begin_compute_pass(&wgpu::ComputePassDescriptor::default()).forget_lifetime()
+                        let descriptor = wgpu::ComputePassDescriptor { label: None, timestamp_writes: own_pass };
+                        encoder.begin_compute_pass(&descriptor).forget_lifetime()
                     });
+                    if let Some(t) = &timer {
+                        t.write(pass, i, false);
+                    }
                     pass.set_pipeline(&pipeline);
                     pass.set_bind_group(0, &bind_group, &[]);
                     pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
+                    if let Some(t) = &timer {
+                        t.write(pass, i, true);
+                        // A dispatch recorded before profiling was switched on has no info.
+                        profiled.push((op, info.unwrap_or_else(|| KernelInfo::new(op, "", 0, 0))));
+                    }
                 }
                 Command::Copy { src, src_offset, dst, dst_offset, size, spoils_dst } => {
                     pass = None;
@@ -845,8 +1008,13 @@ impl Device {
         }
         drop(pass);
         batch.uniforms.clear();
+        let staging = timer.as_ref().and_then(|t| t.resolve(&inner.device, &mut encoder));
         inner.queue.submit([encoder.finish()]);
         inner.counters.lock().submits += 1;
+        if let Some(timer) = timer {
+            let (ticks, wall_ns) = timer.finish(&inner.device, staging);
+            inner.profiler.record(profiled, ticks, wall_ns);
+        }
         if inner.errors.load(Ordering::SeqCst) != errors {
             // wgpu rejected the batch, so none of it ran: every buffer it
             // writes is stale, and reports this error when read (`poison`).

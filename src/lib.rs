@@ -36,18 +36,20 @@ pub mod nn;
 mod ops;
 pub mod optim;
 mod poison;
+mod profile;
 mod tensor;
 
 pub use alloc::MemoryStats;
 pub use autograd::{BackwardOptions, Edge, HookHandle, NoGradGuard, backward, grad, is_grad_enabled, no_grad};
 pub use compiler::{CompilerGuard, CompilerInterface, CompilerStats, WgslCompiler};
-pub use device::{Device, DeviceCounters, DeviceInfo};
+pub use device::{Device, DeviceCounters, DeviceInfo, DeviceLimits, DeviceOptions, LimitsPreset};
 pub use error::{Error, Result};
 /// The `half` crate, for building and reading `DType::F16` tensors (`half::f16`).
 pub use half;
 pub use metadata::{DType, DeviceId, InputMetadata, Shape, collect_input_metadata};
 pub use ops::{ClassLoss, Conv2dOptions, Operand, Reduction, cat, embedding, stack, where_};
 pub use optim::{Adam, AdamW, Optimizer, Sgd, clip_grad_norm};
+pub use profile::{BatchRecord, KernelRecord, Profile, Timing};
 pub use tensor::{Element, Tensor};
 
 // The README's Rust examples run as doctests, so the tour cannot rot.

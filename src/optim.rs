@@ -12,6 +12,7 @@ use std::fmt::Write;
 
 use crate::error::{Error, Result};
 use crate::metadata::DType;
+use crate::profile::KernelInfo;
 use crate::tensor::Tensor;
 
 /// The update rule of an optimizer.
@@ -24,6 +25,15 @@ enum Rule {
 }
 
 impl Rule {
+    /// The optimizer's name, for the profiler.
+    fn name(&self) -> &'static str {
+        match self {
+            Rule::Sgd { .. } => "sgd",
+            Rule::Adam { decoupled: false, .. } => "adam",
+            Rule::Adam { decoupled: true, .. } => "adamw",
+        }
+    }
+
     /// PyTorch's checks of the hyper-parameters: a NaN, infinite or
     /// negative one would silently wreck every parameter on the first step.
     fn validate(&self, op: &'static str) -> Result<()> {
@@ -255,7 +265,11 @@ impl Core {
             }
             let pipeline = device.pipeline("optimizer", &self.rule.source(chunk.len()))?;
             let grid = device.grid_1d(total as u64)?;
-            device.dispatch("step", &pipeline, &words, &buffers, grid)?;
+            // Each element of every bound buffer read, the parameter and state written.
+            let bound: u64 = buffers.iter().map(|b| b.size()).sum();
+            let info =
+                KernelInfo::new("optimizer", format!("{} over {} parameters", self.rule.name(), chunk.len()), bound, 0);
+            device.dispatch("step", &info, &pipeline, &words, &buffers, grid)?;
             for (i, _) in chunk {
                 self.params[*i].pooled()?.bump_version();
             }

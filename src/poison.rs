@@ -168,7 +168,7 @@ fn inject_usage_conflict(device: &crate::Device, t: &crate::Tensor) {
     .unwrap();
     let pipeline = device.pipeline(INJECTED_FAULT, &launch.source).unwrap();
     let buffer = t.buffer().unwrap();
-    device.dispatch(INJECTED_FAULT, &pipeline, &launch.words, &[buffer, buffer], launch.grid).unwrap();
+    device.dispatch(INJECTED_FAULT, &launch.info, &pipeline, &launch.words, &[buffer, buffer], launch.grid).unwrap();
 }
 
 #[cfg(test)]

@@ -101,6 +101,7 @@ impl Lowering<'_> {
             uniform_size: size as u64,
             bufs,
             grid: launch.grid,
+            info: launch.info,
             cached: Mutex::new(None),
         }));
         Ok(())

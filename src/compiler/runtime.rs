@@ -35,6 +35,8 @@ pub(crate) struct Dispatch {
     pub uniform_size: u64,
     pub bufs: Vec<Buf>,
     pub grid: [u32; 3],
+    /// What it computes, for the profiler.
+    pub info: crate::profile::KernelInfo,
     /// The bind group of the last replay and the buffers it binds.
     pub cached: Mutex<Option<(Vec<wgpu::Buffer>, wgpu::BindGroup)>>,
 }
@@ -179,7 +181,7 @@ impl Program {
                         self.bind_groups_created.fetch_add(1, Ordering::Relaxed);
                     }
                     let (bound, bind_group) = cached.as_ref().expect("bind group is set");
-                    device.dispatch_bound("compiled backward", &d.pipeline, bind_group, bound, d.grid)?;
+                    device.dispatch_bound("compiled backward", &d.info, &d.pipeline, bind_group, bound, d.grid)?;
                 }
                 Action::Hook { point, src, layout, meta, index } => {
                     let storage = match *src {

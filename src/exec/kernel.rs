@@ -143,6 +143,28 @@ impl MapKernel {
         self.outputs.push((id, Access::Linear));
     }
 
+    /// The ops of the kernel in order (`mul, exp, where`), for the
+    /// profiler; empty for a copy.
+    pub fn describe(&self) -> String {
+        let names: Vec<&str> = self
+            .nodes
+            .iter()
+            .filter_map(|(n, _)| match n {
+                Node::Input(_) | Node::Scalar(_) | Node::Index | Node::Arg => None,
+                Node::Random(RandomKind::Uniform, _) => Some("rand"),
+                Node::Random(RandomKind::Normal, _) => Some("randn"),
+                Node::Unary(op, _) => Some(op.name()),
+                Node::Binary(op, _, _) => Some(op.name()),
+                Node::Compare(op, _, _) => Some(op.name()),
+                Node::Select(..) => Some("where"),
+                Node::Cast(_) => Some("cast"),
+                Node::Gather(..) => Some("gather"),
+                Node::SegmentSum { .. } => Some("segment_sum"),
+            })
+            .collect();
+        names.join(", ")
+    }
+
     pub fn uses_f16(&self) -> bool {
         self.nodes.iter().any(|(_, d)| *d == DType::F16) || self.inputs.iter().any(|(d, _)| *d == DType::F16)
     }

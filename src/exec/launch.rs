@@ -12,6 +12,7 @@ use crate::exec::kernel::{Access, MapKernel, Node};
 use crate::exec::merge::MapOp;
 use crate::layout::{Layout, MAX_RANK};
 use crate::metadata::{DType, Shape};
+use crate::profile::KernelInfo;
 use crate::tensor::Tensor;
 
 /// One kernel dispatch, independent of the buffers it will be bound to.
@@ -21,14 +22,41 @@ pub(crate) struct Launch {
     pub source: String,
     pub words: Vec<u32>,
     pub grid: [u32; 3],
+    /// What it computes, for the profiler.
+    pub info: KernelInfo,
 }
 
 impl Launch {
     /// Dispatches now, with `buffers` bound after the uniform in order.
     pub fn dispatch(&self, device: &Device, buffers: &[&wgpu::Buffer]) -> Result<()> {
         let pipeline = device.pipeline(self.label, &self.source)?;
-        device.dispatch(self.label, &pipeline, &self.words, buffers, self.grid)
+        device.dispatch(self.label, &self.info, &pipeline, &self.words, buffers, self.grid)
     }
+}
+
+/// The bytes an elementwise-shaped kernel moves: each input and output
+/// element of `elements` once (a broadcast input is counted whole, an
+/// overestimate when it is read from cache).
+fn map_bytes(kernel: &MapKernel, elements: usize) -> u64 {
+    input_bytes(kernel, elements) + output_bytes(kernel, elements)
+}
+
+/// Gathered bindings are not counted: how much of them a kernel reads
+/// depends on the indices.
+fn input_bytes(kernel: &MapKernel, elements: usize) -> u64 {
+    let per: usize = kernel.inputs.iter().filter(|(_, a)| *a != Access::Gathered).map(|(d, _)| d.size_in_bytes()).sum();
+    (per as u64).saturating_mul(elements as u64)
+}
+
+fn output_bytes(kernel: &MapKernel, elements: usize) -> u64 {
+    let per: usize = kernel.outputs.iter().map(|(id, _)| kernel.dtype(*id).size_in_bytes()).sum();
+    (per as u64).saturating_mul(elements as u64)
+}
+
+/// What the profiler calls an elementwise kernel: its ops, or `copy`.
+fn map_name(kernel: &MapKernel) -> String {
+    let ops = kernel.describe();
+    if ops.is_empty() { "copy".into() } else { ops }
 }
 
 fn push_view(words: &mut Vec<u32>, layout: &Layout) {
@@ -97,12 +125,13 @@ pub(crate) fn map_launch(
 ) -> Result<Launch> {
     let words = map_words(op, &mut kernel, shape, inputs, outputs, scalars)?;
     let views: Vec<Layout> = inputs.iter().chain(outputs).cloned().collect();
+    let info = KernelInfo::new("map", map_name(&kernel), map_bytes(&kernel, shape.numel()), 0);
     if codegen::vectorisable(&kernel, shape.numel(), &views) {
         let grid = device.grid_1d(shape.numel() as u64 / 4)?;
-        return Ok(Launch { label: op, source: codegen::render_x4(&kernel), words, grid });
+        return Ok(Launch { label: op, source: codegen::render_x4(&kernel), words, grid, info });
     }
     let grid = device.grid_1d(shape.numel() as u64)?;
-    Ok(Launch { label: op, source: codegen::render(&kernel), words, grid })
+    Ok(Launch { label: op, source: codegen::render(&kernel), words, grid, info })
 }
 
 /// Runs an elementwise kernel over `out_shape`, broadcasting every input to
@@ -247,12 +276,15 @@ pub(crate) fn reduce_launch(
     let mut words = map_words("reduce", &mut kernel, shape, inputs, std::slice::from_ref(&out), scalars)?;
     let grid = device.grid_1d((a * n_chunks) as u64)?;
     let views: Vec<Layout> = inputs.iter().chain([&out]).cloned().collect();
+    // Reads every element of the [a, k] iteration, writes a * n_chunks.
+    let fused = format!("{:?} of {}", kind, map_name(&kernel)).to_lowercase();
+    let info = KernelInfo::new("reduce", fused, input_bytes(&kernel, a * k) + output_bytes(&kernel, a * n_chunks), 0);
     if k.is_multiple_of(4) && codegen::vectorisable(&kernel, a * k, &views) {
         words.extend_from_slice(&codegen::reduce_words(a, k / 4, n_chunks));
-        return Ok(Launch { label: "reduce", source: codegen::render_reduce_x4(&kernel, kind), words, grid });
+        return Ok(Launch { label: "reduce", source: codegen::render_reduce_x4(&kernel, kind), words, grid, info });
     }
     words.extend_from_slice(&codegen::reduce_words(a, k, n_chunks));
-    Ok(Launch { label: "reduce", source: codegen::render_reduce(&kernel, kind), words, grid })
+    Ok(Launch { label: "reduce", source: codegen::render_reduce(&kernel, kind), words, grid, info })
 }
 
 /// Reduces `x` over `axes` (sorted, distinct, in range).
@@ -366,6 +398,16 @@ pub(crate) fn matmul_launches(
     let max = device.inner.limits.max_compute_workgroups_per_dimension as usize;
     let (tile_m, tile_n) = template.tile();
     let (gx, gy, gz) = (n.div_ceil(tile_n), m.div_ceil(tile_m), batch_count);
+    // A and B once each (a lower bound: tiles re-read them), the epilogue's
+    // inputs and the result once.
+    let size = dtype.size_in_bytes() as u64;
+    let operands = (batch_count * (m * k + k * n)) as u64 * size;
+    let fused = match epilogue.describe().as_str() {
+        "" => "matmul".to_string(),
+        epilogue => format!("matmul, then {epilogue}"),
+    };
+    let flops = 2 * (batch_count as u64) * (m as u64) * (n as u64) * (k as u64);
+    let info = KernelInfo::new("matmul", fused, operands + map_bytes(&epilogue, out_shape.numel()), flops);
     let mut launches = Vec::new();
     for bz in (0..gz).step_by(max) {
         for by in (0..gy).step_by(max) {
@@ -389,7 +431,7 @@ pub(crate) fn matmul_launches(
                 ];
                 w.extend_from_slice(&template_words);
                 let grid = [(gx - bx).min(max) as u32, (gy - by).min(max) as u32, (gz - bz).min(max) as u32];
-                launches.push(Launch { label: "matmul", source: source.clone(), words: w, grid });
+                launches.push(Launch { label: "matmul", source: source.clone(), words: w, grid, info: info.clone() });
             }
         }
     }

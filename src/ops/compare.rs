@@ -18,7 +18,7 @@ pub(crate) enum CmpOp {
 }
 
 impl CmpOp {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             CmpOp::Eq => "eq",
             CmpOp::Ne => "ne",

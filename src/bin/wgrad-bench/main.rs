@@ -7,6 +7,7 @@
 //! ```sh
 //! cargo run --release --bin wgrad-bench -- [--workload W1,W3] [--mode eager,merged,compiled]
 //!     [--steps 20] [--small] [--json FILE] [--svg FILE] [--matmul 256,512] [--memory-steps 1000]
+//!     [--profile] [--trace DIR]
 //! ```
 //!
 //! A step is forward + backward (+ W1's SGD update) + the loss read back
@@ -16,7 +17,10 @@
 //! submits per step, new pipelines and driver buffers over the measured
 //! steps, peak device memory, and GFLOP/s (W1, W3) or GB/s (W2).
 //! `--matmul` times the matmul kernel alone; `--memory-steps` runs W1
-//! compiled that long and checks memory (see `memory.rs`).
+//! compiled that long and checks memory (see `memory.rs`). `--profile`
+//! runs one more step of each (workload, mode) with the kernel profiler on
+//! and prints where its GPU time went; `--trace DIR` also writes each of
+//! those steps as a Chrome trace (`W1-compiled.json`, for Perfetto).
 
 mod matmul;
 mod memory;
@@ -38,6 +42,8 @@ struct Options {
     svg: Option<String>,
     matmul: Vec<usize>,
     memory_steps: Option<usize>,
+    profile: bool,
+    trace: Option<String>,
 }
 
 fn parse() -> Result<Options, String> {
@@ -50,6 +56,8 @@ fn parse() -> Result<Options, String> {
         svg: None,
         matmul: Vec::new(),
         memory_steps: None,
+        profile: false,
+        trace: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -78,6 +86,11 @@ fn parse() -> Result<Options, String> {
             }
             "--steps" => o.steps = value()?.parse::<usize>().map_err(|e| format!("--steps: {e}"))?.max(1),
             "--small" => o.small = true,
+            "--profile" => o.profile = true,
+            "--trace" => {
+                o.trace = Some(value()?);
+                o.profile = true;
+            }
             "--json" => o.json = Some(value()?),
             "--svg" => o.svg = Some(value()?),
             "--memory-steps" => {
@@ -93,7 +106,7 @@ fn parse() -> Result<Options, String> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: wgrad-bench [--workload W1,..] [--mode eager,merged,compiled] [--steps N] [--small] [--json FILE] [--svg FILE] [--matmul 256,512] [--memory-steps 1000]"
+                    "usage: wgrad-bench [--workload W1,..] [--mode eager,merged,compiled] [--steps N] [--small] [--json FILE] [--svg FILE] [--matmul 256,512] [--memory-steps 1000] [--profile] [--trace DIR]"
                 );
                 std::process::exit(0);
             }
@@ -231,6 +244,27 @@ fn measure(device: &Device, id: Id, o: &Options) -> wgrad::Result<Vec<Row>> {
         for r in &mut runners {
             let ms = r.step(device)?;
             r.times.push(ms);
+        }
+    }
+    if o.profile {
+        for r in &mut runners {
+            // The profiled step is not one of the measured ones.
+            let (counters, peak) = (r.counters, r.step_peak);
+            device.synchronize()?;
+            device.set_profiling(true);
+            let result = r.step(device);
+            device.set_profiling(false);
+            result?;
+            (r.counters, r.step_peak) = (counters, peak);
+            let profile = device.take_profile();
+            println!("\n{} {} (one step, profiled):\n{}", id.name(), r.mode.name(), profile.summary());
+            if let Some(dir) = &o.trace {
+                let path = std::path::Path::new(dir).join(format!("{}-{}.json", id.name(), r.mode.name()));
+                std::fs::write(&path, profile.chrome_trace()).map_err(|e| wgrad::Error::InvalidArgument {
+                    op: "wgrad-bench --trace",
+                    message: format!("writing {}: {e}", path.display()),
+                })?;
+            }
         }
     }
     device.set_merge_elementwise(true);
