@@ -165,3 +165,172 @@ fn compiled_backward_matches_eager_slice_step() {
         l[0].slice_step(0, Some(-5), None, 2)?.slice_step(1, Some(1), Some(-1), 2)?.tanh()?.mul(&r)?.sum_all()
     });
 }
+
+// ------------------------------------------------------------------ pooling
+
+/// One pooling configuration: kernel, stride, padding, ceil_mode, count_include_pad.
+#[derive(Debug, Clone, Copy)]
+struct Pool {
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 2],
+    ceil_mode: bool,
+    count_include_pad: bool,
+}
+
+impl Pool {
+    fn options(&self) -> wgrad::Pool2dOptions {
+        wgrad::Pool2dOptions {
+            stride: Some(self.stride),
+            padding: self.padding,
+            ceil_mode: self.ceil_mode,
+            count_include_pad: self.count_include_pad,
+        }
+    }
+
+    /// PyTorch's `pooling_output_shape` along axis `a` for an input of `size`.
+    fn out(&self, a: usize, size: usize) -> usize {
+        let (k, s, p) = (self.kernel[a] as isize, self.stride[a] as isize, self.padding[a] as isize);
+        let num = size as isize + 2 * p - k + if self.ceil_mode { s - 1 } else { 0 };
+        let mut out = num.div_euclid(s) + 1;
+        if self.ceil_mode && (out - 1) * s >= size as isize + p {
+            out -= 1;
+        }
+        out as usize
+    }
+}
+
+/// Max or average pooling of `x` [n, c, h, w] as a direct loop, PyTorch's kernels transcribed
+/// (`AvgPool2d`'s `hstart`/`hend`/`pool_size`).
+fn ref_pool(x: &RefTensor, p: Pool, max: bool) -> RefTensor {
+    let (h, w) = (x.shape[2] as isize, x.shape[3] as isize);
+    let (oh, ow) = (p.out(0, x.shape[2]), p.out(1, x.shape[3]));
+    let [kh, kw] = p.kernel.map(|k| k as isize);
+    let [sh, sw] = p.stride.map(|s| s as isize);
+    let [ph, pw] = p.padding.map(|v| v as isize);
+    RefTensor::from_fn(&[x.shape[0], x.shape[1], oh, ow], |at| {
+        let (hs, ws) = (at[2] as isize * sh - ph, at[3] as isize * sw - pw);
+        let (he, we) = ((hs + kh).min(h + ph), (ws + kw).min(w + pw));
+        let pool_size = (he - hs) * (we - ws);
+        let (hs, ws, he, we) = (hs.max(0), ws.max(0), he.min(h), we.min(w));
+        let mut acc = if max { f64::NEG_INFINITY } else { 0.0 };
+        for i in hs..he {
+            for j in ws..we {
+                let v = x.at(&[at[0], at[1], i as usize, j as usize]);
+                acc = if max { acc.max(v) } else { acc + v };
+            }
+        }
+        if max {
+            acc
+        } else {
+            let divisor = if p.count_include_pad { pool_size } else { (he - hs) * (we - ws) };
+            acc / divisor as f64
+        }
+    })
+}
+
+const POOLS: [([usize; 4], Pool); 7] = [
+    ([1, 2, 5, 5], Pool { kernel: [2, 2], stride: [2, 2], padding: [0, 0], ceil_mode: true, count_include_pad: true }),
+    ([2, 1, 6, 7], Pool { kernel: [3, 3], stride: [2, 2], padding: [1, 1], ceil_mode: true, count_include_pad: true }),
+    ([2, 1, 6, 7], Pool { kernel: [3, 3], stride: [2, 2], padding: [1, 1], ceil_mode: true, count_include_pad: false }),
+    ([1, 2, 6, 5], Pool { kernel: [3, 2], stride: [2, 3], padding: [1, 1], ceil_mode: true, count_include_pad: false }),
+    ([1, 1, 5, 5], Pool { kernel: [2, 2], stride: [2, 2], padding: [1, 1], ceil_mode: true, count_include_pad: true }),
+    (
+        [1, 1, 4, 4],
+        Pool { kernel: [3, 3], stride: [1, 1], padding: [1, 1], ceil_mode: false, count_include_pad: false },
+    ),
+    ([1, 2, 7, 6], Pool { kernel: [3, 3], stride: [2, 2], padding: [0, 1], ceil_mode: false, count_include_pad: true }),
+];
+
+#[test]
+fn pooling_options_gradcheck() {
+    let _l = lock();
+    for (i, (shape, p)) in POOLS.into_iter().enumerate() {
+        let x = r32(10 + i as u64, &shape, -2.0, 2.0);
+        let o = p.options();
+        gradcheck(
+            &format!("avg_pool2d {shape:?} {p:?}"),
+            std::slice::from_ref(&x),
+            |t| t[0].avg_pool2d_with(p.kernel, o),
+            |r| ref_pool(&r[0], p, false),
+        );
+        gradcheck(
+            &format!("max_pool2d {shape:?} {p:?}"),
+            std::slice::from_ref(&x),
+            |t| t[0].max_pool2d_with(p.kernel, o),
+            |r| ref_pool(&r[0], p, true),
+        );
+    }
+}
+
+#[test]
+fn pooling_matches_pytorch_spot_values() {
+    let _l = lock();
+    let x = Tensor::arange(0.0, 25.0, 1.0, &device()).unwrap().reshape([1, 1, 5, 5]).unwrap();
+    // avg_pool2d(arange(25).view(1, 1, 5, 5), 2, 2, ceil_mode=True): 3x3, the last row and column
+    // windows hold 2 elements and the corner 1, each divided by its own count.
+    let ceil = wgrad::Pool2dOptions { ceil_mode: true, ..Default::default() };
+    let avg = x.avg_pool2d_with([2, 2], ceil).unwrap();
+    assert_eq!(avg.dims(), [1, 1, 3, 3]);
+    assert_eq!(avg.to_vec::<f32>().unwrap(), vec![3.0, 5.0, 6.5, 13.0, 15.0, 16.5, 20.5, 22.5, 24.0]);
+    // Floor mode (the default) keeps the 2x2 of whole windows.
+    assert_eq!(x.avg_pool2d([2, 2], [2, 2], [0, 0]).unwrap().to_vec::<f32>().unwrap(), vec![3.0, 5.0, 13.0, 15.0]);
+    // With padding 1, ceil mode would give 4 windows per axis, but the 4th starts in the trailing
+    // padding and is dropped: 3x3, as PyTorch.
+    let padded = wgrad::Pool2dOptions { padding: [1, 1], ceil_mode: true, ..Default::default() };
+    let max = x.max_pool2d_with([2, 2], padded).unwrap();
+    assert_eq!(max.dims(), [1, 1, 3, 3]);
+    assert_eq!(max.to_vec::<f32>().unwrap(), vec![0.0, 2.0, 4.0, 10.0, 12.0, 14.0, 20.0, 22.0, 24.0]);
+    // avg with padding: the edge windows hold 2 elements and 2 padding zeros, counted or not.
+    let avg = x.avg_pool2d_with([2, 2], padded).unwrap().to_vec::<f32>().unwrap();
+    assert_eq!((avg[1], avg[6], avg[8]), ((1.0 + 2.0) / 4.0, (15.0 + 20.0) / 4.0, 84.0 / 4.0));
+    let real = wgrad::Pool2dOptions { count_include_pad: false, ..padded };
+    let avg = x.avg_pool2d_with([2, 2], real).unwrap().to_vec::<f32>().unwrap();
+    assert_eq!((avg[1], avg[6], avg[8]), ((1.0 + 2.0) / 2.0, (15.0 + 20.0) / 2.0, 84.0 / 4.0));
+    // The 3-argument forms are the defaults of the options.
+    let y = upload(&r32(20, &[2, 3, 6, 6], -1.0, 1.0));
+    let a = y.max_pool2d([3, 3], [2, 2], [1, 1]).unwrap().to_vec::<f32>().unwrap();
+    let b =
+        y.max_pool2d_with([3, 3], wgrad::Pool2dOptions { stride: Some([2, 2]), padding: [1, 1], ..Default::default() });
+    assert_eq!(a, b.unwrap().to_vec::<f32>().unwrap());
+    // stride None is the kernel.
+    let c = y.avg_pool2d_with([2, 3], Default::default()).unwrap();
+    assert_eq!(c.dims(), [2, 3, 3, 2]);
+    assert_eq!(c.to_vec::<f32>().unwrap(), y.avg_pool2d([2, 3], [2, 3], [0, 0]).unwrap().to_vec::<f32>().unwrap());
+}
+
+#[test]
+fn pooling_bad_arguments() {
+    let _l = lock();
+    let x = upload(&r32(21, &[1, 1, 5, 5], -1.0, 1.0)).requires_grad(true).unwrap();
+    let before = x.to_vec::<f32>().unwrap();
+    for ceil_mode in [false, true] {
+        let base = wgrad::Pool2dOptions { ceil_mode, ..Default::default() };
+        let too_much_padding = wgrad::Pool2dOptions { padding: [2, 0], ..base };
+        expect_invalid(x.avg_pool2d_with([3, 3], too_much_padding), "avg_pool2d", &["padding", "half the kernel"]);
+        expect_invalid(x.max_pool2d_with([3, 3], too_much_padding), "max_pool2d", &["padding", "half the kernel"]);
+        let zero_stride = wgrad::Pool2dOptions { stride: Some([0, 1]), ..base };
+        expect_invalid(x.avg_pool2d_with([2, 2], zero_stride), "avg_pool2d", &["stride", "at least 1"]);
+        expect_invalid(x.max_pool2d_with([0, 2], base), "max_pool2d", &["kernel", "at least 1"]);
+        expect_invalid(x.max_pool2d_with([6, 2], base), "max_pool2d", &["does not fit"]);
+    }
+    assert_eq!(x.to_vec::<f32>().unwrap(), before);
+    assert!(x.grad().is_none());
+    assert_eq!(x.avg_pool2d_with([2, 2], Default::default()).unwrap().dims(), [1, 1, 2, 2]);
+}
+
+#[test]
+fn compiled_backward_matches_eager_pooling() {
+    let _l = lock();
+    let x = upload(&r32(22, &[2, 2, 7, 6], -2.0, 2.0)).requires_grad(true).unwrap();
+    let p = POOLS[3].1;
+    let r = upload(&r32(23, &[2, 2, p.out(0, 7), p.out(1, 6)], -1.0, 1.0));
+    eager_vs_compiled("avg_pool2d ceil_mode, count_include_pad=false", std::slice::from_ref(&x), |l| {
+        l[0].avg_pool2d_with(p.kernel, p.options())?.mul(&r)?.sum_all()
+    });
+    let p = POOLS[4].1;
+    let r = upload(&r32(24, &[2, 2, p.out(0, 7), p.out(1, 6)], -1.0, 1.0));
+    eager_vs_compiled("max_pool2d ceil_mode", std::slice::from_ref(&x), |l| {
+        l[0].max_pool2d_with(p.kernel, p.options())?.mul(&r)?.sum_all()
+    });
+}

@@ -23,7 +23,7 @@ use crate::metadata::{DType, Shape};
 use crate::tensor::Tensor;
 
 pub use compare::where_;
-pub use conv::Conv2dOptions;
+pub use conv::{Conv2dOptions, Pool2dOptions};
 pub use index::embedding;
 pub use loss::{ClassLoss, Reduction};
 pub use movement::{cat, stack};
