@@ -344,7 +344,7 @@ fn nn_op_cases() -> Vec<OpCase> {
     let l = |shape: &[usize], s: u64| leaf(shape, s, -1.0, 1.0);
     let wide = |shape: &[usize], s: u64| leaf(shape, s, -3.0, 3.0);
     fn conv(stride: [usize; 2], padding: [usize; 2], dilation: [usize; 2]) -> Conv2dOptions {
-        Conv2dOptions { stride, padding, dilation }
+        Conv2dOptions { stride, padding, dilation, ..Default::default() }
     }
     fn ce(reduction: Reduction, ignore_index: Option<i32>) -> ClassLoss {
         ClassLoss { reduction, ignore_index }

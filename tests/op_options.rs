@@ -154,6 +154,125 @@ fn slice_step_bad_arguments() {
     assert_eq!(x.slice_step(1, None, None, 5).unwrap().dims(), [4, 2]);
 }
 
+// ------------------------------------------------------------------ grouped conv2d
+
+/// Grouped 2-D cross-correlation as a direct loop: output channel `o` of group `o / (oc / groups)`
+/// sees input channels `g * c/groups .. (g + 1) * c/groups`.
+fn ref_conv_grouped(x: &RefTensor, w: &RefTensor, bias: Option<&RefTensor>, o: wgrad::Conv2dOptions) -> RefTensor {
+    let (n, c, h, wd) = (x.shape[0], x.shape[1], x.shape[2] as isize, x.shape[3] as isize);
+    let (oc, cg, kh, kw) = (w.shape[0], w.shape[1], w.shape[2], w.shape[3]);
+    assert_eq!(cg * o.groups, c, "reference: weight channels");
+    let out = |a: usize, size: isize, k: usize| {
+        ((size + 2 * o.padding[a] as isize - (o.dilation[a] * (k - 1)) as isize - 1) / o.stride[a] as isize + 1)
+            as usize
+    };
+    let (oh, ow) = (out(0, h, kh), out(1, wd, kw));
+    RefTensor::from_fn(&[n, oc, oh, ow], |at| {
+        let (b, ch, y, xx) = (at[0], at[1], at[2], at[3]);
+        let group = ch / (oc / o.groups);
+        let mut acc = bias.map_or(0.0, |bias| bias.data[ch]);
+        for j in 0..cg {
+            for ki in 0..kh {
+                for kj in 0..kw {
+                    let iy = (y * o.stride[0] + ki * o.dilation[0]) as isize - o.padding[0] as isize;
+                    let ix = (xx * o.stride[1] + kj * o.dilation[1]) as isize - o.padding[1] as isize;
+                    if iy >= 0 && ix >= 0 && iy < h && ix < wd {
+                        acc += x.at(&[b, group * cg + j, iy as usize, ix as usize]) * w.at(&[ch, j, ki, kj]);
+                    }
+                }
+            }
+        }
+        acc
+    })
+}
+
+#[test]
+fn grouped_conv2d_gradcheck() {
+    let _l = lock();
+    let opts = |groups, stride, padding, dilation| wgrad::Conv2dOptions { stride, padding, dilation, groups };
+    type Case = (&'static str, [usize; 4], [usize; 4], bool, wgrad::Conv2dOptions);
+    let cases: [Case; 6] = [
+        ("2 groups", [2, 4, 5, 6], [6, 2, 3, 2], true, opts(2, [1, 1], [0, 0], [1, 1])),
+        ("3 groups, stride 2, padding 1", [1, 6, 6, 5], [3, 2, 3, 3], false, opts(3, [2, 2], [1, 1], [1, 1])),
+        ("depthwise", [2, 3, 5, 5], [3, 1, 3, 3], true, opts(3, [1, 1], [1, 1], [1, 1])),
+        ("depthwise, multiplier 2, dilation 2", [1, 2, 6, 7], [4, 1, 2, 3], true, opts(2, [1, 2], [1, 0], [2, 2])),
+        ("groups = out_channels < in_channels", [2, 4, 4, 4], [2, 2, 2, 2], false, opts(2, [1, 1], [0, 0], [1, 1])),
+        ("groups 1 (ordinary)", [1, 3, 4, 5], [2, 3, 2, 2], true, opts(1, [1, 1], [1, 0], [1, 1])),
+    ];
+    for (i, (name, xs, ws, bias, o)) in cases.into_iter().enumerate() {
+        let seed = 30 + 10 * i as u64;
+        let mut inputs = vec![r32(seed, &xs, -1.0, 1.0), r32(seed + 1, &ws, -1.0, 1.0)];
+        if bias {
+            inputs.push(r32(seed + 2, &[ws[0]], -1.0, 1.0));
+        }
+        gradcheck(
+            &format!("conv2d {name} x {xs:?} w {ws:?}"),
+            &inputs,
+            |t| t[0].conv2d(&t[1], t.get(2), o),
+            |r| ref_conv_grouped(&r[0], &r[1], r.get(2), o),
+        );
+    }
+    // A grouped convolution is the per-group convolutions concatenated.
+    let x = upload(&r32(100, &[2, 4, 5, 5], -1.0, 1.0));
+    let w = upload(&r32(101, &[6, 2, 3, 3], -1.0, 1.0));
+    let grouped = x.conv2d(&w, None, opts(2, [1, 1], [1, 1], [1, 1])).unwrap();
+    let parts: Vec<Tensor> = (0..2)
+        .map(|g| x.narrow(1, 2 * g, 2)?.conv2d(&w.narrow(0, 3 * g, 3)?, None, opts(1, [1, 1], [1, 1], [1, 1])))
+        .collect::<wgrad::Result<_>>()
+        .unwrap();
+    let cat = wgrad::cat(&[&parts[0], &parts[1]], 1).unwrap();
+    assert_close_f32(
+        &grouped.to_vec::<f32>().unwrap(),
+        &cat.to_vec::<f32>().unwrap().iter().map(|&v| f64::from(v)).collect::<Vec<_>>(),
+        1e-6,
+        1e-6,
+        "grouped = cat of per-group convolutions",
+    );
+}
+
+#[test]
+fn grouped_conv2d_bad_arguments_and_layer() {
+    let _l = lock();
+    let d = device();
+    let x = upload(&r32(110, &[1, 6, 5, 5], -1.0, 1.0)).requires_grad(true).unwrap();
+    let before = x.to_vec::<f32>().unwrap();
+    let w = |shape: [usize; 4]| upload(&r32(111, &shape, -1.0, 1.0));
+    let groups = |groups| wgrad::Conv2dOptions { groups, ..Default::default() };
+    expect_invalid(x.conv2d(&w([4, 6, 3, 3]), None, groups(0)), "conv2d", &["groups 0", "at least 1"]);
+    expect_invalid(x.conv2d(&w([4, 1, 3, 3]), None, groups(4)), "conv2d", &["groups 4", "in_channels 6"]);
+    expect_invalid(x.conv2d(&w([4, 2, 3, 3]), None, groups(3)), "conv2d", &["groups 3", "out_channels 4"]);
+    // Groups that divide, but a weight whose channels are not in_channels / groups.
+    match x.conv2d(&w([6, 3, 3, 3]), None, groups(3)) {
+        Err(Error::IncompatibleShapes { op, lhs, rhs, rule }) => {
+            assert_eq!(op, "conv2d");
+            assert_eq!((lhs.dims(), rhs.dims()), (&[1, 6, 5, 5][..], &[6, 3, 3, 3][..]));
+            assert!(rule.contains("c / groups"), "{rule}");
+        }
+        other => panic!("expected IncompatibleShapes, got {other:?}"),
+    }
+    assert_eq!(x.to_vec::<f32>().unwrap(), before);
+    assert!(x.grad().is_none());
+
+    // The layer: weight [out, in / groups, kh, kw], PyTorch's bound 1 / sqrt(in / groups * kh * kw).
+    let options = wgrad::Conv2dOptions { padding: [1, 1], groups: 6, ..Default::default() };
+    let layer = wgrad::nn::Conv2d::new(6, 12, [3, 3], options, true, 7, &d).unwrap();
+    assert_eq!(layer.weight.dims(), [12, 1, 3, 3]);
+    let bound = 1.0 / 9f32.sqrt();
+    let values = layer.weight.to_vec::<f32>().unwrap();
+    assert!(values.iter().all(|v| v.abs() <= bound), "weights outside ±{bound}: {values:?}");
+    assert!(values.iter().any(|v| v.abs() > 0.5 * bound), "bound looks like in_channels * kh * kw: {values:?}");
+    assert_eq!(layer.forward(&x).unwrap().dims(), [1, 12, 5, 5]);
+    let bad =
+        wgrad::nn::Conv2d::new(6, 4, [3, 3], wgrad::Conv2dOptions { groups: 4, ..Default::default() }, true, 7, &d);
+    match bad {
+        Err(Error::InvalidArgument { op, message }) => {
+            assert!(op == "conv2d" && message.contains("groups 4"), "{message}")
+        }
+        Err(e) => panic!("expected InvalidArgument, got {e}"),
+        Ok(_) => panic!("Conv2d::new accepted groups 4 for 6 -> 4 channels"),
+    }
+}
+
 // ------------------------------------------------------------------ compiled backward
 
 #[test]
@@ -332,5 +451,18 @@ fn compiled_backward_matches_eager_pooling() {
     let r = upload(&r32(24, &[2, 2, p.out(0, 7), p.out(1, 6)], -1.0, 1.0));
     eager_vs_compiled("max_pool2d ceil_mode", std::slice::from_ref(&x), |l| {
         l[0].max_pool2d_with(p.kernel, p.options())?.mul(&r)?.sum_all()
+    });
+}
+
+#[test]
+fn compiled_backward_matches_eager_grouped_conv2d() {
+    let _l = lock();
+    let x = upload(&r32(120, &[2, 4, 6, 6], -1.0, 1.0)).requires_grad(true).unwrap();
+    let w = upload(&r32(121, &[8, 1, 3, 3], -1.0, 1.0)).requires_grad(true).unwrap();
+    let b = upload(&r32(122, &[8], -1.0, 1.0)).requires_grad(true).unwrap();
+    let o = wgrad::Conv2dOptions { stride: [2, 1], padding: [1, 1], groups: 4, ..Default::default() };
+    let r = upload(&r32(123, &[2, 8, 3, 6], -1.0, 1.0));
+    eager_vs_compiled("depthwise conv2d", &[x, w, b], |l| {
+        l[0].conv2d(&l[1], Some(&l[2]), o)?.tanh()?.mul(&r)?.sum_all()
     });
 }

@@ -12,7 +12,14 @@ use crate::metadata::Shape;
 use crate::ops::index::{gather_flat, index_map};
 use crate::tensor::Tensor;
 
-/// Stride, padding and dilation of a convolution, per spatial dim (h, w).
+/// Stride, padding and dilation of a convolution, per spatial dim (h, w),
+/// and its channel groups. Build it with `..Default::default()` so that
+/// fields added later keep PyTorch's defaults:
+///
+/// ```
+/// let depthwise = wgrad::Conv2dOptions { padding: [1, 1], groups: 8, ..Default::default() };
+/// # assert_eq!(depthwise.stride, [1, 1]);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Conv2dOptions {
     /// Step between windows.
@@ -21,12 +28,33 @@ pub struct Conv2dOptions {
     pub padding: [usize; 2],
     /// Spacing between kernel taps.
     pub dilation: [usize; 2],
+    /// Channel groups, as PyTorch's `groups` (default 1): the input
+    /// channels and the output channels are split into `groups` equal
+    /// parts and output part `g` sees only input part `g`, so the weight
+    /// is `[out_channels, in_channels / groups, kh, kw]`. `groups ==
+    /// in_channels` is a depthwise convolution.
+    pub groups: usize,
 }
 
 impl Default for Conv2dOptions {
     fn default() -> Conv2dOptions {
-        Conv2dOptions { stride: [1, 1], padding: [0, 0], dilation: [1, 1] }
+        Conv2dOptions { stride: [1, 1], padding: [0, 0], dilation: [1, 1], groups: 1 }
     }
+}
+
+/// Checks that `groups` splits `in_channels` and `out_channels` evenly
+/// (PyTorch's rule for grouped convolution).
+pub(crate) fn check_groups(in_channels: usize, out_channels: usize, groups: usize) -> Result<()> {
+    if groups == 0 || !in_channels.is_multiple_of(groups) || !out_channels.is_multiple_of(groups) {
+        return Err(Error::InvalidArgument {
+            op: "conv2d",
+            message: format!(
+                "groups {groups} must be at least 1 and divide both in_channels {in_channels} and \
+                 out_channels {out_channels}; pick a common divisor (1 for an ordinary convolution)"
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Options of [`Tensor::max_pool2d_with`] and [`Tensor::avg_pool2d_with`],
@@ -211,18 +239,31 @@ impl Tensor {
     }
 
     /// 2-D convolution (cross-correlation, as in PyTorch) of this
-    /// `[n, c, h, w]` input with `weight` `[out_channels, c, kh, kw]`, plus
-    /// `bias` `[out_channels]`: im2col (a gather) and one tiled matmul.
+    /// `[n, c, h, w]` input with `weight` `[out_channels, c / groups, kh,
+    /// kw]`, plus `bias` `[out_channels]`: im2col (a gather) and one tiled
+    /// matmul, batched over the groups when `options.groups > 1`.
+    ///
+    /// Groups reuse the one im2col gather and a batched matmul, so their
+    /// gradients are the transposes of those two primitives and need no
+    /// code of their own. The price is im2col's: every input element is
+    /// copied `kh * kw` times, which a depthwise convolution (one input
+    /// channel per group, a contraction of only `kh * kw`) feels the most;
+    /// a dedicated depthwise kernel would read the input in place.
     pub fn conv2d(&self, weight: &Tensor, bias: Option<&Tensor>, options: Conv2dOptions) -> Result<Tensor> {
-        if weight.rank() != 4 || self.rank() != 4 || weight.dims()[1] != self.dims()[1] {
+        let groups = options.groups;
+        if weight.rank() == 4 && self.rank() == 4 {
+            check_groups(self.dims()[1], weight.dims()[0], groups)?;
+        }
+        if weight.rank() != 4 || self.rank() != 4 || weight.dims()[1] * groups != self.dims()[1] {
             return Err(Error::IncompatibleShapes {
                 op: "conv2d",
                 lhs: self.shape().clone(),
                 rhs: weight.shape().clone(),
-                rule: "the input must be [n, c, h, w] and the weight [out_channels, c, kh, kw], with the same c",
+                rule: "the input must be [n, c, h, w] and the weight [out_channels, c / groups, kh, kw] \
+                       (the same c when groups is 1)",
             });
         }
-        let (oc, c, kh, kw) = (weight.dims()[0], weight.dims()[1], weight.dims()[2], weight.dims()[3]);
+        let (oc, cg, kh, kw) = (weight.dims()[0], weight.dims()[1], weight.dims()[2], weight.dims()[3]);
         if let Some(b) = bias.filter(|b| b.dims() != [oc]) {
             return Err(Error::IncompatibleShapes {
                 op: "conv2d",
@@ -232,9 +273,19 @@ impl Tensor {
             });
         }
         let n = self.dims()[0];
-        let (cols, [oh, ow]) = self.windows("conv2d", [kh, kw], options, (false, false), 0.0)?;
-        let rows = cols.reshape([n * oh * ow, c * kh * kw])?;
-        let out = rows.matmul(&weight.reshape([oc, c * kh * kw])?.t()?)?;
+        // im2col does not depend on the groups: one cached map serves all.
+        let geometry = Conv2dOptions { groups: 1, ..options };
+        let (cols, [oh, ow]) = self.windows("conv2d", [kh, kw], geometry, (false, false), 0.0)?;
+        let k = cg * kh * kw;
+        let out = if groups == 1 {
+            cols.reshape([n * oh * ow, k])?.matmul(&weight.reshape([oc, k])?.t()?)?
+        } else {
+            // Rows [n*oh*ow, groups, k] as groups batches (a permuted view),
+            // against the weight as [groups, k, oc / groups].
+            let rows = cols.reshape([n * oh * ow, groups, k])?.permute(&[1, 0, 2])?;
+            let w = weight.reshape([groups, oc / groups, k])?.transpose(1, 2)?;
+            rows.matmul(&w)?.permute(&[1, 0, 2])?
+        };
         let out = out.reshape([n, oh, ow, oc])?.permute(&[0, 3, 1, 2])?;
         match bias {
             Some(b) => out.add(&b.reshape([oc, 1, 1])?),

@@ -23,6 +23,7 @@ use crate::metadata::{DType, Shape};
 use crate::tensor::Tensor;
 
 pub use compare::where_;
+pub(crate) use conv::check_groups;
 pub use conv::{Conv2dOptions, Pool2dOptions};
 pub use index::embedding;
 pub use loss::{ClassLoss, Reduction};
