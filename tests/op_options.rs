@@ -273,6 +273,163 @@ fn grouped_conv2d_bad_arguments_and_layer() {
     }
 }
 
+// ------------------------------------------------------------------ class losses
+
+/// PyTorch's smoothed class loss of `labels` (one per position, row-major over `[n, d1, ...]`)
+/// under log-probabilities `logp` `[n, classes, d1, ...]` (or `[classes]` and one label), as a
+/// loop: `(1 - ε) (-log p_label) + ε mean_c(-log p_c)` per position, ignored positions 0 and not
+/// counted in the mean.
+fn ref_class_loss(logp: &RefTensor, labels: &[i64], options: wgrad::ClassLoss) -> RefTensor {
+    let one_position = logp.shape.len() == 1;
+    let logp = if one_position { logp.unsqueeze(0) } else { logp.clone() };
+    let classes = logp.shape[1];
+    let mut position_shape = logp.shape.clone();
+    position_shape.remove(1);
+    let positions = shape_numel(&position_shape);
+    assert_eq!(labels.len(), positions, "reference: one label per position");
+    let eps = options.label_smoothing;
+    let (mut losses, mut counted) = (vec![0.0; positions], 0.0);
+    for (p, &label) in labels.iter().enumerate() {
+        if options.ignore_index.map(i64::from) == Some(label) {
+            continue;
+        }
+        let mut at = unravel_index(p, &position_shape);
+        at.insert(1, 0);
+        let mut log_of = |c: usize| {
+            at[1] = c;
+            logp.at(&at)
+        };
+        let nll = -log_of(label as usize);
+        let smooth = -(0..classes).map(log_of).sum::<f64>() / classes as f64;
+        losses[p] = (1.0 - eps) * nll + eps * smooth;
+        counted += 1.0;
+    }
+    // One position of [classes] scores has a 0-d loss.
+    let out_shape = if one_position { vec![] } else { position_shape };
+    let per = RefTensor::new(losses, &out_shape);
+    match options.reduction {
+        wgrad::Reduction::Mean => RefTensor::scalar(per.sum_all() / counted),
+        wgrad::Reduction::Sum => RefTensor::scalar(per.sum_all()),
+        wgrad::Reduction::None => per,
+    }
+}
+
+fn labels_tensor(labels: &[i64], shape: &[usize]) -> Tensor {
+    let v: Vec<i32> = labels.iter().map(|&l| l as i32).collect();
+    Tensor::from_slice(&v, shape.to_vec(), &device()).unwrap()
+}
+
+const REDUCTIONS: [wgrad::Reduction; 3] = [wgrad::Reduction::Mean, wgrad::Reduction::Sum, wgrad::Reduction::None];
+
+#[test]
+fn class_losses_over_positions_with_smoothing_gradcheck() {
+    let _l = lock();
+    // (scores shape, labels, ignore_index, label_smoothing)
+    type Case = (&'static [usize], &'static [i64], Option<i32>, f64);
+    let cases: [Case; 7] = [
+        (&[4, 5], &[0, 4, -100, 2], Some(-100), 0.2),
+        (&[2, 3, 4], &[0, 2, 1, -100, 2, 2, 0, 1], Some(-100), 0.0),
+        (&[2, 3, 4], &[0, 2, 1, -100, 2, 2, -100, 1], Some(-100), 0.15),
+        (&[2, 4, 3, 2], &[0, 1, 2, 3, 1, 1, 3, 2, 0, 1, 2, 3], Some(1), 0.3),
+        (&[1, 3, 2, 2, 2], &[0, 1, 2, 0, 1, 2, 2, 1], None, 1.0),
+        (&[5], &[3], Some(-100), 0.25),
+        (&[3, 4], &[1, 3, 0], None, 0.05),
+    ];
+    for (i, (shape, labels, ignore_index, label_smoothing)) in cases.into_iter().enumerate() {
+        let mut label_shape = shape.to_vec();
+        label_shape.remove(usize::from(shape.len() > 1));
+        let lt = labels_tensor(labels, &label_shape);
+        let x = r32(200 + i as u64, shape, -2.0, 2.0);
+        let axis = usize::from(shape.len() > 1);
+        for reduction in REDUCTIONS {
+            let options = wgrad::ClassLoss { reduction, ignore_index, label_smoothing };
+            let name = format!("cross_entropy {shape:?} {options:?}");
+            gradcheck(
+                &name,
+                std::slice::from_ref(&x),
+                |t| t[0].cross_entropy(&lt, options),
+                |r| ref_class_loss(&r[0].log_softmax(axis), labels, options),
+            );
+            // nll_loss on log-probabilities taken as given (any tensor).
+            let name = format!("nll_loss {shape:?} {options:?}");
+            gradcheck(
+                &name,
+                std::slice::from_ref(&x),
+                |t| t[0].nll_loss(&lt, options),
+                |r| ref_class_loss(&r[0], labels, options),
+            );
+        }
+    }
+}
+
+#[test]
+fn class_loss_spot_values() {
+    let _l = lock();
+    let d = device();
+    // logits [0, 0, ln 2]: p = [1/4, 1/4, 1/2]; label 2 with ε = 0.3:
+    // 0.7 ln 2 + 0.3 (ln 4 + ln 4 + ln 2) / 3 = 1.2 ln 2.
+    let logits = Tensor::from_slice(&[0.0f32, 0.0, 2f32.ln()], [1, 3], &d).unwrap();
+    let smoothed = wgrad::ClassLoss { label_smoothing: 0.3, ..Default::default() };
+    let loss = logits.cross_entropy(&labels_tensor(&[2], &[1]), smoothed).unwrap().to_scalar::<f32>().unwrap();
+    assert!((f64::from(loss) - 1.2 * 2f64.ln()).abs() < 1e-6, "{loss}");
+    // The default ignores -100 (PyTorch's default), in both terms and in the mean's count.
+    let logits = upload(&r32(300, &[2, 3, 2], -1.0, 1.0));
+    let labels = labels_tensor(&[-100, 1, 2, -100], &[2, 2]);
+    let none = wgrad::ClassLoss { reduction: wgrad::Reduction::None, label_smoothing: 0.2, ..Default::default() };
+    let per = logits.cross_entropy(&labels, none).unwrap();
+    assert_eq!(per.dims(), [2, 2]);
+    let per = per.to_vec::<f32>().unwrap();
+    assert_eq!((per[0], per[3]), (0.0, 0.0));
+    let mean = logits.cross_entropy(&labels, smoothed_with(0.2)).unwrap().to_scalar::<f32>().unwrap();
+    assert!((mean - (per[1] + per[2]) / 2.0).abs() < 1e-6, "mean {mean} of {per:?}");
+    // Every position ignored: the mean is 0/0 = NaN, as PyTorch.
+    let all = labels_tensor(&[-100; 4], &[2, 2]);
+    assert!(logits.cross_entropy(&all, smoothed_with(0.2)).unwrap().to_scalar::<f32>().unwrap().is_nan());
+    // [classes] with a 0-d label is one position; Reduction::None gives a 0-d loss.
+    let x = upload(&r32(301, &[4], -1.0, 1.0));
+    let label = Tensor::from_slice(&[3i32], [], &d).unwrap();
+    let one = x.cross_entropy(&label, none).unwrap();
+    assert_eq!(one.dims(), [] as [usize; 0]);
+    let batched = x.unsqueeze(0).unwrap().cross_entropy(&labels_tensor(&[3], &[1]), none).unwrap();
+    assert_eq!(one.to_vec::<f32>().unwrap(), batched.to_vec::<f32>().unwrap());
+}
+
+fn smoothed_with(label_smoothing: f64) -> wgrad::ClassLoss {
+    wgrad::ClassLoss { label_smoothing, ..Default::default() }
+}
+
+#[test]
+fn class_loss_bad_arguments() {
+    let _l = lock();
+    let logits = upload(&r32(310, &[2, 3, 4], -1.0, 1.0)).requires_grad(true).unwrap();
+    let logp = logits.log_softmax(1).unwrap();
+    let before = logits.to_vec::<f32>().unwrap();
+    let good = labels_tensor(&[0, 1, 2, -100, 2, 1, 0, 0], &[2, 4]);
+    for eps in [-0.1, 1.5, f64::NAN, f64::INFINITY] {
+        let o = smoothed_with(eps);
+        expect_invalid(logits.cross_entropy(&good, o), "cross_entropy", &["label_smoothing", "[0, 1]"]);
+        expect_invalid(logp.nll_loss(&good, o), "nll_loss", &["label_smoothing", "[0, 1]"]);
+    }
+    // Out-of-range labels at positions past the first dims, not the ignore index.
+    for (labels, ignore_index) in [(&[0, 1, 2, 3, 0, 0, 0, 0], Some(-100)), (&[0, 1, 2, -100, 0, 0, 0, 0], None)] {
+        let o = wgrad::ClassLoss { ignore_index, ..Default::default() };
+        let lt = labels_tensor(labels, &[2, 4]);
+        expect_invalid(logits.cross_entropy(&lt, o), "cross_entropy", &["1 label(s) outside 0..3"]);
+        expect_invalid(logp.nll_loss(&lt, o), "nll_loss", &["1 label(s) outside 0..3"]);
+    }
+    // Labels whose shape is not the scores' without the class dim.
+    for shape in [&[2, 3][..], &[2, 4, 1], &[8], &[4, 2]] {
+        let lt = labels_tensor(&[0; 8][..shape.iter().product()], shape);
+        expect_invalid(logits.cross_entropy(&lt, Default::default()), "cross_entropy", &["[n, d1, ...]", "[2, 3, 4]"]);
+    }
+    let scalar = Tensor::full([], 1.0, wgrad::DType::F32, &device()).unwrap();
+    expect_invalid(scalar.cross_entropy(&labels_tensor(&[0], &[]), Default::default()), "cross_entropy", &["[]"]);
+    assert_eq!(logits.to_vec::<f32>().unwrap(), before);
+    assert!(logits.grad().is_none());
+    logits.cross_entropy(&good, smoothed_with(0.1)).unwrap().backward().unwrap();
+    assert!(logits.grad().is_some());
+}
+
 // ------------------------------------------------------------------ compiled backward
 
 #[test]
@@ -465,4 +622,18 @@ fn compiled_backward_matches_eager_grouped_conv2d() {
     eager_vs_compiled("depthwise conv2d", &[x, w, b], |l| {
         l[0].conv2d(&l[1], Some(&l[2]), o)?.tanh()?.mul(&r)?.sum_all()
     });
+}
+
+#[test]
+fn compiled_backward_matches_eager_class_losses() {
+    let _l = lock();
+    let x = upload(&r32(320, &[2, 4, 3, 3], -2.0, 2.0)).requires_grad(true).unwrap();
+    let labels = labels_tensor(&[0, 1, 2, 3, -100, 1, 2, 3, 0, 3, 2, 1, -100, -100, 0, 1, 2, 3], &[2, 3, 3]);
+    for reduction in REDUCTIONS {
+        let options = wgrad::ClassLoss { reduction, label_smoothing: 0.1, ..Default::default() };
+        let r = upload(&r32(321, if reduction == wgrad::Reduction::None { &[2, 3, 3] } else { &[] }, 0.5, 1.5));
+        eager_vs_compiled(&format!("cross_entropy [n, c, h, w] {options:?}"), std::slice::from_ref(&x), |l| {
+            l[0].cross_entropy(&labels, options)?.mul(&r)?.sum_all()
+        });
+    }
 }
