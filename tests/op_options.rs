@@ -637,3 +637,18 @@ fn compiled_backward_matches_eager_class_losses() {
         });
     }
 }
+
+/// The gradient of a strided slice of a rank-8 tensor (the most kernels index) stays within rank 8.
+#[test]
+fn slice_step_of_a_rank_8_tensor() {
+    let _l = lock();
+    let shape = [2, 1, 2, 1, 5, 1, 2, 1];
+    let x = r32(7, &shape, -1.0, 1.0);
+    let idx = python_slice(5, Some(-4), None, 2);
+    gradcheck(
+        "slice_step rank 8",
+        std::slice::from_ref(&x),
+        |t| t[0].slice_step(4, Some(-4), None, 2),
+        |r| ref_select(&r[0], 4, &idx),
+    );
+}

@@ -130,7 +130,7 @@ impl Windows {
             *slot = if self.ceil_mode { (size - span).div_ceil(stride) } else { (size - span) / stride } + 1;
             // PyTorch's rule: a last window that would start in the trailing
             // padding is dropped, so every window holds an input element.
-            if self.ceil_mode && (*slot - 1) * stride >= self.input[2 + a] + pad {
+            if self.ceil_mode && (*slot - 1).saturating_mul(stride) >= self.input[2 + a] + pad {
                 *slot -= 1;
             }
         }
@@ -254,7 +254,7 @@ impl Tensor {
         if weight.rank() == 4 && self.rank() == 4 {
             check_groups(self.dims()[1], weight.dims()[0], groups)?;
         }
-        if weight.rank() != 4 || self.rank() != 4 || weight.dims()[1] * groups != self.dims()[1] {
+        if weight.rank() != 4 || self.rank() != 4 || weight.dims()[1].checked_mul(groups) != Some(self.dims()[1]) {
             return Err(Error::IncompatibleShapes {
                 op: "conv2d",
                 lhs: self.shape().clone(),

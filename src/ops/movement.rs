@@ -254,22 +254,22 @@ impl Tensor {
     }
 
     /// Places this tensor at `start, start + step, ...` along `dim` of a
-    /// zero tensor of `shape` (the gradient of [`Tensor::slice_step`]):
-    /// each element is padded to `step` along a new dim after `dim`, the
-    /// two dims merged, and the result padded into place, so the gradient
-    /// is made of recorded ops and double backward and the compiled
-    /// backward need nothing more.
+    /// zero tensor of `shape` (the gradient of [`Tensor::slice_step`]).
+    /// As `[outer, len, inner]`, each element is padded to `step` along a
+    /// new dim after `len`, the two dims merged, and the result padded
+    /// into place; so the gradient is made of recorded ops (double and
+    /// compiled backward need nothing more), and the rank stays at most 4
+    /// whatever the input's.
     pub(crate) fn pad_strided(&self, shape: &Shape, dim: usize, start: usize, step: usize) -> Result<Tensor> {
-        let len = self.dims()[dim];
-        let mut spread = self.dims().to_vec();
-        spread.insert(dim + 1, step);
-        let spread = self.unsqueeze(dim as isize + 1)?.pad_narrowed(&Shape::new(spread), dim + 1, 0)?;
-        let mut merged = self.dims().to_vec();
-        merged[dim] = len * step;
-        let merged = spread.reshape(merged)?;
+        let (len, n) = (self.dims()[dim], shape.dims()[dim]);
+        let outer: usize = self.dims()[..dim].iter().product();
+        let inner: usize = self.dims()[dim + 1..].iter().product();
+        let spread =
+            self.reshape([outer, len, 1, inner])?.pad_narrowed(&Shape::new([outer, len, step, inner]), 2, 0)?;
         // The gaps after the last element may run past the end of `dim`.
-        let fits = (len * step).min(shape.dims()[dim] - start);
-        merged.narrow(dim as isize, 0, fits)?.pad_narrowed(shape, dim, start)
+        let fits = (len * step).min(n - start);
+        let placed = spread.reshape([outer, len * step, inner])?.narrow(1, 0, fits)?;
+        placed.pad_narrowed(&Shape::new([outer, n, inner]), 1, start)?.reshape(shape.clone())
     }
 
     /// Places this tensor at `start` along `dim` of a zero tensor of
