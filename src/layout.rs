@@ -73,6 +73,14 @@ impl Layout {
         }
     }
 
+    /// `len` elements of `dim` taken every `step` from `start`: the stride
+    /// along `dim` grows by `step` (a strided view, no copy).
+    pub fn strided_narrow(&self, dim: usize, start: usize, len: usize, step: usize) -> Layout {
+        let mut layout = self.narrow(dim, start, len);
+        layout.strides[dim] *= step;
+        layout
+    }
+
     /// A reshape that keeps the data where it is; only for contiguous views.
     pub fn reshape_contiguous(&self, shape: Shape) -> Layout {
         let strides = shape.contiguous_strides();
@@ -216,6 +224,16 @@ mod tests {
             views.push(own.broadcast_to("t", &Shape::new(bdims)).unwrap());
             for v in &views {
                 check(v, inner);
+            }
+        }
+        // A strided slice either composes correctly or not at all (a copy then).
+        let wide = Layout::contiguous(Shape::new([4, 6]));
+        for (dim, start, len, step) in [(1, 1, 3, 2), (0, 0, 2, 3), (1, 0, 2, 4)] {
+            let view = wide.strided_narrow(dim, start, len, step);
+            for inner in [wide.clone(), Layout::contiguous(Shape::new([6, 4])).permute(&[1, 0])] {
+                if view.compose(&inner).is_some() {
+                    check(&view, &inner);
+                }
             }
         }
         // A reshape of contiguous data composes with contiguous data only.

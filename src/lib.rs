@@ -47,7 +47,7 @@ pub use error::{Error, Result};
 /// The `half` crate, for building and reading `DType::F16` tensors (`half::f16`).
 pub use half;
 pub use metadata::{DType, DeviceId, InputMetadata, Shape, collect_input_metadata};
-pub use ops::{ClassLoss, Conv2dOptions, Operand, Reduction, cat, embedding, stack, where_};
+pub use ops::{ClassLoss, Conv2dOptions, Operand, Pool2dOptions, Reduction, cat, embedding, stack, where_};
 pub use optim::{Adam, AdamW, Optimizer, Sgd, clip_grad_norm};
 pub use profile::{BatchRecord, KernelRecord, Profile, Timing};
 pub use tensor::{Element, Tensor};

@@ -141,16 +141,20 @@ impl Module for Linear {
 
 /// 2-D convolution layer, initialised as PyTorch's `nn.Conv2d`.
 pub struct Conv2d {
-    /// `[out_channels, in_channels, kh, kw]`.
+    /// `[out_channels, in_channels / groups, kh, kw]`.
     pub weight: Tensor,
     /// `[out_channels]`.
     pub bias: Option<Tensor>,
-    /// Stride, padding, dilation.
+    /// Stride, padding, dilation, groups.
     pub options: Conv2dOptions,
 }
 
 impl Conv2d {
-    /// A layer from `inputs` to `outputs` channels with a `kernel` window.
+    /// A layer from `inputs` to `outputs` channels with a `kernel` window;
+    /// `options.groups` splits the channels as PyTorch's `groups` (it must
+    /// divide both `inputs` and `outputs`, or this is an `Err`), and the
+    /// initialisation bound is PyTorch's `1 / sqrt(fan_in)` with `fan_in =
+    /// inputs / groups * kh * kw`.
     pub fn new(
         inputs: usize,
         outputs: usize,
@@ -160,9 +164,11 @@ impl Conv2d {
         seed: u64,
         device: &Device,
     ) -> Result<Conv2d> {
-        let fan_in = inputs * kernel[0] * kernel[1];
+        crate::ops::check_groups(inputs, outputs, options.groups)?;
+        let per_group = inputs / options.groups;
+        let fan_in = per_group * kernel[0] * kernel[1];
         let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
-        let weight = uniform([outputs, inputs, kernel[0], kernel[1]], bound, seed, device)?;
+        let weight = uniform([outputs, per_group, kernel[0], kernel[1]], bound, seed, device)?;
         let bias = if bias { Some(uniform([outputs], bound, seed.wrapping_add(1), device)?) } else { None };
         Ok(Conv2d { weight, bias, options })
     }

@@ -344,10 +344,10 @@ fn nn_op_cases() -> Vec<OpCase> {
     let l = |shape: &[usize], s: u64| leaf(shape, s, -1.0, 1.0);
     let wide = |shape: &[usize], s: u64| leaf(shape, s, -3.0, 3.0);
     fn conv(stride: [usize; 2], padding: [usize; 2], dilation: [usize; 2]) -> Conv2dOptions {
-        Conv2dOptions { stride, padding, dilation }
+        Conv2dOptions { stride, padding, dilation, ..Default::default() }
     }
     fn ce(reduction: Reduction, ignore_index: Option<i32>) -> ClassLoss {
-        ClassLoss { reduction, ignore_index }
+        ClassLoss { reduction, ignore_index, ..Default::default() }
     }
     // Labels with repeats; -100 (PyTorch's default ignore index) outside the class range, and
     // class 2 ignored inside it.
@@ -1215,7 +1215,7 @@ impl Gen<'_> {
                     } else {
                         (Tensor::from_slice(&labels, [rows], &device())?, format!("i32{labels:?}"))
                     };
-                    let options = wgrad::ClassLoss { reduction, ignore_index: ignore };
+                    let options = wgrad::ClassLoss { reduction, ignore_index: ignore, ..Default::default() };
                     let scale = if reduction == Reduction::Sum { rows as f64 } else { 1.0 };
                     let what = format!("{sn}, {ln}, {reduction:?}, ignore={ignore:?}");
                     if self.rng.chance(0.6) {

@@ -84,7 +84,7 @@ fn bits(t: &Tensor) -> Vec<u32> {
 }
 
 fn opts(stride: [usize; 2], padding: [usize; 2], dilation: [usize; 2]) -> Conv2dOptions {
-    Conv2dOptions { stride, padding, dilation }
+    Conv2dOptions { stride, padding, dilation, ..Default::default() }
 }
 
 // ------------------------------------------------------------------ f64 references

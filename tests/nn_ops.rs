@@ -307,7 +307,7 @@ fn cross_entropy() {
     let labels: [i32; 6] = [0, 4, 2, 2, 1, 3];
     let wide: Vec<i64> = labels.iter().map(|&l| i64::from(l)).collect();
     for reduction in REDUCTIONS {
-        let options = ClassLoss { reduction, ignore_index: None };
+        let options = ClassLoss { reduction, ignore_index: None, ..Default::default() };
         let lt = i32_labels(&labels);
         gradcheck(
             &format!("cross_entropy {reduction:?}"),
@@ -329,7 +329,7 @@ fn cross_entropy() {
     for (labels, ignore) in ignore_cases {
         let wide: Vec<i64> = labels.iter().map(|&l| i64::from(l)).collect();
         for reduction in REDUCTIONS {
-            let options = ClassLoss { reduction, ignore_index: Some(ignore) };
+            let options = ClassLoss { reduction, ignore_index: Some(ignore), ..Default::default() };
             let lt = i32_labels(&labels);
             gradcheck(
                 &format!("cross_entropy {reduction:?} ignore_index {ignore}"),
@@ -340,7 +340,7 @@ fn cross_entropy() {
         }
     }
     // An ignore_index that no label uses changes nothing.
-    let options = ClassLoss { reduction: Reduction::Mean, ignore_index: Some(-1) };
+    let options = ClassLoss { reduction: Reduction::Mean, ignore_index: Some(-1), ..Default::default() };
     let lt = i32_labels(&labels);
     gradcheck(
         "cross_entropy unused ignore_index",
@@ -359,7 +359,7 @@ fn nll_loss() {
     let wide: Vec<i64> = labels.iter().map(|&l| i64::from(l)).collect();
     for reduction in REDUCTIONS {
         for ignore_index in [None, Some(3)] {
-            let options = ClassLoss { reduction, ignore_index };
+            let options = ClassLoss { reduction, ignore_index, ..Default::default() };
             let lu = u32_labels(&labels);
             gradcheck(
                 &format!("nll_loss {reduction:?} ignore {ignore_index:?}"),
@@ -492,7 +492,7 @@ fn extreme_logits_stay_finite() {
     }
     let labels = i32_labels(&[0, 1]);
     for reduction in REDUCTIONS {
-        let options = ClassLoss { reduction, ignore_index: None };
+        let options = ClassLoss { reduction, ignore_index: None, ..Default::default() };
         gradcheck(
             &format!("cross_entropy ±1e4 {reduction:?}"),
             std::slice::from_ref(&x),
@@ -507,7 +507,9 @@ fn extreme_logits_stay_finite() {
         ("softmax", |x, _| x.softmax(1)),
         ("log_softmax", |x, _| x.log_softmax(1)),
         ("logsumexp", |x, _| x.logsumexp(1, false)),
-        ("cross_entropy none", |x, l| x.cross_entropy(l, ClassLoss { reduction: Reduction::None, ignore_index: None })),
+        ("cross_entropy none", |x, l| {
+            x.cross_entropy(l, ClassLoss { reduction: Reduction::None, ignore_index: None, ..Default::default() })
+        }),
         ("cross_entropy mean", |x, l| x.cross_entropy(l, ClassLoss::default())),
     ];
     let ln2 = std::f64::consts::LN_2;
@@ -530,7 +532,10 @@ fn extreme_logits_stay_finite() {
     }
     // Cross-entropy gradient is softmax - onehot (over n for the mean).
     let xt = f32_tensor(&EXTREME, &[2, 3]).requires_grad(true).unwrap();
-    xt.cross_entropy(&labels, ClassLoss { reduction: Reduction::Sum, ignore_index: None }).unwrap().backward().unwrap();
+    xt.cross_entropy(&labels, ClassLoss { reduction: Reduction::Sum, ignore_index: None, ..Default::default() })
+        .unwrap()
+        .backward()
+        .unwrap();
     let g = xt.grad().unwrap().to_vec::<f32>().unwrap();
     assert_close_f32(&g, &[0.0, 0.0, 0.0, 0.0, -0.5, 0.5], 1e-6, 1e-6, "cross_entropy gradient at ±1e4");
 
@@ -586,12 +591,12 @@ fn out_of_range_labels_are_errors() {
     ];
     for (name, labels) in &cases {
         for reduction in REDUCTIONS {
-            let options = ClassLoss { reduction, ignore_index: None };
+            let options = ClassLoss { reduction, ignore_index: None, ..Default::default() };
             expect_invalid(logits.cross_entropy(labels, options), &format!("cross_entropy {name}"), "0..4");
             expect_invalid(logp.nll_loss(labels, options), &format!("nll_loss {name}"), "0..4");
         }
         // An ignore_index that the bad label does not equal does not excuse it.
-        let options = ClassLoss { reduction: Reduction::Mean, ignore_index: Some(-100) };
+        let options = ClassLoss { reduction: Reduction::Mean, ignore_index: Some(-100), ..Default::default() };
         expect_invalid(logits.cross_entropy(labels, options), &format!("cross_entropy {name} (ignore -100)"), "0..4");
     }
 
@@ -619,7 +624,7 @@ fn ignore_index_is_compared_exactly() {
     let mut accepted = Vec::new();
     for (label, ignore) in cases {
         let labels = i32_labels(&[0, label, 2]);
-        let options = ClassLoss { reduction: Reduction::Mean, ignore_index: Some(ignore) };
+        let options = ClassLoss { reduction: Reduction::Mean, ignore_index: Some(ignore), ..Default::default() };
         let results =
             [("cross_entropy", logits.cross_entropy(&labels, options)), ("nll_loss", logp.nll_loss(&labels, options))];
         for (op, result) in results {
@@ -635,7 +640,7 @@ fn ignore_index_is_compared_exactly() {
     }
     assert!(accepted.is_empty(), "{}", accepted.join("\n"));
     // u32 labels near 2^32 against a negative ignore_index are out of range as well.
-    let options = ClassLoss { reduction: Reduction::Sum, ignore_index: Some(-1) };
+    let options = ClassLoss { reduction: Reduction::Sum, ignore_index: Some(-1), ..Default::default() };
     expect_invalid(logits.cross_entropy(&u32_labels(&[0, u32::MAX, 1]), options), "u32::MAX, ignore -1", "0..4");
 }
 
@@ -647,7 +652,7 @@ fn ignore_index_outside_the_range_is_accepted() {
     for (labels, ignore) in [([-100, 2, -100, 0], -100), ([5, 2, 1, 5], 5), ([3, 3, 0, 1], 3), ([-1, 0, 1, 2], -1)] {
         let wide: Vec<i64> = labels.iter().map(|&l| i64::from(l)).collect();
         for reduction in REDUCTIONS {
-            let options = ClassLoss { reduction, ignore_index: Some(ignore) };
+            let options = ClassLoss { reduction, ignore_index: Some(ignore), ..Default::default() };
             let got = lt
                 .cross_entropy(&i32_labels(&labels), options)
                 .unwrap_or_else(|e| panic!("labels {labels:?} ignore {ignore}: {e}"));
@@ -663,7 +668,7 @@ fn ignore_index_outside_the_range_is_accepted() {
         }
     }
     // u32 labels with an ignore index beyond the classes.
-    let options = ClassLoss { reduction: Reduction::Sum, ignore_index: Some(7) };
+    let options = ClassLoss { reduction: Reduction::Sum, ignore_index: Some(7), ..Default::default() };
     let got = lt.cross_entropy(&u32_labels(&[7, 1, 7, 2]), options).unwrap().to_vec::<f32>().unwrap();
     let want = cross_entropy_ref(&logits, &[7, 1, 7, 2], options);
     assert_close_f32(&got, &want.data, 1e-5, 1e-6, "u32 labels with ignore_index 7");
@@ -821,7 +826,7 @@ fn compiled_backward_matches_eager() {
 
     let labels = i32_labels(&[2, -100, 0, 4, -100, 1]);
     for reduction in REDUCTIONS {
-        let options = ClassLoss { reduction, ignore_index: Some(-100) };
+        let options = ClassLoss { reduction, ignore_index: Some(-100), ..Default::default() };
         let r = w(1501, if reduction == Reduction::None { &[6] } else { &[] });
         eager_vs_compiled(
             &format!("cross_entropy ignore_index {reduction:?}"),
@@ -829,7 +834,7 @@ fn compiled_backward_matches_eager() {
             |x| x[0].cross_entropy(&labels, options)?.mul(&r)?.sum_all(),
         );
     }
-    let in_range_ignore = ClassLoss { reduction: Reduction::Mean, ignore_index: Some(1) };
+    let in_range_ignore = ClassLoss { reduction: Reduction::Mean, ignore_index: Some(1), ..Default::default() };
     let labels2 = u32_labels(&[1, 0, 2, 1]);
     eager_vs_compiled("cross_entropy ignore_index 1, u32", &[leaf(1502, &[4, 3], -3.0, 3.0)], |x| {
         x[0].cross_entropy(&labels2, in_range_ignore)
@@ -870,6 +875,6 @@ fn compiled_backward_matches_eager() {
     // The extreme logits too.
     let ext = i32_labels(&[0, 2]);
     eager_vs_compiled("cross_entropy ±1e4", &[f32_tensor(&EXTREME, &[2, 3]).requires_grad(true).unwrap()], |x| {
-        x[0].cross_entropy(&ext, ClassLoss { reduction: Reduction::Sum, ignore_index: None })
+        x[0].cross_entropy(&ext, ClassLoss { reduction: Reduction::Sum, ignore_index: None, ..Default::default() })
     });
 }

@@ -12,7 +12,14 @@ use crate::metadata::Shape;
 use crate::ops::index::{gather_flat, index_map};
 use crate::tensor::Tensor;
 
-/// Stride, padding and dilation of a convolution, per spatial dim (h, w).
+/// Stride, padding and dilation of a convolution, per spatial dim (h, w),
+/// and its channel groups. Build it with `..Default::default()` so that
+/// fields added later keep PyTorch's defaults:
+///
+/// ```
+/// let depthwise = wgrad::Conv2dOptions { padding: [1, 1], groups: 8, ..Default::default() };
+/// # assert_eq!(depthwise.stride, [1, 1]);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Conv2dOptions {
     /// Step between windows.
@@ -21,11 +28,58 @@ pub struct Conv2dOptions {
     pub padding: [usize; 2],
     /// Spacing between kernel taps.
     pub dilation: [usize; 2],
+    /// Channel groups, as PyTorch's `groups` (default 1): the input
+    /// channels and the output channels are split into `groups` equal
+    /// parts and output part `g` sees only input part `g`, so the weight
+    /// is `[out_channels, in_channels / groups, kh, kw]`. `groups ==
+    /// in_channels` is a depthwise convolution.
+    pub groups: usize,
 }
 
 impl Default for Conv2dOptions {
     fn default() -> Conv2dOptions {
-        Conv2dOptions { stride: [1, 1], padding: [0, 0], dilation: [1, 1] }
+        Conv2dOptions { stride: [1, 1], padding: [0, 0], dilation: [1, 1], groups: 1 }
+    }
+}
+
+/// Checks that `groups` splits `in_channels` and `out_channels` evenly
+/// (PyTorch's rule for grouped convolution).
+pub(crate) fn check_groups(in_channels: usize, out_channels: usize, groups: usize) -> Result<()> {
+    if groups == 0 || !in_channels.is_multiple_of(groups) || !out_channels.is_multiple_of(groups) {
+        return Err(Error::InvalidArgument {
+            op: "conv2d",
+            message: format!(
+                "groups {groups} must be at least 1 and divide both in_channels {in_channels} and \
+                 out_channels {out_channels}; pick a common divisor (1 for an ordinary convolution)"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Options of [`Tensor::max_pool2d_with`] and [`Tensor::avg_pool2d_with`],
+/// as PyTorch's `max_pool2d` / `avg_pool2d` arguments; the default is
+/// PyTorch's (stride = kernel, no padding, floor mode, padding counted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Pool2dOptions {
+    /// Step between windows; `None` is the kernel size (PyTorch's default).
+    pub stride: Option<[usize; 2]>,
+    /// Implicit padding on each side (-inf for max, zeros for avg); at most
+    /// half the kernel, as in PyTorch.
+    pub padding: [usize; 2],
+    /// Round the output size up instead of down: a last, partial window
+    /// is kept if it starts inside the input or the leading padding
+    /// (PyTorch drops one that would start in the trailing padding).
+    pub ceil_mode: bool,
+    /// Average pooling divides by the window's extent inside the padded
+    /// input (true, PyTorch's default) or by its input elements only
+    /// (false). Max pooling ignores it.
+    pub count_include_pad: bool,
+}
+
+impl Default for Pool2dOptions {
+    fn default() -> Pool2dOptions {
+        Pool2dOptions { stride: None, padding: [0, 0], ceil_mode: false, count_include_pad: true }
     }
 }
 
@@ -38,6 +92,10 @@ struct Windows {
     /// Channel-major windows [n, c, oh, ow, kh, kw] (pooling) instead of
     /// [n, oh, ow, c, kh, kw] (im2col rows for the matmul).
     channel_major: bool,
+    /// Pooling's `ceil_mode`: the output size rounds up, so a last window
+    /// may overhang the padded input (its taps past the end read the
+    /// sentinel).
+    ceil_mode: bool,
 }
 
 impl Windows {
@@ -68,7 +126,13 @@ impl Windows {
                     ),
                 });
             }
-            *slot = (size - span) / self.options.stride[a] + 1;
+            let stride = self.options.stride[a];
+            *slot = if self.ceil_mode { (size - span).div_ceil(stride) } else { (size - span) / stride } + 1;
+            // PyTorch's rule: a last window that would start in the trailing
+            // padding is dropped, so every window holds an input element.
+            if self.ceil_mode && (*slot - 1).saturating_mul(stride) >= self.input[2 + a] + pad {
+                *slot -= 1;
+            }
         }
         // The gather map addresses the padded input and the windows with u32
         // offsets, and is built on the host: refuse sizes it cannot hold.
@@ -149,7 +213,7 @@ impl Tensor {
         op: &'static str,
         kernel: [usize; 2],
         options: Conv2dOptions,
-        channel_major: bool,
+        (channel_major, ceil_mode): (bool, bool),
         pad: f64,
     ) -> Result<(Tensor, [usize; 2])> {
         crate::ops::float_only(op, self.dtype())?;
@@ -160,7 +224,7 @@ impl Tensor {
             });
         }
         let d = self.dims();
-        let w = Windows { input: [d[0], d[1], d[2], d[3]], kernel, options, channel_major };
+        let w = Windows { input: [d[0], d[1], d[2], d[3]], kernel, options, channel_major, ceil_mode };
         let out = w.output(op)?;
         let offsets = cached_offsets(w, out);
         let extended =
@@ -175,18 +239,31 @@ impl Tensor {
     }
 
     /// 2-D convolution (cross-correlation, as in PyTorch) of this
-    /// `[n, c, h, w]` input with `weight` `[out_channels, c, kh, kw]`, plus
-    /// `bias` `[out_channels]`: im2col (a gather) and one tiled matmul.
+    /// `[n, c, h, w]` input with `weight` `[out_channels, c / groups, kh,
+    /// kw]`, plus `bias` `[out_channels]`: im2col (a gather) and one tiled
+    /// matmul, batched over the groups when `options.groups > 1`.
+    ///
+    /// Groups reuse the one im2col gather and a batched matmul, so their
+    /// gradients are the transposes of those two primitives and need no
+    /// code of their own. The price is im2col's: every input element is
+    /// copied `kh * kw` times, which a depthwise convolution (one input
+    /// channel per group, a contraction of only `kh * kw`) feels the most;
+    /// a dedicated depthwise kernel would read the input in place.
     pub fn conv2d(&self, weight: &Tensor, bias: Option<&Tensor>, options: Conv2dOptions) -> Result<Tensor> {
-        if weight.rank() != 4 || self.rank() != 4 || weight.dims()[1] != self.dims()[1] {
+        let groups = options.groups;
+        if weight.rank() == 4 && self.rank() == 4 {
+            check_groups(self.dims()[1], weight.dims()[0], groups)?;
+        }
+        if weight.rank() != 4 || self.rank() != 4 || weight.dims()[1].checked_mul(groups) != Some(self.dims()[1]) {
             return Err(Error::IncompatibleShapes {
                 op: "conv2d",
                 lhs: self.shape().clone(),
                 rhs: weight.shape().clone(),
-                rule: "the input must be [n, c, h, w] and the weight [out_channels, c, kh, kw], with the same c",
+                rule: "the input must be [n, c, h, w] and the weight [out_channels, c / groups, kh, kw] \
+                       (the same c when groups is 1)",
             });
         }
-        let (oc, c, kh, kw) = (weight.dims()[0], weight.dims()[1], weight.dims()[2], weight.dims()[3]);
+        let (oc, cg, kh, kw) = (weight.dims()[0], weight.dims()[1], weight.dims()[2], weight.dims()[3]);
         if let Some(b) = bias.filter(|b| b.dims() != [oc]) {
             return Err(Error::IncompatibleShapes {
                 op: "conv2d",
@@ -196,9 +273,19 @@ impl Tensor {
             });
         }
         let n = self.dims()[0];
-        let (cols, [oh, ow]) = self.windows("conv2d", [kh, kw], options, false, 0.0)?;
-        let rows = cols.reshape([n * oh * ow, c * kh * kw])?;
-        let out = rows.matmul(&weight.reshape([oc, c * kh * kw])?.t()?)?;
+        // im2col does not depend on the groups: one cached map serves all.
+        let geometry = Conv2dOptions { groups: 1, ..options };
+        let (cols, [oh, ow]) = self.windows("conv2d", [kh, kw], geometry, (false, false), 0.0)?;
+        let k = cg * kh * kw;
+        let out = if groups == 1 {
+            cols.reshape([n * oh * ow, k])?.matmul(&weight.reshape([oc, k])?.t()?)?
+        } else {
+            // Rows [n*oh*ow, groups, k] as groups batches (a permuted view),
+            // against the weight as [groups, k, oc / groups].
+            let rows = cols.reshape([n * oh * ow, groups, k])?.permute(&[1, 0, 2])?;
+            let w = weight.reshape([groups, oc / groups, k])?.transpose(1, 2)?;
+            rows.matmul(&w)?.permute(&[1, 0, 2])?
+        };
         let out = out.reshape([n, oh, ow, oc])?.permute(&[0, 3, 1, 2])?;
         match bias {
             Some(b) => out.add(&b.reshape([oc, 1, 1])?),
@@ -206,24 +293,114 @@ impl Tensor {
         }
     }
 
-    /// Max over each `kernel` window (padding never wins); ties share the
-    /// gradient evenly (PyTorch gives it to one of them).
+    /// Max over each `kernel` window, `stride` apart, the input padded
+    /// by `padding` on each side (padding never wins); ties share the
+    /// gradient evenly (PyTorch gives it to one of them). Shorthand for
+    /// [`Tensor::max_pool2d_with`].
     pub fn max_pool2d(&self, kernel: [usize; 2], stride: [usize; 2], padding: [usize; 2]) -> Result<Tensor> {
-        check_pool_padding("max_pool2d", kernel, padding)?;
-        let options = Conv2dOptions { stride, padding, dilation: [1, 1] };
-        let (win, [oh, ow]) = self.windows("max_pool2d", kernel, options, true, f64::NEG_INFINITY)?;
+        self.max_pool2d_with(kernel, Pool2dOptions { stride: Some(stride), padding, ..Default::default() })
+    }
+
+    /// Max pooling of this `[n, c, h, w]` tensor with PyTorch's options
+    /// (`ceil_mode` included; `count_include_pad` means nothing to a max
+    /// and is ignored). Ties share the gradient evenly (PyTorch gives it to
+    /// one of them).
+    ///
+    /// ```
+    /// # fn main() -> wgrad::Result<()> {
+    /// use wgrad::{Pool2dOptions, Tensor};
+    /// let device = wgrad::Device::new()?;
+    /// let x = Tensor::arange(0.0, 25.0, 1.0, &device)?.reshape([1, 1, 5, 5])?;
+    /// let ceil = Pool2dOptions { ceil_mode: true, ..Default::default() };
+    /// assert_eq!(x.max_pool2d_with([2, 2], ceil)?.dims(), [1, 1, 3, 3]);
+    /// assert_eq!(x.max_pool2d_with([2, 2], Pool2dOptions::default())?.dims(), [1, 1, 2, 2]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn max_pool2d_with(&self, kernel: [usize; 2], options: Pool2dOptions) -> Result<Tensor> {
+        let (win, [oh, ow]) = self.pool_windows("max_pool2d", kernel, options, f64::NEG_INFINITY)?;
         let d = self.dims();
         win.reshape([d[0], d[1], oh, ow, kernel[0] * kernel[1]])?.max(&[4], false)
     }
 
     /// Mean over each `kernel` window, padding counted as zeros (PyTorch's
-    /// default `count_include_pad=True`).
+    /// default `count_include_pad=True`). Shorthand for
+    /// [`Tensor::avg_pool2d_with`].
     pub fn avg_pool2d(&self, kernel: [usize; 2], stride: [usize; 2], padding: [usize; 2]) -> Result<Tensor> {
-        check_pool_padding("avg_pool2d", kernel, padding)?;
-        let options = Conv2dOptions { stride, padding, dilation: [1, 1] };
-        let (win, [oh, ow]) = self.windows("avg_pool2d", kernel, options, true, 0.0)?;
+        self.avg_pool2d_with(kernel, Pool2dOptions { stride: Some(stride), padding, ..Default::default() })
+    }
+
+    /// Average pooling of this `[n, c, h, w]` tensor with PyTorch's
+    /// options. Each window's sum is divided by the part of the window
+    /// inside the padded input (`count_include_pad`, the default; a window
+    /// that `ceil_mode` lets overhang the padded input counts only what is
+    /// inside it) or by the number of input elements in it (not
+    /// `count_include_pad`). The divisors depend only on the geometry, so
+    /// they are computed on the host and multiply the window sums as a
+    /// constant: the gradient is that of a sum times a constant.
+    ///
+    /// ```
+    /// # fn main() -> wgrad::Result<()> {
+    /// use wgrad::{Pool2dOptions, Tensor};
+    /// let device = wgrad::Device::new()?;
+    /// let x = Tensor::ones([1, 1, 3, 3], wgrad::DType::F32, &device)?;
+    /// let padded = Pool2dOptions { stride: Some([1, 1]), padding: [1, 1], ..Default::default() };
+    /// // The corner window holds 4 ones and 5 padding zeros.
+    /// assert_eq!(x.avg_pool2d_with([3, 3], padded)?.to_vec::<f32>()?[0], 4.0 / 9.0);
+    /// let real_only = Pool2dOptions { count_include_pad: false, ..padded };
+    /// assert_eq!(x.avg_pool2d_with([3, 3], real_only)?.to_vec::<f32>()?[0], 1.0);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn avg_pool2d_with(&self, kernel: [usize; 2], options: Pool2dOptions) -> Result<Tensor> {
+        let (win, [oh, ow]) = self.pool_windows("avg_pool2d", kernel, options, 0.0)?;
         let d = self.dims();
-        win.reshape([d[0], d[1], oh, ow, kernel[0] * kernel[1]])?.mean(&[4], false)
+        let win = win.reshape([d[0], d[1], oh, ow, kernel[0] * kernel[1]])?;
+        let (stride, padding) = (options.stride.unwrap_or(kernel), options.padding);
+        let per_axis = |a: usize, out: usize| -> Vec<usize> {
+            (0..out)
+                .map(|o| {
+                    // In padded coordinates: the input is padding..padding + size.
+                    let (size, pad) = (d[2 + a], padding[a]);
+                    let start = o * stride[a];
+                    let end = (start + kernel[a]).min(size + 2 * pad);
+                    if options.count_include_pad {
+                        end - start
+                    } else {
+                        // Never empty: padding is at most half the kernel, and
+                        // no window starts in the trailing padding.
+                        end.min(size + pad).saturating_sub(start.max(pad))
+                    }
+                })
+                .collect()
+        };
+        let (rows, cols) = (per_axis(0, oh), per_axis(1, ow));
+        if rows.iter().all(|&r| r == kernel[0]) && cols.iter().all(|&c| c == kernel[1]) {
+            return win.mean(&[4], false);
+        }
+        let scale: Vec<f32> = rows.iter().flat_map(|&r| cols.iter().map(move |&c| 1.0 / (r * c) as f32)).collect();
+        let scale = Tensor::from_slice(&scale, [oh, ow], self.device())?.to_dtype(self.dtype())?;
+        win.sum(&[4], false)?.mul(&scale)
+    }
+
+    /// The pooling windows [n, c, oh, ow, kh, kw] for `options`, checked.
+    fn pool_windows(
+        &self,
+        op: &'static str,
+        kernel: [usize; 2],
+        options: Pool2dOptions,
+        pad: f64,
+    ) -> Result<(Tensor, [usize; 2])> {
+        let stride = options.stride.unwrap_or(kernel);
+        if kernel.contains(&0) || stride.contains(&0) {
+            return Err(Error::InvalidArgument {
+                op,
+                message: format!("kernel {kernel:?} and stride {stride:?} must be at least 1 in both dims"),
+            });
+        }
+        check_pool_padding(op, kernel, options.padding)?;
+        let conv = Conv2dOptions { stride, padding: options.padding, ..Default::default() };
+        self.windows(op, kernel, conv, (true, options.ceil_mode), pad)
     }
 }
 

@@ -23,7 +23,8 @@ use crate::metadata::{DType, Shape};
 use crate::tensor::Tensor;
 
 pub use compare::where_;
-pub use conv::Conv2dOptions;
+pub(crate) use conv::check_groups;
+pub use conv::{Conv2dOptions, Pool2dOptions};
 pub use index::embedding;
 pub use loss::{ClassLoss, Reduction};
 pub use movement::{cat, stack};
@@ -127,6 +128,13 @@ pub(crate) enum Op {
         dim: usize,
         start: usize,
     },
+    /// `x[start::step]` along `dim` (a strided view), step > 1.
+    StridedNarrow {
+        input: Shape,
+        dim: usize,
+        start: usize,
+        step: usize,
+    },
     /// The inverse of narrow: places the input (of length `len` along
     /// `dim`) at `start` in a zero tensor.
     Pad {
@@ -163,6 +171,7 @@ impl Op {
             Op::Permute { .. } => "permute",
             Op::Expand { .. } => "broadcast_to",
             Op::Narrow { .. } => "narrow",
+            Op::StridedNarrow { .. } => "slice_step",
             Op::Pad { .. } => "pad",
             Op::Cat { .. } => "cat",
             Op::Copy => "contiguous",
@@ -186,6 +195,7 @@ impl Op {
             Op::Permute { perm } => Ok(vec![Some(g.permute_axes(&movement::inverse_permutation(perm))?)]),
             Op::Expand { input } => Ok(vec![Some(g.sum_to_shape(input)?)]),
             Op::Narrow { input, dim, start } => Ok(vec![Some(g.pad_narrowed(input, *dim, *start)?)]),
+            Op::StridedNarrow { input, dim, start, step } => Ok(vec![Some(g.pad_strided(input, *dim, *start, *step)?)]),
             Op::Pad { dim, start, len } => Ok(vec![Some(g.narrow(*dim as isize, *start, *len)?)]),
             Op::Cat { dim, sizes } => movement::cat_backward(g, *dim, sizes, needs),
             Op::Copy => Ok(vec![Some(g.clone())]),

@@ -198,8 +198,78 @@ impl Tensor {
     }
 
     /// Elements `range` of `dim` (a view); `x.slice(0, 2..5)` is `x[2:5]`.
+    /// A range outside the dim is an `Err` (unlike Python's clamping; see
+    /// [`Tensor::slice_step`] for steps, negative and clamped ends).
     pub fn slice(&self, dim: isize, range: std::ops::Range<usize>) -> Result<Tensor> {
         self.narrow(dim, range.start, range.end.saturating_sub(range.start))
+    }
+
+    /// Python's `x[start:end:step]` along `dim`, as a strided view (no
+    /// copy). `None` is the beginning or end of the dim; negative `start`
+    /// and `end` count from the end; out-of-range ones clamp to the dim,
+    /// as Python and PyTorch do, so an empty range gives an empty dim
+    /// rather than an error. `step` 0 is an `Err`; PyTorch refuses
+    /// negative steps, hence the `usize`.
+    ///
+    /// The gradient is the output gradient at the selected positions and
+    /// zeros between them.
+    ///
+    /// ```
+    /// # fn main() -> wgrad::Result<()> {
+    /// let device = wgrad::Device::new()?;
+    /// let x = wgrad::Tensor::arange(0.0, 10.0, 1.0, &device)?;
+    /// // x[-8::3] in Python
+    /// assert_eq!(x.slice_step(0, Some(-8), None, 3)?.to_vec::<f32>()?, vec![2.0, 5.0, 8.0]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn slice_step(&self, dim: isize, start: Option<isize>, end: Option<isize>, step: usize) -> Result<Tensor> {
+        let d = resolve_axis("slice_step", dim, self.rank())?;
+        if self.rank() == 0 {
+            return Err(Error::InvalidArgument {
+                op: "slice_step",
+                message: "cannot slice a 0-d tensor: it has no dim; reshape it to [1] first".into(),
+            });
+        }
+        if step == 0 {
+            return Err(Error::InvalidArgument {
+                op: "slice_step",
+                message: format!("step must be at least 1, got 0 (slicing dim {d} of {})", self.shape()),
+            });
+        }
+        let n = self.dims()[d];
+        // Python's clamping: negatives count from the end, then clamp to 0..=n.
+        let resolve =
+            |i: isize| -> usize { if i < 0 { n.saturating_sub(i.unsigned_abs()) } else { (i as usize).min(n) } };
+        let start = start.map_or(0, resolve);
+        let end = end.map_or(n, resolve);
+        let len = if end > start { (end - start).div_ceil(step) } else { 0 };
+        if step == 1 || len <= 1 {
+            // The stride of a dim of at most one element is never used.
+            return self.narrow(d as isize, start.min(n), len);
+        }
+        let out = self.with_layout(self.layout().strided_narrow(d, start, len, step));
+        let op = Op::StridedNarrow { input: self.shape().clone(), dim: d, start, step };
+        Ok(record(op, &[self], Vec::new(), out))
+    }
+
+    /// Places this tensor at `start, start + step, ...` along `dim` of a
+    /// zero tensor of `shape` (the gradient of [`Tensor::slice_step`]).
+    /// As `[outer, len, inner]`, each element is padded to `step` along a
+    /// new dim after `len`, the two dims merged, and the result padded
+    /// into place; so the gradient is made of recorded ops (double and
+    /// compiled backward need nothing more), and the rank stays at most 4
+    /// whatever the input's.
+    pub(crate) fn pad_strided(&self, shape: &Shape, dim: usize, start: usize, step: usize) -> Result<Tensor> {
+        let (len, n) = (self.dims()[dim], shape.dims()[dim]);
+        let outer: usize = self.dims()[..dim].iter().product();
+        let inner: usize = self.dims()[dim + 1..].iter().product();
+        let spread =
+            self.reshape([outer, len, 1, inner])?.pad_narrowed(&Shape::new([outer, len, step, inner]), 2, 0)?;
+        // The gaps after the last element may run past the end of `dim`.
+        let fits = (len * step).min(n - start);
+        let placed = spread.reshape([outer, len * step, inner])?.narrow(1, 0, fits)?;
+        placed.pad_narrowed(&Shape::new([outer, n, inner]), 1, start)?.reshape(shape.clone())
     }
 
     /// Places this tensor at `start` along `dim` of a zero tensor of
