@@ -652,3 +652,70 @@ fn slice_step_of_a_rank_8_tensor() {
         |r| ref_select(&r[0], 4, &idx),
     );
 }
+
+/// Values printed by PyTorch 2 (CPU, float64) for the same inputs: an
+/// independent check of the semantics, not only of our own reference.
+#[test]
+fn options_match_values_computed_by_pytorch() {
+    let _l = lock();
+    let d = device();
+    let close = |got: &[f32], want: &[f64], what: &str| {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (g, w) in got.iter().zip(want) {
+            assert!((f64::from(*g) - w).abs() <= 1e-5 * w.abs().max(1.0), "{what}: {got:?} vs {want:?}");
+        }
+    };
+    // F.cross_entropy(x [2,3,2], y [[0,-100],[2,1]], label_smoothing=0.1)
+    let data = [0.5f32, -1.0, 2.0, 0.0, 1.5, -0.5, 0.25, 3.0, -2.0, 1.0, 0.0, 0.75];
+    let x = Tensor::from_slice(&data, [2, 3, 2], &d).unwrap().requires_grad(true).unwrap();
+    let y = labels_tensor(&[0, -100, 2, 1], &[2, 2]);
+    let with = |reduction| wgrad::ClassLoss { reduction, label_smoothing: 0.1, ..Default::default() };
+    let none = x.cross_entropy(&y, with(wgrad::Reduction::None)).unwrap().to_vec::<f32>().unwrap();
+    close(&none, &[2.0207972720033953, 0.0, 0.9418366650169626, 2.157370215915334], "none");
+    let sum = x.cross_entropy(&y, with(wgrad::Reduction::Sum)).unwrap().to_vec::<f32>().unwrap();
+    close(&sum, &[5.1200041529356906], "sum");
+    let mean = x.cross_entropy(&y, with(wgrad::Reduction::Mean)).unwrap();
+    close(&mean.to_vec::<f32>().unwrap(), &[1.7066680509785639], "mean");
+    mean.backward().unwrap();
+    let grad = [
+        -0.2704605603412015,
+        0.0,
+        0.17107201797761545,
+        0.0,
+        0.09938854236358606,
+        0.0,
+        0.16579862882251253,
+        0.2575469549281661,
+        0.007535038295333907,
+        -0.27475219564988496,
+        -0.17333366711784642,
+        0.017205240721718848,
+    ];
+    close(&x.grad().unwrap().to_vec::<f32>().unwrap(), &grad, "grad");
+
+    // F.avg_pool2d(arange(25).view(1,1,5,5), 3, 2, 1, ceil_mode=True, count_include_pad=...)
+    let a = Tensor::arange(0.0, 25.0, 1.0, &d).unwrap().reshape([1, 1, 5, 5]).unwrap();
+    let o = wgrad::Pool2dOptions { stride: Some([2, 2]), padding: [1, 1], ceil_mode: true, count_include_pad: true };
+    let cip = [1.3333333333333333, 3.0, 2.6666666666666665, 7.0, 12.0, 9.0, 8.0, 13.0, 9.333333333333334];
+    close(&a.avg_pool2d_with([3, 3], o).unwrap().to_vec::<f32>().unwrap(), &cip, "avg cip");
+    let o = wgrad::Pool2dOptions { count_include_pad: false, ..o };
+    let real = [3.0, 4.5, 6.0, 10.5, 12.0, 13.5, 18.0, 19.5, 21.0];
+    close(&a.avg_pool2d_with([3, 3], o).unwrap().to_vec::<f32>().unwrap(), &real, "avg no cip");
+    // 6x6, kernel 2, stride 2, padding 1, ceil_mode: 4x4 with overhanging last windows.
+    let b = Tensor::arange(0.0, 36.0, 1.0, &d).unwrap().reshape([1, 1, 6, 6]).unwrap();
+    let o = wgrad::Pool2dOptions { stride: Some([2, 2]), padding: [1, 1], ceil_mode: true, count_include_pad: true };
+    let avg = [0.0, 0.75, 1.75, 1.25, 4.5, 10.5, 12.5, 7.0, 10.5, 22.5, 24.5, 13.0, 7.5, 15.75, 16.75, 8.75];
+    close(&b.avg_pool2d_with([2, 2], o).unwrap().to_vec::<f32>().unwrap(), &avg, "avg 6x6");
+    let max = [0.0, 2.0, 4.0, 5.0, 12.0, 14.0, 16.0, 17.0, 24.0, 26.0, 28.0, 29.0, 30.0, 32.0, 34.0, 35.0];
+    close(&b.max_pool2d_with([2, 2], o).unwrap().to_vec::<f32>().unwrap(), &max, "max 6x6");
+
+    // F.conv2d(arange(72).view(2,4,3,3)/10, arange(48).view(6,2,2,2)/20 - 1, padding=1, groups=2)
+    let xi = Tensor::arange(0.0, 72.0, 1.0, &d).unwrap().reshape([2, 4, 3, 3]).unwrap().div(10.0).unwrap();
+    let w =
+        Tensor::arange(0.0, 48.0, 1.0, &d).unwrap().reshape([6, 2, 2, 2]).unwrap().div(20.0).unwrap().sub(1.0).unwrap();
+    let options = wgrad::Conv2dOptions { padding: [1, 1], groups: 2, ..Default::default() };
+    let out = xi.conv2d(&w, None, options).unwrap();
+    assert_eq!(out.dims(), [2, 6, 4, 4]);
+    let first = [-0.585, -1.365, -1.675, -0.95, -1.71, -3.86, -4.52, -2.51, -2.67, -5.84, -6.5, -3.53];
+    close(&out.to_vec::<f32>().unwrap()[..12], &first, "conv groups 2");
+}
