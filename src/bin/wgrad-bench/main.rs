@@ -254,12 +254,22 @@ fn measure(device: &Device, id: Id, o: &Options) -> wgrad::Result<Vec<Row>> {
             device.set_profiling(true);
             let result = r.step(device);
             device.set_profiling(false);
-            result?;
+            let ms = result?;
             (r.counters, r.step_peak) = (counters, peak);
             let profile = device.take_profile();
-            println!("\n{} {} (one step, profiled):\n{}", id.name(), r.mode.name(), profile.summary());
+            let median = {
+                let mut t = r.times.clone();
+                t.sort_by(f64::total_cmp);
+                t[t.len() / 2]
+            };
+            println!(
+                "\n{} {}: one step profiled, {ms:.2} ms wall (unprofiled median {median:.2} ms)\n{}",
+                id.name(),
+                r.mode.name(),
+                profile.summary()
+            );
             if let Some(dir) = &o.trace {
-                let path = std::path::Path::new(dir).join(format!("{}-{}.json", id.name(), r.mode.name()));
+                let path = std::path::Path::new(dir).join(format!("{id:?}-{}.json", r.mode.name()));
                 std::fs::write(&path, profile.chrome_trace()).map_err(|e| wgrad::Error::InvalidArgument {
                     op: "wgrad-bench --trace",
                     message: format!("writing {}: {e}", path.display()),
