@@ -21,6 +21,8 @@ pub(crate) const WORKGROUP_SIZE: u32 = 256;
 const ARENA_BYTES: u64 = 256 * 1024;
 /// A batch is submitted once it holds this many commands.
 const MAX_BATCH: usize = 2048;
+// The profiler times each dispatch of a batch with two queries of one set.
+const _: () = assert!(2 * MAX_BATCH <= wgpu::QUERY_SET_MAX_QUERIES as usize);
 
 /// What adapter a [`Device`] runs on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -267,16 +269,19 @@ impl Device {
         // Timestamps for the profiler, where the adapter has them; unused
         // (and free) while it is off.
         let offered = adapter.features();
-        let timestamps =
-            if offered.contains(wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES) {
-                required_features |= wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
-                TimestampSupport::InsidePasses
-            } else if offered.contains(wgpu::Features::TIMESTAMP_QUERY) {
-                required_features |= wgpu::Features::TIMESTAMP_QUERY;
-                TimestampSupport::PerPass
-            } else {
-                TimestampSupport::None
-            };
+        // Under WebGPU's limits only what a browser offers: timestamps at pass boundaries.
+        let native = options.limits == LimitsPreset::Adapter;
+        let timestamps = if native
+            && offered.contains(wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES)
+        {
+            required_features |= wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
+            TimestampSupport::InsidePasses
+        } else if offered.contains(wgpu::Features::TIMESTAMP_QUERY) {
+            required_features |= wgpu::Features::TIMESTAMP_QUERY;
+            TimestampSupport::PerPass
+        } else {
+            TimestampSupport::None
+        };
         // By default everything the adapter offers: the runtime wants its
         // full storage binding size, buffer size and binding counts.
         let limits = match options.limits {
@@ -1011,11 +1016,13 @@ impl Device {
         let staging = timer.as_ref().and_then(|t| t.resolve(&inner.device, &mut encoder));
         inner.queue.submit([encoder.finish()]);
         inner.counters.lock().submits += 1;
-        if let Some(timer) = timer {
+        let failed = inner.errors.load(Ordering::SeqCst) != errors;
+        // Batches of copies only have no kernel to time; a rejected batch ran nothing.
+        if let Some(timer) = timer.filter(|_| !profiled.is_empty() && !failed) {
             let (ticks, wall_ns) = timer.finish(&inner.device, staging);
             inner.profiler.record(profiled, ticks, wall_ns);
         }
-        if inner.errors.load(Ordering::SeqCst) != errors {
+        if failed {
             // wgpu rejected the batch, so none of it ran: every buffer it
             // writes is stale, and reports this error when read (`poison`).
             let message = inner.uncaptured.lock().take().unwrap_or_default();

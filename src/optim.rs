@@ -265,10 +265,10 @@ impl Core {
             }
             let pipeline = device.pipeline("optimizer", &self.rule.source(chunk.len()))?;
             let grid = device.grid_1d(total as u64)?;
-            // Each element of every bound buffer read, the parameter and state written.
-            let bound: u64 = buffers.iter().map(|b| b.size()).sum();
+            // Parameter, gradient and states read; parameter and states written.
+            let bytes = 4 * total as u64 * (3 + 2 * self.rule.state_count() as u64);
             let info =
-                KernelInfo::new("optimizer", format!("{} over {} parameters", self.rule.name(), chunk.len()), bound, 0);
+                KernelInfo::new("optimizer", format!("{} over {} parameters", self.rule.name(), chunk.len()), bytes, 0);
             device.dispatch("step", &info, &pipeline, &words, &buffers, grid)?;
             for (i, _) in chunk {
                 self.params[*i].pooled()?.bump_version();

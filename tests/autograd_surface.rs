@@ -29,7 +29,8 @@ fn grad_of(t: &Tensor) -> Option<Vec<f32>> {
     t.grad().map(|g| values(&g))
 }
 
-/// One compiler per process: the cases here take turns.
+/// One compiler per process, and while one is installed every backward of
+/// the process goes through it: every case here takes its turn.
 static COMPILER: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Runs `case` eagerly, then compiled; returns each run's result and
@@ -127,6 +128,11 @@ fn backward_with_a_non_leaf_input_accumulates_into_its_grad() {
         assert_eq!(grad_of(&y), Some(vec![12.0, -24.0]), "2y, twice");
         assert_eq!(grad_of(&x), None);
         assert_eq!(x_hooks.load(Ordering::SeqCst), 0);
+        // As PyTorch, y retains its gradient from then on.
+        assert!(y.retains_grad());
+        loss.backward_with(&Tensor::ones([], DType::F32, &device()).unwrap(), retain).unwrap();
+        assert_eq!(grad_of(&y), Some(vec![18.0, -36.0]));
+        assert_eq!(x_hooks.load(Ordering::SeqCst), 1);
         y.zero_grad();
         assert_eq!(grad_of(&y), None);
         (grad_of(&x), x_hooks.load(Ordering::SeqCst))
@@ -137,6 +143,7 @@ fn backward_with_a_non_leaf_input_accumulates_into_its_grad() {
 /// an empty `inputs` and an input that does not require grad are errors.
 #[test]
 fn backward_inputs_edge_cases() {
+    let _turn = COMPILER.lock().unwrap_or_else(|e| e.into_inner());
     let x = leaf(&[1.0]);
     let unused = leaf(&[5.0]);
     let loss = x.mul(&x).unwrap().sum_all().unwrap();
@@ -179,7 +186,7 @@ fn retain_grad_on_a_tensor_used_twice_accumulates() {
         let x = leaf(&[1.0, 2.0]);
         let y = x.mul(3.0).unwrap();
         y.retain_grad().unwrap();
-        assert!(y.retains_grad() && x.retains_grad());
+        assert!(y.retains_grad() && !x.retains_grad(), "as PyTorch: false for leaves");
         let loss = y.mul(&y).unwrap().add(&y).unwrap().sum_all().unwrap(); // y² + y
         let retain = BackwardOptions { retain_graph: true, ..Default::default() };
         loss.backward_with(&Tensor::ones([], DType::F32, &device()).unwrap(), retain).unwrap();
@@ -251,10 +258,31 @@ fn grad_fills_retained_grads_but_no_leaf_grad() {
     });
 }
 
+/// After a `create_graph` backward (eager) left a differentiable retained
+/// gradient, a compiled backward adds to it without recording anything.
+#[test]
+fn a_compiled_backward_adds_to_retained_grads_without_recording() {
+    let _turn = COMPILER.lock().unwrap_or_else(|e| e.into_inner());
+    let guard = WgslCompiler::install(&device()).unwrap();
+    let x = leaf(&[1.0, 2.0]);
+    let y = x.mul(&x).unwrap();
+    y.retain_grad().unwrap();
+    let loss = y.mul(&y).unwrap().sum_all().unwrap();
+    let one = Tensor::ones([], DType::F32, &device()).unwrap();
+    loss.backward_with(&one, BackwardOptions { create_graph: true, ..Default::default() }).unwrap();
+    assert!(y.grad().unwrap().needs_grad(), "create_graph keeps the retained gradient differentiable");
+    loss.backward_with(&one, BackwardOptions { retain_graph: true, ..Default::default() }).unwrap();
+    assert_eq!(guard.stats().fallbacks, 1, "only the create_graph backward ran eagerly");
+    let g = y.grad().unwrap();
+    assert!(!g.needs_grad(), "a compiled backward records no graph");
+    assert_eq!(values(&g), vec![2.0 + 2.0, 8.0 + 8.0]);
+}
+
 /// `retain_grad` on a tensor that does not require grad is an error; on a
 /// leaf it does nothing.
 #[test]
 fn retain_grad_arguments() {
+    let _turn = COMPILER.lock().unwrap_or_else(|e| e.into_inner());
     let plain = f32s(&[1.0], &[1]);
     let e = plain.retain_grad().unwrap_err();
     assert!(matches!(e, Error::InvalidArgument { op: "retain_grad", .. }), "{e}");
@@ -349,6 +377,7 @@ fn optimizer_in_backward_matches_a_step_after_backward() {
 /// Registering on a non-leaf is an error.
 #[test]
 fn post_accumulate_hook_errors() {
+    let _turn = COMPILER.lock().unwrap_or_else(|e| e.into_inner());
     let x = leaf(&[1.0]);
     x.register_post_accumulate_grad_hook(|_| Err(Error::InvalidArgument { op: "my hook", message: "refused".into() }))
         .unwrap();
@@ -366,6 +395,7 @@ fn post_accumulate_hook_errors() {
 /// identity after `eval()`; `train(true)` switches it back.
 #[test]
 fn dropout_honours_train_and_eval() {
+    let _turn = COMPILER.lock().unwrap_or_else(|e| e.into_inner());
     let x = Tensor::ones([4096], DType::F32, &device()).unwrap();
     let mut drop = Dropout::new(0.5, 7).unwrap();
     assert!(drop.is_training());
@@ -392,6 +422,7 @@ fn dropout_honours_train_and_eval() {
 /// accept it and report training.
 #[test]
 fn a_model_forwards_its_mode_to_its_layers() {
+    let _turn = COMPILER.lock().unwrap_or_else(|e| e.into_inner());
     struct Model {
         linear: wgrad::nn::Linear,
         drop: Dropout,

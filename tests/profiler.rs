@@ -131,3 +131,20 @@ fn switching_on_mid_batch_keeps_results_right() {
     let _ = a.mul(3.0).unwrap().to_vec::<f32>().unwrap();
     assert_eq!(device.profile().batches.len(), before, "nothing recorded once off");
 }
+
+/// A batch of copies alone (an upload, a readback) has no kernel: it is
+/// not recorded, so it cannot pass for a batch timed by the wall clock.
+#[test]
+fn batches_of_copies_alone_are_not_recorded() {
+    let device = device();
+    device.set_profiling(true);
+    let a = Tensor::from_slice(&[1.0f32, 2.0], [2], &device).unwrap();
+    let _ = a.to_vec::<f32>().unwrap();
+    let b = a.mul(2.0).unwrap();
+    let _ = b.to_vec::<f32>().unwrap();
+    let _ = b.to_vec::<f32>().unwrap();
+    let profile = device.take_profile();
+    assert_eq!(profile.batches.len(), 1, "{}", profile.table());
+    assert!(profile.batches.iter().all(|b| !b.kernels.is_empty()));
+    assert_eq!(profile.has_timestamps(), device.has_timestamps());
+}

@@ -140,6 +140,9 @@ pub(crate) fn run_compiled(
     }
     let outputs = program.run(&bindings.tensors, &mut |point, g| run_hooks(&task.order[point], g))?;
     compiler.replayed(&program);
+    // Sums with the old `.grad`s record nothing, whatever the caller's grad
+    // mode (a compiled backward never has `create_graph`), as in eager mode.
+    let _mode = set_grad_enabled(false);
     let mut new_grads = NewGrads::default();
     let mut captured = HashMap::new();
     for (role, t) in program.roles().iter().zip(outputs) {

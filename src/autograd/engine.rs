@@ -113,11 +113,12 @@ pub fn grad(
 
 /// Backpropagates from `outputs` (seeded by `grad_outputs`, or ones for
 /// scalar outputs) into `.grad`s, as PyTorch's `torch.autograd.backward`.
-/// With `inputs`, only the `.grad` of those tensors changes, and only the
-/// part of the graph that leads to them is computed: a leaf outside
-/// `inputs` keeps its `.grad` and its hooks do not run. A non-leaf in
-/// `inputs` gets its gradient accumulated in its `.grad` as if
-/// [`Tensor::retain_grad`] had been called for this backward. An input the
+/// With `inputs`, only the `.grad` of those tensors changes (and of
+/// retained non-leaves on the way to them), and only the part of the graph
+/// that leads to them is computed: a leaf outside `inputs` keeps its
+/// `.grad` and its hooks do not run. A non-leaf in `inputs` gets its
+/// gradient accumulated in its `.grad`, and retains it from then on, as if
+/// [`Tensor::retain_grad`] had been called (as in PyTorch). An input the
 /// outputs do not depend on keeps its `.grad` (as in PyTorch).
 ///
 /// ```
@@ -160,7 +161,12 @@ pub fn backward(
         only.insert(key(&node));
         keep.push(node);
     }
-    run(&roots, Sink::Leaves(Some(&only)), options).map(|_| ())
+    run(&roots, Sink::Leaves(Some(&only)), options)?;
+    // As PyTorch, a non-leaf input keeps retaining its gradient afterwards.
+    for node in keep.iter().filter(|n| matches!(n.kind, NodeKind::Op(_))) {
+        node.retains_grad.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(())
 }
 
 /// (output, seed) pairs: `grad_outputs`, or ones for scalar outputs.
@@ -454,7 +460,8 @@ impl NewGrads {
         let old = node.retained_grad.lock().clone();
         let total = match old {
             Some(old) => old.add(&g)?,
-            None => g,
+            None if g.is_contiguous() => g,
+            None => g.contiguous()?,
         };
         self.retained.push((node, total));
         Ok(())

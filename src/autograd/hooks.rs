@@ -86,14 +86,13 @@ impl Tensor {
         }
     }
 
-    /// Whether [`Tensor::grad`] holds this tensor's gradient after a
-    /// backward: true for leaves that require grad and for tensors on which
-    /// [`Tensor::retain_grad`] was called.
+    /// Whether [`Tensor::retain_grad`] made this non-leaf keep its
+    /// gradient. False for leaves, as PyTorch's `retains_grad` (a leaf that
+    /// requires grad always keeps its gradient).
     pub fn retains_grad(&self) -> bool {
         match &self.0.autograd {
             AutogradMeta::Interior(node) => node.retains_grad(),
-            AutogradMeta::Leaf(_) => true,
-            AutogradMeta::None => false,
+            AutogradMeta::Leaf(_) | AutogradMeta::None => false,
         }
     }
 }

@@ -431,7 +431,14 @@ pub(crate) fn matmul_launches(
                 ];
                 w.extend_from_slice(&template_words);
                 let grid = [(gx - bx).min(max) as u32, (gy - by).min(max) as u32, (gz - bz).min(max) as u32];
-                launches.push(Launch { label: "matmul", source: source.clone(), words: w, grid, info: info.clone() });
+                // Each launch of a split grid carries its share of the estimates.
+                let share = |v: u64| {
+                    let part = grid.iter().map(|&g| g as u64).product::<u64>();
+                    let whole = (gx * gy * gz) as u64;
+                    (v as u128 * part as u128 / whole.max(1) as u128) as u64
+                };
+                let info = KernelInfo { bytes: share(info.bytes), flops: share(info.flops), ..info.clone() };
+                launches.push(Launch { label: "matmul", source: source.clone(), words: w, grid, info });
             }
         }
     }
