@@ -416,3 +416,38 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Result<Option<Tensor>
     }
     Ok(Some(norm))
 }
+
+#[cfg(test)]
+mod kernel_tests {
+    use super::Rule;
+    use crate::exec::bind::Binds;
+    use crate::metadata::DType;
+
+    /// Every update rule's kernel validates with naga, with one binding per
+    /// tensor and with all of them in the f32 arena (one binding: what
+    /// WebGPU's 8 storage bindings are met with).
+    #[test]
+    fn optimizer_kernels_validate_in_every_binding_pattern() {
+        let rules = [
+            Rule::Sgd { lr: 0.1, momentum: 0.0, weight_decay: 0.0 },
+            Rule::Sgd { lr: 0.1, momentum: 0.9, weight_decay: 0.01 },
+            Rule::Adam { lr: 1e-3, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.0, decoupled: false },
+            Rule::Adam { lr: 1e-3, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.1, decoupled: true },
+        ];
+        for rule in rules {
+            for n in [1, 3, 20] {
+                let written = rule.written(n);
+                let dtypes = vec![DType::F32; written.len()];
+                for binds in [Binds::separate(&dtypes, &written), Binds::by_dtype(&dtypes, &written)] {
+                    let source = rule.source(n, &binds);
+                    let module = naga::front::wgsl::parse_str(&source)
+                        .unwrap_or_else(|e| panic!("{rule:?} {n}: {}\n{source}", e.emit_to_string(&source)));
+                    naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+                        .validate(&module)
+                        .unwrap_or_else(|e| panic!("{rule:?} {n}: {e:?}\n{source}"));
+                    assert_eq!(source.matches("var<storage").count(), binds.bindings.len());
+                }
+            }
+        }
+    }
+}
