@@ -1,15 +1,15 @@
 //! Caching allocator. Tensors are sub-allocated in a few large buffers per
 //! dtype (*arenas*), so a kernel binds each arena once however many tensors
 //! it reads (WebGPU gives a shader 8 storage bindings), and finds each
-//! tensor by its element offset in the uniform. A tensor larger than a
-//! quarter of an arena gets a buffer of its own. Freed ranges (and freed
-//! dedicated buffers) go back to a free list keyed by size class and are
-//! handed out again, so a training loop allocates nothing after its first
-//! step. GPU work is ordered on one queue, so a range can be reused as soon
+//! tensor by its element offset in the uniform. A tensor above 1 MiB gets
+//! a buffer of its own. Freed ranges go back to their arena's free map
+//! (merged with free neighbours; best fit, first arena first), freed
+//! dedicated buffers to a free list per size class, and both are handed
+//! out again, so a training loop allocates nothing after its first step. GPU work is ordered on one queue, so a range can be reused as soon
 //! as its last handle drops, even if commands that read it are still
 //! pending: later commands run after them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -42,6 +42,10 @@ pub(crate) const ALLOC_ALIGN: u64 = 256;
 /// as a kernel binds an arena whole.
 pub(crate) const MAX_ARENA_BYTES: u64 = 64 << 20;
 
+/// Tensors above this size (or a quarter of an arena) get a buffer of
+/// their own (see [`Pool::dedicated_above`]).
+pub(crate) const DEDICATED_ABOVE: u64 = 1 << 20;
+
 /// Rounds a request up to its size class: powers of two split into four
 /// steps (at most 25% waste), with a 256-byte floor. Every class is a
 /// multiple of [`ALLOC_ALIGN`].
@@ -66,8 +70,33 @@ struct Arena {
     buffer: wgpu::Buffer,
     /// Bytes handed out from the start (the rest has never been used).
     used: u64,
+    /// Freed ranges below `used` (offset -> length), adjacent ones merged.
+    free: BTreeMap<u64, u64>,
     /// Live allocations in it.
     live: usize,
+}
+
+impl Arena {
+    /// The smallest freed range that holds `bytes`: (offset, length).
+    fn best_fit(&self, bytes: u64) -> Option<(u64, u64)> {
+        self.free.iter().filter(|(_, len)| **len >= bytes).min_by_key(|(_, len)| **len).map(|(&o, &l)| (o, l))
+    }
+
+    /// Returns a range to the free map, merged with its neighbours.
+    fn release(&mut self, offset: u64, bytes: u64) {
+        let (mut start, mut len) = (offset, bytes);
+        if let Some((&before, &before_len)) = self.free.range(..offset).next_back() {
+            if before + before_len == offset {
+                self.free.remove(&before);
+                start = before;
+                len += before_len;
+            }
+        }
+        if let Some(after_len) = self.free.remove(&(offset + bytes)) {
+            len += after_len;
+        }
+        self.free.insert(start, len);
+    }
 }
 
 #[derive(Default)]
@@ -76,8 +105,6 @@ pub(crate) struct Pool {
     pub(crate) arena_bytes: u64,
     /// The arenas of each dtype; `None` once released by `clear`.
     arenas: HashMap<DType, Vec<Option<Arena>>>,
-    /// Freed ranges of arenas: (dtype, class) -> (arena, byte offset).
-    free_ranges: HashMap<(DType, u64), Vec<(usize, u64)>>,
     /// Freed dedicated buffers by class.
     free_buffers: HashMap<u64, Vec<wgpu::Buffer>>,
     pub(crate) stats: MemoryStats,
@@ -101,7 +128,15 @@ impl Pool {
 
     /// Whether a class is served from an arena (rather than a dedicated buffer).
     pub(crate) fn in_arena(&self, class: u64) -> bool {
-        class * 4 <= self.arena_bytes
+        class <= self.dedicated_above()
+    }
+
+    /// Classes above this many bytes get buffers of their own: large
+    /// tensors gain little from sharing a binding (their kernels are long),
+    /// and in arenas they would fill them, and more arenas mean more ways
+    /// for a kernel's operands to share bindings, each its own pipeline.
+    pub(crate) fn dedicated_above(&self) -> u64 {
+        DEDICATED_ABOVE.min(self.arena_bytes / 4)
     }
 
     /// A free range or buffer of this class, if any, counted live.
@@ -111,24 +146,31 @@ impl Pool {
         Some(taken)
     }
 
+    /// A range of the first arena that has one: the best-fitting freed
+    /// range, else fresh space at its end. (First arena first, so tensors
+    /// gather in as few arenas, and so bindings, as possible.)
     fn take_range(&mut self, dtype: DType, class: u64) -> Option<Taken> {
+        let arena_bytes = self.arena_bytes;
         let arenas = self.arenas.entry(dtype).or_default();
-        if let Some((index, offset)) = self.free_ranges.get_mut(&(dtype, class)).and_then(Vec::pop) {
-            let arena = arenas[index].as_mut().expect("free ranges of released arenas are dropped");
+        for (index, slot) in arenas.iter_mut().enumerate() {
+            let Some(arena) = slot.as_mut() else { continue };
+            let offset = if let Some((offset, len)) = arena.best_fit(class) {
+                arena.free.remove(&offset);
+                if len > class {
+                    arena.free.insert(offset + class, len - class);
+                }
+                self.stats.pooled_bytes -= class;
+                offset
+            } else if arena.used + class <= arena_bytes {
+                arena.used += class;
+                arena.used - class
+            } else {
+                continue;
+            };
             arena.live += 1;
-            self.stats.pooled_bytes -= class;
             return Some(Taken { buffer: arena.buffer.clone(), offset, home: Home::Arena(dtype, index) });
         }
-        // Fresh space: the first arena with room at its end.
-        let arena_bytes = self.arena_bytes;
-        let (index, arena) = arenas
-            .iter_mut()
-            .enumerate()
-            .find_map(|(i, a)| a.as_mut().filter(|a| a.used + class <= arena_bytes).map(|a| (i, a)))?;
-        let offset = arena.used;
-        arena.used += class;
-        arena.live += 1;
-        Some(Taken { buffer: arena.buffer.clone(), offset, home: Home::Arena(dtype, index) })
+        None
     }
 
     fn take_buffer(&mut self, class: u64) -> Option<Taken> {
@@ -142,8 +184,8 @@ impl Pool {
         self.stats.buffers_created += 1;
         let arenas = self.arenas.entry(dtype).or_default();
         match arenas.iter().position(Option::is_none) {
-            Some(i) => arenas[i] = Some(Arena { buffer, used: 0, live: 0 }),
-            None => arenas.push(Some(Arena { buffer, used: 0, live: 0 })),
+            Some(i) => arenas[i] = Some(Arena { buffer, used: 0, free: BTreeMap::new(), live: 0 }),
+            None => arenas.push(Some(Arena { buffer, used: 0, free: BTreeMap::new(), live: 0 })),
         }
     }
 
@@ -165,10 +207,10 @@ impl Pool {
         self.stats.pooled_bytes += class;
         match home {
             Home::Arena(dtype, index) => {
-                if let Some(arena) = self.arenas.get_mut(&dtype).and_then(|a| a[index].as_mut()) {
-                    arena.live -= 1;
-                }
-                self.free_ranges.entry((dtype, class)).or_default().push((index, offset));
+                let arena = self.arenas.get_mut(&dtype).and_then(|a| a[index].as_mut());
+                let arena = arena.expect("an arena with live tensors is kept");
+                arena.live -= 1;
+                arena.release(offset, class);
             }
             Home::Dedicated => self.free_buffers.entry(class).or_default().push(buffer),
         }
@@ -181,18 +223,11 @@ impl Pool {
         for (class, buffers) in self.free_buffers.drain() {
             self.stats.pooled_bytes -= class * buffers.len() as u64;
         }
-        for (&dtype, arenas) in self.arenas.iter_mut() {
-            for (index, slot) in arenas.iter_mut().enumerate() {
-                if slot.as_ref().is_none_or(|a| a.live > 0) {
-                    continue;
-                }
-                *slot = None;
-                for ((d, class), ranges) in self.free_ranges.iter_mut() {
-                    if *d == dtype {
-                        let before = ranges.len();
-                        ranges.retain(|&(i, _)| i != index);
-                        self.stats.pooled_bytes -= class * (before - ranges.len()) as u64;
-                    }
+        for arenas in self.arenas.values_mut() {
+            for slot in arenas.iter_mut() {
+                if let Some(arena) = slot.as_ref().filter(|a| a.live == 0) {
+                    self.stats.pooled_bytes -= arena.free.values().sum::<u64>();
+                    *slot = None;
                 }
             }
         }

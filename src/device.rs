@@ -751,7 +751,7 @@ impl Device {
     /// Tensors larger than this many bytes get a buffer of their own
     /// rather than a range of an arena.
     pub(crate) fn dedicated_bytes(&self) -> u64 {
-        self.inner.pool.lock().arena_bytes / 4
+        self.inner.pool.lock().dedicated_above()
     }
 
     /// The most storage buffers one kernel may bind.

@@ -94,8 +94,9 @@ fn memory_reaches_a_steady_state_and_the_pool_works() {
     let big = Tensor::zeros([64, 64], DType::F32, &device).unwrap(); // 16 KiB, a new class
     let after_alloc = stats(&device);
     assert_eq!(after_alloc.live_bytes, before.live_bytes + 16384);
-    assert_eq!(after_alloc.pooled_bytes, before.pooled_bytes);
-    // Sub-allocated in the f32 arena the step's tensors already use.
+    // Sub-allocated in the f32 arena the step's tensors already use, maybe
+    // from a freed range there.
+    assert!(after_alloc.pooled_bytes <= before.pooled_bytes);
     assert_eq!(after_alloc.buffers_created, before.buffers_created);
     assert!(after_alloc.peak_bytes >= after_alloc.live_bytes);
 
@@ -106,13 +107,13 @@ fn memory_reaches_a_steady_state_and_the_pool_works() {
     drop(alias);
     let after_drop = stats(&device);
     assert_eq!(after_drop.live_bytes, before.live_bytes, "dropping returns the bytes");
-    assert_eq!(after_drop.pooled_bytes, before.pooled_bytes + 16384, "... to the pool");
+    assert_eq!(after_drop.pooled_bytes, after_alloc.pooled_bytes + 16384, "... to the pool");
 
     // The same size is served from the pool: no new buffer.
     let again = Tensor::ones([4096], DType::F32, &device).unwrap();
     let s = stats(&device);
     assert_eq!(s.buffers_created, after_alloc.buffers_created);
-    assert_eq!(s.pooled_bytes, before.pooled_bytes);
+    assert_eq!(s.pooled_bytes, after_drop.pooled_bytes - 16384);
     assert_eq!(again.to_vec::<f32>().unwrap(), vec![1.0; 4096]);
     drop(again);
 
