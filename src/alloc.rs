@@ -1,7 +1,7 @@
 //! Caching allocator. Tensors are sub-allocated in a few large buffers per
 //! dtype (*arenas*), so a kernel binds each arena once however many tensors
 //! it reads (WebGPU gives a shader 8 storage bindings), and finds each
-//! tensor by its element offset in the uniform. A tensor above 1 MiB gets
+//! tensor by its element offset in the uniform. A tensor above 4 MiB gets
 //! a buffer of its own. Freed ranges go back to their arena's free map
 //! (merged with free neighbours; best fit, first arena first), freed
 //! dedicated buffers to a free list per size class, and both are handed
@@ -44,7 +44,7 @@ pub(crate) const MAX_ARENA_BYTES: u64 = 64 << 20;
 
 /// Tensors above this size (or a quarter of an arena) get a buffer of
 /// their own (see [`Pool::dedicated_above`]).
-pub(crate) const DEDICATED_ABOVE: u64 = 1 << 20;
+pub(crate) const DEDICATED_ABOVE: u64 = 4 << 20;
 
 /// Rounds a request up to its size class: powers of two split into four
 /// steps (at most 25% waste), with a 256-byte floor. Every class is a
