@@ -21,4 +21,8 @@ cargo test --benches "$@"
 # lavapipe picks the direct matmul; run the matmul-heavy tests on the
 # tiled (GPU) template as well, so both are exercised on the CI device.
 WGRAD_MATMUL=tiled cargo test "$@" --test ops_forward --test gradcheck --test compiled -- --test-threads 2
+# The whole suite again on exactly WebGPU's default limits (8 storage
+# bindings per kernel, 128 MiB per binding, no shader-f16): what a browser
+# allows. Same binaries, so this costs run time, not build time.
+WGRAD_LIMITS=webgpu cargo test --lib --bins --tests "$@" -- --test-threads 2
 cargo test --doc

@@ -5,8 +5,10 @@
 // accumulates a 4x4 block in registers, reading 16-deep slices of A and B
 // staged in workgroup memory.
 
-// The generator defines above: `T`, the bindings (`a`, `b` the operands,
-// `out0` the result, in0.. whatever the epilogue reads), `M` (where this
+// The generator defines above: `T`, the accessors of the operands
+// (`load_a(i)`, `load_b(i)`: element i of A's and B's buffers) and of the
+// result (`store_out(i, v)`, `load_out(i)`: element i of C, at C's offset
+// in its buffer), whatever the epilogue reads, `M` (where this
 // template's words start) and `epilogue(acc, i)`, the elementwise function
 // applied to element i of the result before it is stored (the identity for
 // a plain matmul, e.g. `acc * mask` when the compiler fuses a consumer).
@@ -48,14 +50,14 @@ fn main(
             let ka = e % DEPTH;
             var va = T(0);
             if (row0 + m < p(M + 0u) && k0 + ka < p(M + 2u)) {
-                va = a[a_base + (row0 + m) * p(M + 5u) + (k0 + ka) * p(M + 6u)];
+                va = load_a(a_base + (row0 + m) * p(M + 5u) + (k0 + ka) * p(M + 6u));
             }
             a_tile[ka][m] = va;
             let kb = e / TILE;
             let n = e % TILE;
             var vb = T(0);
             if (k0 + kb < p(M + 2u) && col0 + n < p(M + 1u)) {
-                vb = b[b_base + (k0 + kb) * p(M + 9u) + (col0 + n) * p(M + 10u)];
+                vb = load_b(b_base + (k0 + kb) * p(M + 9u) + (col0 + n) * p(M + 10u));
             }
             b_tile[kb][n] = vb;
         }
@@ -83,7 +85,7 @@ fn main(
             let col = col0 + lid.x + j * 16u;
             if (row < p(M + 0u) && col < p(M + 1u)) {
                 let at = c_base + row * p(M + 1u) + col;
-                out0[at] = epilogue(acc[i][j], at);
+                store_out(at, epilogue(acc[i][j], at));
             }
         }
     }

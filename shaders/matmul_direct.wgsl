@@ -13,8 +13,8 @@
 // at the `//!` markers: llvmpipe leaves loops of this size rolled, and an
 // array of accumulators indexed in a loop lives in memory, not registers.
 //
-// Same interface as matmul.wgsl: `T`, the bindings (`a`, `b`, `out0`, the
-// epilogue's in0..), `M` and `epilogue(acc, i)` come from the generator;
+// Same interface as matmul.wgsl: `T`, the accessors (`load_a`, `load_b`,
+// `store_out`, `load_out`), `M` and `epilogue(acc, i)` come from the generator;
 // words from M: m, n, k, a_offset, a_batch, a_row, a_col, b_offset,
 // b_batch, b_row, b_col, base_x, base_y, base_z. A workgroup covers a
 // 64x64 tile.
@@ -42,7 +42,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     for (var kk = 0u; kk < k; kk = kk + 1u) {
         let b_off = kk * b_row;
         let a_off = kk * a_col;
-        // vbJ = b[cJ + b_off]; then per row vaI = a[rI + a_off] and
+        // vbJ = load_b(cJ + b_off); then per row vaI = load_a(rI + a_off) and
         // accIJ = accIJ + vaI * vbJ.
         //! step
     }

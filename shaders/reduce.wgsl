@@ -1,6 +1,6 @@
 
 // Reduction main. The generator defines above: `T`, `identity()`,
-// `combine(a, b)`, the bindings (`out0` receives the results) and
+// `combine(a, b)`, `store_out(t, v)`, which stores result t, and
 // `fold(acc, i)`, which combines step i of an [A, K] iteration space whose
 // last axis is reduced into acc: element i (`value(i)`), or for a
 // vectorised reduction the vec4 of elements 4i .. 4i + 3 (`value4(i)`,
@@ -30,5 +30,5 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         }
         acc = fold(acc, a * k + kk);
     }
-    out0[t] = acc;
+    store_out(t, acc);
 }

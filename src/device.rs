@@ -9,9 +9,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
-use crate::alloc::{MemoryStats, Pool, PooledBuffer, size_class};
+use crate::alloc::{ALLOC_ALIGN, MAX_ARENA_BYTES, MemoryStats, Pool, PooledBuffer, size_class};
 use crate::error::{Error, Result};
+use crate::exec::bind::Operand;
 use crate::exec::merge::{MapOp, PendingMaps};
+use crate::metadata::DType;
 use crate::metadata::DeviceId;
 use crate::profile::{BatchTimer, KernelInfo, Profile, Profiler, TimestampSupport};
 
@@ -148,8 +150,6 @@ pub(crate) struct DeviceInner {
     pool: Arc<Mutex<Pool>>,
     batch: Mutex<Batch>,
     pipelines: Mutex<HashMap<String, wgpu::ComputePipeline>>,
-    /// Which of each pipeline's storage buffers it writes (`poison`).
-    pipeline_writes: Mutex<HashMap<wgpu::ComputePipeline, Arc<[usize]>>>,
     /// How many errors wgpu has reported outside an error scope, so a
     /// submit can tell whether it failed.
     errors: Arc<AtomicU64>,
@@ -168,14 +168,14 @@ pub(crate) struct DeviceInner {
 const KEPT_READBACK_BYTES: u64 = 1 << 20;
 
 enum Command {
-    /// `writes`: the storage buffers the kernel writes, spoiled if the
-    /// batch fails (see `poison`); `op` names the op that recorded it.
+    /// `writes`: the storage the kernel writes, spoiled if the batch
+    /// fails (see `poison`); `op` names the op that recorded it.
     Dispatch {
         op: &'static str,
         pipeline: wgpu::ComputePipeline,
         bind_group: wgpu::BindGroup,
         grid: [u32; 3],
-        writes: Vec<wgpu::Buffer>,
+        writes: Vec<Operand>,
         /// What it computes, kept only while profiling.
         info: Option<KernelInfo>,
     },
@@ -193,8 +193,9 @@ struct Batch {
     pending: Option<PendingMaps>,
 }
 
-/// The most storage buffers a merged elementwise kernel binds (as the
-/// compiled backward's kernels).
+/// The most operands (tensors read or written) a merged elementwise kernel
+/// has, as the compiled backward's kernels; distinct buffers are bounded
+/// by the device's storage-binding limit as well.
 const MAX_MERGED_BINDINGS: usize = 32;
 
 static NEXT_DEVICE_ID: AtomicU64 = AtomicU64::new(0);
@@ -318,7 +319,8 @@ impl Device {
         let arena = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("wgrad uniform arena"),
             size: ARENA_BYTES,
-            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            // COPY_SRC: a compiled program's changed words are copied from here.
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
             mapped_at_creation: false,
         });
         let info = DeviceInfo {
@@ -338,6 +340,9 @@ impl Device {
                 _ => MatmulTemplate::Tiled,
             }
         };
+        // Arenas as large as one binding may span, up to MAX_ARENA_BYTES.
+        let binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        let pool = Pool::new(MAX_ARENA_BYTES.min(binding / ALLOC_ALIGN * ALLOC_ALIGN));
         Ok(Device {
             inner: Arc::new(DeviceInner {
                 id: DeviceId(NEXT_DEVICE_ID.fetch_add(1, Ordering::Relaxed)),
@@ -349,10 +354,9 @@ impl Device {
                 limits,
                 preset: options.limits,
                 f16,
-                pool: Arc::new(Mutex::new(Pool::default())),
+                pool: Arc::new(Mutex::new(pool)),
                 batch: Mutex::new(Batch::default()),
                 pipelines: Mutex::new(HashMap::new()),
-                pipeline_writes: Mutex::new(HashMap::new()),
                 errors,
                 lost,
                 counters: Mutex::new(DeviceCounters::default()),
@@ -511,31 +515,39 @@ impl Device {
         }
     }
 
-    /// A buffer of at least `bytes` from the pool (or newly created).
-    pub(crate) fn alloc(&self, bytes: u64) -> Result<Arc<PooledBuffer>> {
+    /// Storage for at least `bytes` of `dtype`: a range of an arena of
+    /// that dtype, or for a large tensor a buffer of its own, from the pool
+    /// or newly created.
+    pub(crate) fn alloc(&self, bytes: u64, dtype: DType) -> Result<Arc<PooledBuffer>> {
         let limit = self.max_tensor_bytes();
         if bytes > limit {
             return Err(Error::TensorTooLarge { bytes, limit });
         }
-        let class = size_class(bytes).min(limit.max(256));
+        let class = size_class(bytes).next_multiple_of(ALLOC_ALIGN).min(limit.max(256));
         let pool = &self.inner.pool;
-        if let Some(buffer) = pool.lock().take(class) {
-            return Ok(Arc::new(PooledBuffer::new(buffer, class, pool.clone())));
+        if let Some(taken) = pool.lock().take(dtype, class) {
+            return Ok(Arc::new(PooledBuffer::new(taken, class, pool.clone())));
         }
-        let buffer = match self.create_storage_buffer(class) {
+        let in_arena = pool.lock().in_arena(class);
+        let size = if in_arena { pool.lock().arena_bytes } else { class };
+        let buffer = match self.create_storage_buffer(size) {
             Some(buffer) => buffer,
             None => {
-                // Give the pooled buffers back to the driver and try once more.
+                // Give the pooled memory back to the driver and try once more.
                 pool.lock().clear();
-                self.create_storage_buffer(class)
-                    .ok_or_else(|| Error::OutOfMemory { bytes: class, live: pool.lock().stats.live_bytes })?
+                self.create_storage_buffer(size)
+                    .ok_or_else(|| Error::OutOfMemory { bytes: size, live: pool.lock().stats.live_bytes })?
             }
         };
         let mut p = pool.lock();
-        p.mark_live(class);
-        p.stats.buffers_created += 1;
+        let taken = if in_arena {
+            p.add_arena(dtype, buffer);
+            p.take(dtype, class).expect("a new arena has room for a quarter of itself")
+        } else {
+            p.dedicated(class, buffer)
+        };
         drop(p);
-        Ok(Arc::new(PooledBuffer::new(buffer, class, pool.clone())))
+        Ok(Arc::new(PooledBuffer::new(taken, class, pool.clone())))
     }
 
     /// A new storage buffer, or `None` if the device is out of memory.
@@ -580,36 +592,43 @@ impl Device {
         }
         self.inner.counters.lock().pipelines_created += 1;
         self.inner.pipelines.lock().insert(source.to_string(), pipeline.clone());
-        self.inner.pipeline_writes.lock().insert(pipeline.clone(), crate::poison::writable_bindings(source).into());
         Ok(pipeline)
     }
 
-    /// The positions of the storage buffers `pipeline` writes.
-    fn writes_of(&self, pipeline: &wgpu::ComputePipeline) -> Arc<[usize]> {
-        self.inner.pipeline_writes.lock().get(pipeline).cloned().unwrap_or_else(|| Arc::from([]))
-    }
-
-    /// Checks a dispatch of `op` binding `buffers` on the host (usage
-    /// conflicts) and carries spoiled inputs over to its outputs; returns
-    /// the buffers it writes.
+    /// Checks a dispatch of `op` on `operands` on the host (usage
+    /// conflicts, the binding limit) and carries spoiled inputs over to its
+    /// outputs; returns the operands it writes.
     fn checked_writes(
         &self,
         op: &'static str,
-        pipeline: &wgpu::ComputePipeline,
-        buffers: &[&wgpu::Buffer],
-    ) -> Result<Vec<wgpu::Buffer>> {
-        let writes = self.writes_of(pipeline);
+        buffers: usize,
+        operands: &[Operand],
+        written: &[bool],
+    ) -> Result<Vec<Operand>> {
         if !(cfg!(test) && op == crate::poison::INJECTED_FAULT) {
-            crate::poison::check_conflicts(op, buffers, &writes)?;
+            crate::poison::check_conflicts(op, operands, written)?;
         }
-        let written: Vec<&wgpu::Buffer> = writes.iter().filter_map(|&w| buffers.get(w).copied()).collect();
-        self.inner.pool.lock().poison.record(buffers, &written);
-        Ok(written.into_iter().cloned().collect())
+        if buffers > self.max_storage_bindings() {
+            return Err(Error::InvalidArgument {
+                op,
+                message: format!(
+                    "a kernel would bind {buffers} storage buffers, more than the device's {}; its operands \
+                     are spread over more arenas than that (see `Device::limits`)",
+                    self.max_storage_bindings()
+                ),
+            });
+        }
+        let writes: Vec<&Operand> = operands.iter().zip(written).filter(|(_, w)| **w).map(|(o, _)| o).collect();
+        let bound: Vec<&Operand> = operands.iter().collect();
+        self.inner.pool.lock().poison.record(&bound, &writes);
+        Ok(writes.into_iter().cloned().collect())
     }
 
     /// Appends a dispatch: binding 0 is a uniform holding `params`, bindings
-    /// 1.. are the storage buffers in order. `threads` is split into a grid
-    /// that respects the per-dimension workgroup limit (see [`Self::grid_1d`]).
+    /// 1.. are `buffers` in order; `operands` (with which of them are
+    /// `written`) are the tensors' storage the kernel reaches through them,
+    /// for the host checks. `threads` is split into a grid that respects
+    /// the per-dimension workgroup limit (see [`Self::grid_1d`]).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn dispatch(
         &self,
@@ -617,11 +636,13 @@ impl Device {
         info: &KernelInfo,
         pipeline: &wgpu::ComputePipeline,
         params: &[u32],
-        buffers: &[&wgpu::Buffer],
+        buffers: &[wgpu::Buffer],
+        operands: &[Operand],
+        written: &[bool],
         grid: [u32; 3],
     ) -> Result<()> {
         let mut batch = self.lock_batch();
-        self.push_dispatch(&mut batch, op, info, pipeline, params, buffers, grid)
+        self.push_dispatch(&mut batch, op, info, pipeline, params, buffers, operands, written, grid)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -632,13 +653,15 @@ impl Device {
         info: &KernelInfo,
         pipeline: &wgpu::ComputePipeline,
         params: &[u32],
-        buffers: &[&wgpu::Buffer],
+        buffers: &[wgpu::Buffer],
+        operands: &[Operand],
+        written: &[bool],
         grid: [u32; 3],
     ) -> Result<()> {
         if grid.contains(&0) {
             return Ok(());
         }
-        let writes = self.checked_writes(op, pipeline, buffers)?;
+        let writes = self.checked_writes(op, buffers.len(), operands, written)?;
         let align = self.inner.limits.min_uniform_buffer_offset_alignment.max(16) as usize;
         let bytes: &[u8] = bytemuck::cast_slice(params);
         let size = bytes.len().max(16).next_multiple_of(16);
@@ -680,6 +703,33 @@ impl Device {
         Ok(())
     }
 
+    /// Records, in queue order with the pending commands, a write of
+    /// `words` at `offset` of `uniform` (a compiled program's uniform, whose
+    /// earlier dispatches in the batch keep reading the old words).
+    pub(crate) fn record_uniform_write(&self, uniform: &wgpu::Buffer, offset: u64, words: &[u32]) {
+        let mut batch = self.lock_batch();
+        let bytes: &[u8] = bytemuck::cast_slice(words);
+        let size = bytes.len().max(16).next_multiple_of(16);
+        let align = self.uniform_alignment();
+        let mut at = batch.uniforms.len().next_multiple_of(align);
+        if at + size > ARENA_BYTES as usize || batch.commands.len() >= MAX_BATCH {
+            self.submit_batch(&mut batch);
+            at = 0;
+        }
+        batch.uniforms.resize(at, 0);
+        batch.uniforms.extend_from_slice(bytes);
+        batch.uniforms.resize(at + size, 0);
+        let (src, src_offset) = (self.inner.arena.clone(), at as u64);
+        batch.commands.push(Command::Copy {
+            src,
+            src_offset,
+            dst: uniform.clone(),
+            dst_offset: offset,
+            size: size as u64,
+            spoils_dst: false,
+        });
+    }
+
     /// A uniform buffer holding `bytes` (a compiled program's sizes).
     pub(crate) fn create_uniform(&self, bytes: &[u8]) -> wgpu::Buffer {
         self.inner.counters.lock().buffers_created += 1;
@@ -701,6 +751,12 @@ impl Device {
     /// The matmul template for this adapter, chosen when the device was made.
     pub(crate) fn matmul_template(&self) -> crate::exec::codegen::MatmulTemplate {
         self.inner.matmul
+    }
+
+    /// Tensors larger than this many bytes get a buffer of their own
+    /// rather than a range of an arena.
+    pub(crate) fn dedicated_bytes(&self) -> u64 {
+        self.inner.pool.lock().dedicated_above()
     }
 
     /// The most storage buffers one kernel may bind.
@@ -746,20 +802,22 @@ impl Device {
     }
 
     /// Appends a dispatch with a ready bind group to the pending batch.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn dispatch_bound(
         &self,
         op: &'static str,
         info: &KernelInfo,
         pipeline: &wgpu::ComputePipeline,
         bind_group: &wgpu::BindGroup,
-        buffers: &[wgpu::Buffer],
+        buffers: usize,
+        operands: &[Operand],
+        written: &[bool],
         grid: [u32; 3],
     ) -> Result<()> {
         if grid.contains(&0) {
             return Ok(());
         }
-        let bound: Vec<&wgpu::Buffer> = buffers.iter().collect();
-        let writes = self.checked_writes(op, pipeline, &bound)?;
+        let writes = self.checked_writes(op, buffers, operands, written)?;
         let mut batch = self.lock_batch();
         if batch.commands.len() >= MAX_BATCH {
             self.submit_batch(&mut batch);
@@ -791,8 +849,8 @@ impl Device {
     /// Copies host bytes into a new pooled buffer, in queue order with the
     /// pending dispatches (a staging buffer and a recorded copy, so a pooled
     /// buffer that pending commands still read is never overwritten early).
-    pub(crate) fn upload(&self, bytes: &[u8]) -> Result<Arc<PooledBuffer>> {
-        let buffer = self.alloc(bytes.len() as u64)?;
+    pub(crate) fn upload(&self, bytes: &[u8], dtype: DType) -> Result<Arc<PooledBuffer>> {
+        let buffer = self.alloc(bytes.len() as u64, dtype)?;
         if bytes.is_empty() {
             return Ok(buffer);
         }
@@ -810,13 +868,13 @@ impl Device {
         }
         staging.unmap();
         let mut batch = self.lock_batch();
-        // A new tensor's storage: whatever the pooled buffer held before is gone.
-        self.inner.pool.lock().poison.forget(buffer.raw());
+        // A new tensor's storage: whatever the pooled range held before is gone.
+        self.inner.pool.lock().poison.forget(buffer.raw(), buffer.range());
         batch.commands.push(Command::Copy {
             src: staging,
             src_offset: 0,
             dst: buffer.raw().clone(),
-            dst_offset: 0,
+            dst_offset: buffer.range().start,
             size: padded,
             spoils_dst: true,
         });
@@ -824,12 +882,14 @@ impl Device {
         Ok(buffer)
     }
 
-    /// Reads `size` bytes at `offset` of a buffer back to the host, after
-    /// all pending work.
-    pub(crate) fn read(&self, buffer: &wgpu::Buffer, offset: u64, size: u64) -> Result<Vec<u8>> {
+    /// Reads `size` bytes at `offset` of a tensor's storage back to the
+    /// host, after all pending work.
+    pub(crate) fn read(&self, storage: &Operand, offset: u64, size: u64) -> Result<Vec<u8>> {
         if size == 0 {
             return Ok(Vec::new());
         }
+        let buffer = &storage.buffer;
+        let offset = storage.range.start + offset;
         let start = offset - offset % wgpu::COPY_BUFFER_ALIGNMENT;
         let end = (offset + size).next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT);
         // One staging buffer is kept and reused while large enough, so a
@@ -869,7 +929,7 @@ impl Device {
         self.wait()?;
         self.take_uncaptured()?;
         // The batch that computed this buffer failed: its bytes are stale.
-        if let Some(spoiled) = self.inner.pool.lock().poison.get(buffer) {
+        if let Some(spoiled) = self.inner.pool.lock().poison.get(buffer, &storage.range) {
             return Err(spoiled.error());
         }
         let readback = |e: String| match self.gpu_error(e) {
@@ -893,7 +953,7 @@ impl Device {
     /// first if the op cannot join it (`exec::merge`).
     pub(crate) fn defer_map(&self, op: MapOp<'_>) -> Result<()> {
         let mut batch = self.inner.batch.lock();
-        let max = self.max_storage_bindings().min(MAX_MERGED_BINDINGS);
+        let max = (MAX_MERGED_BINDINGS, self.max_storage_bindings());
         if !self.merges_elementwise() {
             // One op alone is a group of one, dispatched at once.
             self.dispatch_pending(&mut batch)?;
@@ -926,7 +986,8 @@ impl Device {
             return Ok(());
         };
         let label = merged.label;
-        let outputs: Vec<wgpu::Buffer> = merged.buffers[merged.views.len()..].iter().map(|b| b.raw().clone()).collect();
+        let operands: Vec<Operand> = merged.operands();
+        let outputs: Vec<Operand> = operands[merged.views.len()..].to_vec();
         let result = (|| {
             let launch = crate::exec::map_launch(
                 self,
@@ -937,14 +998,16 @@ impl Device {
                 &merged.out_views,
                 &merged.scalars,
             )?;
-            let pipeline = self.pipeline(launch.label, &launch.source)?;
-            let buffers: Vec<&wgpu::Buffer> = merged.buffers.iter().map(|b| b.raw()).collect();
-            self.push_dispatch(batch, label, &launch.info, &pipeline, &launch.words, &buffers, launch.grid)
+            let (binds, buffers) = crate::exec::bind::Binds::of(&operands, &launch.written);
+            let pipeline = self.pipeline(launch.label, &launch.source(&binds))?;
+            let words = launch.words_for(&operands);
+            let written = &launch.written;
+            self.push_dispatch(batch, label, &launch.info, &pipeline, &words, &buffers, &operands, written, launch.grid)
         })();
         if let Err(e) = &result {
             // The group's ops returned Ok when they joined it; their outputs
             // will never be written, so they report this error when read.
-            let written = outputs.into_iter().map(|b| (label, b)).collect();
+            let written = outputs.into_iter().map(|o| (label, o.buffer, o.range)).collect();
             self.inner.pool.lock().poison.spoil(written, &e.to_string());
         }
         result
@@ -970,7 +1033,7 @@ impl Device {
         // the barriers between them); a copy ends the pass.
         let mut pass: Option<wgpu::ComputePass<'static>> = None;
         let errors = inner.errors.load(Ordering::SeqCst);
-        let mut written: Vec<(&'static str, wgpu::Buffer)> = Vec::new();
+        let mut written: Vec<(&'static str, wgpu::Buffer, std::ops::Range<u64>)> = Vec::new();
         // While profiling: what each dispatch computes, and its timestamps.
         let timer = inner.profiler.is_on().then(|| {
             let dispatches = batch.commands.iter().filter(|c| matches!(c, Command::Dispatch { .. })).count();
@@ -980,7 +1043,7 @@ impl Device {
         for cmd in batch.commands.drain(..) {
             match cmd {
                 Command::Dispatch { op, pipeline, bind_group, grid, writes, info } => {
-                    written.extend(writes.into_iter().map(|w| (op, w)));
+                    written.extend(writes.into_iter().map(|w| (op, w.buffer, w.range)));
                     let i = profiled.len();
                     let own_pass = timer.as_ref().and_then(|t| t.pass_writes(i));
                     if own_pass.is_some() {
@@ -1006,7 +1069,7 @@ impl Device {
                     pass = None;
                     encoder.copy_buffer_to_buffer(&src, src_offset, &dst, dst_offset, size);
                     if spoils_dst {
-                        written.push(("from_slice", dst));
+                        written.push(("from_slice", dst, dst_offset..dst_offset + size));
                     }
                 }
             }

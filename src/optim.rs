@@ -3,7 +3,8 @@
 //! covers the parameters' elements end to end and picks each element's
 //! buffers with a `switch`, so a model with a handful of tensors is one
 //! dispatch per step instead of a few per parameter per term. Groups are
-//! only as large as the device's storage-binding limit allows.
+//! only as large as the device's storage-binding limit allows, counting
+//! buffers: tensors in one arena share one binding.
 //!
 //! Parameters are updated in place: handles to a parameter see its new
 //! value, as in PyTorch.
@@ -11,9 +12,13 @@
 use std::fmt::Write;
 
 use crate::error::{Error, Result};
+use crate::exec::bind::{Binds, Operand};
 use crate::metadata::DType;
 use crate::profile::KernelInfo;
 use crate::tensor::Tensor;
+
+/// The most parameters one update kernel covers (its `switch` grows with them).
+const MAX_GROUP: usize = 32;
 
 /// The update rule of an optimizer.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -98,9 +103,13 @@ impl Rule {
         }
     }
 
-    /// WGSL statements updating element `j` of parameter `k`'s buffers.
-    fn statements(&self, k: usize) -> String {
-        let (p, g, s0, s1) = (format!("p{k}[j]"), format!("g{k}[j]"), format!("s{k}_0[j]"), format!("s{k}_1[j]"));
+    /// WGSL statements updating element `j` of parameter `k`, whose
+    /// operands (parameter, gradient, states) are `first..` as bound by `binds`.
+    fn statements(&self, binds: &Binds, first: usize) -> String {
+        let at = |o: usize| format!("b{}[base({o}u) + j]", binds.slot[o]);
+        // States the rule does not have are never named.
+        let state = |st: usize| if st < self.state_count() { at(first + 2 + st) } else { String::new() };
+        let (p, g, s0, s1) = (at(first), at(first + 1), state(0), state(1));
         match *self {
             Rule::Sgd { momentum, .. } => {
                 let mut s = format!("let g = {g} + c(2u) * {p};\n");
@@ -127,27 +136,34 @@ impl Rule {
         }
     }
 
-    /// The update kernel for `n` parameters. Uniform: element count, the
-    /// rule's scalars (from word 4), each parameter's first element in the
-    /// concatenation and the total (from word 12), then two bias
-    /// corrections per parameter.
-    fn source(&self, n: usize) -> String {
-        let states = self.state_count();
-        let words = (12 + n + 1 + 2 * n).div_ceil(4);
+    /// Operands per parameter: the parameter, its gradient, its states.
+    fn operands_per_param(&self) -> usize {
+        2 + self.state_count()
+    }
+
+    /// Which operands of a group of `n` parameters the kernel writes.
+    fn written(&self, n: usize) -> Vec<bool> {
+        let one: Vec<bool> = (0..self.operands_per_param()).map(|o| o != 1).collect();
+        one.iter().copied().cycle().take(n * one.len()).collect()
+    }
+
+    /// The update kernel for `n` parameters whose operands are bound as
+    /// `binds`. Uniform: element count, the rule's scalars (from word 4),
+    /// each parameter's first element in the concatenation and the total
+    /// (from word 12), two bias corrections per parameter, then each
+    /// operand's element offset in its buffer (from word 13 + 3n).
+    fn source(&self, n: usize, binds: &Binds) -> String {
+        let per = self.operands_per_param();
+        let words = (13 + 3 * n + per * n).div_ceil(4);
         let mut s = format!("struct Params {{ v: array<vec4<u32>, {words}> }}\nconst N: u32 = {n}u;\n");
         s.push_str("@group(0) @binding(0) var<uniform> params: Params;\n");
-        let mut binding = 1;
-        for k in 0..n {
-            let _ = writeln!(s, "@group(0) @binding({binding}) var<storage, read_write> p{k}: array<f32>;");
-            let _ = writeln!(s, "@group(0) @binding({}) var<storage, read> g{k}: array<f32>;", binding + 1);
-            binding += 2;
-            for st in 0..states {
-                let _ = writeln!(s, "@group(0) @binding({binding}) var<storage, read_write> s{k}_{st}: array<f32>;");
-                binding += 1;
-            }
+        for (b, &(_, written)) in binds.bindings.iter().enumerate() {
+            let access = if written { "read_write" } else { "read" };
+            let _ = writeln!(s, "@group(0) @binding({}) var<storage, {access}> b{b}: array<f32>;", b + 1);
         }
         s.push_str(
             "fn w(i: u32) -> u32 { return params.v[i / 4u][i % 4u]; }\n\
+             fn base(o: u32) -> u32 { return w(13u + 3u * N + o); }\n\
              fn c(i: u32) -> f32 { return bitcast<f32>(w(4u + i)); }\n\
              fn bc(k: u32, i: u32) -> f32 { return bitcast<f32>(w(13u + N + 2u * k + i)); }\n\
              @compute @workgroup_size(256)\n\
@@ -159,7 +175,8 @@ impl Rule {
         let _ = writeln!(s, "    for (var q = 1u; q < {n}u; q = q + 1u) {{ if (i >= w(12u + q)) {{ k = q; }} }}");
         s.push_str("    let j = i - w(12u + k);\n    switch k {\n");
         for k in 0..n {
-            let body = self.statements(k).lines().map(|l| format!("            {l}\n")).collect::<String>();
+            let body =
+                self.statements(binds, k * per).lines().map(|l| format!("            {l}\n")).collect::<String>();
             let _ = writeln!(s, "        case {k}u: {{\n{body}        }}");
         }
         s.push_str("        default: {}\n    }\n}\n");
@@ -237,40 +254,54 @@ impl Core {
             return Ok(());
         }
         let device = self.params[0].device().clone();
-        let per_param = 2 + self.rule.state_count();
-        let group = (device.max_storage_bindings() / per_param).clamp(1, 16);
         let scalars = self.rule.scalars();
-        for chunk in work.chunks(group) {
+        // Groups as large as the binding limit allows: parameters, grads and
+        // states in one arena share a binding, so a small model is one group.
+        let mut groups: Vec<Vec<(usize, Tensor, Vec<Operand>)>> = vec![Vec::new()];
+        for (i, g) in work {
+            let mut operands = vec![self.params[i].operand()?, g.operand()?];
+            for s in &self.state[i] {
+                operands.push(s.operand()?);
+            }
+            let last = groups.last_mut().expect("one group at least");
+            let with: Vec<Operand> =
+                last.iter().flat_map(|(_, _, o)| o.iter().cloned()).chain(operands.clone()).collect();
+            let (_, buffers) = Binds::of(&with, &vec![false; with.len()]);
+            if !last.is_empty() && (last.len() == MAX_GROUP || buffers.len() > device.max_storage_bindings()) {
+                groups.push(Vec::new());
+            }
+            groups.last_mut().expect("one group at least").push((i, g, operands));
+        }
+        for chunk in &groups {
             let mut words = vec![0u32; 12];
             words[4..4 + scalars.len()].copy_from_slice(&scalars.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
             let mut total = 0usize;
-            let mut buffers = Vec::new();
+            let mut operands = Vec::new();
             let mut corrections = Vec::new();
-            for (i, g) in chunk {
+            for (i, _, o) in chunk {
                 self.steps[*i] += 1;
                 corrections.extend(self.rule.corrections(self.steps[*i]).map(f32::to_bits));
                 words.push(total as u32);
                 total += self.params[*i].numel();
-                buffers.push(self.params[*i].buffer()?);
-                buffers.push(g.buffer()?);
-                for s in &self.state[*i] {
-                    buffers.push(s.buffer()?);
-                }
+                operands.extend(o.iter().cloned());
             }
             words.push(total as u32);
             words.extend(corrections);
+            words.extend(operands.iter().map(Operand::base));
             words[0] = total as u32;
             if total == 0 {
                 continue;
             }
-            let pipeline = device.pipeline("optimizer", &self.rule.source(chunk.len()))?;
+            let written = self.rule.written(chunk.len());
+            let (binds, buffers) = Binds::of(&operands, &written);
+            let pipeline = device.pipeline("optimizer", &self.rule.source(chunk.len(), &binds))?;
             let grid = device.grid_1d(total as u64)?;
             // Parameter, gradient and states read; parameter and states written.
             let bytes = 4 * total as u64 * (3 + 2 * self.rule.state_count() as u64);
             let info =
                 KernelInfo::new("optimizer", format!("{} over {} parameters", self.rule.name(), chunk.len()), bytes, 0);
-            device.dispatch("step", &info, &pipeline, &words, &buffers, grid)?;
-            for (i, _) in chunk {
+            device.dispatch("step", &info, &pipeline, &words, &buffers, &operands, &written, grid)?;
+            for (i, _, _) in chunk {
                 self.params[*i].pooled()?.bump_version();
             }
         }
@@ -384,4 +415,39 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Result<Option<Tensor>
         params[i].set_grad(Some(g.mul(&coef)?))?;
     }
     Ok(Some(norm))
+}
+
+#[cfg(test)]
+mod kernel_tests {
+    use super::Rule;
+    use crate::exec::bind::Binds;
+    use crate::metadata::DType;
+
+    /// Every update rule's kernel validates with naga, with one binding per
+    /// tensor and with all of them in the f32 arena (one binding: what
+    /// WebGPU's 8 storage bindings are met with).
+    #[test]
+    fn optimizer_kernels_validate_in_every_binding_pattern() {
+        let rules = [
+            Rule::Sgd { lr: 0.1, momentum: 0.0, weight_decay: 0.0 },
+            Rule::Sgd { lr: 0.1, momentum: 0.9, weight_decay: 0.01 },
+            Rule::Adam { lr: 1e-3, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.0, decoupled: false },
+            Rule::Adam { lr: 1e-3, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.1, decoupled: true },
+        ];
+        for rule in rules {
+            for n in [1, 3, 20] {
+                let written = rule.written(n);
+                let dtypes = vec![DType::F32; written.len()];
+                for binds in [Binds::separate(&dtypes, &written), Binds::by_dtype(&dtypes, &written)] {
+                    let source = rule.source(n, &binds);
+                    let module = naga::front::wgsl::parse_str(&source)
+                        .unwrap_or_else(|e| panic!("{rule:?} {n}: {}\n{source}", e.emit_to_string(&source)));
+                    naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+                        .validate(&module)
+                        .unwrap_or_else(|e| panic!("{rule:?} {n}: {e:?}\n{source}"));
+                    assert_eq!(source.matches("var<storage").count(), binds.bindings.len());
+                }
+            }
+        }
+    }
 }

@@ -2,7 +2,7 @@
 //!
 //! What the host can check, it checks at the call, so the op returns its own
 //! `Err`: shapes and ranks (`layout::check_shape`), indices, and here the
-//! usage conflict of a buffer bound twice where one binding writes it.
+//! usage conflict of storage bound twice where one binding writes it.
 //!
 //! What only the GPU can report arrives later: wgpu rejects the whole
 //! command buffer of a batch when one command in it fails. Then nothing in
@@ -23,9 +23,11 @@
 //! as reads are asynchronous there too).
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::exec::bind::Operand;
 
 /// Why a buffer's contents are not what its last writer meant.
 #[derive(Debug, Clone)]
@@ -43,78 +45,75 @@ impl Spoiled {
     }
 }
 
-/// The spoiled buffers of one device. It lives in the buffer pool, so a
-/// buffer's entry goes when the buffer returns to the pool.
+/// The spoiled allocations of one device, by buffer and byte range (an
+/// arena holds many tensors; a failed batch spoils the ranges it writes,
+/// not the whole arena). It lives in the buffer pool, so an allocation's
+/// entry goes when it returns there.
 #[derive(Default)]
 pub(crate) struct Poison {
-    spoiled: HashMap<wgpu::Buffer, Spoiled>,
+    spoiled: HashMap<wgpu::Buffer, Vec<(Range<u64>, Spoiled)>>,
+}
+
+fn overlap(a: &Range<u64>, b: &Range<u64>) -> bool {
+    a.start < b.end && b.start < a.end
 }
 
 impl Poison {
-    /// A command of `op` reads `bound` (every buffer it binds, written ones
+    /// A command of `op` reads `bound` (every operand it binds, written ones
     /// included: a read-write binding is read too) and writes `writes`:
     /// the writes are spoiled if anything bound is, clean otherwise.
-    pub fn record(&mut self, bound: &[&wgpu::Buffer], writes: &[&wgpu::Buffer]) {
+    pub fn record(&mut self, bound: &[&Operand], writes: &[&Operand]) {
         if self.spoiled.is_empty() {
             return;
         }
-        let upstream = bound.iter().find_map(|b| self.spoiled.get(*b)).cloned();
+        let upstream = bound.iter().find_map(|o| self.get(&o.buffer, &o.range)).cloned();
         for w in writes {
-            match &upstream {
-                Some(s) => {
-                    self.spoiled.insert((*w).clone(), s.clone());
-                }
-                None => {
-                    self.spoiled.remove(*w);
-                }
+            self.forget(&w.buffer, w.range.clone());
+            if let Some(s) = &upstream {
+                self.spoiled.entry(w.buffer.clone()).or_default().push((w.range.clone(), s.clone()));
             }
         }
     }
 
     /// The batch that wrote `writes` (each with its op) failed with `message`.
-    pub fn spoil(&mut self, writes: Vec<(&'static str, wgpu::Buffer)>, message: &str) {
+    pub fn spoil(&mut self, writes: Vec<(&'static str, wgpu::Buffer, Range<u64>)>, message: &str) {
         let message: Arc<str> = message.into();
-        for (op, buffer) in writes {
-            self.spoiled.insert(buffer, Spoiled { op, message: message.clone() });
+        for (op, buffer, range) in writes {
+            self.forget(&buffer, range.clone());
+            self.spoiled.entry(buffer).or_default().push((range, Spoiled { op, message: message.clone() }));
         }
     }
 
-    pub fn get(&self, buffer: &wgpu::Buffer) -> Option<&Spoiled> {
-        self.spoiled.get(buffer)
+    /// Why bytes `range` of `buffer` are stale, if they are.
+    pub fn get(&self, buffer: &wgpu::Buffer, range: &Range<u64>) -> Option<&Spoiled> {
+        self.spoiled.get(buffer)?.iter().find(|(r, _)| overlap(r, range)).map(|(_, s)| s)
     }
 
-    pub fn forget(&mut self, buffer: &wgpu::Buffer) {
-        self.spoiled.remove(buffer);
+    /// Forgets what spoiled bytes `range` of `buffer` (new contents, or the
+    /// allocation went back to the pool).
+    pub fn forget(&mut self, buffer: &wgpu::Buffer, range: Range<u64>) {
+        if let Some(list) = self.spoiled.get_mut(buffer) {
+            list.retain(|(r, _)| !overlap(r, &range));
+            if list.is_empty() {
+                self.spoiled.remove(buffer);
+            }
+        }
     }
 }
 
-/// The positions, in a module's list of storage buffers (binding 1 is
-/// position 0), of the ones it declares `read_write`. Every generated module
-/// declares its bindings one per line, as `codegen` writes them.
-pub(crate) fn writable_bindings(source: &str) -> Vec<usize> {
-    source
-        .lines()
-        .filter(|line| line.contains("var<storage, read_write>"))
-        .filter_map(|line| {
-            let at = line.find("@binding(")? + "@binding(".len();
-            let digits: String = line[at..].chars().take_while(char::is_ascii_digit).collect();
-            digits.parse::<usize>().ok()?.checked_sub(1)
-        })
-        .collect()
-}
-
-/// `Err` naming `op` when a buffer it writes is also bound another time:
-/// wgpu would reject the whole batch for the usage conflict, so it is
-/// refused here, at the call, instead.
-pub(crate) fn check_conflicts(op: &'static str, buffers: &[&wgpu::Buffer], writes: &[usize]) -> Result<()> {
-    for &w in writes {
-        let Some(written) = buffers.get(w) else { continue };
-        if let Some(other) = (0..buffers.len()).find(|&j| j != w && buffers[j] == *written) {
+/// `Err` naming `op` when an operand it writes overlaps another operand
+/// (the same storage, seen twice): the kernel would race with itself, and
+/// on separate bindings wgpu would reject the whole batch, so it is
+/// refused here, at the call, instead. Operands in one arena share a
+/// binding and do not conflict unless their ranges overlap.
+pub(crate) fn check_conflicts(op: &'static str, operands: &[Operand], written: &[bool]) -> Result<()> {
+    for (w, written_operand) in operands.iter().enumerate().filter(|&(w, _)| written[w]) {
+        if let Some(other) = (0..operands.len()).find(|&j| j != w && operands[j].overlaps(written_operand)) {
             return Err(Error::InvalidArgument {
                 op,
                 message: format!(
-                    "would read and write the same device buffer in one kernel (bindings {} and {}), which \
-                     the GPU rejects; this happens when a tensor it updates in place shares storage with \
+                    "would read and write the same device storage in one kernel (operands {} and {}), which \
+                     races; this happens when a tensor it updates in place shares storage with \
                      another operand (e.g. a `.grad` set to a parameter or a view of one): pass a copy \
                      (`.contiguous()` of a clone) instead",
                     other.min(w) + 1,
@@ -129,20 +128,6 @@ pub(crate) fn check_conflicts(op: &'static str, buffers: &[&wgpu::Buffer], write
 /// The op name of a dispatch a test records *without* the host checks, to
 /// make the GPU reject a batch (only in the crate's own unit tests).
 pub(crate) const INJECTED_FAULT: &str = "injected fault";
-
-#[cfg(test)]
-mod tests {
-    use super::writable_bindings;
-
-    #[test]
-    fn finds_the_read_write_bindings() {
-        let source = "@group(0) @binding(0) var<uniform> params: Params;\n\
-                      @group(0) @binding(1) var<storage, read> in0: array<f32>;\n\
-                      @group(0) @binding(2) var<storage, read_write> out0: array<f32>;\n\
-                      @group(0) @binding(3) var<storage, read_write> out1: array<vec4<f32>>;\n";
-        assert_eq!(writable_bindings(source), vec![1, 2]);
-    }
-}
 
 /// Records a kernel that reads and writes `t`'s buffer through two
 /// bindings: a usage conflict the host checks would refuse, so the GPU
@@ -166,9 +151,17 @@ fn inject_usage_conflict(device: &crate::Device, t: &crate::Tensor) {
         &[],
     )
     .unwrap();
-    let pipeline = device.pipeline(INJECTED_FAULT, &launch.source).unwrap();
-    let buffer = t.buffer().unwrap();
-    device.dispatch(INJECTED_FAULT, &launch.info, &pipeline, &launch.words, &[buffer, buffer], launch.grid).unwrap();
+    // Two bindings of one buffer, one of them written: the host check
+    // (skipped for this op) would refuse it.
+    let binds = crate::exec::bind::Binds::separate(&[DType::F32; 2], &[false, true]);
+    let pipeline = device.pipeline(INJECTED_FAULT, &launch.source(&binds)).unwrap();
+    let operand = t.operand().unwrap();
+    let operands = [operand.clone(), operand.clone()];
+    let words = launch.words_for(&operands);
+    let buffers = [operand.buffer.clone(), operand.buffer.clone()];
+    device
+        .dispatch(INJECTED_FAULT, &launch.info, &pipeline, &words, &buffers, &operands, &[false, true], launch.grid)
+        .unwrap();
 }
 
 #[cfg(test)]

@@ -78,7 +78,7 @@ impl Tensor {
                 message: "allocated a buffer while tracing; this op has no tracing executor".into(),
             });
         }
-        let storage = device.alloc(bytes)?;
+        let storage = device.alloc(bytes, dtype)?;
         Ok(Tensor::from_parts(Storage::Buffer(storage), Layout::contiguous(shape), dtype, device.clone()))
     }
 
@@ -150,8 +150,10 @@ impl Tensor {
         }
     }
 
-    pub(crate) fn buffer(&self) -> Result<&wgpu::Buffer> {
-        self.pooled().map(|b| b.raw())
+    /// The tensor's storage as a kernel operand (its buffer, the byte
+    /// range of its allocation there, its dtype).
+    pub(crate) fn operand(&self) -> Result<crate::exec::bind::Operand> {
+        self.pooled().map(|b| b.operand(self.0.dtype))
     }
 
     /// Whether both handles view the same elements of the same buffer.
@@ -196,7 +198,7 @@ impl Tensor {
             });
         }
         check_dtype_supported(T::DTYPE, device)?;
-        let storage = device.upload(bytemuck::cast_slice(data))?;
+        let storage = device.upload(bytemuck::cast_slice(data), T::DTYPE)?;
         let mut t = Tensor::from_parts(Storage::Buffer(storage), Layout::contiguous(shape), T::DTYPE, device.clone());
         let bytes: &[u8] = bytemuck::cast_slice(data);
         let host_ints: Option<Arc<[i64]>> = match T::DTYPE {
@@ -291,7 +293,7 @@ impl Tensor {
         }
         let t = if self.layout().is_contiguous() { self.clone() } else { self.contiguous_copy()? };
         let size = t.dtype().size_in_bytes() as u64;
-        let bytes = t.device().read(t.buffer()?, t.layout().offset as u64 * size, t.shape().numel() as u64 * size)?;
+        let bytes = t.device().read(&t.operand()?, t.layout().offset as u64 * size, t.shape().numel() as u64 * size)?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 

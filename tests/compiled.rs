@@ -438,18 +438,19 @@ fn w5_chain_fuses_and_replays_reuse_bind_groups() -> wgrad::Result<()> {
     }
     assert_close("w5", &vec(&grads[2]), &eager);
     let s = compiler.stats();
-    // The 50 saved activations are 50 buffers to read; a kernel binds at
-    // most 32 storage buffers on lavapipe, so the chain needs a few kernels.
+    // The 50 saved activations are 50 tensors to read, but they share one
+    // arena, so the chain fits one kernel's bindings even under WebGPU's 8.
     assert!(s.kernels_last_replay <= 2 && eager_kernels >= 1, "{s:?}, eager {eager_kernels} kernels");
     let program = compiler.programs().pop().expect("one program");
-    // Outputs are fresh each replay (the caller keeps each .grad), so only
-    // their bind group changes; the saved tensors' ones are reused.
+    // Outputs are fresh each replay (the caller keeps each .grad), but they
+    // are sub-allocated in the arena the program already binds, so no bind
+    // group changes; the words carrying their offsets may.
     let first = program.bind_groups_created();
     x.zero_grad();
     loss.backward_with(&seed, retain)?;
     let per_replay = program.bind_groups_created() - first;
     eprintln!("kernels {} first {first} per replay {per_replay}", program.kernel_count());
-    assert_eq!(per_replay, 1, "only the kernel writing the fresh output needs a new bind group");
+    assert_eq!(per_replay, 0, "a fresh output in an arena already bound needs no new bind group");
     for source in &program.report().kernels {
         validate_wgsl(source);
     }
@@ -517,7 +518,9 @@ fn passes_simplify_merge_and_fuse_prologues_and_epilogues() -> wgrad::Result<()>
     let weights = Tensor::rand([8, 4], 34, &device)?;
     x.matmul(&w1)?.add(&b1)?.relu()?.matmul(&w2)?.mul(&weights)?.sum_all()?.backward()?;
     let program = compiler.programs().pop().expect("a program");
-    let fused_epilogue = program.report().kernels.iter().any(|k| k.contains("fn epilogue") && k.contains("in0["));
+    // The epilogue reads the mask from a binding.
+    let reads_a_binding = |k: &str| k.split("fn epilogue").nth(1).is_some_and(|e| e.contains("= b"));
+    let fused_epilogue = program.report().kernels.iter().any(|k| reads_a_binding(k));
     assert!(fused_epilogue, "a matmul has a fused epilogue:\n{}", program.report().ir_after);
     for source in &program.report().kernels {
         validate_wgsl(source);

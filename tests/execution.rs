@@ -10,9 +10,12 @@ fn one_pipeline_serves_every_size_and_a_step_is_one_submit() -> wgrad::Result<()
 
     // Warm up: build the fill, exp and sum kernels once in each of their
     // two forms: one element per invocation, and four (vec4) for large
-    // contiguous tensors at aligned offsets.
-    Tensor::ones([3], DType::F32, &device)?.exp()?.sum_all()?.to_vec::<f32>()?;
-    Tensor::ones([65_536 * 256], DType::F32, &device)?.exp()?.sum_all()?.to_vec::<f32>()?;
+    // contiguous tensors at aligned offsets; and for each way their
+    // operands share buffers: all in the f32 arena, or (tensors above a
+    // quarter of an arena) in buffers of their own.
+    for n in [3, 8192, 65_536 * 256, 65_535 * 256 + 3] {
+        Tensor::ones([n], DType::F32, &device)?.exp()?.sum_all()?.to_vec::<f32>()?;
+    }
     let before = device.counters();
     for shape in [vec![10], vec![1000], vec![7, 9], vec![2, 3, 4, 5], vec![65_535 * 256 + 3], vec![8192], vec![64, 256]]
     {

@@ -62,3 +62,93 @@ fn a_training_step_under_webgpu_limits_matches_the_adapters() {
         assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
     }
 }
+
+/// Tensors sub-allocated in arenas at every kind of offset (classes of
+/// 256 bytes and more, neighbours of other dtypes, views at offsets that
+/// are and are not multiples of 4) read and compute exactly, on the
+/// one-element and the vec4 kernels alike.
+#[test]
+fn arena_offsets_at_alignment_edges() {
+    let device = webgpu();
+    let sizes = [1usize, 3, 4, 63, 64, 65, 255, 256, 257, 1023, 4095, 4096, 4097, 8192, 12_289];
+    let mut kept = Vec::new();
+    for (i, &n) in sizes.iter().enumerate() {
+        let f: Vec<f32> = (0..n).map(|j| (j as f32) * 0.5 - i as f32).collect();
+        let k: Vec<i32> = (0..n as i32).map(|j| j - 7 * i as i32).collect();
+        let u: Vec<u32> = (0..n as u32).map(|j| j * 3 + i as u32).collect();
+        let (tf, ti, tu) = (
+            Tensor::from_slice(&f, [n], &device).unwrap(),
+            Tensor::from_slice(&k, [n], &device).unwrap(),
+            Tensor::from_slice(&u, [n], &device).unwrap(),
+        );
+        // Elementwise over the whole tensor (vec4 from 4,096 elements on).
+        let y = tf.mul(2.0).unwrap().add(&tf).unwrap();
+        let want: Vec<f32> = f.iter().map(|v| v * 3.0).collect();
+        assert_eq!(y.to_vec::<f32>().unwrap(), want, "f32 n={n}");
+        assert_eq!(ti.add(1.0).unwrap().to_vec::<i32>().unwrap(), k.iter().map(|v| v + 1).collect::<Vec<_>>());
+        assert_eq!(tu.to_vec::<u32>().unwrap(), u, "u32 n={n}");
+        // Views at offsets 1 and 4 into the allocation.
+        for start in [1usize, 4] {
+            if n > start + 4 {
+                let view = tf.narrow(0, start, n - start - 1).unwrap();
+                let got = view.mul(2.0).unwrap().add(1.0).unwrap().to_vec::<f32>().unwrap();
+                let want: Vec<f32> = f[start..n - 1].iter().map(|v| v * 2.0 + 1.0).collect();
+                assert_eq!(got, want, "n={n} start={start}");
+            }
+        }
+        kept.push((tf, ti, tu, f));
+    }
+    // Everything kept still reads back after all that allocation around it,
+    // and a sum of tensors from all over the arena binds it once.
+    let mut total = kept[0].0.narrow(0, 0, 1).unwrap();
+    for (tf, _, _, f) in &kept {
+        assert_eq!(&tf.to_vec::<f32>().unwrap(), f);
+        total = total.add(tf.narrow(0, 0, 1).unwrap()).unwrap();
+    }
+    let want: f32 = kept.iter().map(|(_, _, _, f)| f[0]).sum();
+    assert_eq!(total.to_vec::<f32>().unwrap(), vec![want]);
+}
+
+/// Work that reads more tensors than WebGPU's 8 storage bindings runs in
+/// as many kernels as on the adapter's limits: tensors share arenas, and a
+/// kernel binds each arena once (a 40-input sum and its backward; Adam
+/// over 20 parameters, 80 tensors in one update).
+#[test]
+fn wide_kernels_are_not_split_under_webgpu_limits() {
+    use wgrad::{Adam, Optimizer};
+    let run = |device: &Device| {
+        let xs: Vec<Tensor> =
+            (0..40).map(|i| Tensor::rand([300], i, device).unwrap().requires_grad(true).unwrap()).collect();
+        let ps: Vec<Tensor> = (0..20)
+            .map(|i| Tensor::randn([64 * (i + 1)], 100 + i as u64, device).unwrap().requires_grad(true).unwrap())
+            .collect();
+        let mut adam = Adam::new(&ps, 1e-2).unwrap();
+        device.synchronize().unwrap();
+        let before = device.counters().dispatches;
+        let mut total = xs[0].clone();
+        for x in &xs[1..] {
+            total = total.add(x).unwrap();
+        }
+        let loss = total.square().unwrap().sum_all().unwrap();
+        loss.backward().unwrap();
+        device.synchronize().unwrap();
+        let sum_kernels = device.counters().dispatches - before;
+        for p in &ps {
+            p.square().unwrap().sum_all().unwrap().backward().unwrap();
+        }
+        device.synchronize().unwrap();
+        let before = device.counters().dispatches;
+        adam.step().unwrap();
+        device.synchronize().unwrap();
+        let adam_kernels = device.counters().dispatches - before;
+        let grads: Vec<f32> = xs.iter().flat_map(|x| x.grad().unwrap().to_vec::<f32>().unwrap()).collect();
+        let params: Vec<f32> = ps.iter().flat_map(|p| p.to_vec::<f32>().unwrap()).collect();
+        (sum_kernels, adam_kernels, grads, params)
+    };
+    let web = run(&webgpu());
+    let adapter = run(&Device::with_options(DeviceOptions::default()).unwrap());
+    assert_eq!((web.0, web.1), (adapter.0, adapter.1), "kernels (sum with backward, adam step)");
+    assert_eq!(web.1, 1, "one Adam kernel updates all 20 parameters");
+    assert_eq!(web.2, adapter.2);
+    assert_eq!(web.3, adapter.3);
+}

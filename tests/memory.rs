@@ -94,8 +94,10 @@ fn memory_reaches_a_steady_state_and_the_pool_works() {
     let big = Tensor::zeros([64, 64], DType::F32, &device).unwrap(); // 16 KiB, a new class
     let after_alloc = stats(&device);
     assert_eq!(after_alloc.live_bytes, before.live_bytes + 16384);
-    assert_eq!(after_alloc.pooled_bytes, before.pooled_bytes);
-    assert_eq!(after_alloc.buffers_created, before.buffers_created + 1);
+    // Sub-allocated in the f32 arena the step's tensors already use, maybe
+    // from a freed range there.
+    assert!(after_alloc.pooled_bytes <= before.pooled_bytes);
+    assert_eq!(after_alloc.buffers_created, before.buffers_created);
     assert!(after_alloc.peak_bytes >= after_alloc.live_bytes);
 
     // A second handle to the same storage keeps it live.
@@ -105,13 +107,13 @@ fn memory_reaches_a_steady_state_and_the_pool_works() {
     drop(alias);
     let after_drop = stats(&device);
     assert_eq!(after_drop.live_bytes, before.live_bytes, "dropping returns the bytes");
-    assert_eq!(after_drop.pooled_bytes, before.pooled_bytes + 16384, "... to the pool");
+    assert_eq!(after_drop.pooled_bytes, after_alloc.pooled_bytes + 16384, "... to the pool");
 
     // The same size is served from the pool: no new buffer.
     let again = Tensor::ones([4096], DType::F32, &device).unwrap();
     let s = stats(&device);
     assert_eq!(s.buffers_created, after_alloc.buffers_created);
-    assert_eq!(s.pooled_bytes, before.pooled_bytes);
+    assert_eq!(s.pooled_bytes, after_drop.pooled_bytes - 16384);
     assert_eq!(again.to_vec::<f32>().unwrap(), vec![1.0; 4096]);
     drop(again);
 
@@ -125,21 +127,27 @@ fn memory_reaches_a_steady_state_and_the_pool_works() {
     assert_eq!(stats(&device).peak_bytes, s.live_bytes + 4096);
 
     // ---------------------------------------------------------------- empty_cache
+    // A freed tensor larger than a quarter of an arena has a buffer of its
+    // own, which `empty_cache` returns to the driver; freed ranges of an
+    // arena that still holds live tensors stay pooled.
+    let large = Tensor::zeros([(32 << 20) / 4], DType::F32, &device).unwrap();
+    assert_eq!(stats(&device).buffers_created, before.buffers_created + 1);
+    drop(large);
     device.synchronize().unwrap();
     let before = stats(&device);
-    assert!(before.pooled_bytes > 0);
+    assert!(before.pooled_bytes >= 32 << 20);
     device.empty_cache();
     let s = stats(&device);
-    assert_eq!(s.pooled_bytes, 0);
+    assert!(s.pooled_bytes <= before.pooled_bytes - (32 << 20), "{s:?}");
     assert_eq!(s.live_bytes, before.live_bytes, "live tensors are untouched");
-    // After emptying, an allocation creates a new buffer again, and live tensors still work.
-    let t = Tensor::zeros([64, 64], DType::F32, &device).unwrap();
+    // After emptying, that allocation creates a new buffer again, and live tensors still work.
+    let t = Tensor::zeros([(32 << 20) / 4], DType::F32, &device).unwrap();
     assert_eq!(stats(&device).buffers_created, before.buffers_created + 1);
     drop(t);
     let y = params[0].sum_all().unwrap();
     assert!(y.to_scalar::<f32>().unwrap().is_finite());
 
-    // Dropping everything returns every byte.
+    // Dropping everything returns every byte, and then every arena.
     drop((y, params, x, target));
     let s = stats(&device);
     assert_eq!(s.live_bytes, 0);

@@ -235,7 +235,7 @@ impl Planner<'_> {
             let (e_reads, width) = (e.read_values(), e.reads.len() + 3);
             drop(e);
             let others = self.producers(&e_reads, Some(unit));
-            if width > self.max_bindings || others.iter().any(|&p| self.reaches(unit, p)) {
+            if width > self.budget || others.iter().any(|&p| self.reaches(unit, p)) {
                 continue;
             }
             self.units[unit] = Unit::Matmul { value: r, epilogue: Some(v) };
@@ -313,9 +313,21 @@ fn initial_inline(g: &CapturedGraph, uses: &[usize], outputs: &[bool]) -> Vec<bo
         .collect()
 }
 
+/// How many storage bindings kernels may use: `operands` tensors read or
+/// written (the size of the generated kernel), and `buffers` distinct
+/// buffers (the device's limit). Tensors live in one arena per dtype,
+/// except those above `dedicated_bytes`, which get a buffer of their own.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BindingLimits {
+    pub operands: usize,
+    pub buffers: usize,
+    pub dedicated_bytes: u64,
+}
+
 /// The kernels of `g` in execution order, and how many IR values were
 /// fused into another value's kernel.
-pub(crate) fn schedule(g: &CapturedGraph, max_bindings: usize) -> (Vec<Step>, usize) {
+pub(crate) fn schedule(g: &CapturedGraph, limits: BindingLimits) -> (Vec<Step>, usize) {
+    let max_bindings = limits.operands;
     let uses = g.use_counts();
     let mut outputs = vec![false; g.values.len()];
     for (v, _) in &g.outputs {
@@ -325,7 +337,7 @@ pub(crate) fn schedule(g: &CapturedGraph, max_bindings: usize) -> (Vec<Step>, us
     let mut budget = max_bindings;
     loop {
         match try_schedule(g, &inline, &uses, &outputs, max_bindings, budget) {
-            Ok(steps) if budget > 2 && steps.iter().any(|s| binding_count(s) > max_bindings) => budget -= 2,
+            Ok(steps) if budget > 2 && steps.iter().any(|s| too_wide(g, s, limits)) => budget -= 2,
             Ok(steps) => {
                 let computed =
                     g.values.iter().filter(|v| !matches!(v.op, IrOp::Input { .. } | IrOp::Hook { .. })).count();
@@ -340,14 +352,29 @@ pub(crate) fn schedule(g: &CapturedGraph, max_bindings: usize) -> (Vec<Step>, us
     }
 }
 
-/// Storage buffers a step binds.
-fn binding_count(step: &Step) -> usize {
-    match step {
-        Step::Elementwise { reads, stores, .. } => reads.len() + stores.len(),
-        Step::Reduce { reads, .. } => reads.len() + 1,
-        Step::Matmul { reads, .. } => reads.len() + 3,
-        Step::Assemble { .. } | Step::Hook { .. } => 2,
+/// Whether a step has more operands, or is expected to bind more buffers
+/// (one per dtype for arena tensors, one per large tensor), than allowed.
+fn too_wide(g: &CapturedGraph, step: &Step, limits: BindingLimits) -> bool {
+    let values: Vec<ValueId> = match step {
+        Step::Elementwise { reads, stores, .. } => {
+            reads.iter().map(|u| u.value).chain(stores.iter().copied()).collect()
+        }
+        Step::Reduce { value, reads, .. } => reads.iter().map(|u| u.value).chain([*value]).collect(),
+        Step::Matmul { value, a, b, reads, .. } => {
+            reads.iter().map(|u| u.value).chain([*value, a.value, b.value]).collect()
+        }
+        Step::Assemble { .. } | Step::Hook { .. } => return false,
+    };
+    let mut buffers: Vec<Result<crate::DType, ValueId>> = Vec::new();
+    for v in &values {
+        let meta = &g.values[*v].meta;
+        let bytes = (meta.shape.numel() * meta.dtype.size_in_bytes()) as u64;
+        let key = if bytes > limits.dedicated_bytes { Err(*v) } else { Ok(meta.dtype) };
+        if !buffers.contains(&key) {
+            buffers.push(key);
+        }
     }
+    values.len() > limits.operands || buffers.len() > limits.buffers
 }
 
 fn try_schedule(

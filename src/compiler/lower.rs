@@ -15,29 +15,31 @@ use crate::error::Result;
 use crate::exec::kernel::MapKernel;
 use crate::exec::{self, Launch};
 use crate::layout::Layout;
-use crate::metadata::Shape;
+use crate::metadata::{DType, Shape};
 
 /// Intermediate buffers shared by liveness: a value takes the smallest
-/// free buffer that fits (growing one if none does) and frees it after the
-/// last step that reads it.
+/// free buffer of its dtype that fits (growing one if none does) and frees
+/// it after the last step that reads it. (Storage is typed: it lives in
+/// its dtype's arena.)
 #[derive(Default)]
 struct SlotPlan {
-    sizes: Vec<u64>,
+    sizes: Vec<(u64, DType)>,
     free: Vec<usize>,
 }
 
 impl SlotPlan {
-    fn take(&mut self, bytes: u64) -> usize {
+    fn take(&mut self, bytes: u64, dtype: DType) -> usize {
         let bytes = size_class(bytes);
-        let fit = self.free.iter().copied().filter(|&s| self.sizes[s] >= bytes).min_by_key(|&s| self.sizes[s]);
-        match fit.or_else(|| self.free.iter().copied().max_by_key(|&s| self.sizes[s])) {
+        let free = self.free.iter().copied().filter(|&s| self.sizes[s].1 == dtype);
+        let fit = free.clone().filter(|&s| self.sizes[s].0 >= bytes).min_by_key(|&s| self.sizes[s].0);
+        match fit.or_else(|| free.max_by_key(|&s| self.sizes[s].0)) {
             Some(s) => {
                 self.free.retain(|&f| f != s);
-                self.sizes[s] = self.sizes[s].max(bytes);
+                self.sizes[s].0 = self.sizes[s].0.max(bytes);
                 s
             }
             None => {
-                self.sizes.push(bytes);
+                self.sizes.push((bytes, dtype));
                 self.sizes.len() - 1
             }
         }
@@ -65,7 +67,7 @@ struct Lowering<'a> {
     g: &'a CapturedGraph,
     bufs: HashMap<ValueId, Buf>,
     slots: SlotPlan,
-    fresh_bytes: Vec<u64>,
+    fresh_bytes: Vec<(u64, DType)>,
     uniform: Vec<u8>,
     actions: Vec<Action>,
     sources: Vec<String>,
@@ -73,8 +75,8 @@ struct Lowering<'a> {
 }
 
 impl Lowering<'_> {
-    fn fresh(&mut self, bytes: u64) -> Buf {
-        self.fresh_bytes.push(bytes);
+    fn fresh(&mut self, bytes: u64, dtype: DType) -> Buf {
+        self.fresh_bytes.push((bytes, dtype));
         Buf::Fresh(self.fresh_bytes.len() - 1)
     }
 
@@ -86,7 +88,11 @@ impl Lowering<'_> {
     }
 
     fn push(&mut self, launch: Launch, bufs: Vec<Buf>) -> Result<()> {
-        let pipeline = self.device.pipeline(launch.label, &launch.source)?;
+        // The pipeline of the usual binding pattern (one arena per dtype) is
+        // created now, so shader errors surface when compiling; a replay
+        // whose operands are spread otherwise renders its own.
+        let source = launch.typical_source();
+        self.device.pipeline(launch.label, &source)?;
         let align = self.device.uniform_alignment();
         let offset = self.uniform.len().next_multiple_of(align);
         let bytes: &[u8] = bytemuck::cast_slice(&launch.words);
@@ -94,16 +100,15 @@ impl Lowering<'_> {
         self.uniform.resize(offset, 0);
         self.uniform.extend_from_slice(bytes);
         self.uniform.resize(offset + size, 0);
-        self.sources.push(launch.source);
-        self.actions.push(Action::Dispatch(Dispatch {
-            pipeline,
+        self.sources.push(source);
+        self.actions.push(Action::Dispatch(Box::new(Dispatch {
+            words: Mutex::new(launch.words.clone()),
+            launch,
             uniform_offset: offset as u64,
             uniform_size: size as u64,
             bufs,
-            grid: launch.grid,
-            info: launch.info,
             cached: Mutex::new(None),
-        }));
+        })));
         Ok(())
     }
 
@@ -131,7 +136,8 @@ impl Lowering<'_> {
                 let dtype = self.g.values[*value].meta.dtype;
                 let target = self.buf(*value);
                 let elem = dtype.size_in_bytes() as u64;
-                let mut dst = if chunks == 1 { target } else { Buf::Slot(self.slots.take((a * chunks) as u64 * elem)) };
+                let mut dst =
+                    if chunks == 1 { target } else { Buf::Slot(self.slots.take((a * chunks) as u64 * elem, dtype)) };
                 let launch =
                     exec::reduce_launch(device, *kind, kernel.clone(), shape, &layouts, scalars, a, k, chunks)?;
                 let mut bufs: Vec<Buf> = reads.iter().map(|u| self.buf(u.value)).collect();
@@ -140,7 +146,7 @@ impl Lowering<'_> {
                 while chunks > 1 {
                     let next = exec::reduce_chunks(a, chunks, &copy_kernel(dtype));
                     let src = dst;
-                    dst = if next == 1 { target } else { Buf::Slot(self.slots.take((a * next) as u64 * elem)) };
+                    dst = if next == 1 { target } else { Buf::Slot(self.slots.take((a * next) as u64 * elem, dtype)) };
                     let partials = Layout::contiguous(Shape::new([a, chunks]));
                     let launch = exec::reduce_launch(
                         device,
@@ -270,11 +276,12 @@ pub(crate) fn lower(device: &Device, g: &CapturedGraph, steps: &[Step], mut repo
                 continue;
             }
             let bytes = bytes_of(g, v);
+            let dtype = g.values[v].meta.dtype;
             let buf = if escapes[v] {
-                l.fresh(bytes)
+                l.fresh(bytes, dtype)
             } else {
                 unplanned += size_class(bytes);
-                let slot = l.slots.take(bytes);
+                let slot = l.slots.take(bytes, dtype);
                 live.push((v, slot));
                 Buf::Slot(slot)
             };
@@ -286,7 +293,7 @@ pub(crate) fn lower(device: &Device, g: &CapturedGraph, steps: &[Step], mut repo
     let roles = g.outputs.iter().map(|(_, r)| *r).collect();
     report.kernels = l.sources;
     report.unplanned_bytes = unplanned;
-    report.planned_bytes = l.slots.sizes.iter().sum();
+    report.planned_bytes = l.slots.sizes.iter().map(|(b, _)| b).sum();
     let uniform = device.create_uniform(&l.uniform);
     Ok(Program {
         device: device.clone(),

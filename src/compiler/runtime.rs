@@ -12,8 +12,10 @@ use crate::alloc::PooledBuffer;
 use crate::compiler::ir::OutputRole;
 use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::exec::Launch;
+use crate::exec::bind::{Binds, Operand};
 use crate::layout::Layout;
-use crate::metadata::InputMetadata;
+use crate::metadata::{DType, InputMetadata};
 use crate::tensor::{Storage, Tensor};
 
 /// Where a binding's buffer comes from at replay.
@@ -30,19 +32,21 @@ pub(crate) enum Buf {
 }
 
 pub(crate) struct Dispatch {
-    pub pipeline: wgpu::ComputePipeline,
+    pub launch: Launch,
     pub uniform_offset: u64,
     pub uniform_size: u64,
     pub bufs: Vec<Buf>,
-    pub grid: [u32; 3],
-    /// What it computes, for the profiler.
-    pub info: crate::profile::KernelInfo,
-    /// The bind group of the last replay and the buffers it binds.
-    pub cached: Mutex<Option<(Vec<wgpu::Buffer>, wgpu::BindGroup)>>,
+    /// The words the program's uniform holds for this launch now: its
+    /// operands' offsets include where their allocations start, so a replay
+    /// whose tensors sit elsewhere rewrites them (a recorded copy).
+    pub words: Mutex<Vec<u32>>,
+    /// The buffers of the last replay, and its pipeline (rendered for how
+    /// they share bindings) and bind group.
+    pub cached: Mutex<Option<(Vec<wgpu::Buffer>, wgpu::ComputePipeline, wgpu::BindGroup)>>,
 }
 
 pub(crate) enum Action {
-    Dispatch(Dispatch),
+    Dispatch(Box<Dispatch>),
     /// Run the hooks of hook point `point` on `src` (a view of a buffer);
     /// the result becomes [`Buf::Hooked`]`(index)`.
     Hook {
@@ -61,9 +65,9 @@ pub struct Program {
     pub(crate) actions: Vec<Action>,
     pub(crate) uniform: wgpu::Buffer,
     pub(crate) inputs: usize,
-    pub(crate) slot_bytes: Vec<u64>,
+    pub(crate) slot_bytes: Vec<(u64, DType)>,
     pub(crate) slots: Mutex<Vec<Arc<PooledBuffer>>>,
-    pub(crate) fresh_bytes: Vec<u64>,
+    pub(crate) fresh_bytes: Vec<(u64, DType)>,
     pub(crate) outputs: Vec<(Buf, InputMetadata)>,
     pub(crate) roles: Vec<OutputRole>,
     pub(crate) hooks: usize,
@@ -154,34 +158,51 @@ impl Program {
         let device = &self.device;
         let mut slots = self.slots.lock();
         if slots.is_empty() && !self.slot_bytes.is_empty() {
-            *slots = self.slot_bytes.iter().map(|&b| device.alloc(b)).collect::<Result<Vec<_>>>()?;
+            *slots = self.slot_bytes.iter().map(|&(b, d)| device.alloc(b, d)).collect::<Result<Vec<_>>>()?;
         }
-        let fresh = self.fresh_bytes.iter().map(|&b| device.alloc(b)).collect::<Result<Vec<_>>>()?;
+        let fresh = self.fresh_bytes.iter().map(|&(b, d)| device.alloc(b, d)).collect::<Result<Vec<_>>>()?;
         let mut hooked: Vec<Option<Tensor>> = vec![None; self.hooks];
-        // One encoder, one submit: start a new batch if this one cannot hold the whole program.
-        device.reserve(self.kernel_count());
-        let resolve = |b: Buf, hooked: &[Option<Tensor>]| -> Result<wgpu::Buffer> {
+        // One encoder, one submit: start a new batch if this one cannot hold
+        // the whole program (each dispatch may come with a copy of its words).
+        device.reserve(2 * self.kernel_count());
+        let resolve = |b: Buf, dtype: DType, hooked: &[Option<Tensor>]| -> Result<Operand> {
             Ok(match b {
-                Buf::Input(i) => inputs[i].buffer()?.clone(),
-                Buf::Slot(i) => slots[i].raw().clone(),
-                Buf::Fresh(i) => fresh[i].raw().clone(),
-                Buf::Hooked(i) => hooked[i].as_ref().expect("hook ran before its readers").buffer()?.clone(),
+                Buf::Input(i) => inputs[i].operand()?,
+                Buf::Slot(i) => slots[i].operand(dtype),
+                Buf::Fresh(i) => fresh[i].operand(dtype),
+                Buf::Hooked(i) => hooked[i].as_ref().expect("hook ran before its readers").operand()?,
             })
         };
         for action in &self.actions {
             match action {
                 Action::Dispatch(d) => {
-                    let buffers = d.bufs.iter().map(|&b| resolve(b, &hooked)).collect::<Result<Vec<_>>>()?;
+                    let launch = &d.launch;
+                    let operands = d
+                        .bufs
+                        .iter()
+                        .zip(&launch.dtypes)
+                        .map(|(&b, &dtype)| resolve(b, dtype, &hooked))
+                        .collect::<Result<Vec<_>>>()?;
+                    let (binds, buffers) = Binds::of(&operands, &launch.written);
                     let mut cached = d.cached.lock();
-                    let reuse = cached.as_ref().is_some_and(|(bufs, _)| *bufs == buffers);
+                    let reuse = cached.as_ref().is_some_and(|(bufs, _, _)| *bufs == buffers);
                     if !reuse {
+                        let pipeline = device.pipeline(launch.label, &launch.source(&binds))?;
                         let bg =
-                            device.bind_group(&d.pipeline, &self.uniform, d.uniform_offset, d.uniform_size, &buffers);
-                        *cached = Some((buffers, bg));
+                            device.bind_group(&pipeline, &self.uniform, d.uniform_offset, d.uniform_size, &buffers);
+                        *cached = Some((buffers, pipeline, bg));
                         self.bind_groups_created.fetch_add(1, Ordering::Relaxed);
                     }
-                    let (bound, bind_group) = cached.as_ref().expect("bind group is set");
-                    device.dispatch_bound("compiled backward", &d.info, &d.pipeline, bind_group, bound, d.grid)?;
+                    let words = launch.words_for(&operands);
+                    let mut current = d.words.lock();
+                    if *current != words {
+                        device.record_uniform_write(&self.uniform, d.uniform_offset, &words);
+                        *current = words;
+                    }
+                    let (bound, pipeline, bind_group) = cached.as_ref().expect("bind group is set");
+                    let (info, written, grid) = (&launch.info, &launch.written, launch.grid);
+                    let label = "compiled backward";
+                    device.dispatch_bound(label, info, pipeline, bind_group, bound.len(), &operands, written, grid)?;
                 }
                 Action::Hook { point, src, layout, meta, index } => {
                     let storage = match *src {

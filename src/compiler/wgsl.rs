@@ -116,8 +116,12 @@ impl CompilerInterface for WgslCompiler {
         let ir_before = graph.to_string();
         let (graph, pass_stats) = passes::optimize(graph);
         let ir_after = graph.to_string();
-        let bindings = self.device.max_storage_bindings().min(MAX_BINDINGS);
-        let (steps, ops_fused) = fusion::schedule(&graph, bindings);
+        let limits = fusion::BindingLimits {
+            operands: MAX_BINDINGS,
+            buffers: self.device.max_storage_bindings(),
+            dedicated_bytes: self.device.dedicated_bytes(),
+        };
+        let (steps, ops_fused) = fusion::schedule(&graph, limits);
         let report = ProgramReport {
             ir_before,
             ir_after,

@@ -4,11 +4,14 @@
 //!
 //! Uniform layout (u32 words, packed in `array<vec4<u32>, N>`):
 //! `[0]` element count, `[1]` rank, `[2..10]` output shape, then 9 words per
-//! input and per output (offset, 8 strides), then one word per scalar.
+//! input and per output (offset, 8 strides), then one word per scalar. An
+//! offset word is the element offset of the view in its *buffer*: the
+//! view's own offset plus where its allocation starts in the arena.
 
 use std::fmt::Write;
 
 use crate::exec::ReduceKind;
+use crate::exec::bind::Binds;
 use crate::exec::kernel::{Access, MapKernel, Node, RandomKind};
 use crate::layout::{Layout, MAX_RANK};
 use crate::metadata::DType;
@@ -56,57 +59,95 @@ impl MatmulTemplate {
 }
 const REDUCE_TEMPLATE: &str = include_str!("../../shaders/reduce.wgsl");
 
-/// Bindings, the uniform struct (with room for `template_words` after the
-/// elementwise words) and the shared helpers.
-fn declarations(k: &MapKernel, template_words: usize) -> String {
-    declarations_as(k, false, false, template_words)
+/// How a kernel names its operands' storage: operand `o` (inputs, then
+/// outputs, then a matmul's `a` and `b`) lives in binding `b{n}` with
+/// `n = binds.slot[o]`, at the element offset its view word carries. A
+/// binding is declared `array<vec4<T>>` when a vectorised kernel loads or
+/// stores vec4s of one of its operands; the other operands in it are then
+/// read per component (`b[e / 4u][e % 4u]`).
+pub(crate) struct Names<'a> {
+    binds: &'a Binds,
+    vec4: Vec<bool>,
 }
 
-/// Bindings as `array<T>`; contiguous inputs as `array<vec4<T>>` when
-/// `vec4`, contiguous outputs too when `vec4_outputs`. The uniform is
-/// declared as large as every word the kernel reads, so no read indexes
+impl<'a> Names<'a> {
+    /// Names for `binds`, with the bindings of the operands in `vec4_operands` as vec4 arrays.
+    fn new(binds: &'a Binds, vec4_operands: impl IntoIterator<Item = usize>) -> Names<'a> {
+        let mut vec4 = vec![false; binds.bindings.len()];
+        for o in vec4_operands {
+            vec4[binds.slot[o]] = true;
+        }
+        Names { binds, vec4 }
+    }
+
+    /// The storage declarations, bindings 1.. in order.
+    fn declare(&self, s: &mut String) {
+        for (n, &(dtype, written)) in self.binds.bindings.iter().enumerate() {
+            let t = if self.vec4[n] { format!("vec4<{}>", dtype.wgsl()) } else { dtype.wgsl().to_string() };
+            let access = if written { "read_write" } else { "read" };
+            let _ = writeln!(s, "@group(0) @binding({}) var<storage, {access}> b{n}: array<{t}>;", n + 1);
+        }
+    }
+
+    /// Element `index` of operand `o`'s buffer (a reference: loaded or stored).
+    fn at(&self, o: usize, index: &str) -> String {
+        let b = self.binds.slot[o];
+        match self.vec4[b] {
+            true => format!("b{b}[({index}) / 4u][({index}) % 4u]"),
+            false => format!("b{b}[{index}]"),
+        }
+    }
+
+    /// The vec4 at `q` of operand `o`'s buffer, declared as vec4s.
+    fn vec_at(&self, o: usize, q: &str) -> String {
+        format!("b{}[{q}]", self.binds.slot[o])
+    }
+}
+
+/// The uniform struct (with room for `template_words` after the
+/// elementwise words), the storage bindings and the shared helpers.
+fn declarations<'a>(k: &MapKernel, template_words: usize, binds: &'a Binds) -> (String, Names<'a>) {
+    declarations_as(k, false, false, template_words, binds)
+}
+
+/// Bindings as `array<T>`; those of contiguous inputs as `array<vec4<T>>`
+/// when `vec4`, of contiguous outputs too when `vec4_outputs`. The uniform
+/// is declared as large as every word the kernel reads, so no read indexes
 /// past it (which WGSL leaves to the bounds-check policy of each backend).
-fn declarations_as(k: &MapKernel, vec4: bool, vec4_outputs: bool, template_words: usize) -> String {
-    let elem = |t: &str, access: Access| match vec4 && access == Access::Linear {
-        true => format!("vec4<{t}>"),
-        false => t.to_string(),
-    };
+fn declarations_as<'a>(
+    k: &MapKernel,
+    vec4: bool,
+    vec4_outputs: bool,
+    template_words: usize,
+    binds: &'a Binds,
+) -> (String, Names<'a>) {
+    let n_in = k.inputs.len();
+    let linear_inputs = k.inputs.iter().enumerate().filter(|(_, (_, a))| vec4 && *a == Access::Linear).map(|(j, _)| j);
+    let linear_outputs =
+        k.outputs.iter().enumerate().filter(|(_, (_, a))| vec4_outputs && *a == Access::Linear).map(|(o, _)| n_in + o);
+    let names = Names::new(binds, linear_inputs.chain(linear_outputs).collect::<Vec<_>>());
     let mut s = String::new();
-    if k.uses_f16() {
+    if k.uses_f16() || binds.bindings.iter().any(|(d, _)| *d == DType::F16) {
         s.push_str("enable f16;\n\n");
     }
     let words = (param_words(k) + template_words).div_ceil(4).max(1);
     let _ = writeln!(s, "struct Params {{ v: array<vec4<u32>, {words}> }}");
     s.push_str("@group(0) @binding(0) var<uniform> params: Params;\n");
-    let mut binding = 1;
-    for (i, (dtype, access)) in k.inputs.iter().enumerate() {
-        let _ = writeln!(
-            s,
-            "@group(0) @binding({binding}) var<storage, read> in{i}: array<{}>;",
-            elem(dtype.wgsl(), *access)
-        );
-        binding += 1;
-    }
-    for (o, (node, access)) in k.outputs.iter().enumerate() {
-        let dtype = k.dtype(*node);
-        let t = if vec4_outputs { elem(dtype.wgsl(), *access) } else { dtype.wgsl().to_string() };
-        let _ = writeln!(s, "@group(0) @binding({binding}) var<storage, read_write> out{o}: array<{t}>;");
-        binding += 1;
-    }
+    names.declare(&mut s);
     s.push('\n');
     s.push_str(HELPERS);
-    s
+    (s, names)
 }
 
 /// One `let` per node, evaluated at linear index `i` of the iteration shape.
-fn body(k: &MapKernel) -> String {
-    body_of_lane(k, None)
+fn body(k: &MapKernel, names: &Names<'_>) -> String {
+    body_of_lane(k, names, None)
 }
 
 /// The kernel's `let`s for one element: element `i` (`lane` = None), or
 /// component `lane` of the vec4 at `q` in a vectorised kernel, whose
 /// inputs were loaded as `in{j}_q` and whose values are named `v{id}_{lane}`.
-fn body_of_lane(k: &MapKernel, lane: Option<usize>) -> String {
+fn body_of_lane(k: &MapKernel, names: &Names<'_>, lane: Option<usize>) -> String {
     let mut s = String::new();
     let suffix = lane.map(|c| format!("_{c}")).unwrap_or_default();
     let index = match lane {
@@ -120,8 +161,8 @@ fn body_of_lane(k: &MapKernel, lane: Option<usize>) -> String {
         let expr = match *node {
             Node::Input(j) => match (lane, k.inputs[j].1) {
                 (Some(c), Access::Linear) => format!("in{j}_q.{}", ["x", "y", "z", "w"][c]),
-                (Some(_), Access::Strided) => format!("in{j}[strided({}u, {index})]", view_base(j)),
-                (_, access) => format!("in{j}[{}]", index_expr(access, view_base(j))),
+                (Some(_), Access::Strided) => names.at(j, &format!("strided({}u, {index})", view_base(j))),
+                (_, access) => names.at(j, &index_expr(access, view_base(j))),
             },
             Node::Scalar(j) => scalar_expr(*dtype, scalar_base + j),
             Node::Index => format!("{t}({index})"),
@@ -145,15 +186,16 @@ fn body_of_lane(k: &MapKernel, lane: Option<usize>) -> String {
             }
             Node::Cast(a) => format!("{t}({})", v(a)),
             Node::Arg => "acc".to_string(),
-            Node::Gather(j, off) => format!("in{j}[p({}u) + {}]", view_base(j), v(off)),
+            Node::Gather(j, off) => names.at(j, &format!("p({}u) + {}", view_base(j), v(off))),
             Node::SegmentSum { values, starts, positions } => {
                 let (bv, bs, bp) = (view_base(values), view_base(starts), view_base(positions));
                 let _ = writeln!(s, "    var acc{id}: {t} = {t}(0);");
-                let _ = writeln!(
-                    s,
-                    "    for (var k = in{starts}[p({bs}u) + i]; k < in{starts}[p({bs}u) + i + 1u]; k = k + 1u) {{"
-                );
-                let _ = writeln!(s, "        acc{id} = acc{id} + in{values}[p({bv}u) + in{positions}[p({bp}u) + k]];");
+                let (first, last) =
+                    (names.at(starts, &format!("p({bs}u) + i")), names.at(starts, &format!("p({bs}u) + i + 1u")));
+                let _ = writeln!(s, "    for (var k = {first}; k < {last}; k = k + 1u) {{");
+                let position = names.at(positions, &format!("p({bp}u) + k"));
+                let _ =
+                    writeln!(s, "        acc{id} = acc{id} + {};", names.at(values, &format!("p({bv}u) + {position}")));
                 s.push_str("    }\n");
                 format!("acc{id}")
             }
@@ -165,18 +207,18 @@ fn body_of_lane(k: &MapKernel, lane: Option<usize>) -> String {
 
 /// An elementwise kernel: every invocation evaluates the graph at one
 /// index and stores each output.
-pub(crate) fn render(k: &MapKernel) -> String {
-    let mut s = declarations(k, 0);
+pub(crate) fn render(k: &MapKernel, binds: &Binds) -> String {
+    let (mut s, names) = declarations(k, 0, binds);
     s.push_str(
         "\n@compute @workgroup_size(256)\n\
          fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {\n\
          \x20   let i = gid.x + gid.y * nwg.x * 256u;\n\
          \x20   if (i >= p(0u)) { return; }\n",
     );
-    s.push_str(&body(k));
+    s.push_str(&body(k, &names));
     for (o, (node, access)) in k.outputs.iter().enumerate() {
-        let base = view_base(k.inputs.len() + o);
-        let _ = writeln!(s, "    out{o}[{}] = v{node};", index_expr(*access, base));
+        let slot = k.inputs.len() + o;
+        let _ = writeln!(s, "    {} = v{node};", names.at(slot, &index_expr(*access, view_base(slot))));
     }
     s.push_str("}\n");
     s
@@ -202,19 +244,20 @@ pub(crate) fn vectorisable(k: &MapKernel, numel: usize, views: &[Layout]) -> boo
 /// one vec4. llvmpipe loads storage one scalar per SIMD lane
 /// in a loop; a vec4 load shares that loop four ways (about 2x faster for
 /// memory-bound kernels on lavapipe). Same bindings and words as `render`.
-pub(crate) fn render_x4(k: &MapKernel) -> String {
-    let mut s = declarations_as(k, true, true, 0);
+pub(crate) fn render_x4(k: &MapKernel, binds: &Binds) -> String {
+    let (mut s, names) = declarations_as(k, true, true, 0, binds);
     s.push_str(
         "\n@compute @workgroup_size(256)\n\
          fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {\n\
          \x20   let q = gid.x + gid.y * nwg.x * 256u;\n\
          \x20   if (q * 4u >= p(0u)) { return; }\n",
     );
-    s.push_str(&body_x4(k));
+    s.push_str(&body_x4(k, &names));
     for (o, (node, _)) in k.outputs.iter().enumerate() {
         let t = k.dtype(*node).wgsl();
-        let base = view_base(k.inputs.len() + o);
-        let _ = writeln!(s, "    out{o}[p({base}u) / 4u + q] = vec4<{t}>(v{node}_0, v{node}_1, v{node}_2, v{node}_3);");
+        let slot = k.inputs.len() + o;
+        let at = names.vec_at(slot, &format!("p({}u) / 4u + q", view_base(slot)));
+        let _ = writeln!(s, "    {at} = vec4<{t}>(v{node}_0, v{node}_1, v{node}_2, v{node}_3);");
     }
     s.push_str("}\n");
     s
@@ -222,15 +265,15 @@ pub(crate) fn render_x4(k: &MapKernel) -> String {
 
 /// The vec4 loads of `k`'s contiguous inputs at vec4 `q`, then its nodes
 /// for the four elements.
-fn body_x4(k: &MapKernel) -> String {
+fn body_x4(k: &MapKernel, names: &Names<'_>) -> String {
     let mut s = String::new();
     for (j, (_, access)) in k.inputs.iter().enumerate() {
         if *access == Access::Linear {
-            let _ = writeln!(s, "    let in{j}_q = in{j}[p({}u) / 4u + q];", view_base(j));
+            let _ = writeln!(s, "    let in{j}_q = {};", names.vec_at(j, &format!("p({}u) / 4u + q", view_base(j))));
         }
     }
     for lane in 0..4 {
-        s.push_str(&body_of_lane(k, Some(lane)));
+        s.push_str(&body_of_lane(k, names, Some(lane)));
     }
     s
 }
@@ -238,16 +281,17 @@ fn body_x4(k: &MapKernel) -> String {
 /// [`render_reduce`] four elements per step (vec4 loads, as [`render_x4`]),
 /// for a prologue that is [`vectorisable`] over a K that is a multiple of
 /// 4; the template's K counts vec4s.
-pub(crate) fn render_reduce_x4(k: &MapKernel, kind: ReduceKind) -> String {
+pub(crate) fn render_reduce_x4(k: &MapKernel, kind: ReduceKind, binds: &Binds) -> String {
     let (node, _) = k.outputs[0];
     let dtype = k.dtype(node);
-    let mut s = declarations_as(k, true, false, REDUCE_WORDS);
+    let (mut s, names) = declarations_as(k, true, false, REDUCE_WORDS, binds);
     let t = dtype.wgsl();
     s.push_str(&reduce_functions(dtype, kind, param_words(k)));
+    s.push_str(&store_out(k, &names));
     let _ = writeln!(
         s,
         "fn value4(q: u32) -> vec4<T> {{\n{}    return vec4<{t}>(v{node}_0, v{node}_1, v{node}_2, v{node}_3);\n}}",
-        body_x4(k)
+        body_x4(k, &names)
     );
     s.push_str(
         "fn fold(acc: T, q: u32) -> T {\n    let v = value4(q);\n    \
@@ -278,12 +322,13 @@ fn reduce_functions(dtype: DType, kind: ReduceKind, words: usize) -> String {
 /// the input through a permuted view); a fused one computes an elementwise
 /// prologue on the fly and never stores it. The template's own words start
 /// at `R`, after the elementwise words.
-pub(crate) fn render_reduce(k: &MapKernel, kind: ReduceKind) -> String {
+pub(crate) fn render_reduce(k: &MapKernel, kind: ReduceKind, binds: &Binds) -> String {
     let (node, _) = k.outputs[0];
     let dtype = k.dtype(node);
-    let mut s = declarations(k, REDUCE_WORDS);
+    let (mut s, names) = declarations(k, REDUCE_WORDS, binds);
     s.push_str(&reduce_functions(dtype, kind, param_words(k)));
-    let _ = writeln!(s, "fn value(i: u32) -> T {{\n{}    return v{node};\n}}", body(k));
+    s.push_str(&store_out(k, &names));
+    let _ = writeln!(s, "fn value(i: u32) -> T {{\n{}    return v{node};\n}}", body(k, &names));
     s.push_str("fn fold(acc: T, i: u32) -> T { return combine(acc, value(i)); }\n");
     s.push_str(REDUCE_TEMPLATE);
     s
@@ -293,15 +338,18 @@ pub(crate) fn render_reduce(k: &MapKernel, kind: ReduceKind) -> String {
 /// node; [`Node::Arg`] is the accumulated product) before it is stored at
 /// its linear index of the contiguous result. The template's words start
 /// at `M`, after the elementwise words of the epilogue.
-pub(crate) fn render_matmul(epilogue: &MapKernel, dtype: DType, template: MatmulTemplate) -> String {
+pub(crate) fn render_matmul(epilogue: &MapKernel, dtype: DType, template: MatmulTemplate, binds: &Binds) -> String {
     let (node, _) = epilogue.outputs[0];
-    let mut s = declarations(epilogue, MATMUL_WORDS);
+    let (mut s, names) = declarations(epilogue, MATMUL_WORDS, binds);
     let t = dtype.wgsl();
-    let next = 2 + epilogue.inputs.len();
-    let _ = writeln!(s, "\n@group(0) @binding({next}) var<storage, read> a: array<{t}>;");
-    let _ = writeln!(s, "@group(0) @binding({}) var<storage, read> b: array<{t}>;", next + 1);
+    let (a, b) = (epilogue.inputs.len() + 1, epilogue.inputs.len() + 2);
     let _ = writeln!(s, "alias T = {t};\nconst M: u32 = {}u;", param_words(epilogue));
-    let _ = writeln!(s, "fn epilogue(acc: T, i: u32) -> T {{\n{}    return v{node};\n}}", body(epilogue));
+    let _ = writeln!(s, "fn load_a(i: u32) -> T {{ return {}; }}", names.at(a, "i"));
+    let _ = writeln!(s, "fn load_b(i: u32) -> T {{ return {}; }}", names.at(b, "i"));
+    let out = names.at(epilogue.inputs.len(), &format!("p({}u) + i", view_base(epilogue.inputs.len())));
+    let _ = writeln!(s, "fn load_out(i: u32) -> T {{ return {out}; }}");
+    s.push_str(&store_out(epilogue, &names));
+    let _ = writeln!(s, "fn epilogue(acc: T, i: u32) -> T {{\n{}    return v{node};\n}}", body(epilogue, &names));
     s.push_str(match template {
         MatmulTemplate::Tiled => MATMUL_TEMPLATE,
         MatmulTemplate::Direct => direct_template(!matches!(epilogue.nodes[node].0, Node::Arg)),
@@ -315,7 +363,7 @@ const DIRECT_EPILOGUE: &str = "    for (var q = 0u; q < 128u; q = q + 1u) {
         let col = col0 + 8u * (q % 8u);
         if (row < m && col < n) {
             let at = c_base + row * n + col;
-            out0[at] = epilogue(out0[at], at);
+            store_out(at, epilogue(load_out(at), at));
         }
     }
 ";
@@ -345,16 +393,16 @@ fn spell_out_direct_template(fused_epilogue: bool) -> String {
     }
     for j in 0..cols {
         let _ = writeln!(declare, "    let c{j} = b_base + min(col0 + {}u, n - 1u) * b_col;", 8 * j);
-        let _ = writeln!(step, "        let vb{j} = b[c{j} + b_off];");
+        let _ = writeln!(step, "        let vb{j} = load_b(c{j} + b_off);");
     }
     for i in 0..rows {
-        let _ = writeln!(step, "        let va{i} = a[r{i} + a_off];");
+        let _ = writeln!(step, "        let va{i} = load_a(r{i} + a_off);");
         for j in 0..cols {
             let _ = writeln!(declare, "    var acc{i}_{j} = T(0);");
             let _ = writeln!(step, "        acc{i}_{j} = acc{i}_{j} + va{i} * vb{j};");
             let _ = writeln!(
                 store,
-                "    if (row0 + {i}u < m && col0 + {c}u < n) {{ out0[c_base + (row0 + {i}u) * n + col0 + {c}u] = acc{i}_{j}; }}",
+                "    if (row0 + {i}u < m && col0 + {c}u < n) {{ store_out(c_base + (row0 + {i}u) * n + col0 + {c}u, acc{i}_{j}); }}",
                 c = 8 * j
             );
         }
@@ -374,6 +422,13 @@ fn spell_out_direct_template(fused_epilogue: bool) -> String {
         }
     }
     out
+}
+
+/// `store_out(i, v)`: stores `v` at element `i` of the kernel's one
+/// (contiguous) output, at the output's offset in its buffer.
+fn store_out(k: &MapKernel, names: &Names<'_>) -> String {
+    let slot = k.inputs.len();
+    format!("fn store_out(i: u32, v: T) {{ {} = v; }}\n", names.at(slot, &format!("p({}u) + i", view_base(slot))))
 }
 
 /// The template words of a reduction launch (see `shaders/reduce.wgsl`).

@@ -7,6 +7,7 @@ use crate::compiler::trace;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::exec::ReduceKind;
+use crate::exec::bind::{Binds, Operand};
 use crate::exec::codegen::{self, scalar_bits, view_base};
 use crate::exec::kernel::{Access, MapKernel, Node};
 use crate::exec::merge::MapOp;
@@ -15,23 +16,80 @@ use crate::metadata::{DType, Shape};
 use crate::profile::KernelInfo;
 use crate::tensor::Tensor;
 
-/// One kernel dispatch, independent of the buffers it will be bound to.
+/// Which generator renders a launch's kernel.
+#[derive(Debug, Clone)]
+pub(crate) enum Template {
+    /// An elementwise kernel, four elements per invocation when `x4`.
+    Map { kernel: MapKernel, x4: bool },
+    /// The first pass of a reduction.
+    Reduce { kernel: MapKernel, kind: ReduceKind, x4: bool },
+    /// A matmul with its epilogue.
+    Matmul { epilogue: MapKernel, dtype: DType, template: codegen::MatmulTemplate },
+}
+
+/// One kernel dispatch, independent of the buffers it will be bound to:
+/// its operands (inputs, outputs, then a matmul's `a` and `b`) get their
+/// buffers, and their allocations' offsets, when it is dispatched.
 #[derive(Debug, Clone)]
 pub(crate) struct Launch {
     pub label: &'static str,
-    pub source: String,
+    pub template: Template,
     pub words: Vec<u32>,
     pub grid: [u32; 3],
     /// What it computes, for the profiler.
     pub info: KernelInfo,
+    /// Each operand's dtype, whether the kernel writes it, and the word
+    /// holding its element offset (to which its allocation's start is added).
+    pub dtypes: Vec<DType>,
+    pub written: Vec<bool>,
+    pub offset_words: Vec<usize>,
 }
 
 impl Launch {
-    /// Dispatches now, with `buffers` bound after the uniform in order.
-    pub fn dispatch(&self, device: &Device, buffers: &[&wgpu::Buffer]) -> Result<()> {
-        let pipeline = device.pipeline(self.label, &self.source)?;
-        device.dispatch(self.label, &self.info, &pipeline, &self.words, buffers, self.grid)
+    /// The kernel source for operands bound as `binds`.
+    pub fn source(&self, binds: &Binds) -> String {
+        match &self.template {
+            Template::Map { kernel, x4: false } => codegen::render(kernel, binds),
+            Template::Map { kernel, x4: true } => codegen::render_x4(kernel, binds),
+            Template::Reduce { kernel, kind, x4: false } => codegen::render_reduce(kernel, *kind, binds),
+            Template::Reduce { kernel, kind, x4: true } => codegen::render_reduce_x4(kernel, *kind, binds),
+            Template::Matmul { epilogue, dtype, template } => {
+                codegen::render_matmul(epilogue, *dtype, *template, binds)
+            }
+        }
     }
+
+    /// The source when every operand of a dtype shares one arena, the
+    /// usual case (for reports and validation before anything is bound).
+    pub fn typical_source(&self) -> String {
+        self.source(&Binds::by_dtype(&self.dtypes, &self.written))
+    }
+
+    /// The uniform words with each operand's allocation start added to its offset word.
+    pub fn words_for(&self, operands: &[Operand]) -> Vec<u32> {
+        let mut words = self.words.clone();
+        for (o, &w) in operands.iter().zip(&self.offset_words) {
+            words[w] += o.base();
+        }
+        words
+    }
+
+    /// Dispatches now on `operands`, each distinct buffer bound once.
+    pub fn dispatch(&self, device: &Device, operands: &[Operand]) -> Result<()> {
+        let (binds, buffers) = Binds::of(operands, &self.written);
+        let pipeline = device.pipeline(self.label, &self.source(&binds))?;
+        let words = self.words_for(operands);
+        device.dispatch(self.label, &self.info, &pipeline, &words, &buffers, operands, &self.written, self.grid)
+    }
+}
+
+/// The dtypes, writes and offset words of an elementwise-shaped kernel's
+/// operands (inputs, then outputs).
+fn map_operands(kernel: &MapKernel) -> (Vec<DType>, Vec<bool>, Vec<usize>) {
+    let n = kernel.inputs.len() + kernel.outputs.len();
+    let dtypes = kernel.inputs.iter().map(|(d, _)| *d).chain(kernel.outputs.iter().map(|(id, _)| kernel.dtype(*id)));
+    let written = (0..n).map(|o| o >= kernel.inputs.len()).collect();
+    (dtypes.collect(), written, (0..n).map(view_base).collect())
 }
 
 /// The bytes an elementwise-shaped kernel moves: each input and output
@@ -126,12 +184,11 @@ pub(crate) fn map_launch(
     let words = map_words(op, &mut kernel, shape, inputs, outputs, scalars)?;
     let views: Vec<Layout> = inputs.iter().chain(outputs).cloned().collect();
     let info = KernelInfo::new("map", map_name(&kernel), map_bytes(&kernel, shape.numel()), 0);
-    if codegen::vectorisable(&kernel, shape.numel(), &views) {
-        let grid = device.grid_1d(shape.numel() as u64 / 4)?;
-        return Ok(Launch { label: op, source: codegen::render_x4(&kernel), words, grid, info });
-    }
-    let grid = device.grid_1d(shape.numel() as u64)?;
-    Ok(Launch { label: op, source: codegen::render(&kernel), words, grid, info })
+    let x4 = codegen::vectorisable(&kernel, shape.numel(), &views);
+    let grid = device.grid_1d(if x4 { shape.numel() as u64 / 4 } else { shape.numel() as u64 })?;
+    let (dtypes, written, offset_words) = map_operands(&kernel);
+    let template = Template::Map { kernel, x4 };
+    Ok(Launch { label: op, template, words, grid, info, dtypes, written, offset_words })
 }
 
 /// Runs an elementwise kernel over `out_shape`, broadcasting every input to
@@ -218,7 +275,7 @@ pub(crate) fn assemble(
             std::slice::from_ref(&window),
             &[],
         )?;
-        launch.dispatch(device, &[t.buffer()?, out.buffer()?])?;
+        launch.dispatch(device, &[t.operand()?, out.operand()?])?;
     }
     Ok(out)
 }
@@ -279,12 +336,11 @@ pub(crate) fn reduce_launch(
     // Reads every element of the [a, k] iteration, writes a * n_chunks.
     let fused = format!("{:?} of {}", kind, map_name(&kernel)).to_lowercase();
     let info = KernelInfo::new("reduce", fused, input_bytes(&kernel, a * k) + output_bytes(&kernel, a * n_chunks), 0);
-    if k.is_multiple_of(4) && codegen::vectorisable(&kernel, a * k, &views) {
-        words.extend_from_slice(&codegen::reduce_words(a, k / 4, n_chunks));
-        return Ok(Launch { label: "reduce", source: codegen::render_reduce_x4(&kernel, kind), words, grid, info });
-    }
-    words.extend_from_slice(&codegen::reduce_words(a, k, n_chunks));
-    Ok(Launch { label: "reduce", source: codegen::render_reduce(&kernel, kind), words, grid, info })
+    let x4 = k.is_multiple_of(4) && codegen::vectorisable(&kernel, a * k, &views);
+    words.extend_from_slice(&codegen::reduce_words(a, if x4 { k / 4 } else { k }, n_chunks));
+    let (dtypes, written, offset_words) = map_operands(&kernel);
+    let template = Template::Reduce { kernel, kind, x4 };
+    Ok(Launch { label: "reduce", template, words, grid, info, dtypes, written, offset_words })
 }
 
 /// Reduces `x` over `axes` (sorted, distinct, in range).
@@ -321,9 +377,9 @@ fn reduce_pass(
     if a * n_chunks > 0 {
         let layouts = vec![view.clone(); inputs.len()];
         let launch = reduce_launch(device, kind, kernel, &view.shape, &layouts, scalars, a, k, n_chunks)?;
-        let mut buffers = inputs.iter().map(|t| t.buffer()).collect::<Result<Vec<_>>>()?;
-        buffers.push(out.buffer()?);
-        launch.dispatch(device, &buffers)?;
+        let mut operands = inputs.iter().map(|t| t.operand()).collect::<Result<Vec<_>>>()?;
+        operands.push(out.operand()?);
+        launch.dispatch(device, &operands)?;
     }
     if n_chunks == 1 {
         return Ok(out);
@@ -394,7 +450,11 @@ pub(crate) fn matmul_launches(
     let out = Layout::contiguous(out_shape.clone());
     let words = map_words("matmul", &mut epilogue, out_shape, epilogue_inputs, &[out], scalars)?;
     let template = device.matmul_template();
-    let source = codegen::render_matmul(&epilogue, dtype, template);
+    let (mut dtypes, mut written, mut offset_words) = map_operands(&epilogue);
+    let m_base = codegen::param_words(&epilogue);
+    dtypes.extend([dtype, dtype]);
+    written.extend([false, false]);
+    offset_words.extend([m_base + 3, m_base + 7]);
     let max = device.inner.limits.max_compute_workgroups_per_dimension as usize;
     let (tile_m, tile_n) = template.tile();
     let (gx, gy, gz) = (n.div_ceil(tile_n), m.div_ceil(tile_m), batch_count);
@@ -438,7 +498,16 @@ pub(crate) fn matmul_launches(
                     (v as u128 * part as u128 / whole.max(1) as u128) as u64
                 };
                 let info = KernelInfo { bytes: share(info.bytes), flops: share(info.flops), ..info.clone() };
-                launches.push(Launch { label: "matmul", source: source.clone(), words: w, grid, info });
+                launches.push(Launch {
+                    label: "matmul",
+                    template: Template::Matmul { epilogue: epilogue.clone(), dtype, template },
+                    words: w,
+                    grid,
+                    info,
+                    dtypes: dtypes.clone(),
+                    written: written.clone(),
+                    offset_words: offset_words.clone(),
+                });
             }
         }
     }
@@ -531,7 +600,7 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor, batch: &Shape) -> Result<Tensor> {
     }
     let epilogue = identity_epilogue(a.dtype());
     for launch in matmul_launches(device, epilogue, &[], &[], a.layout(), b.layout(), &out_shape)? {
-        launch.dispatch(device, &[out.buffer()?, a.buffer()?, b.buffer()?])?;
+        launch.dispatch(device, &[out.operand()?, a.operand()?, b.operand()?])?;
     }
     Ok(out)
 }

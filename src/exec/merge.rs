@@ -10,7 +10,7 @@
 //! per-dispatch cost (lavapipe wakes its thread pool for every dispatch):
 //! W5's 200-op forward chain is a handful of kernels, W2's is one.
 //!
-//! Every tensor still gets its own buffer when the op runs, so nothing
+//! Every tensor still gets its own storage when the op runs, so nothing
 //! else changes: a merged op's result is bit-for-bit what its own kernel
 //! would have computed, since each element is evaluated by the same
 //! expressions in the same order.
@@ -18,6 +18,7 @@
 use std::sync::{Arc, Weak};
 
 use crate::alloc::PooledBuffer;
+use crate::exec::bind::Operand;
 use crate::exec::kernel::{Access, MapKernel, Node, NodeId};
 use crate::layout::Layout;
 use crate::metadata::{DType, Shape};
@@ -76,6 +77,15 @@ pub(crate) struct MergedKernel {
     pub buffers: Vec<Arc<PooledBuffer>>,
 }
 
+impl MergedKernel {
+    /// The bound storage as kernel operands (inputs, then outputs).
+    pub fn operands(&self) -> Vec<Operand> {
+        let k = &self.kernel;
+        let dtypes = k.inputs.iter().map(|(d, _)| *d).chain(k.outputs.iter().map(|(id, _)| k.dtype(*id)));
+        self.buffers.iter().zip(dtypes).map(|(b, d)| b.operand(d)).collect()
+    }
+}
+
 impl PendingMaps {
     /// A group holding just `op`.
     pub fn new(op: &MapOp<'_>) -> PendingMaps {
@@ -87,16 +97,18 @@ impl PendingMaps {
             inputs: Vec::new(),
             outputs: Vec::new(),
         };
-        let joined = group.join(op, usize::MAX);
+        let joined = group.join(op, (usize::MAX, usize::MAX));
         debug_assert!(joined, "an empty group takes any op of its shape");
         group
     }
 
     /// Adds `op` to the group if it can run in the same kernel: same shape,
     /// reads of the group's own outputs at the current element only, no
-    /// buffer both read and written, at most `max_bindings` storage
-    /// bindings and [`MAX_NODES`] nodes. `false` leaves the group unchanged.
-    pub fn join(&mut self, op: &MapOp<'_>, max_bindings: usize) -> bool {
+    /// buffer both read and written, at most `max.0` operands and
+    /// `max.1` distinct buffers (storage bindings: tensors in one arena
+    /// share one), and [`MAX_NODES`] nodes. `false` leaves the group
+    /// unchanged.
+    pub fn join(&mut self, op: &MapOp<'_>, max: (usize, usize)) -> bool {
         if op.shape != &self.shape {
             return false;
         }
@@ -142,8 +154,19 @@ impl PendingMaps {
         if self.kernel.nodes.len() + op.kernel.nodes.len() > MAX_NODES {
             return false;
         }
-        let live = self.outputs.iter().filter(|o| o.buffer.strong_count() > 0).count();
-        if self.inputs.len() + new_inputs.len() + live + op.outputs.len() > max_bindings {
+        let live: Vec<Arc<PooledBuffer>> = self.outputs.iter().filter_map(|o| o.buffer.upgrade()).collect();
+        if self.inputs.len() + new_inputs.len() + live.len() + op.outputs.len() > max.0 {
+            return false;
+        }
+        let mut buffers: Vec<&wgpu::Buffer> = Vec::new();
+        let all =
+            self.inputs.iter().map(|i| &i.buffer).chain(new_inputs.iter().map(|n| n.0)).chain(&live).chain(&op.outputs);
+        for b in all {
+            if !buffers.contains(&b.raw()) {
+                buffers.push(b.raw());
+            }
+        }
+        if buffers.len() > max.1 {
             return false;
         }
 

@@ -5,6 +5,7 @@
 //! tracing executor behind the same calls, which records the work as IR
 //! instead.
 
+pub(crate) mod bind;
 pub(crate) mod codegen;
 pub(crate) mod kernel;
 mod launch;

@@ -3,14 +3,80 @@
 //! multi-output kernels, and the reduce and matmul templates per dtype.
 
 use crate::exec::ReduceKind;
-use crate::exec::codegen::{MatmulTemplate, render, render_matmul, render_reduce, render_reduce_x4, render_x4};
+use crate::exec::bind::Binds;
+use crate::exec::codegen::{self, MatmulTemplate};
 use crate::exec::kernel::{Access, MapKernel, Node, RandomKind};
 use crate::metadata::DType;
 use crate::ops::binary::BinaryOp;
 use crate::ops::compare::CmpOp;
 use crate::ops::unary::UnaryOp;
 
-fn validate(label: &str, source: &str) {
+/// A kernel rendered for each binding pattern: one binding per operand,
+/// and one binding per dtype (every operand in its dtype's arena: what
+/// WebGPU's 8 storage bindings are met with).
+struct Rendered(Vec<(&'static str, String)>);
+
+impl Rendered {
+    fn first(&self) -> String {
+        self.0[0].1.clone()
+    }
+}
+
+/// The operands' dtypes and writes of an elementwise-shaped kernel,
+/// plus `extra` read operands (a matmul's `a` and `b`).
+fn operands(k: &MapKernel, extra: &[DType]) -> (Vec<DType>, Vec<bool>) {
+    let mut dtypes: Vec<DType> = k.inputs.iter().map(|(d, _)| *d).collect();
+    let mut written = vec![false; dtypes.len()];
+    for (id, _) in &k.outputs {
+        dtypes.push(k.dtype(*id));
+        written.push(true);
+    }
+    dtypes.extend_from_slice(extra);
+    written.extend(extra.iter().map(|_| false));
+    (dtypes, written)
+}
+
+fn rendered(k: &MapKernel, extra: &[DType], f: impl Fn(&Binds) -> String) -> Rendered {
+    let (dtypes, written) = operands(k, extra);
+    Rendered(vec![
+        ("separate", f(&Binds::separate(&dtypes, &written))),
+        ("by dtype", f(&Binds::by_dtype(&dtypes, &written))),
+    ])
+}
+
+fn render(k: &MapKernel) -> Rendered {
+    rendered(k, &[], |b| codegen::render(k, b))
+}
+
+fn render_x4(k: &MapKernel) -> Rendered {
+    rendered(k, &[], |b| codegen::render_x4(k, b))
+}
+
+fn render_reduce(k: &MapKernel, kind: ReduceKind) -> Rendered {
+    rendered(k, &[], |b| codegen::render_reduce(k, kind, b))
+}
+
+fn render_reduce_x4(k: &MapKernel, kind: ReduceKind) -> Rendered {
+    rendered(k, &[], |b| codegen::render_reduce_x4(k, kind, b))
+}
+
+fn render_matmul(k: &MapKernel, dtype: DType, template: MatmulTemplate) -> Rendered {
+    rendered(k, &[dtype, dtype], |b| codegen::render_matmul(k, dtype, template, b))
+}
+
+/// Validates every binding pattern of a kernel; the arena pattern binds
+/// at most one storage buffer per dtype, within WebGPU's 8.
+fn validate(label: &str, rendered: &Rendered) {
+    for (pattern, source) in &rendered.0 {
+        validate_source(&format!("{label} ({pattern})"), source);
+        if *pattern == "by dtype" {
+            let storage = source.matches("var<storage").count();
+            assert!((1..=4).contains(&storage), "{label}: {storage} storage bindings\n{source}");
+        }
+    }
+}
+
+fn validate_source(label: &str, source: &str) {
     let module = naga::front::wgsl::parse_str(source)
         .unwrap_or_else(|e| panic!("{label}: parse error\n{}\n{source}", e.emit_to_string(source)));
     naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
@@ -31,9 +97,13 @@ fn kernels_that_read_past_their_uniform_are_refused() {
     k.output(x);
     let words = crate::exec::codegen::param_words(&k);
     for (label, source, template_words) in [
-        ("reduce", render_reduce(&k, ReduceKind::Sum), crate::exec::codegen::REDUCE_WORDS),
-        ("matmul", render_matmul(&k, DType::F32, MatmulTemplate::Tiled), crate::exec::codegen::MATMUL_WORDS),
-        ("matmul direct", render_matmul(&k, DType::F32, MatmulTemplate::Direct), crate::exec::codegen::MATMUL_WORDS),
+        ("reduce", render_reduce(&k, ReduceKind::Sum).first(), crate::exec::codegen::REDUCE_WORDS),
+        ("matmul", render_matmul(&k, DType::F32, MatmulTemplate::Tiled).first(), crate::exec::codegen::MATMUL_WORDS),
+        (
+            "matmul direct",
+            render_matmul(&k, DType::F32, MatmulTemplate::Direct).first(),
+            crate::exec::codegen::MATMUL_WORDS,
+        ),
     ] {
         let (declared, highest) = crate::exec::codegen::uniform_reads(&source);
         assert_eq!(highest, Some(words + template_words - 1), "{label}");
@@ -76,7 +146,7 @@ const CMP: [CmpOp; 6] = [CmpOp::Eq, CmpOp::Ne, CmpOp::Lt, CmpOp::Le, CmpOp::Gt, 
 const DTYPES: [DType; 4] = [DType::F32, DType::F16, DType::I32, DType::U32];
 
 /// The vectorised rendering (its outputs are always contiguous).
-fn x4(k: &MapKernel) -> String {
+fn x4(k: &MapKernel) -> Rendered {
     let mut k = k.clone();
     for output in &mut k.outputs {
         output.1 = Access::Linear;

@@ -7,7 +7,7 @@
 //! ```sh
 //! cargo run --release --bin wgrad-bench -- [--workload W1,W3] [--mode eager,merged,compiled]
 //!     [--steps 20] [--small] [--json FILE] [--svg FILE] [--matmul 256,512] [--memory-steps 1000]
-//!     [--profile] [--trace DIR]
+//!     [--profile] [--trace DIR] [--limits webgpu|adapter]
 //! ```
 //!
 //! A step is forward + backward (+ W1's SGD update) + the loss read back
@@ -21,6 +21,10 @@
 //! runs one more step of each (workload, mode) with the kernel profiler on
 //! and prints where its GPU time went; `--trace DIR` also writes each of
 //! those steps as a Chrome trace (`W1-compiled.json`, for Perfetto).
+//! `--limits webgpu` runs on a device with exactly WebGPU's default limits
+//! (8 storage bindings per kernel, ...; `DeviceOptions`). Besides W1-W5,
+//! `--workload` takes W7 (Adam over 20 parameters) and W8 (a 40-input
+//! sum), which need more than 8 bindings unless tensors share arenas.
 
 mod matmul;
 mod memory;
@@ -30,8 +34,8 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Instant;
 
-use wgrad::{CompilerGuard, Device, WgslCompiler};
-use workloads::{ALL, Id, Workload};
+use wgrad::{CompilerGuard, Device, DeviceOptions, LimitsPreset, WgslCompiler};
+use workloads::{ALL, Id, WIDE, Workload};
 
 struct Options {
     workloads: Vec<Id>,
@@ -44,11 +48,12 @@ struct Options {
     memory_steps: Option<usize>,
     profile: bool,
     trace: Option<String>,
+    limits: LimitsPreset,
 }
 
 fn parse() -> Result<Options, String> {
     let mut o = Options {
-        workloads: ALL.to_vec(),
+        workloads: ALL.into_iter().chain(WIDE).collect(),
         modes: Mode::ALL.to_vec(),
         steps: 20,
         small: false,
@@ -58,6 +63,7 @@ fn parse() -> Result<Options, String> {
         memory_steps: None,
         profile: false,
         trace: None,
+        limits: LimitsPreset::Adapter,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -66,7 +72,7 @@ fn parse() -> Result<Options, String> {
             "--workload" => {
                 o.workloads = value()?
                     .split(',')
-                    .map(|s| Id::parse(s).ok_or(format!("unknown workload {s:?} (W1..W5)")))
+                    .map(|s| Id::parse(s).ok_or(format!("unknown workload {s:?} (W1..W5, W7, W8)")))
                     .collect::<Result<_, _>>()?
             }
             "--mode" => {
@@ -91,6 +97,13 @@ fn parse() -> Result<Options, String> {
                 o.trace = Some(value()?);
                 o.profile = true;
             }
+            "--limits" => {
+                o.limits = match value()?.as_str() {
+                    "webgpu" => LimitsPreset::WebGpu,
+                    "adapter" => LimitsPreset::Adapter,
+                    other => return Err(format!("--limits {other:?}: use webgpu or adapter")),
+                }
+            }
             "--json" => o.json = Some(value()?),
             "--svg" => o.svg = Some(value()?),
             "--memory-steps" => {
@@ -106,7 +119,7 @@ fn parse() -> Result<Options, String> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: wgrad-bench [--workload W1,..] [--mode eager,merged,compiled] [--steps N] [--small] [--json FILE] [--svg FILE] [--matmul 256,512] [--memory-steps 1000] [--profile] [--trace DIR]"
+                    "usage: wgrad-bench [--workload W1,..] [--mode eager,merged,compiled] [--steps N] [--small] [--json FILE] [--svg FILE] [--matmul 256,512] [--memory-steps 1000] [--profile] [--trace DIR] [--limits webgpu|adapter]"
                 );
                 std::process::exit(0);
             }
@@ -412,9 +425,11 @@ fn main() {
 }
 
 fn run(o: &Options) -> Result<(), String> {
-    let device = Device::new().map_err(|e| e.to_string())?;
+    let device = Device::with_options(DeviceOptions { limits: o.limits }).map_err(|e| e.to_string())?;
     let adapter = device.info().to_string();
     println!("adapter: {adapter}");
+    let limits = device.limits();
+    println!("limits: {:?} ({} storage bindings per kernel)", limits.preset, limits.storage_buffers_per_stage);
     println!("steps: {} after 3 warm-ups{}", o.steps, if o.small { " (small sizes)" } else { "" });
     let mut rows = Vec::new();
     for &id in &o.workloads {

@@ -1,10 +1,12 @@
 //! The five benchmark workloads of the project's WORKLOADS.md, exactly as
-//! written (or scaled down for smoke runs). Shared by `wgrad-bench` and
-//! the criterion benches.
+//! written (or scaled down for smoke runs), and two more that need more
+//! than WebGPU's 8 storage bindings per kernel unless tensors share
+//! buffers (W7: Adam over 20 parameters; W8: a sum of 40 inputs and its
+//! backward). Shared by `wgrad-bench` and the criterion benches.
 
 #![allow(dead_code)]
 
-use wgrad::{ClassLoss, Device, Optimizer, Sgd, Tensor};
+use wgrad::{Adam, ClassLoss, Device, Optimizer, Sgd, Tensor};
 
 /// Which workload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,9 +16,14 @@ pub enum Id {
     W3,
     W4,
     W5,
+    W7,
+    W8,
 }
 
+/// WORKLOADS.md's workloads.
 pub const ALL: [Id; 5] = [Id::W1, Id::W2, Id::W3, Id::W4, Id::W5];
+/// The binding-limit workloads (not in WORKLOADS.md).
+pub const WIDE: [Id; 2] = [Id::W7, Id::W8];
 
 impl Id {
     pub fn name(self) -> &'static str {
@@ -26,11 +33,13 @@ impl Id {
             Id::W3 => "W3 matmul",
             Id::W4 => "W4 norm-softmax",
             Id::W5 => "W5 tiny-chain",
+            Id::W7 => "W7 adam-20",
+            Id::W8 => "W8 sum-40",
         }
     }
 
     pub fn parse(s: &str) -> Option<Id> {
-        ALL.into_iter().find(|id| format!("{id:?}").eq_ignore_ascii_case(s.trim()))
+        ALL.into_iter().chain(WIDE).find(|id| format!("{id:?}").eq_ignore_ascii_case(s.trim()))
     }
 }
 
@@ -44,7 +53,7 @@ pub struct Workload {
     pub id: Id,
     leaves: Vec<Tensor>,
     data: Vec<Tensor>,
-    optimizer: Option<Sgd>,
+    optimizer: Option<Box<dyn Optimizer>>,
     /// Floating-point operations of one step (forward + backward), if the
     /// workload is compute-bound.
     pub flops: Option<f64>,
@@ -71,7 +80,7 @@ impl Workload {
                     leaf(&[hidden, 10], 6, 1.0 / (hidden as f64).sqrt())?,
                     leaf(&[10], 7, 1.0)?,
                 ];
-                w.optimizer = Some(Sgd::new(&w.leaves, 0.01, 0.0, 0.0)?);
+                w.optimizer = Some(Box::new(Sgd::new(&w.leaves, 0.01, 0.0, 0.0)?));
                 let mm = (batch * inp * hidden + batch * hidden * hidden + batch * hidden * 10) as f64;
                 w.flops = Some(6.0 * mm);
             }
@@ -92,6 +101,19 @@ impl Workload {
             }
             Id::W5 => {
                 w.leaves = vec![leaf(&[16], 1, 1.0)?];
+            }
+            Id::W7 => {
+                // 20 parameters of 64..1,280 elements; loss = sum of each
+                // one's squares, then Adam (parameter, gradient and two
+                // moments per parameter: 80 tensors in one update).
+                w.leaves = (0..20u64).map(|i| leaf(&[64 * (1 + i as usize)], 10 + i, 1.0)).collect::<Result<_, _>>()?;
+                w.optimizer = Some(Box::new(Adam::new(&w.leaves, 1e-3)?));
+            }
+            Id::W8 => {
+                // 40 inputs of 4,096 elements, summed elementwise (one
+                // merged kernel reading 40 tensors), then squared and summed.
+                let n = if small { 256 } else { 4096 };
+                w.leaves = (0..40u64).map(|i| leaf(&[n], 100 + i, 1.0)).collect::<Result<_, _>>()?;
             }
         }
         Ok(w)
@@ -122,6 +144,20 @@ impl Workload {
                     x = x.sin()?.mul(0.9)?.add(&x.mul(0.1)?)?;
                 }
                 x.sum_all()
+            }
+            Id::W7 => {
+                let mut total = p[0].square()?.sum_all()?;
+                for q in &p[1..] {
+                    total = total.add(&q.square()?.sum_all()?)?;
+                }
+                Ok(total)
+            }
+            Id::W8 => {
+                let mut total = p[0].clone();
+                for q in &p[1..] {
+                    total = total.add(q)?;
+                }
+                total.square()?.sum_all()
             }
         }
     }
