@@ -5,9 +5,10 @@
 //! a buffer of its own. Freed ranges go back to their arena's free map
 //! (merged with free neighbours; best fit, first arena first), freed
 //! dedicated buffers to a free list per size class, and both are handed
-//! out again, so a training loop allocates nothing after its first step. GPU work is ordered on one queue, so a range can be reused as soon
-//! as its last handle drops, even if commands that read it are still
-//! pending: later commands run after them.
+//! out again, so a training loop allocates nothing after its first step.
+//! GPU work is ordered on one queue, so a range can be reused as soon as
+//! its last handle drops, even if commands that read it are still pending:
+//! later commands run after them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

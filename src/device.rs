@@ -153,6 +153,8 @@ pub(crate) struct DeviceInner {
     /// How many errors wgpu has reported outside an error scope, so a
     /// submit can tell whether it failed.
     errors: Arc<AtomicU64>,
+    /// Batches wgpu rejected so far: what they recorded never ran.
+    failed_batches: AtomicU64,
     /// Why the device was lost, once it is: every later sync reports it.
     lost: Arc<Mutex<Option<String>>>,
     counters: Mutex<DeviceCounters>,
@@ -358,6 +360,7 @@ impl Device {
                 batch: Mutex::new(Batch::default()),
                 pipelines: Mutex::new(HashMap::new()),
                 errors,
+                failed_batches: AtomicU64::new(0),
                 lost,
                 counters: Mutex::new(DeviceCounters::default()),
                 uncaptured,
@@ -706,6 +709,12 @@ impl Device {
     /// Records, in queue order with the pending commands, a write of
     /// `words` at `offset` of `uniform` (a compiled program's uniform, whose
     /// earlier dispatches in the batch keep reading the old words).
+    /// How many batches wgpu has rejected: a write recorded before the
+    /// count changed may never have run (compiled programs re-record theirs).
+    pub(crate) fn failed_batches(&self) -> u64 {
+        self.inner.failed_batches.load(Ordering::SeqCst)
+    }
+
     pub(crate) fn record_uniform_write(&self, uniform: &wgpu::Buffer, offset: u64, words: &[u32]) {
         let mut batch = self.lock_batch();
         let bytes: &[u8] = bytemuck::cast_slice(words);
@@ -1086,6 +1095,7 @@ impl Device {
             inner.profiler.record(profiled, ticks, wall_ns);
         }
         if failed {
+            inner.failed_batches.fetch_add(1, Ordering::SeqCst);
             // wgpu rejected the batch, so none of it ran: every buffer it
             // writes is stale, and reports this error when read (`poison`).
             let message = inner.uncaptured.lock().take().unwrap_or_default();

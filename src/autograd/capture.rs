@@ -138,7 +138,10 @@ pub(crate) fn run_compiled(
         compiler.fallback("a hook of this program started a backward with the same signature");
         return Ok(None);
     }
-    let outputs = program.run(&bindings.tensors, &mut |point, g| run_hooks(&task.order[point], g))?;
+    let Some(outputs) = program.run(&bindings.tensors, &mut |point, g| run_hooks(&task.order[point], g))? else {
+        compiler.fallback("this call's tensors span more buffers than a kernel of the program may bind");
+        return Ok(None);
+    };
     compiler.replayed(&program);
     // Sums with the old `.grad`s record nothing, whatever the caller's grad
     // mode (a compiled backward never has `create_graph`), as in eager mode.

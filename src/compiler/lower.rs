@@ -102,7 +102,7 @@ impl Lowering<'_> {
         self.uniform.resize(offset + size, 0);
         self.sources.push(source);
         self.actions.push(Action::Dispatch(Box::new(Dispatch {
-            words: Mutex::new(launch.words.clone()),
+            words: Mutex::new((self.device.failed_batches(), launch.words.clone())),
             launch,
             uniform_offset: offset as u64,
             uniform_size: size as u64,

@@ -31,6 +31,10 @@ pub(crate) enum Buf {
     Hooked(usize),
 }
 
+/// A dispatch's buffers, their sharing pattern, and the pipeline and bind
+/// group made for them.
+pub(crate) type Bound = (Vec<wgpu::Buffer>, Binds, wgpu::ComputePipeline, wgpu::BindGroup);
+
 pub(crate) struct Dispatch {
     pub launch: Launch,
     pub uniform_offset: u64,
@@ -39,10 +43,14 @@ pub(crate) struct Dispatch {
     /// The words the program's uniform holds for this launch now: its
     /// operands' offsets include where their allocations start, so a replay
     /// whose tensors sit elsewhere rewrites them (a recorded copy).
-    pub words: Mutex<Vec<u32>>,
+    /// With the device's count of failed batches when they were written:
+    /// if a batch failed since, the write may not have run, so it is redone.
+    pub words: Mutex<(u64, Vec<u32>)>,
     /// The buffers of the last replay, and its pipeline (rendered for how
     /// they share bindings) and bind group.
-    pub cached: Mutex<Option<(Vec<wgpu::Buffer>, wgpu::ComputePipeline, wgpu::BindGroup)>>,
+    /// The sharing pattern is kept too: the same buffers can be shared by
+    /// the operands differently, which is another kernel source.
+    pub cached: Mutex<Option<Bound>>,
 }
 
 pub(crate) enum Action {
@@ -133,12 +141,16 @@ impl Program {
     }
 
     /// Replays on `inputs` (in signature order); `hooks(point, g)` runs the
-    /// user's hooks of a hook point. Returns the outputs in role order.
+    /// user's hooks of a hook point. Returns the outputs in role order, or
+    /// `Ok(None)`, having dispatched nothing, when this call's tensors are
+    /// spread over more buffers than one of its kernels may bind (more
+    /// arenas are in use than when it was planned): the caller runs the
+    /// backward eagerly instead.
     pub(crate) fn run(
         &self,
         inputs: &[Tensor],
         hooks: &mut dyn FnMut(usize, Tensor) -> Result<Tensor>,
-    ) -> Result<Vec<Tensor>> {
+    ) -> Result<Option<Vec<Tensor>>> {
         if inputs.len() != self.inputs {
             return Err(Error::InvalidArgument {
                 op: "compiled backward",
@@ -154,13 +166,37 @@ impl Program {
         &self,
         inputs: &[Tensor],
         hooks: &mut dyn FnMut(usize, Tensor) -> Result<Tensor>,
-    ) -> Result<Vec<Tensor>> {
+    ) -> Result<Option<Vec<Tensor>>> {
         let device = &self.device;
         let mut slots = self.slots.lock();
         if slots.is_empty() && !self.slot_bytes.is_empty() {
             *slots = self.slot_bytes.iter().map(|&(b, d)| device.alloc(b, d)).collect::<Result<Vec<_>>>()?;
         }
         let fresh = self.fresh_bytes.iter().map(|&(b, d)| device.alloc(b, d)).collect::<Result<Vec<_>>>()?;
+        // Before anything is recorded: every kernel fits the binding limit
+        // (a hook's result counts as a buffer of its own, wherever it lands).
+        for action in &self.actions {
+            let Action::Dispatch(d) = action else { continue };
+            let mut distinct: Vec<(wgpu::Buffer, DType)> = Vec::new();
+            let mut hooked_operands = 0;
+            for (&b, &dtype) in d.bufs.iter().zip(&d.launch.dtypes) {
+                let operand = match b {
+                    Buf::Input(i) => inputs[i].operand()?,
+                    Buf::Slot(i) => slots[i].operand(dtype),
+                    Buf::Fresh(i) => fresh[i].operand(dtype),
+                    Buf::Hooked(_) => {
+                        hooked_operands += 1;
+                        continue;
+                    }
+                };
+                if !distinct.iter().any(|(buf, d)| *buf == operand.buffer && *d == operand.dtype) {
+                    distinct.push((operand.buffer, operand.dtype));
+                }
+            }
+            if distinct.len() + hooked_operands > device.max_storage_bindings() {
+                return Ok(None);
+            }
+        }
         let mut hooked: Vec<Option<Tensor>> = vec![None; self.hooks];
         // One encoder, one submit: start a new batch if this one cannot hold
         // the whole program (each dispatch may come with a copy of its words).
@@ -185,21 +221,22 @@ impl Program {
                         .collect::<Result<Vec<_>>>()?;
                     let (binds, buffers) = Binds::of(&operands, &launch.written);
                     let mut cached = d.cached.lock();
-                    let reuse = cached.as_ref().is_some_and(|(bufs, _, _)| *bufs == buffers);
+                    let reuse = cached.as_ref().is_some_and(|(bufs, b, _, _)| *bufs == buffers && *b == binds);
                     if !reuse {
                         let pipeline = device.pipeline(launch.label, &launch.source(&binds))?;
                         let bg =
                             device.bind_group(&pipeline, &self.uniform, d.uniform_offset, d.uniform_size, &buffers);
-                        *cached = Some((buffers, pipeline, bg));
+                        *cached = Some((buffers, binds, pipeline, bg));
                         self.bind_groups_created.fetch_add(1, Ordering::Relaxed);
                     }
                     let words = launch.words_for(&operands);
                     let mut current = d.words.lock();
-                    if *current != words {
+                    let failed = device.failed_batches();
+                    if current.0 != failed || current.1 != words {
                         device.record_uniform_write(&self.uniform, d.uniform_offset, &words);
-                        *current = words;
+                        *current = (failed, words);
                     }
-                    let (bound, pipeline, bind_group) = cached.as_ref().expect("bind group is set");
+                    let (bound, _, pipeline, bind_group) = cached.as_ref().expect("bind group is set");
                     let (info, written, grid) = (&launch.info, &launch.written, launch.grid);
                     let label = "compiled backward";
                     device.dispatch_bound(label, info, pipeline, bind_group, bound.len(), &operands, written, grid)?;
@@ -221,22 +258,23 @@ impl Program {
         // No submit here: the replay's dispatches sit in the pending batch
         // (whole, see `reserve` above) and go with the next sync point, so
         // the host can record the next step while the device runs this one.
-        Ok(self
-            .outputs
-            .iter()
-            .map(|(b, meta)| {
-                let storage = match *b {
-                    Buf::Fresh(i) => fresh[i].clone(),
-                    _ => unreachable!("outputs are fresh buffers"),
-                };
-                Tensor::from_parts(
-                    Storage::Buffer(storage),
-                    Layout::contiguous(meta.shape.clone()),
-                    meta.dtype,
-                    device.clone(),
-                )
-            })
-            .collect())
+        Ok(Some(
+            self.outputs
+                .iter()
+                .map(|(b, meta)| {
+                    let storage = match *b {
+                        Buf::Fresh(i) => fresh[i].clone(),
+                        _ => unreachable!("outputs are fresh buffers"),
+                    };
+                    Tensor::from_parts(
+                        Storage::Buffer(storage),
+                        Layout::contiguous(meta.shape.clone()),
+                        meta.dtype,
+                        device.clone(),
+                    )
+                })
+                .collect(),
+        ))
     }
 }
 

@@ -64,18 +64,31 @@ const REDUCE_TEMPLATE: &str = include_str!("../../shaders/reduce.wgsl");
 /// `n = binds.slot[o]`, at the element offset its view word carries. A
 /// binding is declared `array<vec4<T>>` when a vectorised kernel loads or
 /// stores vec4s of one of its operands; the other operands in it are then
-/// read per component (`b[e / 4u][e % 4u]`).
+/// read per component (`b[e / 4u][e % 4u]`). Never when an operand in it is
+/// *stored* per element: a store to one component of a vector may be
+/// compiled as a read-modify-write of the whole vector, which would race
+/// with the neighbouring invocations' stores. The vec4 operands of such a
+/// binding are loaded and stored as four scalars instead.
 pub(crate) struct Names<'a> {
     binds: &'a Binds,
     vec4: Vec<bool>,
 }
 
 impl<'a> Names<'a> {
-    /// Names for `binds`, with the bindings of the operands in `vec4_operands` as vec4 arrays.
-    fn new(binds: &'a Binds, vec4_operands: impl IntoIterator<Item = usize>) -> Names<'a> {
+    /// Names for `binds`, with the bindings of the operands in
+    /// `vec4_operands` as vec4 arrays unless an operand in
+    /// `scalar_stores` (stored per element) shares the binding.
+    fn new(
+        binds: &'a Binds,
+        vec4_operands: impl IntoIterator<Item = usize>,
+        scalar_stores: impl IntoIterator<Item = usize>,
+    ) -> Names<'a> {
         let mut vec4 = vec![false; binds.bindings.len()];
         for o in vec4_operands {
             vec4[binds.slot[o]] = true;
+        }
+        for o in scalar_stores {
+            vec4[binds.slot[o]] = false;
         }
         Names { binds, vec4 }
     }
@@ -98,9 +111,30 @@ impl<'a> Names<'a> {
         }
     }
 
-    /// The vec4 at `q` of operand `o`'s buffer, declared as vec4s.
-    fn vec_at(&self, o: usize, q: &str) -> String {
-        format!("b{}[{q}]", self.binds.slot[o])
+    /// The vec4 at `q` (in vec4s) of operand `o`'s buffer, loaded.
+    fn vec_load(&self, o: usize, q: &str) -> String {
+        let b = self.binds.slot[o];
+        if self.vec4[b] {
+            return format!("b{b}[{q}]");
+        }
+        let t = self.binds.bindings[b].0.wgsl();
+        let lane = |c: u32| format!("b{b}[({q}) * 4u + {c}u]");
+        format!("vec4<{t}>({}, {}, {}, {})", lane(0), lane(1), lane(2), lane(3))
+    }
+
+    /// Stores `value` (a vec4) at `q` (in vec4s) of operand `o`'s buffer.
+    fn vec_store(&self, o: usize, q: &str, value: &str) -> String {
+        let b = self.binds.slot[o];
+        if self.vec4[b] {
+            return format!("b{b}[{q}] = {value};");
+        }
+        let lanes = ["x", "y", "z", "w"];
+        let mut s = format!("{{ let v4 = {value};");
+        for (c, lane) in lanes.iter().enumerate() {
+            s.push_str(&format!(" b{b}[({q}) * 4u + {c}u] = v4.{lane};"));
+        }
+        s.push_str(" }");
+        s
     }
 }
 
@@ -125,7 +159,13 @@ fn declarations_as<'a>(
     let linear_inputs = k.inputs.iter().enumerate().filter(|(_, (_, a))| vec4 && *a == Access::Linear).map(|(j, _)| j);
     let linear_outputs =
         k.outputs.iter().enumerate().filter(|(_, (_, a))| vec4_outputs && *a == Access::Linear).map(|(o, _)| n_in + o);
-    let names = Names::new(binds, linear_inputs.chain(linear_outputs).collect::<Vec<_>>());
+    let scalar_outputs = k
+        .outputs
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, a))| !(vec4_outputs && *a == Access::Linear))
+        .map(|(o, _)| n_in + o);
+    let names = Names::new(binds, linear_inputs.chain(linear_outputs).collect::<Vec<_>>(), scalar_outputs);
     let mut s = String::new();
     if k.uses_f16() || binds.bindings.iter().any(|(d, _)| *d == DType::F16) {
         s.push_str("enable f16;\n\n");
@@ -256,8 +296,8 @@ pub(crate) fn render_x4(k: &MapKernel, binds: &Binds) -> String {
     for (o, (node, _)) in k.outputs.iter().enumerate() {
         let t = k.dtype(*node).wgsl();
         let slot = k.inputs.len() + o;
-        let at = names.vec_at(slot, &format!("p({}u) / 4u + q", view_base(slot)));
-        let _ = writeln!(s, "    {at} = vec4<{t}>(v{node}_0, v{node}_1, v{node}_2, v{node}_3);");
+        let value = format!("vec4<{t}>(v{node}_0, v{node}_1, v{node}_2, v{node}_3)");
+        let _ = writeln!(s, "    {}", names.vec_store(slot, &format!("p({}u) / 4u + q", view_base(slot)), &value));
     }
     s.push_str("}\n");
     s
@@ -269,7 +309,7 @@ fn body_x4(k: &MapKernel, names: &Names<'_>) -> String {
     let mut s = String::new();
     for (j, (_, access)) in k.inputs.iter().enumerate() {
         if *access == Access::Linear {
-            let _ = writeln!(s, "    let in{j}_q = {};", names.vec_at(j, &format!("p({}u) / 4u + q", view_base(j))));
+            let _ = writeln!(s, "    let in{j}_q = {};", names.vec_load(j, &format!("p({}u) / 4u + q", view_base(j))));
         }
     }
     for lane in 0..4 {
