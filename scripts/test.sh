@@ -25,4 +25,7 @@ WGRAD_MATMUL=tiled cargo test "$@" --test ops_forward --test gradcheck --test co
 # bindings per kernel, 128 MiB per binding, no shader-f16): what a browser
 # allows. Same binaries, so this costs run time, not build time.
 WGRAD_LIMITS=webgpu cargo test --lib --bins --tests "$@" -- --test-threads 2
+# And with arenas on the adapter's own limits (by default a device with 32
+# or more bindings per kernel gives each tensor its own buffer).
+WGRAD_ARENAS=always cargo test --lib --bins --tests "$@" -- --test-threads 2
 cargo test --doc

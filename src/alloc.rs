@@ -137,6 +137,9 @@ impl Pool {
     /// and in arenas they would fill them, and more arenas mean more ways
     /// for a kernel's operands to share bindings, each its own pipeline.
     pub(crate) fn dedicated_above(&self) -> u64 {
+        if self.arena_bytes == 0 {
+            return 0; // arenas off: every tensor has a buffer of its own
+        }
         DEDICATED_ABOVE.min(self.arena_bytes / 4)
     }
 

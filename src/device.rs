@@ -59,11 +59,34 @@ pub enum LimitsPreset {
     WebGpu,
 }
 
+/// Whether tensors are sub-allocated in shared buffers (arenas).
+///
+/// Arenas let a kernel bind any number of tensors through a few bindings,
+/// which WebGPU's 8 storage bindings need. They cost speed where a kernel
+/// writes the buffer it reads: the binding is then `read_write`, and
+/// drivers cannot treat its loads as read-only (measured on lavapipe:
+/// elementwise kernels 1.2-1.7x slower, BENCHMARKS.md). So by default they
+/// are used only where the binding limit is tight.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum ArenaPolicy {
+    /// Arenas when the device allows fewer than 32 storage bindings per
+    /// kernel (the width fused kernels are planned for), e.g. under
+    /// [`LimitsPreset::WebGpu`]; a buffer per tensor otherwise.
+    #[default]
+    Auto,
+    /// Always sub-allocate (tensors above 4 MiB still get their own buffer).
+    Always,
+    /// A buffer per tensor.
+    Never,
+}
+
 /// How [`Device::with_options`] sets up a device.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DeviceOptions {
     /// The limits to request.
     pub limits: LimitsPreset,
+    /// Whether tensors share buffers.
+    pub arenas: ArenaPolicy,
 }
 
 impl DeviceOptions {
@@ -80,7 +103,18 @@ impl DeviceOptions {
                 });
             }
         };
-        Ok(DeviceOptions { limits })
+        let arenas = match std::env::var("WGRAD_ARENAS").as_deref() {
+            Err(_) | Ok("") | Ok("auto") => ArenaPolicy::Auto,
+            Ok("always") => ArenaPolicy::Always,
+            Ok("never") => ArenaPolicy::Never,
+            Ok(other) => {
+                return Err(Error::InvalidArgument {
+                    op: "Device::new",
+                    message: format!("WGRAD_ARENAS={other:?} is not an arena policy; use `auto`, `always` or `never`"),
+                });
+            }
+        };
+        Ok(DeviceOptions { limits, arenas })
     }
 }
 
@@ -101,6 +135,8 @@ pub struct DeviceLimits {
     pub invocations_per_workgroup: u32,
     /// Whether `shader-f16` (and so `DType::F16`) is available.
     pub f16: bool,
+    /// Whether tensors are sub-allocated in arenas (see [`ArenaPolicy`]).
+    pub arenas: bool,
 }
 
 /// Running totals of what the device did; cheap to read, useful in tests
@@ -344,7 +380,13 @@ impl Device {
         };
         // Arenas as large as one binding may span, up to MAX_ARENA_BYTES.
         let binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
-        let pool = Pool::new(MAX_ARENA_BYTES.min(binding / ALLOC_ALIGN * ALLOC_ALIGN));
+        let arenas = match options.arenas {
+            ArenaPolicy::Auto => limits.max_storage_buffers_per_shader_stage < 32,
+            ArenaPolicy::Always => true,
+            ArenaPolicy::Never => false,
+        };
+        let arena_bytes = if arenas { MAX_ARENA_BYTES.min(binding / ALLOC_ALIGN * ALLOC_ALIGN) } else { 0 };
+        let pool = Pool::new(arena_bytes);
         Ok(Device {
             inner: Arc::new(DeviceInner {
                 id: DeviceId(NEXT_DEVICE_ID.fetch_add(1, Ordering::Relaxed)),
@@ -382,6 +424,7 @@ impl Device {
             workgroup_storage_bytes: l.max_compute_workgroup_storage_size,
             invocations_per_workgroup: l.max_compute_invocations_per_workgroup,
             f16: self.inner.f16,
+            arenas: self.inner.pool.lock().arena_bytes > 0,
         }
     }
 

@@ -42,7 +42,7 @@ mod tensor;
 pub use alloc::MemoryStats;
 pub use autograd::{BackwardOptions, Edge, HookHandle, NoGradGuard, backward, grad, is_grad_enabled, no_grad};
 pub use compiler::{CompilerGuard, CompilerInterface, CompilerStats, WgslCompiler};
-pub use device::{Device, DeviceCounters, DeviceInfo, DeviceLimits, DeviceOptions, LimitsPreset};
+pub use device::{ArenaPolicy, Device, DeviceCounters, DeviceInfo, DeviceLimits, DeviceOptions, LimitsPreset};
 pub use error::{Error, Result};
 /// The `half` crate, for building and reading `DType::F16` tensors (`half::f16`).
 pub use half;

@@ -88,10 +88,15 @@ impl Lowering<'_> {
     }
 
     fn push(&mut self, launch: Launch, bufs: Vec<Buf>) -> Result<()> {
-        // The pipeline of the usual binding pattern (one arena per dtype) is
-        // created now, so shader errors surface when compiling; a replay
-        // whose operands are spread otherwise renders its own.
-        let source = launch.typical_source();
+        // The pipeline of the usual binding pattern is created now, so
+        // shader errors surface when compiling: one arena per dtype, or,
+        // without arenas, a buffer per program buffer. A replay whose
+        // operands are spread otherwise renders its own.
+        let source = if self.device.dedicated_bytes() > 0 {
+            launch.typical_source()
+        } else {
+            launch.source(&crate::exec::bind::Binds::grouped(&bufs, &launch.dtypes, &launch.written))
+        };
         self.device.pipeline(launch.label, &source)?;
         let align = self.device.uniform_alignment();
         let offset = self.uniform.len().next_multiple_of(align);

@@ -72,6 +72,24 @@ impl Binds {
         }
     }
 
+    /// Operands with equal `keys` (and dtype) share a binding: the pattern
+    /// of a kernel whose operands are known to be the same buffer when
+    /// they have the same key.
+    pub fn grouped<K: PartialEq>(keys: &[K], dtypes: &[DType], written: &[bool]) -> Binds {
+        let mut binds = Binds { slot: Vec::new(), bindings: Vec::new() };
+        let mut seen: Vec<(&K, DType)> = Vec::new();
+        for ((k, &d), &w) in keys.iter().zip(dtypes).zip(written) {
+            let at = seen.iter().position(|(sk, sd)| *sk == k && *sd == d).unwrap_or_else(|| {
+                seen.push((k, d));
+                binds.bindings.push((d, false));
+                binds.bindings.len() - 1
+            });
+            binds.bindings[at].1 |= w;
+            binds.slot.push(at);
+        }
+        binds
+    }
+
     /// The pattern when every operand of a dtype lives in that dtype's one
     /// arena: the usual case, used to show and validate kernels before
     /// they are bound.

@@ -22,7 +22,9 @@
 //! and prints where its GPU time went; `--trace DIR` also writes each of
 //! those steps as a Chrome trace (`W1-compiled.json`, for Perfetto).
 //! `--limits webgpu` runs on a device with exactly WebGPU's default limits
-//! (8 storage bindings per kernel, ...; `DeviceOptions`). Besides W1-W5,
+//! (8 storage bindings per kernel, ...; `DeviceOptions`); `--arenas
+//! auto|always|never` chooses whether tensors share buffers
+//! (`ArenaPolicy`; auto: only under tight limits). Besides W1-W5,
 //! `--workload` takes W7 (Adam over 20 parameters) and W8 (a 40-input
 //! sum), which need more than 8 bindings unless tensors share arenas.
 
@@ -34,7 +36,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Instant;
 
-use wgrad::{CompilerGuard, Device, DeviceOptions, LimitsPreset, WgslCompiler};
+use wgrad::{ArenaPolicy, CompilerGuard, Device, DeviceOptions, LimitsPreset, WgslCompiler};
 use workloads::{ALL, Id, WIDE, Workload};
 
 struct Options {
@@ -49,6 +51,7 @@ struct Options {
     profile: bool,
     trace: Option<String>,
     limits: LimitsPreset,
+    arenas: ArenaPolicy,
 }
 
 fn parse() -> Result<Options, String> {
@@ -64,6 +67,7 @@ fn parse() -> Result<Options, String> {
         profile: false,
         trace: None,
         limits: LimitsPreset::Adapter,
+        arenas: ArenaPolicy::Auto,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -97,6 +101,14 @@ fn parse() -> Result<Options, String> {
                 o.trace = Some(value()?);
                 o.profile = true;
             }
+            "--arenas" => {
+                o.arenas = match value()?.as_str() {
+                    "auto" => ArenaPolicy::Auto,
+                    "always" => ArenaPolicy::Always,
+                    "never" => ArenaPolicy::Never,
+                    other => return Err(format!("--arenas {other:?}: use auto, always or never")),
+                }
+            }
             "--limits" => {
                 o.limits = match value()?.as_str() {
                     "webgpu" => LimitsPreset::WebGpu,
@@ -119,7 +131,7 @@ fn parse() -> Result<Options, String> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: wgrad-bench [--workload W1,..] [--mode eager,merged,compiled] [--steps N] [--small] [--json FILE] [--svg FILE] [--matmul 256,512] [--memory-steps 1000] [--profile] [--trace DIR] [--limits webgpu|adapter]"
+                    "usage: wgrad-bench [--workload W1,..] [--mode eager,merged,compiled] [--steps N] [--small] [--json FILE] [--svg FILE] [--matmul 256,512] [--memory-steps 1000] [--profile] [--trace DIR] [--limits webgpu|adapter] [--arenas auto|always|never]"
                 );
                 std::process::exit(0);
             }
@@ -425,11 +437,17 @@ fn main() {
 }
 
 fn run(o: &Options) -> Result<(), String> {
-    let device = Device::with_options(DeviceOptions { limits: o.limits }).map_err(|e| e.to_string())?;
+    let device =
+        Device::with_options(DeviceOptions { limits: o.limits, arenas: o.arenas }).map_err(|e| e.to_string())?;
     let adapter = device.info().to_string();
     println!("adapter: {adapter}");
     let limits = device.limits();
-    println!("limits: {:?} ({} storage bindings per kernel)", limits.preset, limits.storage_buffers_per_stage);
+    println!(
+        "limits: {:?} ({} storage bindings per kernel; arenas {})",
+        limits.preset,
+        limits.storage_buffers_per_stage,
+        if limits.arenas { "on" } else { "off" }
+    );
     println!("steps: {} after 3 warm-ups{}", o.steps, if o.small { " (small sizes)" } else { "" });
     let mut rows = Vec::new();
     for &id in &o.workloads {
