@@ -63,10 +63,10 @@ pub enum LimitsPreset {
 ///
 /// Arenas let a kernel bind any number of tensors through a few bindings,
 /// which WebGPU's 8 storage bindings need. They cost speed where a kernel
-/// writes the buffer it reads: the binding is then `read_write`, and
-/// drivers cannot treat its loads as read-only (measured on lavapipe:
-/// elementwise kernels 1.2-1.7x slower, BENCHMARKS.md). So by default they
-/// are used only where the binding limit is tight.
+/// writes the buffer it reads (measured on lavapipe: elementwise kernels
+/// 1.2-1.7x slower; the binding is then `read_write`, so the driver likely
+/// cannot treat its loads as read-only). So by default they are used only
+/// where the binding limit is tight.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum ArenaPolicy {
     /// Arenas when the device allows fewer than 32 storage bindings per
