@@ -155,19 +155,24 @@ impl PendingMaps {
             return false;
         }
         let live: Vec<Arc<PooledBuffer>> = self.outputs.iter().filter_map(|o| o.buffer.upgrade()).collect();
-        if self.inputs.len() + new_inputs.len() + live.len() + op.outputs.len() > max.0 {
+        let operands = self.inputs.len() + new_inputs.len() + live.len() + op.outputs.len();
+        if operands > max.0 {
             return false;
         }
-        let mut buffers: Vec<&wgpu::Buffer> = Vec::new();
-        let all =
-            self.inputs.iter().map(|i| &i.buffer).chain(new_inputs.iter().map(|n| n.0)).chain(&live).chain(&op.outputs);
-        for b in all {
-            if !buffers.contains(&b.raw()) {
-                buffers.push(b.raw());
+        // Distinct buffers are at most the operands: count them only when
+        // that bound is over the limit (tensors sharing arenas), as this
+        // runs for every op that joins.
+        if operands > max.1 {
+            let mut buffers: Vec<&wgpu::Buffer> = Vec::new();
+            let all = self.inputs.iter().map(|i| &i.buffer).chain(new_inputs.iter().map(|n| n.0)).chain(&live);
+            for b in all.chain(&op.outputs) {
+                if !buffers.contains(&b.raw()) {
+                    buffers.push(b.raw());
+                }
             }
-        }
-        if buffers.len() > max.1 {
-            return false;
+            if buffers.len() > max.1 {
+                return false;
+            }
         }
 
         // Commit: bindings, scalar slots, then the op's nodes in order.
