@@ -31,6 +31,10 @@ pub struct MemoryStats {
     /// Device buffers created for tensors so far: arenas and dedicated
     /// buffers (a steady-state loop adds none).
     pub buffers_created: u64,
+    /// Bytes of device memory the pool holds now: every arena whole (live,
+    /// free and never-used parts), and dedicated buffers live or free. At
+    /// least `live_bytes + pooled_bytes`; what `empty_cache` can shrink.
+    pub reserved_bytes: u64,
 }
 
 /// Every allocation starts at a multiple of this many bytes (WebGPU's
@@ -186,6 +190,7 @@ impl Pool {
     /// Adds a new arena of `dtype` (created by the device).
     pub(crate) fn add_arena(&mut self, dtype: DType, buffer: wgpu::Buffer) {
         self.stats.buffers_created += 1;
+        self.stats.reserved_bytes += buffer.size();
         let arenas = self.arenas.entry(dtype).or_default();
         match arenas.iter().position(Option::is_none) {
             Some(i) => arenas[i] = Some(Arena { buffer, used: 0, free: BTreeMap::new(), live: 0 }),
@@ -196,6 +201,7 @@ impl Pool {
     /// A dedicated buffer the device just created, counted live.
     pub(crate) fn dedicated(&mut self, class: u64, buffer: wgpu::Buffer) -> Taken {
         self.stats.buffers_created += 1;
+        self.stats.reserved_bytes += buffer.size();
         self.mark_live(class);
         Taken { buffer, offset: 0, home: Home::Dedicated }
     }
@@ -226,11 +232,13 @@ impl Pool {
     pub(crate) fn clear(&mut self) {
         for (class, buffers) in self.free_buffers.drain() {
             self.stats.pooled_bytes -= class * buffers.len() as u64;
+            self.stats.reserved_bytes -= buffers.iter().map(wgpu::Buffer::size).sum::<u64>();
         }
         for arenas in self.arenas.values_mut() {
             for slot in arenas.iter_mut() {
                 if let Some(arena) = slot.as_ref().filter(|a| a.live == 0) {
                     self.stats.pooled_bytes -= arena.free.values().sum::<u64>();
+                    self.stats.reserved_bytes -= arena.buffer.size();
                     *slot = None;
                 }
             }
