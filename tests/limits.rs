@@ -157,3 +157,63 @@ fn wide_kernels_are_not_split_under_webgpu_limits() {
     assert_eq!(web.2, adapter.2);
     assert_eq!(web.3, adapter.3);
 }
+
+/// A compiled program planned while its tensors shared one arena, replayed
+/// on tensors of the same shapes spread over more arenas than a kernel may
+/// bind (8): the replay sees it before recording anything and runs that
+/// backward eagerly, with the right gradients (it used to be an `Err`).
+#[test]
+fn a_replay_over_too_many_arenas_falls_back_to_eager() {
+    let device = webgpu();
+    let n = 9;
+    let len = 1 << 20; // 4 MiB of f32: the largest class kept in arenas
+    let leaves = |seed: u64, spread: bool| -> Vec<Tensor> {
+        (0..n)
+            .map(|i| {
+                if spread {
+                    // Fill arenas with 4 MiB tensors until one opens a new
+                    // arena; the leaf then lands in that fresh arena.
+                    let mut fillers = Vec::new();
+                    loop {
+                        let before = device.memory_stats().buffers_created;
+                        fillers.push(Tensor::zeros([len], DType::F32, &device).unwrap());
+                        if device.memory_stats().buffers_created > before {
+                            break;
+                        }
+                    }
+                    std::mem::forget(fillers); // keep them live: the arena stays taken
+                }
+                let x = Tensor::rand([len], seed + i as u64, &device).unwrap();
+                x.mul(0.2).unwrap().add(0.9).unwrap().requires_grad(true).unwrap()
+            })
+            .collect()
+    };
+    let loss = |xs: &[Tensor]| {
+        let mut p = xs[0].clone();
+        for x in &xs[1..] {
+            p = p.mul(x).unwrap();
+        }
+        p.sum_all().unwrap()
+    };
+    let guard = wgrad::WgslCompiler::install(&device).unwrap();
+    for seed in [1, 100] {
+        let xs = leaves(seed, false);
+        loss(&xs).backward().unwrap();
+    }
+    let planned = guard.stats();
+    assert!(planned.replays >= 2, "{planned:?}");
+    let xs = leaves(1000, true);
+    loss(&xs).backward().unwrap();
+    let after = guard.stats();
+    drop(guard);
+    assert!(after.fallbacks > planned.fallbacks, "the spread replay ran eagerly: {after:?}");
+    // Each gradient is the product of the other leaves.
+    let values: Vec<Vec<f32>> = xs.iter().map(|x| x.to_vec::<f32>().unwrap()).collect();
+    for (i, x) in xs.iter().enumerate() {
+        let g = x.grad().unwrap().to_vec::<f32>().unwrap();
+        for e in (0..len).step_by(4099) {
+            let want: f64 = (0..n).filter(|&j| j != i).map(|j| f64::from(values[j][e])).product();
+            assert!((f64::from(g[e]) - want).abs() <= 1e-5 * want.abs(), "leaf {i} element {e}: {} vs {want}", g[e]);
+        }
+    }
+}
