@@ -9,7 +9,9 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::autograd::engine::{BackwardOptions, GraphTask, NewGrads, WalkEnv, finish, leaf_of, run_hooks, walk};
+use crate::autograd::engine::{
+    BackwardOptions, GraphTask, NewGrads, WalkEnv, accumulated, finish, leaf_of, run_hooks, walk,
+};
 use crate::autograd::grad_mode::set_grad_enabled;
 use crate::autograd::graph::{Node, NodeKind};
 use crate::compiler::ir::{CapturedGraph, OutputRole};
@@ -153,11 +155,7 @@ pub(crate) fn run_compiled(
             OutputRole::Leaf(i) => {
                 let leaf = leaf_of(task, *i).expect("leaf output").clone();
                 let old = if bindings.accumulates { None } else { leaf.grad.lock().clone() };
-                let total = match old {
-                    Some(old) => old.add(&t)?,
-                    None => t,
-                };
-                new_grads.leaves.push((leaf, total));
+                new_grads.leaves.push((leaf, accumulated(old, t)?));
             }
             OutputRole::Captured(input) => {
                 captured.insert(*input, t);

@@ -457,14 +457,19 @@ impl NewGrads {
     /// current one.
     pub(crate) fn retain(&mut self, task: &GraphTask, position: usize, g: Tensor) -> Result<()> {
         let node = task.order[position].clone();
-        let old = node.retained_grad.lock().clone();
-        let total = match old {
-            Some(old) => old.add(&g)?,
-            None if g.is_contiguous() => g,
-            None => g.contiguous()?,
-        };
+        let total = accumulated(node.retained_grad.lock().clone(), g)?;
         self.retained.push((node, total));
         Ok(())
+    }
+}
+
+/// A `.grad` after a backward: `old + g`, or `g` (contiguous) when there
+/// was none.
+pub(crate) fn accumulated(old: Option<Tensor>, g: Tensor) -> Result<Tensor> {
+    match old {
+        Some(old) => old.add(&g),
+        None if g.is_contiguous() => Ok(g),
+        None => g.contiguous(),
     }
 }
 
@@ -510,13 +515,7 @@ fn run(roots: &[(Tensor, Tensor)], sink: Sink<'_>, options: BackwardOptions) -> 
     }
     for (i, g) in result.leaf_grads {
         let leaf = leaf_of(&task, i).expect("leaf gradients come from accumulators").clone();
-        let g = keep_graph(g);
-        let old = leaf.grad.lock().clone();
-        let total = match old {
-            Some(old) => old.add(&g)?,
-            None if g.is_contiguous() => g,
-            None => g.contiguous()?,
-        };
+        let total = accumulated(leaf.grad.lock().clone(), keep_graph(g))?;
         new_grads.leaves.push((leaf, total));
     }
     finish(&task, new_grads, options)?;

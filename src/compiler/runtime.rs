@@ -173,30 +173,6 @@ impl Program {
             *slots = self.slot_bytes.iter().map(|&(b, d)| device.alloc(b, d)).collect::<Result<Vec<_>>>()?;
         }
         let fresh = self.fresh_bytes.iter().map(|&(b, d)| device.alloc(b, d)).collect::<Result<Vec<_>>>()?;
-        // Before anything is recorded: every kernel fits the binding limit
-        // (a hook's result counts as a buffer of its own, wherever it lands).
-        for action in &self.actions {
-            let Action::Dispatch(d) = action else { continue };
-            let mut distinct: Vec<(wgpu::Buffer, DType)> = Vec::new();
-            let mut hooked_operands = 0;
-            for (&b, &dtype) in d.bufs.iter().zip(&d.launch.dtypes) {
-                let operand = match b {
-                    Buf::Input(i) => inputs[i].operand()?,
-                    Buf::Slot(i) => slots[i].operand(dtype),
-                    Buf::Fresh(i) => fresh[i].operand(dtype),
-                    Buf::Hooked(_) => {
-                        hooked_operands += 1;
-                        continue;
-                    }
-                };
-                if !distinct.iter().any(|(buf, d)| *buf == operand.buffer && *d == operand.dtype) {
-                    distinct.push((operand.buffer, operand.dtype));
-                }
-            }
-            if distinct.len() + hooked_operands > device.max_storage_bindings() {
-                return Ok(None);
-            }
-        }
         let mut hooked: Vec<Option<Tensor>> = vec![None; self.hooks];
         // One encoder, one submit: start a new batch if this one cannot hold
         // the whole program (each dispatch may come with a copy of its words).
@@ -209,15 +185,49 @@ impl Program {
                 Buf::Hooked(i) => hooked[i].as_ref().expect("hook ran before its readers").operand()?,
             })
         };
+        // Before anything is recorded: every kernel's operands (but hook
+        // results, made later) resolved once, and checked to fit the binding
+        // limit (a hook's result counting as a buffer of its own).
+        let max = device.max_storage_bindings();
+        let mut resolved: Vec<Vec<Option<Operand>>> = Vec::new();
+        for action in &self.actions {
+            let Action::Dispatch(d) = action else { continue };
+            let operands = d
+                .bufs
+                .iter()
+                .zip(&d.launch.dtypes)
+                .map(|(&b, &dtype)| match b {
+                    Buf::Hooked(_) => Ok(None),
+                    b => resolve(b, dtype, &[]).map(Some),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            if operands.len() > max {
+                let mut distinct: Vec<(&wgpu::Buffer, DType)> = Vec::new();
+                for o in operands.iter().flatten() {
+                    if !distinct.iter().any(|(buf, d)| **buf == o.buffer && *d == o.dtype) {
+                        distinct.push((&o.buffer, o.dtype));
+                    }
+                }
+                if distinct.len() + operands.iter().filter(|o| o.is_none()).count() > max {
+                    return Ok(None);
+                }
+            }
+            resolved.push(operands);
+        }
+        let mut resolved = resolved.into_iter();
         for action in &self.actions {
             match action {
                 Action::Dispatch(d) => {
                     let launch = &d.launch;
-                    let operands = d
-                        .bufs
-                        .iter()
-                        .zip(&launch.dtypes)
-                        .map(|(&b, &dtype)| resolve(b, dtype, &hooked))
+                    let operands = resolved
+                        .next()
+                        .expect("one resolved list per dispatch")
+                        .into_iter()
+                        .zip(d.bufs.iter().zip(&launch.dtypes))
+                        .map(|(o, (&b, &dtype))| match o {
+                            Some(o) => Ok(o),
+                            None => resolve(b, dtype, &hooked),
+                        })
                         .collect::<Result<Vec<_>>>()?;
                     let (binds, buffers) = Binds::of(&operands, &launch.written);
                     let mut cached = d.cached.lock();
