@@ -100,13 +100,22 @@ impl<'a> Names<'a> {
             let access = if written { "read_write" } else { "read" };
             let _ = writeln!(s, "@group(0) @binding({}) var<storage, {access}> b{n}: array<{t}>;", n + 1);
         }
+        // One function per vec4 binding for its per-component reads, so the
+        // element index (often a `strided` loop) is computed once, not once
+        // for the vector and again for the component.
+        for (n, &(dtype, _)) in self.binds.bindings.iter().enumerate().filter(|(n, _)| self.vec4[*n]) {
+            let t = dtype.wgsl();
+            let _ = writeln!(s, "fn b{n}_at(e: u32) -> {t} {{ return b{n}[e / 4u][e % 4u]; }}");
+        }
     }
 
-    /// Element `index` of operand `o`'s buffer (a reference: loaded or stored).
+    /// Element `index` of operand `o`'s buffer: a reference (loaded or
+    /// stored) in a scalar binding, a value read per component in a vec4
+    /// binding (never stored per element, see [`Names`]).
     fn at(&self, o: usize, index: &str) -> String {
         let b = self.binds.slot[o];
         match self.vec4[b] {
-            true => format!("b{b}[({index}) / 4u][({index}) % 4u]"),
+            true => format!("b{b}_at({index})"),
             false => format!("b{b}[{index}]"),
         }
     }
