@@ -242,4 +242,15 @@ pub enum Error {
     /// Reading a buffer back to the host failed.
     #[error("reading back from the device failed: {0}")]
     Readback(String),
+    /// A compiled step met something its program cannot replay (a readback
+    /// to the host, a hook, random numbers): `CompiledStep::call` runs
+    /// that call eagerly instead. Returned to the caller only when a step
+    /// is traced outside `CompiledStep`.
+    #[error("{op}: graph break in a compiled step: {reason}; the step runs eagerly")]
+    GraphBreak {
+        /// The op that broke the graph.
+        op: &'static str,
+        /// Why a replay cannot do what it did.
+        reason: String,
+    },
 }

@@ -41,7 +41,9 @@ mod tensor;
 
 pub use alloc::MemoryStats;
 pub use autograd::{BackwardOptions, Edge, HookHandle, NoGradGuard, backward, grad, is_grad_enabled, no_grad};
-pub use compiler::{CompilerGuard, CompilerInterface, CompilerStats, WgslCompiler};
+pub use compiler::{
+    CompiledStep, CompilerGuard, CompilerInterface, CompilerStats, StepStats, WgslCompiler, compile_step,
+};
 pub use device::{ArenaPolicy, Device, DeviceCounters, DeviceInfo, DeviceLimits, DeviceOptions, LimitsPreset};
 pub use error::{Error, Result};
 /// The `half` crate, for building and reading `DType::F16` tensors (`half::f16`).

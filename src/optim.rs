@@ -10,6 +10,9 @@
 //! value, as in PyTorch.
 
 use std::fmt::Write;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
 use crate::exec::bind::{Binds, Operand};
@@ -198,10 +201,18 @@ impl Rule {
 }
 
 /// Shared state of the optimizers: parameters, per-parameter state
-/// buffers and the step count.
+/// buffers, and the host state (rule, step counts) a compiled step reads
+/// at every call.
 struct Core {
     params: Vec<Tensor>,
     state: Vec<Vec<Tensor>>,
+    host: Arc<Mutex<Host>>,
+}
+
+/// What the host keeps of an optimizer: shared with the compiled steps that
+/// update its parameters, which read the learning rate and step counts at
+/// every call (so `set_lr` needs no re-trace).
+struct Host {
     rule: Rule,
     /// Updates so far, per parameter.
     steps: Vec<u64>,
@@ -248,11 +259,104 @@ impl Core {
             .iter()
             .map(|p| (0..rule.state_count()).map(|_| p.zeros_like()).collect::<Result<Vec<_>>>())
             .collect::<Result<Vec<_>>>()?;
-        Ok(Core { params: params.to_vec(), state, rule, steps: vec![0; params.len()] })
+        let host = Arc::new(Mutex::new(Host { rule, steps: vec![0; params.len()] }));
+        Ok(Core { params: params.to_vec(), state, host })
+    }
+
+    fn lr(&self) -> f64 {
+        match self.host.lock().rule {
+            Rule::Sgd { lr, .. } | Rule::Adam { lr, .. } => lr,
+        }
+    }
+
+    fn set_lr(&mut self, op: &'static str, new: f64) -> Result<()> {
+        let mut host = self.host.lock();
+        let mut rule = host.rule;
+        match &mut rule {
+            Rule::Sgd { lr, .. } | Rule::Adam { lr, .. } => *lr = new,
+        }
+        rule.validate(op)?;
+        host.rule = rule;
+        Ok(())
+    }
+
+    /// The update as traced tensor ops, inside a compiled step: the same
+    /// arithmetic as the kernel's, in the same order, with the rule's
+    /// scalars and the bias corrections read from a host input computed at
+    /// every call, and the new parameters and states written back in place
+    /// when the program runs. The step counts advance when it is recorded.
+    fn traced_step(&self) -> Result<()> {
+        let work: Vec<(usize, Tensor)> =
+            self.params.iter().enumerate().filter_map(|(i, p)| p.grad().map(|g| (i, g))).collect();
+        if work.is_empty() {
+            return Ok(());
+        }
+        let _no_grad = crate::no_grad();
+        let ids: Vec<usize> = work.iter().map(|(i, _)| *i).collect();
+        let (host, which) = (self.host.clone(), ids.clone());
+        let values = crate::compiler::trace::host_input(
+            Box::new(move || {
+                let h = host.lock();
+                let mut v = h.rule.scalars();
+                for &i in &which {
+                    v.extend(h.rule.corrections(h.steps[i] + 1));
+                }
+                v
+            }),
+            self.params[0].device(),
+        )?;
+        let rule = self.host.lock().rule;
+        let n_scalars = rule.scalars().len();
+        let c = |j: usize| values.narrow(0, j, 1);
+        for (k, (i, g)) in work.into_iter().enumerate() {
+            let p = &self.params[i];
+            let st = &self.state[i];
+            match rule {
+                Rule::Sgd { momentum, .. } => {
+                    let g = g.add(&c(2)?.mul(p)?)?;
+                    let step = if momentum != 0.0 {
+                        let b = c(1)?.mul(&st[0])?.add(&g)?;
+                        crate::compiler::trace::assign(&st[0], &b)?;
+                        b
+                    } else {
+                        g
+                    };
+                    crate::compiler::trace::assign(p, &p.sub(&c(0)?.mul(&step)?)?)?;
+                }
+                Rule::Adam { decoupled, .. } => {
+                    let (g, p_now) = if decoupled {
+                        (g, p.mul(&c(0)?.mul(&c(4)?)?.neg()?.add(1.0)?)?)
+                    } else {
+                        (g.add(&c(4)?.mul(p)?)?, p.clone())
+                    };
+                    let m = c(1)?.mul(&st[0])?.add(&c(1)?.neg()?.add(1.0)?.mul(&g)?)?;
+                    let v = c(2)?.mul(&st[1])?.add(&c(2)?.neg()?.add(1.0)?.mul(&g)?.mul(&g)?)?;
+                    crate::compiler::trace::assign(&st[0], &m)?;
+                    crate::compiler::trace::assign(&st[1], &v)?;
+                    let bc0 = c(n_scalars + 2 * k)?;
+                    let bc1 = c(n_scalars + 2 * k + 1)?;
+                    let denom = v.sqrt()?.div(&bc1)?.add(&c(3)?)?;
+                    let p_new = p_now.sub(&c(0)?.mul(&m.div(&bc0)?)?.div(&denom)?)?;
+                    crate::compiler::trace::assign(p, &p_new)?;
+                }
+            }
+        }
+        let host = self.host.clone();
+        crate::compiler::trace::on_commit(Box::new(move || {
+            let mut h = host.lock();
+            for &i in &ids {
+                h.steps[i] += 1;
+            }
+        }));
+        Ok(())
     }
 
     /// One update of every parameter that has a gradient.
     fn step(&mut self) -> Result<()> {
+        if crate::compiler::trace::is_step() {
+            return self.traced_step();
+        }
+        let mut host = self.host.lock();
         let mut work: Vec<(usize, Tensor)> = Vec::new();
         for (i, p) in self.params.iter().enumerate() {
             let Some(g) = p.grad() else { continue };
@@ -267,7 +371,8 @@ impl Core {
             return Ok(());
         }
         let device = self.params[0].device().clone();
-        let scalars = self.rule.scalars();
+        let rule = host.rule;
+        let scalars = rule.scalars();
         // Groups as large as the binding limit allows: parameters, grads and
         // states in one arena share a binding, so a small model is one group.
         let mut groups: Vec<Vec<(usize, Tensor, Vec<Operand>)>> = vec![Vec::new()];
@@ -292,8 +397,8 @@ impl Core {
             let mut operands = Vec::new();
             let mut corrections = Vec::new();
             for (i, _, o) in chunk {
-                self.steps[*i] += 1;
-                corrections.extend(self.rule.corrections(self.steps[*i]).map(f32::to_bits));
+                host.steps[*i] += 1;
+                corrections.extend(rule.corrections(host.steps[*i]).map(f32::to_bits));
                 words.push(total as u32);
                 total += self.params[*i].numel();
                 operands.extend(o.iter().cloned());
@@ -305,14 +410,14 @@ impl Core {
             if total == 0 {
                 continue;
             }
-            let written = self.rule.written(chunk.len());
+            let written = rule.written(chunk.len());
             let (binds, buffers) = Binds::of(&operands, &written);
-            let pipeline = device.pipeline("optimizer", &self.rule.source(chunk.len(), &binds))?;
+            let pipeline = device.pipeline("optimizer", &rule.source(chunk.len(), &binds))?;
             let grid = device.grid_1d(total as u64)?;
             // Parameter, gradient and states read; parameter and states written.
-            let bytes = 4 * total as u64 * (3 + 2 * self.rule.state_count() as u64);
+            let bytes = 4 * total as u64 * (3 + 2 * rule.state_count() as u64);
             let info =
-                KernelInfo::new("optimizer", format!("{} over {} parameters", self.rule.name(), chunk.len()), bytes, 0);
+                KernelInfo::new("optimizer", format!("{} over {} parameters", rule.name(), chunk.len()), bytes, 0);
             device.dispatch("step", &info, &pipeline, &words, &buffers, &operands, &written, grid)?;
             for (i, _, _) in chunk {
                 self.params[*i].pooled()?.bump_version();
@@ -336,6 +441,12 @@ pub trait Optimizer {
     fn zero_grad(&self);
     /// The parameters, in the order given.
     fn params(&self) -> &[Tensor];
+    /// The learning rate.
+    fn lr(&self) -> f64;
+    /// Sets the learning rate for the next steps (a schedule calls this).
+    /// A compiled step reads it at every call: no re-trace. A NaN,
+    /// infinite or negative rate is an `Err` and changes nothing.
+    fn set_lr(&mut self, lr: f64) -> Result<()>;
 }
 
 /// Stochastic gradient descent with momentum and weight decay (PyTorch's
@@ -403,6 +514,12 @@ macro_rules! optimizer {
             }
             fn params(&self) -> &[Tensor] {
                 &self.0.params
+            }
+            fn lr(&self) -> f64 {
+                self.0.lr()
+            }
+            fn set_lr(&mut self, lr: f64) -> Result<()> {
+                self.0.set_lr(concat!(stringify!($t), "::set_lr"), lr)
             }
         }
     };

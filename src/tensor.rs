@@ -72,6 +72,7 @@ impl Tensor {
     pub(crate) fn empty(shape: Shape, dtype: DType, device: &Device) -> Result<Tensor> {
         check_dtype_supported(dtype, device)?;
         let bytes = (shape.numel() as u64).saturating_mul(dtype.size_in_bytes() as u64);
+        crate::compiler::trace::graph_break("allocate", "this op has no tracing executor")?;
         if crate::compiler::trace::is_active() {
             return Err(Error::InvalidArgument {
                 op: "compiled backward",
@@ -288,6 +289,7 @@ impl Tensor {
 
     /// Reads the elements back in row-major order. `T` must match the dtype.
     pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
+        crate::compiler::trace::graph_break("to_vec", "it reads a value back to the host")?;
         if T::DTYPE != self.dtype() {
             return Err(Error::DTypeMismatch { op: "to_vec", lhs: self.dtype(), rhs: T::DTYPE });
         }
@@ -403,7 +405,7 @@ impl Tensor {
     /// [`Tensor::retain_grad`] was called, if any backward reached it.
     pub fn grad(&self) -> Option<Tensor> {
         match &self.0.autograd {
-            AutogradMeta::Leaf(leaf) => leaf.grad.lock().clone(),
+            AutogradMeta::Leaf(leaf) => leaf.current_grad(),
             AutogradMeta::Interior(node) => node.retained_grad.lock().clone(),
             AutogradMeta::None => None,
         }
@@ -412,7 +414,7 @@ impl Tensor {
     /// Forgets the accumulated gradient (PyTorch's `zero_grad(set_to_none=True)`).
     pub fn zero_grad(&self) {
         match &self.0.autograd {
-            AutogradMeta::Leaf(leaf) => *leaf.grad.lock() = None,
+            AutogradMeta::Leaf(leaf) => leaf.replace_grad(None),
             AutogradMeta::Interior(node) => *node.retained_grad.lock() = None,
             AutogradMeta::None => {}
         }
@@ -434,7 +436,7 @@ impl Tensor {
                 });
             }
         }
-        *leaf.grad.lock() = grad.map(|g| g.detach());
+        leaf.replace_grad(grad.map(|g| g.detach()));
         Ok(())
     }
 }

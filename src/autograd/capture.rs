@@ -161,6 +161,12 @@ pub(crate) fn run_compiled(
                 captured.insert(*input, t);
             }
             OutputRole::Retained(position) => new_grads.retain(task, *position, t)?,
+            OutputRole::Returned(_) | OutputRole::StepGrad(_) | OutputRole::Assign(_) => {
+                return Err(crate::Error::InvalidArgument {
+                    op: "compiled backward",
+                    message: "internal: a backward program has a compiled step's output".into(),
+                });
+            }
         }
     }
     finish(task, new_grads, options)?;

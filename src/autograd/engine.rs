@@ -437,6 +437,14 @@ impl WalkEnv for EagerEnv {
     }
 }
 
+/// The leaf state of an accumulator node.
+fn leaf_of_node(node: &Node) -> Option<&Arc<LeafState>> {
+    match &node.kind {
+        NodeKind::AccumulateGrad(leaf) => Some(leaf),
+        NodeKind::Op(_) => None,
+    }
+}
+
 /// The leaf state of the node at `position` (an accumulator).
 pub(crate) fn leaf_of(task: &GraphTask, position: usize) -> Option<&Arc<LeafState>> {
     match &task.order[position].kind {
@@ -479,7 +487,7 @@ pub(crate) fn accumulated(old: Option<Tensor>, g: Tensor) -> Result<Tensor> {
 pub(crate) fn finish(task: &GraphTask, new_grads: NewGrads, options: BackwardOptions) -> Result<()> {
     let mut reached = Vec::with_capacity(new_grads.leaves.len());
     for (leaf, total) in new_grads.leaves {
-        *leaf.grad.lock() = Some(total);
+        leaf.replace_grad(Some(total));
         reached.push(leaf);
     }
     for (node, total) in new_grads.retained {
@@ -499,7 +507,20 @@ pub(crate) fn finish(task: &GraphTask, new_grads: NewGrads, options: BackwardOpt
 /// compiler is installed and the backward qualifies, eagerly otherwise.
 fn run(roots: &[(Tensor, Tensor)], sink: Sink<'_>, options: BackwardOptions) -> Result<HashMap<usize, Tensor>> {
     let task = plan(roots, &sink, options)?;
-    if let Some(compiler) = crate::compiler::guard::active_compiler() {
+    // A compiled step traces this backward eagerly: its formulas become part
+    // of the step's program. Hooks are host code a replay would not run.
+    if crate::compiler::trace::is_step() {
+        let hooked = task
+            .order
+            .iter()
+            .any(|n| n.has_hooks() || leaf_of_node(n).is_some_and(|leaf| !leaf.post_hooks.lock().is_empty()));
+        if hooked {
+            return Err(Error::GraphBreak {
+                op: "backward",
+                reason: "the graph has hooks, which are host code".into(),
+            });
+        }
+    } else if let Some(compiler) = crate::compiler::guard::active_compiler() {
         if let Some(result) = crate::autograd::capture::run_compiled(&task, compiler, options)? {
             return Ok(result);
         }
@@ -515,7 +536,7 @@ fn run(roots: &[(Tensor, Tensor)], sink: Sink<'_>, options: BackwardOptions) -> 
     }
     for (i, g) in result.leaf_grads {
         let leaf = leaf_of(&task, i).expect("leaf gradients come from accumulators").clone();
-        let total = accumulated(leaf.grad.lock().clone(), keep_graph(g))?;
+        let total = accumulated(leaf.current_grad(), keep_graph(g))?;
         new_grads.leaves.push((leaf, total));
     }
     finish(&task, new_grads, options)?;

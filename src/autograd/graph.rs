@@ -128,6 +128,20 @@ pub(crate) struct LeafState {
 }
 
 impl LeafState {
+    /// The `.grad` now (noted by a step trace: the program depends on it).
+    pub fn current_grad(self: &Arc<Self>) -> Option<Tensor> {
+        let g = self.grad.lock().clone();
+        crate::compiler::trace::note_grad_read(self, &g);
+        g
+    }
+
+    /// Sets the `.grad` (noted by a step trace, which puts it back at the
+    /// end: the program's replay makes the change).
+    pub fn replace_grad(self: &Arc<Self>, grad: Option<Tensor>) {
+        crate::compiler::trace::note_grad_write(self);
+        *self.grad.lock() = grad;
+    }
+
     pub fn new(metadata: InputMetadata) -> LeafState {
         LeafState {
             metadata,

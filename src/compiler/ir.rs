@@ -86,6 +86,13 @@ pub(crate) enum OutputRole {
     /// The gradient of the retained non-leaf at this position of the walk
     /// (added to its `.grad` after the replay).
     Retained(usize),
+    /// A compiled step's `i`-th returned tensor.
+    Returned(usize),
+    /// The `.grad` a compiled step leaves on its `i`-th changed leaf.
+    StepGrad(usize),
+    /// The new contents of input `slot`, written back into its buffer after
+    /// every kernel that reads the old ones (an in-place update).
+    Assign(usize),
 }
 
 /// A backward graph captured by the tracing executor: values in

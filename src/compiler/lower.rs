@@ -8,7 +8,7 @@ use parking_lot::Mutex;
 
 use crate::alloc::size_class;
 use crate::compiler::fusion::{Step, stored_layout};
-use crate::compiler::ir::{CapturedGraph, IrOp, ValueId};
+use crate::compiler::ir::{CapturedGraph, IrOp, OutputRole, ValueId};
 use crate::compiler::runtime::{Action, Buf, Dispatch, Program, ProgramReport};
 use crate::device::Device;
 use crate::error::Result;
@@ -237,10 +237,16 @@ impl Lowering<'_> {
 
 /// Plans memory for `steps` and builds the replayable program.
 pub(crate) fn lower(device: &Device, g: &CapturedGraph, steps: &[Step], mut report: ProgramReport) -> Result<Program> {
-    // Which values escape the program: outputs, and what hooks see.
+    // Which values escape the program: outputs, and what hooks see. The
+    // new contents of an input written back in place stay in program-owned
+    // buffers until the write-back at the end.
     let mut escapes = vec![false; g.values.len()];
-    for (v, _) in &g.outputs {
-        escapes[*v] = true;
+    let mut pinned = vec![false; g.values.len()];
+    for (v, role) in &g.outputs {
+        match role {
+            OutputRole::Assign(_) => pinned[*v] = true,
+            _ => escapes[*v] = true,
+        }
     }
     for s in steps {
         if let Step::Hook { src, .. } = s {
@@ -251,6 +257,11 @@ pub(crate) fn lower(device: &Device, g: &CapturedGraph, steps: &[Step], mut repo
     for (i, s) in steps.iter().enumerate() {
         for u in s.reads() {
             last_read[u.value] = i;
+        }
+    }
+    for (v, &pin) in pinned.iter().enumerate() {
+        if pin {
+            last_read[v] = usize::MAX;
         }
     }
     let mut l = Lowering {
@@ -294,8 +305,29 @@ pub(crate) fn lower(device: &Device, g: &CapturedGraph, steps: &[Step], mut repo
         }
         l.step(step)?;
     }
-    let outputs = g.outputs.iter().map(|(v, _)| (l.buf(*v), g.values[*v].meta.clone())).collect();
-    let roles = g.outputs.iter().map(|(_, r)| *r).collect();
+    // Write-backs, after every kernel: each reads its new contents from a
+    // program buffer and stores them over the input's (whole) buffer.
+    for (v, role) in &g.outputs {
+        let OutputRole::Assign(slot) = *role else { continue };
+        let meta = &g.values[*v].meta;
+        if meta.shape.numel() == 0 {
+            continue;
+        }
+        let layout = stored_layout(&meta.shape);
+        let launch = exec::map_launch(
+            device,
+            "write back",
+            copy_kernel(meta.dtype),
+            &meta.shape,
+            std::slice::from_ref(&layout),
+            std::slice::from_ref(&layout),
+            &[],
+        )?;
+        l.push(launch, vec![l.buf(*v), Buf::Input(slot)])?;
+    }
+    let returned = g.outputs.iter().filter(|(_, r)| !matches!(r, OutputRole::Assign(_)));
+    let outputs = returned.clone().map(|(v, _)| (l.buf(*v), g.values[*v].meta.clone())).collect();
+    let roles = returned.map(|(_, r)| *r).collect();
     report.kernels = l.sources;
     report.unplanned_bytes = unplanned;
     report.planned_bytes = l.slots.sizes.iter().map(|(b, _)| b).sum();

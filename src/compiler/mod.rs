@@ -17,6 +17,7 @@ mod lower;
 mod passes;
 pub(crate) mod runtime;
 mod signature;
+mod step;
 pub(crate) mod trace;
 mod wgsl;
 
@@ -24,4 +25,5 @@ pub use guard::{CompilerGuard, CompilerInterface, CompilerStats};
 pub use ir::{CapturedGraph, ValueId};
 pub use runtime::{Program, ProgramReport};
 pub use signature::Signature;
+pub use step::{CompiledStep, StepStats, compile_step};
 pub use wgsl::WgslCompiler;

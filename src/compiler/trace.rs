@@ -3,8 +3,18 @@
 //! values here instead of touching the GPU, and return tensors whose
 //! storage is that value. The backward formulas run unchanged on such
 //! tensors; that is the whole of "capture".
+//!
+//! A *step* trace (`compile_step`) also lifts tensors that live in buffers
+//! (the call's arguments, parameters, optimizer state, old `.grad`s) into
+//! program inputs on first use, records what the step changes (`.grad`s,
+//! in-place updates) as effects instead of doing it, and turns anything it
+//! cannot replay (a readback, a hook) into [`Error::GraphBreak`].
 
 use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::autograd::LeafState;
 
 use crate::compiler::ir::{IrOp, Use, Value, ValueId};
 use crate::device::Device;
@@ -20,6 +30,77 @@ struct Tracer {
     values: Vec<Value>,
     inputs: usize,
     outputs: Vec<ValueId>,
+    /// Set for a step trace.
+    step: Option<StepState>,
+}
+
+/// Where a step program's input comes from at each call.
+#[derive(Clone)]
+pub(crate) enum Source {
+    /// Argument `i` of the call.
+    Arg(usize),
+    /// A tensor that existed before the call and is bound as it was traced
+    /// (a parameter, optimizer state, a constant made inside the step).
+    State(Tensor),
+    /// The `.grad` this leaf has when the call starts.
+    Grad(Arc<LeafState>),
+    /// Values the host computes at every call ([`host_input`]).
+    Host(usize),
+}
+
+/// Host values a step reads as data: computed at every call (a learning
+/// rate, Adam's bias corrections), written into a small program-owned
+/// buffer in queue order.
+pub(crate) type HostValues = Box<dyn Fn() -> Vec<f32> + Send + Sync>;
+
+/// Host state a step changes (an optimizer's step count), applied once the
+/// program has been recorded without error.
+pub(crate) type Commit = Box<dyn Fn() + Send + Sync>;
+
+/// A check of integer argument values that eager mode makes on the host
+/// (labels in range), made again on every call's argument.
+pub(crate) type ArgCheck = Arc<dyn Fn(&[i64]) -> Result<()> + Send + Sync>;
+
+/// A `.grad` a step trace read before changing it, and how it was then:
+/// present (its dtype and view) or not. A replay needs it the same.
+pub(crate) type GradGuard = (Arc<LeafState>, Option<(DType, Layout)>);
+
+/// A leaf whose `.grad` a step trace changed, and the `.grad` (before the
+/// step in the undo log, at its end in `step_effects`).
+pub(crate) type GradChange = (Arc<LeafState>, Option<Tensor>);
+
+/// An in-place update: the target tensor (it owns its buffer), its new
+/// value, and the input slot of its buffer.
+pub(crate) type Assign = (Tensor, ValueId, usize);
+
+/// What a step trace records besides its values.
+#[derive(Default)]
+pub(crate) struct StepState {
+    pub args: Vec<Tensor>,
+    /// Per input slot, where it comes from.
+    pub sources: Vec<Source>,
+    /// Storage identity -> input value of lifted tensors; storage identity
+    /// -> how to lift a known but not yet used storage (arguments, `.grad`s).
+    lifted: HashMap<usize, usize>,
+    pending: HashMap<usize, Source>,
+    /// Storage identity -> the value an in-place update gave it.
+    current: HashMap<usize, ValueId>,
+    /// In-place updates.
+    pub assigns: Vec<Assign>,
+    /// `.grad`s changed by the step, with what they held before.
+    pub undo: Vec<GradChange>,
+    /// `.grad`s read before the step changed them.
+    pub guards: Vec<GradGuard>,
+    pub host: Vec<(HostValues, usize)>,
+    pub commits: Vec<Commit>,
+    pub checks: Vec<(usize, ArgCheck)>,
+}
+
+fn storage_key(t: &Tensor) -> Option<usize> {
+    match t.storage() {
+        Storage::Buffer(b) => Some(Arc::as_ptr(b) as usize),
+        Storage::Traced(_) => None,
+    }
 }
 
 thread_local! {
@@ -44,9 +125,23 @@ impl TraceScope {
                     message: "a backward started inside a compiled backward's trace (from a hook?)".into(),
                 });
             }
-            *t = Some(Tracer { device: device.clone(), values: Vec::new(), inputs: 0, outputs: Vec::new() });
+            *t =
+                Some(Tracer { device: device.clone(), values: Vec::new(), inputs: 0, outputs: Vec::new(), step: None });
             Ok(TraceScope(()))
         })
+    }
+
+    /// A step trace over the call's arguments `args`.
+    pub fn start_step(device: &Device, args: &[Tensor]) -> Result<TraceScope> {
+        let scope = TraceScope::start(device)?;
+        let mut step = StepState { args: args.to_vec(), ..StepState::default() };
+        for (i, a) in args.iter().enumerate() {
+            if let Some(key) = storage_key(a) {
+                step.pending.entry(key).or_insert(Source::Arg(i));
+            }
+        }
+        with(|tr| tr.step = Some(step));
+        Ok(scope)
     }
 
     /// Ends the trace and returns its values and input count.
@@ -54,12 +149,161 @@ impl TraceScope {
         let tracer = TRACER.with(|t| t.borrow_mut().take()).expect("trace is active while its scope lives");
         (tracer.values, tracer.inputs)
     }
+
+    /// Ends a step trace: its values, what its inputs come from, and the
+    /// rest of what it recorded. Every `.grad` the step changed is put back
+    /// as it was (the program's replay makes the change).
+    pub fn finish_step(self) -> (Vec<Value>, usize, StepState) {
+        let tracer = TRACER.with(|t| t.borrow_mut().take()).expect("trace is active while its scope lives");
+        let step = tracer.step.expect("a step trace");
+        restore_grads(&step.undo);
+        (tracer.values, tracer.inputs, step)
+    }
 }
 
 impl Drop for TraceScope {
     fn drop(&mut self) {
-        TRACER.with(|t| t.borrow_mut().take());
+        // Also on error: a step trace changed `.grad`s only to trace what
+        // follows; they go back to what they were.
+        if let Some(tracer) = TRACER.with(|t| t.borrow_mut().take()) {
+            if let Some(step) = tracer.step {
+                restore_grads(&step.undo);
+            }
+        }
     }
+}
+
+/// Puts back the `.grad`s a step trace changed.
+pub(crate) fn restore_grads(undo: &[GradChange]) {
+    for (leaf, old) in undo.iter().rev() {
+        *leaf.grad.lock() = old.clone();
+    }
+}
+
+/// Whether this thread runs a step trace.
+pub(crate) fn is_step() -> bool {
+    TRACER.with(|t| t.borrow().as_ref().is_some_and(|t| t.step.is_some()))
+}
+
+/// A [`Error::GraphBreak`] if this thread runs a step trace: `op` needs
+/// something a replay cannot do (`reason`).
+pub(crate) fn graph_break(op: &'static str, reason: &str) -> Result<()> {
+    if is_step() {
+        return Err(Error::GraphBreak { op, reason: reason.to_string() });
+    }
+    Ok(())
+}
+
+/// Notes a read of `leaf`'s `.grad` (`now`) in a step trace: unless the
+/// step already changed it, the program depends on whether it exists (a
+/// guard), and a `.grad` tensor it reads is bound from the leaf at each call.
+pub(crate) fn note_grad_read(leaf: &Arc<LeafState>, now: &Option<Tensor>) {
+    with_step(|step| {
+        if step.undo.iter().any(|(l, _)| Arc::ptr_eq(l, leaf)) || step.guards.iter().any(|(l, _)| Arc::ptr_eq(l, leaf))
+        {
+            return;
+        }
+        step.guards.push((leaf.clone(), now.as_ref().map(|g| (g.dtype(), g.layout().clone()))));
+        if let Some(key) = now.as_ref().and_then(storage_key) {
+            step.pending.entry(key).or_insert(Source::Grad(leaf.clone()));
+        }
+    });
+}
+
+/// Notes that a step trace is about to change `leaf`'s `.grad`.
+pub(crate) fn note_grad_write(leaf: &Arc<LeafState>) {
+    with_step(|step| {
+        if !step.undo.iter().any(|(l, _)| Arc::ptr_eq(l, leaf)) {
+            step.undo.push((leaf.clone(), leaf.grad.lock().clone()));
+        }
+    });
+}
+
+fn with_step(f: impl FnOnce(&mut StepState)) {
+    TRACER.with(|t| {
+        if let Some(step) = t.borrow_mut().as_mut().and_then(|t| t.step.as_mut()) {
+            f(step)
+        }
+    })
+}
+
+/// In a step trace: `target` (a tensor owning its whole buffer, as
+/// optimizer parameters and states do) holds `value` from here on, and the
+/// program writes it back in place after everything that reads the old one.
+pub(crate) fn assign(target: &Tensor, value: &Tensor) -> Result<()> {
+    with(|tr| {
+        let u = use_of(tr, value, target.shape())?;
+        let v = if u.is_identity(&tr.values[u.value].meta) && !matches!(tr.values[u.value].op, IrOp::Input { .. }) {
+            u.value
+        } else {
+            let mut kernel = MapKernel::default();
+            let x = kernel.input(value.dtype());
+            kernel.output(x);
+            push(tr, IrOp::Map { label: "copy", kernel, args: vec![u], scalars: Vec::new() }, target.metadata())
+        };
+        let Some(key) = storage_key(target) else {
+            return Err(Error::InvalidArgument {
+                op: "compiled step",
+                message: "internal: assigned a traced tensor".into(),
+            });
+        };
+        // The target is an input of the program (the buffer written back).
+        let input = match tr.step.as_ref().expect("assign in a step trace").lifted.get(&key) {
+            Some(&input) => input,
+            None => lift(tr, target, key),
+        };
+        let IrOp::Input { slot } = tr.values[input].op else { unreachable!("lifted values are inputs") };
+        let step = tr.step.as_mut().expect("assign in a step trace");
+        step.current.insert(key, v);
+        step.assigns.retain(|(t, _, _)| storage_key(t) != Some(key));
+        step.assigns.push((target.clone(), v, slot));
+        Ok(())
+    })
+}
+
+/// In a step trace: a `[values().len()]` f32 tensor whose elements the
+/// host computes at every call (`values` is called once now, for the
+/// shape, and once per replay).
+pub(crate) fn host_input(values: HostValues, device: &Device) -> Result<Tensor> {
+    with(|tr| {
+        let n = values().len();
+        let step = tr.step.as_mut().expect("host inputs in a step trace");
+        let index = step.host.len();
+        step.host.push((values, n));
+        let slot = tr.inputs;
+        tr.inputs += 1;
+        tr.step.as_mut().expect("step").sources.push(Source::Host(index));
+        let meta = InputMetadata { device: device.id(), dtype: DType::F32, shape: Shape::new([n]) };
+        let v = push(tr, IrOp::Input { slot }, meta);
+        Ok(tensor(tr, v, Layout::contiguous(Shape::new([n])), DType::F32))
+    })
+}
+
+/// The `.grad`s a step trace changed, as they are now (the trace's ends),
+/// and its in-place updates.
+pub(crate) fn step_effects() -> (Vec<GradChange>, Vec<Assign>) {
+    TRACER.with(|t| {
+        let t = t.borrow();
+        let step = t.as_ref().and_then(|t| t.step.as_ref()).expect("a step trace");
+        let grads = step.undo.iter().map(|(leaf, _)| (leaf.clone(), leaf.grad.lock().clone())).collect();
+        (grads, step.assigns.clone())
+    })
+}
+
+/// In a step trace: runs `commit` when the program has been recorded.
+pub(crate) fn on_commit(commit: Commit) {
+    with_step(|step| step.commits.push(commit));
+}
+
+/// In a step trace, for an integer tensor whose host values an op checked:
+/// if it is an argument of the call, `check` runs on that argument at
+/// every call (a replay makes every check eager mode makes).
+pub(crate) fn check_arg(t: &Tensor, check: ArgCheck) {
+    with_step(|step| {
+        if let Some(i) = step.args.iter().position(|a| a.shares_storage(t)) {
+            step.checks.push((i, check));
+        }
+    });
 }
 
 fn with<R>(f: impl FnOnce(&mut Tracer) -> R) -> R {
@@ -76,17 +320,42 @@ fn tensor(tracer: &Tracer, value: ValueId, layout: Layout, dtype: DType) -> Tens
 }
 
 /// The use of a traced tensor through a view of `shape` (a broadcast of it).
-fn use_of(tracer: &Tracer, t: &Tensor, shape: &Shape) -> Result<Use> {
+/// In a step trace a tensor in a buffer is lifted to an input (once per
+/// buffer), or read as the value an in-place update gave it.
+fn use_of(tracer: &mut Tracer, t: &Tensor, shape: &Shape) -> Result<Use> {
     if t.device() != &tracer.device {
         return Err(Error::DeviceMismatch { op: "compiled backward", lhs: tracer.device.id(), rhs: t.device().id() });
     }
-    let Some(value) = t.traced_value() else {
-        return Err(Error::InvalidArgument {
-            op: "compiled backward",
-            message: "a tensor from outside the trace reached a backward formula".into(),
-        });
+    let value = match (t.traced_value(), storage_key(t), tracer.step.is_some()) {
+        (Some(value), _, _) => value,
+        (None, Some(key), true) => lift(tracer, t, key),
+        (None, _, _) => {
+            return Err(Error::InvalidArgument {
+                op: "compiled backward",
+                message: "a tensor from outside the trace reached a backward formula".into(),
+            });
+        }
     };
-    Ok(Use { value, layout: t.layout().broadcast_to("compiled backward", shape)? })
+    Ok(Use { value, layout: t.layout().broadcast_to("compiled step", shape)? })
+}
+
+/// The value of buffer-backed `t` in a step trace: what an in-place update
+/// made it, or its input (added on first use).
+fn lift(tracer: &mut Tracer, t: &Tensor, key: usize) -> ValueId {
+    let step = tracer.step.as_mut().expect("a step trace");
+    if let Some(&v) = step.current.get(&key) {
+        return v;
+    }
+    if let Some(&v) = step.lifted.get(&key) {
+        return v;
+    }
+    let source = step.pending.remove(&key).unwrap_or_else(|| Source::State(t.detach()));
+    step.sources.push(source);
+    let slot = tracer.inputs;
+    tracer.inputs += 1;
+    let v = push(tracer, IrOp::Input { slot }, t.metadata());
+    tracer.step.as_mut().expect("a step trace").lifted.insert(key, v);
+    v
 }
 
 /// A placeholder for a tensor bound at replay (same view, no data).
@@ -115,6 +384,12 @@ pub(crate) fn map(
             return Err(Error::InvalidArgument {
                 op: label,
                 message: "internal: traced kernels have exactly one output".into(),
+            });
+        }
+        if tr.step.is_some() && kernel.nodes.iter().any(|(n, _)| matches!(n, crate::exec::kernel::Node::Random(..))) {
+            return Err(Error::GraphBreak {
+                op: label,
+                reason: "random numbers: a replay would draw the traced seed again".into(),
             });
         }
         let args = inputs
@@ -151,7 +426,8 @@ pub(crate) fn reduce(kind: ReduceKind, x: &Tensor, axes: &[usize], keepdim: bool
 /// `a` and `b` are already broadcast to the batch and collapsible.
 pub(crate) fn matmul(a: &Tensor, b: &Tensor, out_shape: &Shape) -> Result<Tensor> {
     with(|tr| {
-        let (ua, ub) = (use_of(tr, a, a.shape())?, use_of(tr, b, b.shape())?);
+        let ua = use_of(tr, a, a.shape())?;
+        let ub = use_of(tr, b, b.shape())?;
         let meta = InputMetadata { device: tr.device.id(), dtype: a.dtype(), shape: out_shape.clone() };
         let v = push(tr, IrOp::Matmul { a: ua, b: ub }, meta);
         Ok(tensor(tr, v, Layout::contiguous(out_shape.clone()), a.dtype()))
@@ -170,7 +446,7 @@ pub(crate) fn assemble(
             return Err(Error::DeviceMismatch { op: "assemble", lhs: tr.device.id(), rhs: device.id() });
         }
         let pieces =
-            pieces.iter().map(|(t, d, s)| Ok((use_of(tr, t, t.shape())?, *d, *s))).collect::<Result<Vec<_>>>()?;
+            pieces.iter().map(|(t, d, s)| Ok((use_of(&mut *tr, t, t.shape())?, *d, *s))).collect::<Result<Vec<_>>>()?;
         let meta = InputMetadata { device: device.id(), dtype, shape: shape.clone() };
         let v = push(tr, IrOp::Assemble { pieces, zero_fill }, meta);
         Ok(tensor(tr, v, Layout::contiguous(shape.clone()), dtype))
@@ -183,6 +459,14 @@ pub(crate) fn hook(point: usize, g: &Tensor) -> Result<Tensor> {
         let src = use_of(tr, g, g.shape())?;
         let v = push(tr, IrOp::Hook { src, point }, g.metadata());
         Ok(tensor(tr, v, Layout::contiguous(g.shape().clone()), g.dtype()))
+    })
+}
+
+/// A tensor viewing value `v` whole (an in-place update's new value).
+pub(crate) fn value_tensor(v: ValueId) -> Tensor {
+    with(|tr| {
+        let meta = tr.values[v].meta.clone();
+        tensor(tr, v, Layout::contiguous(meta.shape.clone()), meta.dtype)
     })
 }
 

@@ -113,44 +113,8 @@ impl CompilerInterface for WgslCompiler {
 
     fn compile(&self, signature: &Signature, graph: CapturedGraph) -> Result<Arc<Program>> {
         let pipelines_before = self.device.counters().pipelines_created;
-        let ir_before = graph.to_string();
-        let (graph, pass_stats) = passes::optimize(graph);
-        let ir_after = graph.to_string();
-        let limits = fusion::BindingLimits {
-            operands: MAX_BINDINGS,
-            buffers: self.device.max_storage_bindings(),
-            dedicated_bytes: self.device.dedicated_bytes(),
-        };
-        let (steps, ops_fused) = fusion::schedule(&graph, limits);
-        let report = ProgramReport {
-            ir_before,
-            ir_after,
-            ops_fused,
-            simplified: pass_stats.simplified,
-            merged: pass_stats.merged,
-            removed: pass_stats.removed,
-            dot: dot::render(&graph, &steps),
-            ..ProgramReport::default()
-        };
-        let program = Arc::new(lower::lower(&self.device, &graph, &steps, report)?);
-        if self.log {
-            let r = program.report();
-            eprintln!("[wgrad compiled] captured IR:\n{}", r.ir_before);
-            eprintln!(
-                "[wgrad compiled] after passes ({} reads simplified, {} values merged, {} removed):\n{}",
-                pass_stats.simplified, pass_stats.merged, pass_stats.removed, r.ir_after
-            );
-            eprintln!(
-                "[wgrad compiled] {} kernels, {} ops fused, intermediates {} B planned ({} B unshared)",
-                program.kernel_count(),
-                r.ops_fused,
-                r.planned_bytes,
-                r.unplanned_bytes
-            );
-            for (i, k) in r.kernels.iter().enumerate() {
-                eprintln!("[wgrad compiled] kernel {i}:\n{k}");
-            }
-        }
+        let program = Arc::new(build_program(&self.device, graph, self.log)?);
+        let ops_fused = program.report().ops_fused;
         let mut stats = self.stats.lock();
         stats.ops_fused += ops_fused as u64;
         stats.pipelines_created += self.device.counters().pipelines_created - pipelines_before;
@@ -175,4 +139,49 @@ impl CompilerInterface for WgslCompiler {
     fn stats(&self) -> CompilerStats {
         *self.stats.lock()
     }
+}
+
+/// Runs the graph passes, fusion and lowering: the program of a captured
+/// graph (a backward's or a whole step's). With `log`, prints the IR
+/// before and after the passes and every kernel.
+pub(crate) fn build_program(device: &Device, graph: CapturedGraph, log: bool) -> Result<Program> {
+    let ir_before = graph.to_string();
+    let (graph, pass_stats) = passes::optimize(graph);
+    let ir_after = graph.to_string();
+    let limits = fusion::BindingLimits {
+        operands: MAX_BINDINGS,
+        buffers: device.max_storage_bindings(),
+        dedicated_bytes: device.dedicated_bytes(),
+    };
+    let (steps, ops_fused) = fusion::schedule(&graph, limits);
+    let report = ProgramReport {
+        ir_before,
+        ir_after,
+        ops_fused,
+        simplified: pass_stats.simplified,
+        merged: pass_stats.merged,
+        removed: pass_stats.removed,
+        dot: dot::render(&graph, &steps),
+        ..ProgramReport::default()
+    };
+    let program = lower::lower(device, &graph, &steps, report)?;
+    if log {
+        let r = program.report();
+        eprintln!("[wgrad compiled] captured IR:\n{}", r.ir_before);
+        eprintln!(
+            "[wgrad compiled] after passes ({} reads simplified, {} values merged, {} removed):\n{}",
+            pass_stats.simplified, pass_stats.merged, pass_stats.removed, r.ir_after
+        );
+        eprintln!(
+            "[wgrad compiled] {} kernels, {} ops fused, intermediates {} B planned ({} B unshared)",
+            program.kernel_count(),
+            r.ops_fused,
+            r.planned_bytes,
+            r.unplanned_bytes
+        );
+        for (i, k) in r.kernels.iter().enumerate() {
+            eprintln!("[wgrad compiled] kernel {i}:\n{k}");
+        }
+    }
+    Ok(program)
 }

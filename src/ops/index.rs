@@ -104,6 +104,7 @@ pub(crate) fn scatter_add_flat(g: &Tensor, map: &IndexMap, target: &Shape) -> Re
 /// the host when the tensor was made from host data, read back otherwise
 /// (then the only sync of an indexing op).
 fn host_indices(op: &'static str, source: &Tensor, index: &Tensor, size: usize) -> Result<Vec<usize>> {
+    crate::compiler::trace::graph_break(op, "its index map is built on the host from the index values")?;
     if index.device() != source.device() {
         return Err(Error::DeviceMismatch { op, lhs: source.device().id(), rhs: index.device().id() });
     }

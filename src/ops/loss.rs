@@ -117,26 +117,32 @@ impl Tensor {
             (Some(i), _) if i >= 0 => labels.eq(i as f64)?,
             _ => labels.ne(labels)?, // no label is ignored
         };
-        let ok = |v: i64| (0..classes as i64).contains(&v) || options.ignore_index.is_some_and(|i| i as i64 == v);
-        let bad = match labels.host_ints() {
+        let ignore_index = options.ignore_index;
+        // The check of host-known labels; a compiled step makes it again on
+        // every call's labels.
+        let check = move |values: &[i64]| -> Result<()> {
+            let ok = |v: i64| (0..classes as i64).contains(&v) || ignore_index.is_some_and(|i| i as i64 == v);
+            match values.iter().filter(|&&v| !ok(v)).count() {
+                0 => Ok(()),
+                bad => Err(bad_labels(op, bad as u32, classes, ignore_index)),
+            }
+        };
+        match labels.host_ints() {
             // Labels made from host data are checked there: no sync.
-            Some(values) => values.iter().filter(|&&v| !ok(v)).count() as u32,
+            Some(values) => {
+                check(values)?;
+                crate::compiler::trace::check_arg(labels, std::sync::Arc::new(check));
+            }
             None => {
                 let in_range = match labels.dtype() {
                     DType::I32 => labels.ge(0.0)?.mul(&labels.lt(classes as f64)?)?,
                     _ => labels.lt(classes as f64)?,
                 };
-                in_range.add(&ignored)?.eq(0.0)?.sum_all()?.to_scalar::<u32>()?
+                let bad = in_range.add(&ignored)?.eq(0.0)?.sum_all()?.to_scalar::<u32>()?;
+                if bad > 0 {
+                    return Err(bad_labels(op, bad, classes, ignore_index));
+                }
             }
-        };
-        if bad > 0 {
-            return Err(Error::InvalidArgument {
-                op,
-                message: format!(
-                    "{bad} label(s) outside 0..{classes}{}; check the labels or the number of classes",
-                    options.ignore_index.map(|i| format!(" (ignore_index {i})")).unwrap_or_default()
-                ),
-            });
         }
         // Valid labels are below `classes`, so exact in f32.
         let l = labels.to_dtype(DType::F32)?;
@@ -232,5 +238,16 @@ impl Tensor {
         }
         let loss = target.neg()?.add(1.0)?.mul(self)?.add(&self.neg()?.softplus()?)?;
         reduce(loss, reduction)
+    }
+}
+
+/// The error for `bad` labels outside `0..classes` (and not the ignore index).
+fn bad_labels(op: &'static str, bad: u32, classes: usize, ignore_index: Option<i32>) -> Error {
+    Error::InvalidArgument {
+        op,
+        message: format!(
+            "{bad} label(s) outside 0..{classes}{}; check the labels or the number of classes",
+            ignore_index.map(|i| format!(" (ignore_index {i})")).unwrap_or_default()
+        ),
     }
 }

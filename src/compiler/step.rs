@@ -1,0 +1,514 @@
+//! Whole-step compilation: [`compile_step`] wraps a training step (forward,
+//! loss, `backward()`, optimizer `step()`, `zero_grad()`) and replays it as
+//! one program. The first call with a new signature runs the closure under
+//! a step trace: forward ops, the backward walk and the optimizer update
+//! all become IR values; tensors that live in buffers (the arguments,
+//! parameters, optimizer state, old `.grad`s) become program inputs; what
+//! the step changes (`.grad`s, parameters and states updated in place) is
+//! recorded as effects and put back. The program then runs for that call
+//! too, and later calls with the same signature only replay it.
+//!
+//! What a trace cannot see reaches the program as data: the optimizer's
+//! learning rate and bias corrections are host inputs computed at every
+//! call (so `set_lr` needs no re-trace), labels that eager mode checks on
+//! the host are checked again on every call's labels. What a replay cannot
+//! do (a readback, a hook, random numbers, an index map built on the host)
+//! is a graph break: that call, and later calls with its signature, run
+//! the closure eagerly, and the reason is counted and logged.
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::alloc::PooledBuffer;
+use crate::autograd::LeafState;
+use crate::compiler::ValueId;
+use crate::compiler::ir::{CapturedGraph, OutputRole};
+use crate::compiler::runtime::Program;
+use crate::compiler::trace::{self, ArgCheck, Commit, GradGuard, HostValues, Source, StepState, TraceScope};
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::layout::Layout;
+use crate::metadata::{DType, Shape};
+use crate::tensor::{Storage, Tensor};
+
+/// Counts of what a [`CompiledStep`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepStats {
+    /// Calls of [`CompiledStep::call`].
+    pub calls: u64,
+    /// Calls that traced the step (a new signature).
+    pub traces: u64,
+    /// Calls that ran a program (the tracing calls included).
+    pub replays: u64,
+    /// Traces that met something a program cannot replay.
+    pub graph_breaks: u64,
+    /// Calls that ran the closure eagerly (after a graph break, or because
+    /// a replay could not run).
+    pub eager_calls: u64,
+    /// Kernels the last replay dispatched.
+    pub kernels_last_replay: u64,
+}
+
+/// What becomes of a `.grad` the step changed.
+enum GradEffect {
+    /// Cleared (`zero_grad()` and no backward after it).
+    Clear,
+    /// The program's output `k` (in output order).
+    Output(usize),
+    /// This tensor (set from outside the trace's values).
+    Tensor(Tensor),
+}
+
+/// A step program's outputs, in order, with what each becomes.
+type Outputs = Vec<(ValueId, OutputRole)>;
+
+/// What each changed `.grad` becomes after a replay.
+type GradEffects = Vec<(Arc<LeafState>, GradEffect)>;
+
+/// A returned tensor: a program output, or a tensor returned as it is.
+enum Returned {
+    Output(usize),
+    Tensor(Tensor),
+}
+
+/// The arguments' dtype, view, whether they require grad, and grad mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ArgKey {
+    args: Vec<(DType, Layout)>,
+    grad_mode: bool,
+}
+
+impl ArgKey {
+    fn of(args: &[Tensor]) -> ArgKey {
+        ArgKey {
+            args: args.iter().map(|a| (a.dtype(), a.layout().clone())).collect(),
+            grad_mode: crate::is_grad_enabled(),
+        }
+    }
+}
+
+/// A traced step: its program and how a call binds it and applies it.
+struct Entry {
+    key: ArgKey,
+    /// `.grad`s the trace read before changing them, as they were.
+    guards: Vec<GradGuard>,
+    sources: Vec<Source>,
+    host: Vec<(HostValues, usize)>,
+    /// Program-owned buffers of the host inputs, made on the first replay.
+    host_buffers: Mutex<Vec<Arc<PooledBuffer>>>,
+    commits: Vec<Commit>,
+    checks: Vec<(usize, ArgCheck)>,
+    grads: GradEffects,
+    assigned: Vec<Tensor>,
+    returns: Vec<Returned>,
+    program: Program,
+    /// The captured IR and where its inputs come from, for `debug_retrace`.
+    fingerprint: String,
+}
+
+impl Entry {
+    /// Whether this call's state matches what the trace saw.
+    fn guards_pass(&self) -> bool {
+        self.guards.iter().all(|(leaf, seen)| {
+            let now = leaf.grad.lock().as_ref().map(|g| (g.dtype(), g.layout().clone()));
+            now == *seen
+        })
+    }
+}
+
+/// A training step compiled as one program. See [`compile_step`].
+pub struct CompiledStep<F> {
+    device: Device,
+    f: F,
+    cache: Vec<Entry>,
+    /// Signatures whose trace broke, with the reason: run eagerly.
+    broken: Vec<(ArgKey, String)>,
+    stats: StepStats,
+    last_break: Option<String>,
+    debug_retrace: bool,
+    last_difference: Option<String>,
+    log: bool,
+}
+
+/// Compiles the training step `f` (forward, loss, `backward()`, optimizer
+/// `step()`, `zero_grad()`) into one program per signature, replayed on
+/// every call: one submit, no tracing, no WGSL, no new pipeline or buffer.
+///
+/// The program's inputs are the call's arguments plus every tensor the
+/// step reads that existed before the call (parameters, optimizer state,
+/// constants, `.grad`s); its effects (`.grad`s, parameters and optimizer
+/// state updated in place) are applied as eager mode applies them, and it
+/// returns what `f` returns (as values: they record no autograd graph).
+///
+/// A replay does not run `f`: Rust state `f` reads or changes is not part
+/// of the program. The optimizer's learning rate and step counts are read
+/// at every call ([`crate::Optimizer::set_lr`] needs no re-trace); other
+/// host values `f` uses are baked in when it is traced, and tensors `f`
+/// captures are bound by identity — replace a parameter and the program
+/// keeps using the old one. [`CompiledStep::set_debug_retrace`] traces
+/// every call again and reports any difference the signature missed.
+///
+/// ```
+/// # use wgrad::{Device, Tensor, Sgd, Optimizer, compile_step};
+/// # let device = Device::new()?;
+/// let w = Tensor::from_slice(&[1.0f32, -2.0], [2], &device)?.requires_grad(true)?;
+/// let mut opt = Sgd::new(&[w.clone()], 0.25, 0.0, 0.0)?;
+/// let w2 = w.clone();
+/// let mut step = compile_step(&device, move |args: &[Tensor]| {
+///     let loss = w2.mul(&args[0])?.square()?.sum_all()?;
+///     opt.zero_grad();
+///     loss.backward()?;
+///     opt.step()?;
+///     Ok(vec![loss])
+/// });
+/// let x = Tensor::from_slice(&[1.0f32, 1.0], [2], &device)?;
+/// for _ in 0..3 {
+///     step.call(&[x.clone()])?;
+/// }
+/// assert_eq!(step.stats().traces, 1);
+/// assert_eq!(step.stats().replays, 3);
+/// assert_eq!(w.to_vec::<f32>()?, vec![0.125, -0.25]); // each step halves w
+/// # Ok::<(), wgrad::Error>(())
+/// ```
+pub fn compile_step<F>(device: &Device, f: F) -> CompiledStep<F>
+where
+    F: FnMut(&[Tensor]) -> Result<Vec<Tensor>>,
+{
+    let log = std::env::var("WGRAD_LOG").is_ok_and(|v| v.split(',').any(|p| p.trim() == "compiled"));
+    CompiledStep {
+        device: device.clone(),
+        f,
+        cache: Vec::new(),
+        broken: Vec::new(),
+        stats: StepStats::default(),
+        last_break: None,
+        debug_retrace: false,
+        last_difference: None,
+        log,
+    }
+}
+
+impl<F> CompiledStep<F>
+where
+    F: FnMut(&[Tensor]) -> Result<Vec<Tensor>>,
+{
+    /// Runs one step on `args`: replays its program, tracing it first if
+    /// this signature is new. On an `Err` found before the program is
+    /// recorded, parameters, optimizer state and `.grad`s are as before.
+    pub fn call(&mut self, args: &[Tensor]) -> Result<Vec<Tensor>> {
+        self.stats.calls += 1;
+        if let Some(a) = args.iter().find(|a| a.device() != &self.device) {
+            return Err(Error::DeviceMismatch {
+                op: "CompiledStep::call",
+                lhs: self.device.id(),
+                rhs: a.device().id(),
+            });
+        }
+        if args.iter().any(|a| a.traced_value().is_some()) {
+            return Err(Error::InvalidArgument {
+                op: "CompiledStep::call",
+                message: "an argument belongs to a trace; call a compiled step with tensors that hold data".into(),
+            });
+        }
+        if trace::is_active() {
+            return Err(Error::InvalidArgument {
+                op: "CompiledStep::call",
+                message: "called inside a trace (a compiled step inside a compiled step or a hook)".into(),
+            });
+        }
+        if args.iter().any(Tensor::needs_grad) {
+            return self.eager(args, "an argument requires grad (its .grad would change per call)");
+        }
+        let key = ArgKey::of(args);
+        if let Some((_, reason)) = self.broken.iter().find(|(k, _)| *k == key) {
+            let reason = reason.clone();
+            return self.eager(args, &reason);
+        }
+        let hit = self.cache.iter().position(|e| e.key == key && e.guards_pass());
+        let index = match hit {
+            Some(i) if !self.debug_retrace => i,
+            hit => match self.trace(args, key)? {
+                Traced::Broke => return self.run_eagerly(args),
+                Traced::Entry(entry) => self.keep(hit, *entry),
+            },
+        };
+        self.replay(index, args)
+    }
+
+    /// Counts of traces, replays and graph breaks.
+    pub fn stats(&self) -> StepStats {
+        self.stats
+    }
+
+    /// Why the last graph break happened (the op and the reason).
+    pub fn last_graph_break(&self) -> Option<&str> {
+        self.last_break.as_deref()
+    }
+
+    /// Traces every call again and compares the new program with the
+    /// cached one; a difference the signature missed (a host value baked
+    /// in, a replaced tensor) is reported by
+    /// [`CompiledStep::last_difference`] and the new program is used.
+    pub fn set_debug_retrace(&mut self, on: bool) {
+        self.debug_retrace = on;
+    }
+
+    /// The last difference `debug_retrace` found between a cached program
+    /// and a new trace of the same signature.
+    pub fn last_difference(&self) -> Option<&str> {
+        self.last_difference.as_deref()
+    }
+
+    /// Kernels per replay of the most recent program.
+    pub fn kernel_count(&self) -> Option<usize> {
+        self.cache.last().map(|e| e.program.kernel_count())
+    }
+
+    /// The report of each cached program (IR, kernels, DOT).
+    pub fn reports(&self) -> Vec<&crate::compiler::ProgramReport> {
+        self.cache.iter().map(|e| e.program.report()).collect()
+    }
+
+    fn eager(&mut self, args: &[Tensor], reason: &str) -> Result<Vec<Tensor>> {
+        if self.log {
+            eprintln!("[wgrad compiled] step runs eagerly: {reason}");
+        }
+        self.run_eagerly(args)
+    }
+
+    fn run_eagerly(&mut self, args: &[Tensor]) -> Result<Vec<Tensor>> {
+        self.stats.eager_calls += 1;
+        (self.f)(args)
+    }
+
+    /// Keeps a new entry: in place of the one it re-traced, or added.
+    fn keep(&mut self, replaced: Option<usize>, entry: Entry) -> usize {
+        match replaced {
+            Some(i) => {
+                if self.cache[i].fingerprint != entry.fingerprint {
+                    let message = format!(
+                        "a new trace of a cached signature differs (a host value baked in, or a tensor replaced):\n\
+                         cached:\n{}\nnew:\n{}",
+                        self.cache[i].fingerprint, entry.fingerprint
+                    );
+                    if self.log {
+                        eprintln!("[wgrad compiled] {message}");
+                    }
+                    self.last_difference = Some(message);
+                }
+                self.cache[i] = entry;
+                i
+            }
+            None => {
+                self.cache.push(entry);
+                self.cache.len() - 1
+            }
+        }
+    }
+
+    /// Runs `f` under a step trace and lowers what it did to a program.
+    fn trace(&mut self, args: &[Tensor], key: ArgKey) -> Result<Traced> {
+        self.stats.traces += 1;
+        if self.log {
+            let reason = if self.cache.iter().any(|e| e.key == key) {
+                "a .grad the step reads changed (exists, or its shape)"
+            } else {
+                "new argument signature"
+            };
+            eprintln!("[wgrad compiled] tracing the step: {reason}");
+        }
+        let scope = TraceScope::start_step(&self.device, args)?;
+        let returned = match (self.f)(args) {
+            Ok(returned) => returned,
+            Err(Error::GraphBreak { op, reason }) => {
+                drop(scope);
+                let reason = format!("{op}: {reason}");
+                if self.log {
+                    eprintln!("[wgrad compiled] graph break: {reason}; this signature runs eagerly");
+                }
+                self.stats.graph_breaks += 1;
+                self.last_break = Some(reason.clone());
+                self.broken.push((key, reason));
+                return Ok(Traced::Broke);
+            }
+            Err(e) => return Err(e),
+        };
+        let (mut outputs, returns) = outputs_of(&returned)?;
+        let (grads, assigned) = effects(&mut outputs)?;
+        let (values, inputs, state) = scope.finish_step();
+        let StepState { sources, guards, host, commits, checks, .. } = state;
+        let graph = CapturedGraph { values, inputs, outputs };
+        let fingerprint = fingerprint(&graph, &sources);
+        let program = crate::compiler::wgsl::build_program(&self.device, graph, self.log)?;
+        let entry = Entry {
+            key,
+            guards,
+            sources,
+            host,
+            host_buffers: Mutex::new(Vec::new()),
+            commits,
+            checks,
+            grads,
+            assigned,
+            returns,
+            program,
+            fingerprint,
+        };
+        Ok(Traced::Entry(Box::new(entry)))
+    }
+
+    /// Replays entry `index` on `args` and applies its effects.
+    fn replay(&mut self, index: usize, args: &[Tensor]) -> Result<Vec<Tensor>> {
+        let entry = &self.cache[index];
+        for (i, check) in &entry.checks {
+            check(&int_values(&args[*i])?)?;
+        }
+        let mut host_buffers = entry.host_buffers.lock();
+        if host_buffers.is_empty() {
+            *host_buffers =
+                entry.host.iter().map(|(_, n)| self.device.alloc(4 * *n as u64, DType::F32)).collect::<Result<_>>()?;
+        }
+        let mut inputs = Vec::with_capacity(entry.sources.len());
+        for source in &entry.sources {
+            inputs.push(match source {
+                Source::Arg(i) => args[*i].clone(),
+                Source::State(t) => t.clone(),
+                Source::Grad(leaf) => leaf.grad.lock().clone().ok_or_else(|| Error::InvalidArgument {
+                    op: "CompiledStep::call",
+                    message: "internal: a guarded .grad is gone".into(),
+                })?,
+                Source::Host(k) => {
+                    let (values, n) = &entry.host[*k];
+                    let words: Vec<u32> = values().iter().map(|v| v.to_bits()).collect();
+                    if words.len() != *n {
+                        return Err(Error::InvalidArgument {
+                            op: "CompiledStep::call",
+                            message: format!("internal: host input {k} gave {} values, traced {n}", words.len()),
+                        });
+                    }
+                    let buffer = &host_buffers[*k];
+                    self.device.record_uniform_write(buffer.raw(), buffer.range().start, &words);
+                    let layout = Layout::contiguous(Shape::new([*n]));
+                    Tensor::from_parts(Storage::Buffer(buffer.clone()), layout, DType::F32, self.device.clone())
+                }
+            });
+        }
+        drop(host_buffers);
+        let no_hooks = &mut |_: usize, _: Tensor| -> Result<Tensor> {
+            Err(Error::InvalidArgument {
+                op: "CompiledStep::call",
+                message: "internal: a step program has hooks".into(),
+            })
+        };
+        let Some(outputs) = entry.program.run(&inputs, no_hooks)? else {
+            return self.eager(args, "this call's tensors span more buffers than a kernel of the program may bind");
+        };
+        // Recorded: apply the effects as eager mode would have.
+        for (leaf, effect) in &entry.grads {
+            *leaf.grad.lock() = match effect {
+                GradEffect::Clear => None,
+                GradEffect::Output(k) => Some(outputs[*k].clone()),
+                GradEffect::Tensor(t) => Some(t.clone()),
+            };
+        }
+        for t in &entry.assigned {
+            t.pooled()?.bump_version();
+        }
+        for commit in &entry.commits {
+            commit();
+        }
+        self.stats.replays += 1;
+        self.stats.kernels_last_replay = entry.program.kernel_count() as u64;
+        Ok(entry
+            .returns
+            .iter()
+            .map(|r| match r {
+                Returned::Output(k) => outputs[*k].clone(),
+                Returned::Tensor(t) => t.clone(),
+            })
+            .collect())
+    }
+}
+
+enum Traced {
+    Entry(Box<Entry>),
+    Broke,
+}
+
+/// The program outputs for the returned tensors (traced ones; others are
+/// returned as they are), and how to return each.
+fn outputs_of(returned: &[Tensor]) -> Result<(Outputs, Vec<Returned>)> {
+    let mut outputs = Vec::new();
+    let mut returns = Vec::new();
+    for (i, t) in returned.iter().enumerate() {
+        if t.traced_value().is_some() {
+            returns.push(Returned::Output(outputs.len()));
+            outputs.push((trace::output(t)?, OutputRole::Returned(i)));
+        } else {
+            returns.push(Returned::Tensor(t.detach()));
+        }
+    }
+    Ok((outputs, returns))
+}
+
+/// The step's effects, still inside the trace: each changed `.grad` as it
+/// ends (an output when it is a traced value), and each in-place update
+/// as an output written back into its input's buffer. Output indices
+/// count only returned outputs (write-backs return nothing).
+fn effects(outputs: &mut Outputs) -> Result<(GradEffects, Vec<Tensor>)> {
+    let (undo, assigns) = trace::step_effects();
+    let mut grads = Vec::new();
+    for (k, (leaf, now)) in undo.into_iter().enumerate() {
+        let effect = match now {
+            None => GradEffect::Clear,
+            Some(g) if g.traced_value().is_some() => {
+                let index = outputs.len();
+                outputs.push((trace::output(&g)?, OutputRole::StepGrad(k)));
+                GradEffect::Output(index)
+            }
+            Some(g) => GradEffect::Tensor(g),
+        };
+        grads.push((leaf, effect));
+    }
+    let mut assigned = Vec::new();
+    for (target, value, slot) in assigns {
+        outputs.push((trace::output(&trace::value_tensor(value))?, OutputRole::Assign(slot)));
+        assigned.push(target);
+    }
+    Ok((grads, assigned))
+}
+
+/// The captured IR and where each input comes from: two traces of one
+/// signature that differ here would compute different things.
+fn fingerprint(graph: &CapturedGraph, sources: &[Source]) -> String {
+    let mut s = graph.to_string();
+    for (slot, source) in sources.iter().enumerate() {
+        let from = match source {
+            Source::Arg(i) => format!("argument {i}"),
+            Source::State(t) => match t.storage() {
+                Storage::Buffer(b) => format!("tensor {:p}", Arc::as_ptr(b)),
+                Storage::Traced(v) => format!("traced value %{v}"),
+            },
+            Source::Grad(leaf) => format!(".grad of leaf {:p}", Arc::as_ptr(leaf)),
+            Source::Host(k) => format!("host values {k}"),
+        };
+        s.push_str(&format!("input {slot}: {from}\n"));
+    }
+    s
+}
+
+/// An integer tensor's values, for a check eager mode makes on the host:
+/// known there when it was made from host data, read back otherwise.
+fn int_values(t: &Tensor) -> Result<Vec<i64>> {
+    if let Some(values) = t.host_ints() {
+        return Ok(values.to_vec());
+    }
+    Ok(match t.dtype() {
+        DType::I32 => t.to_vec::<i32>()?.into_iter().map(i64::from).collect(),
+        DType::U32 => t.to_vec::<u32>()?.into_iter().map(i64::from).collect(),
+        dtype => {
+            return Err(Error::UnsupportedDType { op: "CompiledStep::call", dtype, hint: "labels are i32 or u32" });
+        }
+    })
+}

@@ -1,0 +1,293 @@
+//! Whole-step compilation (`compile_step`): a training step run eagerly and
+//! as a compiled step gives the same losses, parameters and `.grad`s, with
+//! new data and labels every call and a learning rate changed mid-way; what
+//! a replay cannot do runs eagerly; bad labels on a replay are an `Err`
+//! that changes nothing.
+
+mod common;
+
+use std::cell::Cell;
+use std::rc::Rc;
+
+use common::device;
+use wgrad::nn::{Linear, Module};
+use wgrad::{Adam, AdamW, ClassLoss, Optimizer, Result, Sgd, Tensor, compile_step};
+
+fn assert_close(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let tol = 1e-5 * w.abs() + 1e-6;
+        assert!((g - w).abs() <= tol, "{what}[{i}]: compiled {g} vs eager {w}");
+    }
+}
+
+/// A two-layer MLP classifier, seeded.
+struct Mlp {
+    l1: Linear,
+    l2: Linear,
+}
+
+impl Mlp {
+    fn new(seed: u64) -> Mlp {
+        let d = device();
+        let l1 = Linear::new(12, 16, true, seed, &d).unwrap();
+        let l2 = Linear::new(16, 5, true, seed + 7, &d).unwrap();
+        let req = |t: Tensor| t.requires_grad(true).unwrap();
+        Mlp {
+            l1: Linear { weight: req(l1.weight), bias: l1.bias.map(req) },
+            l2: Linear { weight: req(l2.weight), bias: l2.bias.map(req) },
+        }
+    }
+
+    fn params(&self) -> Vec<Tensor> {
+        self.l1.parameters().into_iter().chain(self.l2.parameters()).collect()
+    }
+
+    fn loss(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let h = self.l1.forward(x)?.relu()?;
+        self.l2.forward(&h)?.cross_entropy(y, ClassLoss::default())
+    }
+}
+
+/// Batch `i`: 8 inputs and their labels (new every call).
+fn batch(i: u64) -> (Tensor, Tensor) {
+    let d = device();
+    let x = wgrad::nn::uniform([8, 12], 1.0, 1000 + i, &d).unwrap().detach();
+    let labels: Vec<i32> = (0..8).map(|j| (j * 3 + i as i32 * 7) % 5).collect();
+    (x, Tensor::from_slice(&labels, [8], &d).unwrap())
+}
+
+fn values(ts: &[Tensor]) -> Vec<Vec<f32>> {
+    ts.iter().map(|t| t.to_vec::<f32>().unwrap()).collect()
+}
+
+fn grads(ts: &[Tensor]) -> Vec<Option<Vec<f32>>> {
+    ts.iter().map(|t| t.grad().map(|g| g.to_vec::<f32>().unwrap())).collect()
+}
+
+type MakeOpt = fn(&[Tensor]) -> Box<dyn Optimizer>;
+
+/// Runs 5 steps of `order` eagerly and compiled, from the same start, and
+/// compares everything after every step.
+fn eager_against_compiled(name: &str, make: MakeOpt, zero_first: bool) {
+    let (eager_model, compiled_model) = (Mlp::new(3), Mlp::new(3));
+    let mut eager_opt = make(&eager_model.params());
+    let opt = Rc::new(std::cell::RefCell::new(make(&compiled_model.params())));
+    let step_body = |model: &Mlp, opt: &mut dyn Optimizer, x: &Tensor, y: &Tensor| -> Result<Vec<Tensor>> {
+        if zero_first {
+            opt.zero_grad();
+        }
+        let loss = model.loss(x, y)?;
+        loss.backward()?;
+        opt.step()?;
+        if !zero_first {
+            opt.zero_grad();
+        }
+        Ok(vec![loss])
+    };
+    let opt_in = opt.clone();
+    let model = &compiled_model;
+    let mut step = compile_step(&device(), move |args: &[Tensor]| {
+        step_body(model, opt_in.borrow_mut().as_mut(), &args[0], &args[1])
+    });
+    for i in 0..5 {
+        if i == 3 {
+            let lr = eager_opt.lr() * 0.5;
+            eager_opt.set_lr(lr).unwrap();
+            opt.borrow_mut().set_lr(lr).unwrap();
+        }
+        let (x, y) = batch(i);
+        let want = step_body(&eager_model, eager_opt.as_mut(), &x, &y).unwrap();
+        let got = step.call(&[x, y]).unwrap();
+        let what = |s: &str| format!("{name} step {i}: {s}");
+        assert_close(&what("loss"), &got[0].to_vec::<f32>().unwrap(), &want[0].to_vec::<f32>().unwrap());
+        for (k, (g, w)) in values(&compiled_model.params()).iter().zip(values(&eager_model.params())).enumerate() {
+            assert_close(&what(&format!("parameter {k}")), g, &w);
+        }
+        let (g, w) = (grads(&compiled_model.params()), grads(&eager_model.params()));
+        for (k, (g, w)) in g.iter().zip(&w).enumerate() {
+            match (g, w) {
+                (Some(g), Some(w)) => assert_close(&what(&format!(".grad {k}")), g, w),
+                (None, None) => {}
+                _ => panic!("{}: .grad {k} exists in one mode only", what("")),
+            }
+        }
+    }
+    let stats = step.stats();
+    assert_eq!(stats.traces, 1, "{name}: one trace, the learning rate change included: {stats:?}");
+    assert_eq!((stats.replays, stats.graph_breaks, stats.eager_calls), (5, 0, 0), "{name}: {stats:?}");
+}
+
+#[test]
+fn training_steps_match_eager_for_every_optimizer() {
+    let sgd: MakeOpt = |p| Box::new(Sgd::new(p, 0.1, 0.9, 0.01).unwrap());
+    let plain_sgd: MakeOpt = |p| Box::new(Sgd::new(p, 0.2, 0.0, 0.0).unwrap());
+    let adam: MakeOpt = |p| Box::new(Adam::with(p, 0.01, (0.9, 0.999), 1e-8, 0.01).unwrap());
+    let adamw: MakeOpt = |p| Box::new(AdamW::new(p, 0.01).unwrap());
+    for (name, make) in [("sgd momentum", sgd), ("sgd", plain_sgd), ("adam", adam), ("adamw", adamw)] {
+        eager_against_compiled(name, make, true);
+        eager_against_compiled(&format!("{name}, zero_grad last"), make, false);
+    }
+}
+
+/// Without `zero_grad`, `.grad`s accumulate across calls: the first call
+/// (no `.grad`s yet) and the later ones (`.grad`s to add to) are two
+/// programs, and both match eager mode.
+#[test]
+fn accumulating_grads_are_a_guard_and_match_eager() {
+    let (eager_model, compiled_model) = (Mlp::new(5), Mlp::new(5));
+    let model = &compiled_model;
+    let mut step = compile_step(&device(), move |args: &[Tensor]| {
+        let loss = model.loss(&args[0], &args[1])?;
+        loss.backward()?;
+        Ok(vec![loss])
+    });
+    for i in 0..4 {
+        let (x, y) = batch(i);
+        eager_model.loss(&x, &y).unwrap().backward().unwrap();
+        step.call(&[x, y]).unwrap();
+        for (k, (g, w)) in grads(&compiled_model.params()).iter().zip(grads(&eager_model.params())).enumerate() {
+            assert_close(&format!("call {i} .grad {k}"), g.as_ref().unwrap(), w.as_ref().unwrap());
+        }
+    }
+    let stats = step.stats();
+    assert_eq!((stats.traces, stats.replays), (2, 4), "{stats:?}");
+}
+
+/// A readback inside the step is a graph break: the call runs eagerly,
+/// with the right results, and so do later calls with its signature.
+#[test]
+fn a_readback_inside_the_step_runs_it_eagerly() {
+    let (eager_model, compiled_model) = (Mlp::new(9), Mlp::new(9));
+    let mut eager_opt = Sgd::new(&eager_model.params(), 0.1, 0.0, 0.0).unwrap();
+    let mut opt = Sgd::new(&compiled_model.params(), 0.1, 0.0, 0.0).unwrap();
+    let model = &compiled_model;
+    let seen = Rc::new(Cell::new(0.0f32));
+    let seen_in = seen.clone();
+    let mut step = compile_step(&device(), move |args: &[Tensor]| {
+        opt.zero_grad();
+        let loss = model.loss(&args[0], &args[1])?;
+        seen_in.set(loss.to_scalar::<f32>()?);
+        loss.backward()?;
+        opt.step()?;
+        Ok(vec![])
+    });
+    for i in 0..3 {
+        let (x, y) = batch(i);
+        eager_opt.zero_grad();
+        let loss = eager_model.loss(&x, &y).unwrap();
+        let want = loss.to_scalar::<f32>().unwrap();
+        loss.backward().unwrap();
+        eager_opt.step().unwrap();
+        step.call(&[x, y]).unwrap();
+        assert_eq!(seen.get(), want, "call {i}: the eager run saw the same loss");
+        assert_eq!(values(&compiled_model.params()), values(&eager_model.params()), "call {i}");
+    }
+    let stats = step.stats();
+    assert_eq!((stats.traces, stats.graph_breaks, stats.eager_calls, stats.replays), (1, 1, 3, 0), "{stats:?}");
+    assert!(step.last_graph_break().unwrap().contains("to_vec"), "{:?}", step.last_graph_break());
+}
+
+/// Hooks are host code: a step whose backward meets one runs eagerly.
+#[test]
+fn a_hook_makes_the_step_run_eagerly() {
+    let model = Mlp::new(11);
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let calls_in = calls.clone();
+    let _h = model.l2.weight.register_hook(move |_| {
+        calls_in.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        None
+    });
+    let m = &model;
+    let mut step = compile_step(&device(), move |args: &[Tensor]| {
+        let loss = m.loss(&args[0], &args[1])?;
+        loss.backward()?;
+        Ok(vec![loss])
+    });
+    for i in 0..2 {
+        let (x, y) = batch(i);
+        step.call(&[x, y]).unwrap();
+    }
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2, "the hook ran once per call, eagerly");
+    assert_eq!(step.stats().graph_breaks, 1);
+    assert!(step.last_graph_break().unwrap().contains("hooks"));
+}
+
+/// Labels are checked on every call, as eager mode checks them: a bad
+/// label on a replay is an `Err`, and parameters, `.grad`s and optimizer
+/// state are as before the call (the next good call matches eager mode).
+#[test]
+fn bad_labels_on_a_replay_are_an_error_that_changes_nothing() {
+    let (eager_model, compiled_model) = (Mlp::new(13), Mlp::new(13));
+    let mut eager_opt = Adam::new(&eager_model.params(), 0.01).unwrap();
+    let mut opt = Adam::new(&compiled_model.params(), 0.01).unwrap();
+    let model = &compiled_model;
+    let mut step = compile_step(&device(), move |args: &[Tensor]| {
+        opt.zero_grad();
+        let loss = model.loss(&args[0], &args[1])?;
+        loss.backward()?;
+        opt.step()?;
+        Ok(vec![loss])
+    });
+    let run_eager = |x: &Tensor, y: &Tensor, opt: &mut Adam| {
+        opt.zero_grad();
+        eager_model.loss(x, y).unwrap().backward().unwrap();
+        opt.step().unwrap();
+    };
+    let (x, y) = batch(0);
+    run_eager(&x, &y, &mut eager_opt);
+    step.call(&[x.clone(), y]).unwrap();
+    let before = (values(&compiled_model.params()), grads(&compiled_model.params()));
+    let bad = Tensor::from_slice(&[0i32, 1, 2, 3, 4, 5, 1, 2], [8], &device()).unwrap();
+    let err = step.call(&[x.clone(), bad]).unwrap_err();
+    assert!(err.to_string().contains("label(s) outside 0..5"), "{err}");
+    assert_eq!((values(&compiled_model.params()), grads(&compiled_model.params())), before);
+    let (x, y) = batch(1);
+    run_eager(&x, &y, &mut eager_opt);
+    step.call(&[x, y]).unwrap();
+    for (k, (g, w)) in values(&compiled_model.params()).iter().zip(values(&eager_model.params())).enumerate() {
+        assert_close(&format!("parameter {k}"), g, &w);
+    }
+    assert_eq!(step.stats().traces, 1);
+}
+
+/// A host value the closure bakes into the trace is not part of the
+/// signature; `debug_retrace` traces every call again, notices the
+/// difference, and runs the new program.
+#[test]
+fn debug_retrace_reports_a_baked_in_host_value() {
+    let x = Tensor::from_slice(&[1.0f32, 2.0, 3.0], [3], &device()).unwrap();
+    let scale = Rc::new(Cell::new(2.0));
+    let scale_in = scale.clone();
+    let mut step = compile_step(&device(), move |args: &[Tensor]| Ok(vec![args[0].mul(scale_in.get())?]));
+    step.set_debug_retrace(true);
+    assert_eq!(step.call(std::slice::from_ref(&x)).unwrap()[0].to_vec::<f32>().unwrap(), vec![2.0, 4.0, 6.0]);
+    assert_eq!(step.call(std::slice::from_ref(&x)).unwrap()[0].to_vec::<f32>().unwrap(), vec![2.0, 4.0, 6.0]);
+    assert!(step.last_difference().is_none(), "the same trace twice");
+    scale.set(3.0);
+    assert_eq!(step.call(std::slice::from_ref(&x)).unwrap()[0].to_vec::<f32>().unwrap(), vec![3.0, 6.0, 9.0]);
+    assert!(step.last_difference().is_some(), "the changed scale was noticed");
+}
+
+/// An `Err` inside the traced step (here after `backward()`) is returned,
+/// and no `.grad` or parameter has changed.
+#[test]
+fn an_error_inside_the_step_changes_nothing() {
+    let model = Mlp::new(17);
+    let mut opt = Sgd::new(&model.params(), 0.1, 0.0, 0.0).unwrap();
+    let (x, y) = batch(0);
+    model.loss(&x, &y).unwrap().backward().unwrap();
+    let before = (values(&model.params()), grads(&model.params()));
+    let m = &model;
+    let mut step = compile_step(&device(), move |args: &[Tensor]| {
+        opt.zero_grad();
+        let loss = m.loss(&args[0], &args[1])?;
+        loss.backward()?;
+        opt.step()?;
+        let _oops = args[0].matmul(&args[0])?; // [8, 12] @ [8, 12]: an error
+        Ok(vec![loss])
+    });
+    let err = step.call(&[x, y]).unwrap_err();
+    assert!(err.to_string().contains("matmul"), "{err}");
+    assert_eq!((values(&model.params()), grads(&model.params())), before);
+}
