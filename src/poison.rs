@@ -105,10 +105,22 @@ impl Poison {
 /// (the same storage, seen twice): the kernel would race with itself, and
 /// on separate bindings wgpu would reject the whole batch, so it is
 /// refused here, at the call, instead. Operands in one arena share a
-/// binding and do not conflict unless their ranges overlap.
-pub(crate) fn check_conflicts(op: &'static str, operands: &[Operand], written: &[bool]) -> Result<()> {
+/// binding and do not conflict unless their ranges overlap. `in_place`
+/// lists (read, written) operand pairs the kernel may put on one storage
+/// (it reads each element only where it writes it): on the same range
+/// they are no conflict.
+pub(crate) fn check_conflicts(
+    op: &'static str,
+    operands: &[Operand],
+    written: &[bool],
+    in_place: &[(usize, usize)],
+) -> Result<()> {
     for (w, written_operand) in operands.iter().enumerate().filter(|&(w, _)| written[w]) {
-        if let Some(other) = (0..operands.len()).find(|&j| j != w && operands[j].overlaps(written_operand)) {
+        let allowed =
+            |j: usize| in_place.contains(&(j, w)) && operands[j].range == written_operand.range && !written[j];
+        if let Some(other) =
+            (0..operands.len()).find(|&j| j != w && operands[j].overlaps(written_operand) && !allowed(j))
+        {
             return Err(Error::InvalidArgument {
                 op,
                 message: format!(

@@ -126,9 +126,17 @@ impl Lowering<'_> {
                 }
                 let layouts: Vec<Layout> = reads.iter().map(|u| u.layout.clone()).collect();
                 let outs = vec![stored_layout(shape); stores.len()];
-                let launch = exec::map_launch(device, "fused", kernel.clone(), shape, &layouts, &outs, scalars)?;
+                let mut launch = exec::map_launch(device, "fused", kernel.clone(), shape, &layouts, &outs, scalars)?;
                 let mut bufs: Vec<Buf> = reads.iter().map(|u| self.buf(u.value)).collect();
                 bufs.extend(stores.iter().map(|&v| self.buf(v)));
+                // A store into an input's buffer is an in-place update whose
+                // reads of that input are at the stored element (see
+                // `in_place_updates`).
+                for w in reads.len()..bufs.len() {
+                    if let Buf::Input(_) = bufs[w] {
+                        launch.in_place.extend((0..reads.len()).filter(|&j| bufs[j] == bufs[w]).map(|j| (j, w)));
+                    }
+                }
                 self.push(launch, bufs)
             }
             Step::Reduce { value, kind, kernel, reads, scalars, shape, a, k, .. } => {
@@ -235,6 +243,36 @@ impl Lowering<'_> {
     }
 }
 
+/// The in-place updates that can be stored straight into their input's
+/// buffer instead of written back at the end: value -> input slot. An
+/// update qualifies when an elementwise kernel computes it, nothing reads
+/// the old contents after that kernel, and that kernel reads them only at
+/// the element it writes (so each invocation reads before it overwrites).
+/// The update's value is not a returned output (that would alias the
+/// parameter). Later reads of the new value read the input's buffer.
+fn in_place_updates(g: &CapturedGraph, steps: &[Step], escapes: &[bool]) -> HashMap<ValueId, usize> {
+    let mut found = HashMap::new();
+    for (v, role) in &g.outputs {
+        let OutputRole::Assign(slot) = *role else { continue };
+        if escapes[*v] {
+            continue;
+        }
+        let Some(input) = g.values.iter().position(|x| matches!(x.op, IrOp::Input { slot: s } if s == slot)) else {
+            continue;
+        };
+        let Some(at) = steps.iter().position(|s| s.stores().contains(v)) else { continue };
+        let Step::Elementwise { shape, .. } = &steps[at] else { continue };
+        let whole = Layout::contiguous(shape.clone());
+        let safe = steps.iter().enumerate().all(|(i, s)| {
+            s.reads().iter().filter(|u| u.value == input).all(|u| i < at || (i == at && u.layout == whole))
+        });
+        if safe && g.values[*v].meta.shape == *shape {
+            found.insert(*v, slot);
+        }
+    }
+    found
+}
+
 /// Plans memory for `steps` and builds the replayable program.
 pub(crate) fn lower(device: &Device, g: &CapturedGraph, steps: &[Step], mut report: ProgramReport) -> Result<Program> {
     // Which values escape the program: outputs, and what hooks see. The
@@ -264,6 +302,7 @@ pub(crate) fn lower(device: &Device, g: &CapturedGraph, steps: &[Step], mut repo
             last_read[v] = usize::MAX;
         }
     }
+    let in_place = in_place_updates(g, steps, &escapes);
     let mut l = Lowering {
         device,
         g,
@@ -293,7 +332,9 @@ pub(crate) fn lower(device: &Device, g: &CapturedGraph, steps: &[Step], mut repo
             }
             let bytes = bytes_of(g, v);
             let dtype = g.values[v].meta.dtype;
-            let buf = if escapes[v] {
+            let buf = if let Some(&slot) = in_place.get(&v) {
+                Buf::Input(slot)
+            } else if escapes[v] {
                 l.fresh(bytes, dtype)
             } else {
                 unplanned += size_class(bytes);
@@ -310,7 +351,7 @@ pub(crate) fn lower(device: &Device, g: &CapturedGraph, steps: &[Step], mut repo
     for (v, role) in &g.outputs {
         let OutputRole::Assign(slot) = *role else { continue };
         let meta = &g.values[*v].meta;
-        if meta.shape.numel() == 0 {
+        if meta.shape.numel() == 0 || in_place.contains_key(v) {
             continue;
         }
         let layout = stored_layout(&meta.shape);

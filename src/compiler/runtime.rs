@@ -249,7 +249,18 @@ impl Program {
                     let (bound, _, pipeline, bind_group) = cached.as_ref().expect("bind group is set");
                     let (info, written, grid) = (&launch.info, &launch.written, launch.grid);
                     let label = "compiled backward";
-                    device.dispatch_bound(label, info, pipeline, bind_group, bound.len(), &operands, written, grid)?;
+                    let in_place = &launch.in_place;
+                    device.dispatch_bound(
+                        label,
+                        info,
+                        pipeline,
+                        bind_group,
+                        bound.len(),
+                        &operands,
+                        written,
+                        in_place,
+                        grid,
+                    )?;
                 }
                 Action::Hook { point, src, layout, meta, index } => {
                     let storage = match *src {

@@ -100,7 +100,8 @@ struct Entry {
     commits: Vec<Commit>,
     checks: Vec<(usize, ArgCheck)>,
     grads: GradEffects,
-    assigned: Vec<Tensor>,
+    /// Tensors updated in place, with the input slot of each.
+    assigned: Vec<(Tensor, usize)>,
     returns: Vec<Returned>,
     program: Program,
     /// The captured IR and where its inputs come from, for `debug_retrace`.
@@ -395,6 +396,16 @@ where
             });
         }
         drop(host_buffers);
+        // The program updates parameters in place, some while it runs: an
+        // input that shares a buffer with one (a parameter passed as an
+        // argument too) would read it half-updated.
+        let aliased = inputs
+            .iter()
+            .enumerate()
+            .any(|(s, t)| entry.assigned.iter().any(|(target, slot)| s != *slot && t.shares_storage(target)));
+        if aliased {
+            return self.eager(args, "an input shares its buffer with a tensor the step updates in place");
+        }
         let no_hooks = &mut |_: usize, _: Tensor| -> Result<Tensor> {
             Err(Error::InvalidArgument {
                 op: "CompiledStep::call",
@@ -412,7 +423,7 @@ where
                 GradEffect::Tensor(t) => Some(t.clone()),
             };
         }
-        for t in &entry.assigned {
+        for (t, _) in &entry.assigned {
             t.pooled()?.bump_version();
         }
         for commit in &entry.commits {
@@ -456,7 +467,7 @@ fn outputs_of(returned: &[Tensor]) -> Result<(Outputs, Vec<Returned>)> {
 /// ends (an output when it is a traced value), and each in-place update
 /// as an output written back into its input's buffer. Output indices
 /// count only returned outputs (write-backs return nothing).
-fn effects(outputs: &mut Outputs) -> Result<(GradEffects, Vec<Tensor>)> {
+fn effects(outputs: &mut Outputs) -> Result<(GradEffects, Vec<(Tensor, usize)>)> {
     let (undo, assigns) = trace::step_effects();
     let mut grads = Vec::new();
     for (k, (leaf, now)) in undo.into_iter().enumerate() {
@@ -474,7 +485,7 @@ fn effects(outputs: &mut Outputs) -> Result<(GradEffects, Vec<Tensor>)> {
     let mut assigned = Vec::new();
     for (target, value, slot) in assigns {
         outputs.push((trace::output(&trace::value_tensor(value))?, OutputRole::Assign(slot)));
-        assigned.push(target);
+        assigned.push((target, slot));
     }
     Ok((grads, assigned))
 }

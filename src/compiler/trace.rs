@@ -247,6 +247,12 @@ pub(crate) fn assign(target: &Tensor, value: &Tensor) -> Result<()> {
                 message: "internal: assigned a traced tensor".into(),
             });
         };
+        if !target.is_contiguous() || target.layout().offset != 0 {
+            return Err(Error::InvalidArgument {
+                op: "compiled step",
+                message: "internal: an in-place update of a view (targets own their whole buffer)".into(),
+            });
+        }
         // The target is an input of the program (the buffer written back).
         let input = match tr.step.as_ref().expect("assign in a step trace").lifted.get(&key) {
             Some(&input) => input,

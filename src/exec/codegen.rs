@@ -504,6 +504,7 @@ fn index_expr(access: Access, base: usize) -> String {
     match access {
         Access::Linear => format!("p({base}u) + i"),
         Access::Strided => format!("strided({base}u, i)"),
+        Access::Broadcast => format!("p({base}u)"),
         Access::Gathered => unreachable!("gathered bindings are read by Gather and SegmentSum nodes"),
     }
 }

@@ -16,6 +16,9 @@ pub(crate) type NodeId = usize;
 pub(crate) enum Access {
     Linear,
     Strided,
+    /// Every element reads the same one (a broadcast scalar: all strides
+    /// 0), at the view's offset: no index arithmetic per element.
+    Broadcast,
     /// Read at computed element offsets ([`Node::Gather`], [`Node::SegmentSum`]),
     /// not at the current index: the binding keeps its own contiguous view
     /// instead of being broadcast to the kernel's shape.

@@ -43,6 +43,10 @@ pub(crate) struct Launch {
     pub dtypes: Vec<DType>,
     pub written: Vec<bool>,
     pub offset_words: Vec<usize>,
+    /// (read operand, written operand) pairs on one storage that do not
+    /// race: an elementwise kernel reading the very element each
+    /// invocation then overwrites (a compiled step's in-place update).
+    pub in_place: Vec<(usize, usize)>,
 }
 
 impl Launch {
@@ -156,7 +160,13 @@ pub(crate) fn map_words(
     for (slot, view) in inputs.iter().enumerate() {
         let access = &mut kernel.inputs[slot].1;
         if *access != Access::Gathered {
-            *access = if view.is_contiguous() { Access::Linear } else { Access::Strided };
+            *access = if view.is_contiguous() {
+                Access::Linear
+            } else if view.strides.iter().all(|&s| s == 0) {
+                Access::Broadcast
+            } else {
+                Access::Strided
+            };
         }
         push_view(&mut words, view);
     }
@@ -188,7 +198,7 @@ pub(crate) fn map_launch(
     let grid = device.grid_1d(if x4 { shape.numel() as u64 / 4 } else { shape.numel() as u64 })?;
     let (dtypes, written, offset_words) = map_operands(&kernel);
     let template = Template::Map { kernel, x4 };
-    Ok(Launch { label: op, template, words, grid, info, dtypes, written, offset_words })
+    Ok(Launch { label: op, template, words, grid, info, dtypes, written, offset_words, in_place: Vec::new() })
 }
 
 /// Runs an elementwise kernel over `out_shape`, broadcasting every input to
@@ -340,7 +350,7 @@ pub(crate) fn reduce_launch(
     words.extend_from_slice(&codegen::reduce_words(a, if x4 { k / 4 } else { k }, n_chunks));
     let (dtypes, written, offset_words) = map_operands(&kernel);
     let template = Template::Reduce { kernel, kind, x4 };
-    Ok(Launch { label: "reduce", template, words, grid, info, dtypes, written, offset_words })
+    Ok(Launch { label: "reduce", template, words, grid, info, dtypes, written, offset_words, in_place: Vec::new() })
 }
 
 /// Reduces `x` over `axes` (sorted, distinct, in range).
@@ -507,6 +517,7 @@ pub(crate) fn matmul_launches(
                     dtypes: dtypes.clone(),
                     written: written.clone(),
                     offset_words: offset_words.clone(),
+                    in_place: Vec::new(),
                 });
             }
         }

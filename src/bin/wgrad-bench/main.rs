@@ -1,11 +1,12 @@
 //! `wgrad-bench`: the five workloads of WORKLOADS.md side by side in one
-//! run, in three modes: `eager` (one dispatch per op, the classic eager
+//! run, in four modes: `eager` (one dispatch per op, the classic eager
 //! executor), `merged` (eager, with elementwise ops of one shape merged
-//! into one dispatch: the library's default) and `compiled` (merged
-//! forward, compiled backward).
+//! into one dispatch: the library's default), `compiled` (merged
+//! forward, compiled backward) and `step` (forward, backward and update
+//! compiled as one program, `wgrad::compile_step`).
 //!
 //! ```sh
-//! cargo run --release --bin wgrad-bench -- [--workload W1,W3] [--mode eager,merged,compiled]
+//! cargo run --release --bin wgrad-bench -- [--workload W1,W3] [--mode eager,merged,compiled,step]
 //!     [--steps 20] [--small] [--json FILE] [--svg FILE] [--matmul 256,512] [--memory-steps 1000]
 //!     [--profile] [--trace DIR] [--limits webgpu|adapter]
 //! ```
@@ -89,7 +90,7 @@ fn parse() -> Result<Options, String> {
                             .into_iter()
                             .find(|x| x.name() == m)
                             .map(|x| vec![x])
-                            .ok_or(format!("unknown mode {m:?} (eager, merged, compiled, all)")),
+                            .ok_or(format!("unknown mode {m:?} (eager, merged, compiled, step, all)")),
                     })
                     .collect::<Result<Vec<_>, _>>()?
                     .concat()
@@ -131,7 +132,7 @@ fn parse() -> Result<Options, String> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: wgrad-bench [--workload W1,..] [--mode eager,merged,compiled] [--steps N] [--small] [--json FILE] [--svg FILE] [--matmul 256,512] [--memory-steps 1000] [--profile] [--trace DIR] [--limits webgpu|adapter] [--arenas auto|always|never]"
+                    "usage: wgrad-bench [--workload W1,..] [--mode eager,merged,compiled,step] [--steps N] [--small] [--json FILE] [--svg FILE] [--matmul 256,512] [--memory-steps 1000] [--profile] [--trace DIR] [--limits webgpu|adapter] [--arenas auto|always|never]"
                 );
                 std::process::exit(0);
             }
@@ -164,6 +165,8 @@ struct Runner {
     mode: Mode,
     w: Workload,
     compiler: Option<Arc<WgslCompiler>>,
+    /// The compiled step of `step` mode.
+    compiled_step: Option<Box<dyn FnMut() -> wgrad::Result<f32>>>,
     first_ms: f64,
     /// Live bytes the workload holds between steps (weights, data,
     /// gradients, a compiled program's buffers).
@@ -180,10 +183,13 @@ impl Runner {
         device.synchronize()?;
         let live = device.memory_stats().live_bytes;
         let compiler = (mode == Mode::Compiled).then(|| Arc::new(WgslCompiler::new(device)));
+        let mut w = Workload::new(id, device, o.small)?;
+        let compiled_step = (mode == Mode::Step).then(|| w.compiled_step(device));
         let mut r = Runner {
             mode,
-            w: Workload::new(id, device, o.small)?,
+            w,
             compiler,
+            compiled_step,
             first_ms: 0.0,
             resident: 0,
             times: Vec::with_capacity(o.steps),
@@ -209,7 +215,10 @@ impl Runner {
         device.reset_peak_memory();
         let before = device.counters();
         let t = Instant::now();
-        self.loss = self.w.step()?;
+        self.loss = match &mut self.compiled_step {
+            Some(step) => step()?,
+            None => self.w.step()?,
+        };
         let ms = t.elapsed().as_secs_f64() * 1e3;
         let after = device.counters();
         self.step_peak = self.step_peak.max(device.memory_stats().peak_bytes - live);
@@ -315,16 +324,20 @@ enum Mode {
     Merged,
     /// Merged forward, compiled backward.
     Compiled,
+    /// The whole step (forward, backward, update) compiled as one program
+    /// (`wgrad::compile_step`).
+    Step,
 }
 
 impl Mode {
-    const ALL: [Mode; 3] = [Mode::Eager, Mode::Merged, Mode::Compiled];
+    const ALL: [Mode; 4] = [Mode::Eager, Mode::Merged, Mode::Compiled, Mode::Step];
 
     fn name(self) -> &'static str {
         match self {
             Mode::Eager => "eager",
             Mode::Merged => "merged",
             Mode::Compiled => "compiled",
+            Mode::Step => "step",
         }
     }
 }
@@ -405,6 +418,7 @@ fn svg(rows: &[Row], adapter: &str) -> String {
                 Mode::Eager => "#888",
                 Mode::Merged => "#58c",
                 Mode::Compiled => "#2a7",
+                Mode::Step => "#c62",
             };
             let by = y + 4.0 + 18.0 * j as f64;
             let _ = writeln!(s, "<rect x=\"150\" y=\"{by}\" width=\"{len:.1}\" height=\"15\" fill=\"{color}\"/>");

@@ -121,12 +121,57 @@ impl Workload {
 
     /// The loss (recorded graph) of one forward pass.
     fn loss(&self) -> wgrad::Result<Tensor> {
-        let p = &self.leaves;
-        match self.id {
+        loss_of(self.id, &self.leaves, &self.data)
+    }
+
+    /// One step: forward, backward (and W1's SGD update), loss read back once.
+    pub fn step(&mut self) -> wgrad::Result<f32> {
+        self.step_observed(|| {})
+    }
+
+    /// [`Self::step`], calling `before_backward` between forward and backward.
+    pub fn step_observed(&mut self, before_backward: impl FnOnce()) -> wgrad::Result<f32> {
+        for p in &self.leaves {
+            p.zero_grad();
+        }
+        let loss = self.loss()?;
+        before_backward();
+        loss.backward()?;
+        if let Some(opt) = &mut self.optimizer {
+            opt.step()?;
+        }
+        loss.to_scalar::<f32>()
+    }
+
+    /// The same step (zero_grad, forward, backward, update) as a compiled
+    /// step (`wgrad::compile_step`), its data passed as arguments; each call
+    /// replays it and reads the loss back once. Takes the optimizer.
+    pub fn compiled_step(&mut self, device: &Device) -> Box<dyn FnMut() -> wgrad::Result<f32>> {
+        let (id, leaves, data) = (self.id, self.leaves.clone(), self.data.clone());
+        let mut optimizer = self.optimizer.take();
+        let mut step = wgrad::compile_step(device, move |args: &[Tensor]| {
+            for p in &leaves {
+                p.zero_grad();
+            }
+            let loss = loss_of(id, &leaves, args)?;
+            loss.backward()?;
+            if let Some(opt) = &mut optimizer {
+                opt.step()?;
+            }
+            Ok(vec![loss])
+        });
+        Box::new(move || step.call(&data)?[0].to_scalar::<f32>())
+    }
+}
+
+/// The loss of workload `id` on parameters `p` and data `data`.
+fn loss_of(id: Id, p: &[Tensor], data: &[Tensor]) -> wgrad::Result<Tensor> {
+    {
+        match id {
             Id::W1 => {
-                let h1 = self.data[0].matmul(&p[0])?.add(&p[1])?.relu()?;
+                let h1 = data[0].matmul(&p[0])?.add(&p[1])?.relu()?;
                 let h2 = h1.matmul(&p[2])?.add(&p[3])?.relu()?;
-                h2.matmul(&p[4])?.add(&p[5])?.cross_entropy(&self.data[1], ClassLoss::default())
+                h2.matmul(&p[4])?.add(&p[5])?.cross_entropy(&data[1], ClassLoss::default())
             }
             Id::W2 => {
                 let (x, a, b) = (&p[0], &p[1], &p[2]);
@@ -136,7 +181,7 @@ impl Workload {
             Id::W4 => {
                 let cols = p[0].dims()[1];
                 let y = p[0].layer_norm(&[cols], None, None, 1e-5)?.mul(&p[1])?.add(&p[2])?;
-                y.softmax(-1)?.mul(&self.data[0])?.sum_all()
+                y.softmax(-1)?.mul(&data[0])?.sum_all()
             }
             Id::W5 => {
                 let mut x = p[0].clone();
@@ -160,25 +205,6 @@ impl Workload {
                 total.square()?.sum_all()
             }
         }
-    }
-
-    /// One step: forward, backward (and W1's SGD update), loss read back once.
-    pub fn step(&mut self) -> wgrad::Result<f32> {
-        self.step_observed(|| {})
-    }
-
-    /// [`Self::step`], calling `before_backward` between forward and backward.
-    pub fn step_observed(&mut self, before_backward: impl FnOnce()) -> wgrad::Result<f32> {
-        for p in &self.leaves {
-            p.zero_grad();
-        }
-        let loss = self.loss()?;
-        before_backward();
-        loss.backward()?;
-        if let Some(opt) = &mut self.optimizer {
-            opt.step()?;
-        }
-        loss.to_scalar::<f32>()
     }
 }
 
