@@ -50,7 +50,7 @@ pub use error::{Error, Result};
 pub use half;
 pub use metadata::{DType, DeviceId, InputMetadata, Shape, collect_input_metadata};
 pub use ops::{ClassLoss, Conv2dOptions, Operand, Pool2dOptions, Reduction, cat, embedding, stack, where_};
-pub use optim::{Adam, AdamW, Optimizer, Sgd, clip_grad_norm};
+pub use optim::{Adam, AdamW, CosineWithWarmup, LrScheduler, Optimizer, Sgd, StepLr, clip_grad_norm};
 pub use profile::{BatchRecord, KernelRecord, Profile, Timing};
 pub use tensor::{Element, Tensor};
 

@@ -270,6 +270,9 @@ impl Core {
     }
 
     fn set_lr(&mut self, op: &'static str, new: f64) -> Result<()> {
+        // Inside a compiled step this would happen once, when tracing; a
+        // replay reads the rate at every call, so it belongs between calls.
+        crate::compiler::trace::graph_break(op, "the learning rate is set between calls of a compiled step")?;
         let mut host = self.host.lock();
         let mut rule = host.rule;
         match &mut rule {
@@ -545,6 +548,127 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Result<Option<Tensor>
         params[i].set_grad(Some(g.mul(&coef)?))?;
     }
     Ok(Some(norm))
+}
+
+/// A learning-rate schedule: the rate for each step, from the rate the
+/// optimizer had when the schedule was made. Call [`LrScheduler::step`]
+/// after each optimizer step (between calls of a compiled step: a compiled
+/// step reads the rate at every call, so a schedule needs no re-trace).
+pub trait LrScheduler {
+    /// Advances one step and sets the optimizer's rate for the next one.
+    fn step(&mut self, opt: &mut dyn Optimizer) -> Result<()>;
+    /// The rate set by the last call (the initial rate before any).
+    fn last_lr(&self) -> f64;
+}
+
+/// PyTorch's `StepLR`: the rate times `gamma` every `step_size` steps,
+/// `lr = base gamma^(floor(t / step_size))`.
+///
+/// ```
+/// # use wgrad::{Device, Tensor, Sgd, Optimizer, StepLr, LrScheduler};
+/// # let device = Device::new()?;
+/// # let w = Tensor::from_slice(&[1.0f32], [1], &device)?.requires_grad(true)?;
+/// let mut opt = Sgd::new(&[w], 0.1, 0.0, 0.0)?;
+/// let mut schedule = StepLr::new(&opt, 2, 0.5)?;
+/// for _ in 0..4 {
+///     schedule.step(&mut opt)?;
+/// }
+/// assert_eq!(opt.lr(), 0.025); // 0.1 halved at steps 2 and 4
+/// # Ok::<(), wgrad::Error>(())
+/// ```
+pub struct StepLr {
+    base: f64,
+    step_size: u64,
+    gamma: f64,
+    t: u64,
+    last: f64,
+}
+
+impl StepLr {
+    /// Multiplies `opt`'s current rate by `gamma` every `step_size` steps.
+    pub fn new(opt: &dyn Optimizer, step_size: u64, gamma: f64) -> Result<StepLr> {
+        if step_size == 0 || !gamma.is_finite() || gamma < 0.0 {
+            return Err(Error::InvalidArgument {
+                op: "StepLr::new",
+                message: format!(
+                    "step_size {step_size} and gamma {gamma}: step_size must be >= 1, gamma finite and >= 0"
+                ),
+            });
+        }
+        Ok(StepLr { base: opt.lr(), step_size, gamma, t: 0, last: opt.lr() })
+    }
+}
+
+impl LrScheduler for StepLr {
+    fn step(&mut self, opt: &mut dyn Optimizer) -> Result<()> {
+        let lr = self.base * self.gamma.powi(((self.t + 1) / self.step_size).min(i32::MAX as u64) as i32);
+        opt.set_lr(lr)?;
+        self.t += 1;
+        self.last = lr;
+        Ok(())
+    }
+    fn last_lr(&self) -> f64 {
+        self.last
+    }
+}
+
+/// A linear warm-up over the first `warmup` steps (step `t` gets
+/// `base (t + 1) / (warmup + 1)`, so no step has rate 0), then a cosine
+/// decay from the base rate to `min_lr` at step `total` (and `min_lr`
+/// after): `transformers.get_cosine_schedule_with_warmup` with a floor and
+/// a warm-up that starts above 0.
+pub struct CosineWithWarmup {
+    base: f64,
+    warmup: u64,
+    total: u64,
+    min_lr: f64,
+    t: u64,
+    last: f64,
+}
+
+impl CosineWithWarmup {
+    /// Warms `opt`'s current rate up over `warmup` steps and decays it to
+    /// `min_lr` by step `total`. Sets the first step's rate now.
+    pub fn new(opt: &mut dyn Optimizer, warmup: u64, total: u64, min_lr: f64) -> Result<CosineWithWarmup> {
+        let base = opt.lr();
+        if total < warmup || !min_lr.is_finite() || min_lr < 0.0 || min_lr > base {
+            return Err(Error::InvalidArgument {
+                op: "CosineWithWarmup::new",
+                message: format!(
+                    "warmup {warmup}, total {total}, min_lr {min_lr}: need warmup <= total and 0 <= min_lr <= the \
+                     optimizer's rate {base}"
+                ),
+            });
+        }
+        let mut s = CosineWithWarmup { base, warmup, total, min_lr, t: 0, last: base };
+        let first = s.lr_at(0);
+        opt.set_lr(first)?;
+        s.last = first;
+        Ok(s)
+    }
+
+    /// The rate of step `t` (0-based).
+    pub fn lr_at(&self, t: u64) -> f64 {
+        if t < self.warmup {
+            return self.base * (t + 1) as f64 / (self.warmup + 1) as f64;
+        }
+        let span = (self.total - self.warmup).max(1) as f64;
+        let progress = ((t - self.warmup) as f64 / span).min(1.0);
+        self.min_lr + (self.base - self.min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+    }
+}
+
+impl LrScheduler for CosineWithWarmup {
+    fn step(&mut self, opt: &mut dyn Optimizer) -> Result<()> {
+        let lr = self.lr_at(self.t + 1);
+        opt.set_lr(lr)?;
+        self.t += 1;
+        self.last = lr;
+        Ok(())
+    }
+    fn last_lr(&self) -> f64 {
+        self.last
+    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,9 @@ use std::rc::Rc;
 
 use common::device;
 use wgrad::nn::{Linear, Module};
-use wgrad::{Adam, AdamW, ClassLoss, Optimizer, Result, Sgd, Tensor, compile_step};
+use wgrad::{
+    Adam, AdamW, ClassLoss, CosineWithWarmup, DType, LrScheduler, Optimizer, Result, Sgd, StepLr, Tensor, compile_step,
+};
 
 fn assert_close(what: &str, got: &[f32], want: &[f32]) {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
@@ -290,4 +292,103 @@ fn an_error_inside_the_step_changes_nothing() {
     let err = step.call(&[x, y]).unwrap_err();
     assert!(err.to_string().contains("matmul"), "{err}");
     assert_eq!((values(&model.params()), grads(&model.params())), before);
+}
+
+/// A cosine schedule with warm-up changes the rate every step; the compiled
+/// step reads it at every call (one trace) and matches eager mode.
+#[test]
+fn a_schedule_needs_no_retrace_and_matches_eager() {
+    let (eager_model, compiled_model) = (Mlp::new(19), Mlp::new(19));
+    let mut eager_opt = AdamW::new(&eager_model.params(), 0.02).unwrap();
+    let opt = Rc::new(std::cell::RefCell::new(AdamW::new(&compiled_model.params(), 0.02).unwrap()));
+    let mut eager_schedule = CosineWithWarmup::new(&mut eager_opt, 2, 6, 0.001).unwrap();
+    let mut schedule = CosineWithWarmup::new(&mut *opt.borrow_mut(), 2, 6, 0.001).unwrap();
+    let (model, opt_in) = (&compiled_model, opt.clone());
+    let mut step = compile_step(&device(), move |args: &[Tensor]| {
+        let mut opt = opt_in.borrow_mut();
+        opt.zero_grad();
+        let loss = model.loss(&args[0], &args[1])?;
+        loss.backward()?;
+        opt.step()?;
+        Ok(vec![loss])
+    });
+    let mut rates = Vec::new();
+    for i in 0..8 {
+        let (x, y) = batch(i);
+        eager_opt.zero_grad();
+        eager_model.loss(&x, &y).unwrap().backward().unwrap();
+        eager_opt.step().unwrap();
+        eager_schedule.step(&mut eager_opt).unwrap();
+        step.call(&[x, y]).unwrap();
+        schedule.step(&mut *opt.borrow_mut()).unwrap();
+        rates.push(schedule.last_lr());
+        for (k, (g, w)) in values(&compiled_model.params()).iter().zip(values(&eager_model.params())).enumerate() {
+            assert_close(&format!("step {i} parameter {k}"), g, &w);
+        }
+    }
+    assert_eq!(step.stats().traces, 1);
+    // Warm-up 0.02 * 2/3 at step 1, then the cosine down to 0.001 at step 6.
+    assert!((rates[0] - 0.02 * 2.0 / 3.0).abs() < 1e-12, "{rates:?}");
+    assert!((rates[1] - 0.02).abs() < 1e-12, "{rates:?}");
+    assert!((rates[3] - (0.001 + 0.019 * 0.5 * (1.0 + (std::f64::consts::PI * 0.5).cos()))).abs() < 1e-12);
+    assert_eq!(rates[5..], [0.001, 0.001, 0.001]);
+}
+
+/// `StepLr` as PyTorch's `StepLR`; a bad schedule or a rate set inside a
+/// compiled step is refused (the latter runs the step eagerly).
+#[test]
+fn step_lr_and_setting_the_rate_inside_a_step() {
+    let w = Tensor::from_slice(&[1.0f32, 2.0], [2], &device()).unwrap().requires_grad(true).unwrap();
+    let mut opt = Sgd::new(std::slice::from_ref(&w), 0.1, 0.0, 0.0).unwrap();
+    let mut schedule = StepLr::new(&opt, 3, 0.1).unwrap();
+    let mut rates = Vec::new();
+    for _ in 0..7 {
+        schedule.step(&mut opt).unwrap();
+        rates.push(opt.lr());
+    }
+    let want = [0.1, 0.1, 0.01, 0.01, 0.01, 0.001, 0.001];
+    for (got, want) in rates.iter().zip(want) {
+        assert!((got - want).abs() < 1e-15, "{rates:?}");
+    }
+    assert!(StepLr::new(&opt, 0, 0.5).is_err());
+    assert!(CosineWithWarmup::new(&mut opt, 5, 2, 0.0).is_err());
+    let mut step = compile_step(&device(), move |_: &[Tensor]| {
+        opt.set_lr(0.5)?;
+        Ok(vec![])
+    });
+    step.call(&[]).unwrap();
+    assert_eq!(step.stats().graph_breaks, 1);
+    assert!(step.last_graph_break().unwrap().contains("set_lr"), "{:?}", step.last_graph_break());
+}
+
+/// A different argument dtype or shape is a new signature (a new trace);
+/// the old one is still cached.
+#[test]
+fn a_new_dtype_or_shape_traces_again() {
+    let mut step = compile_step(&device(), |args: &[Tensor]| Ok(vec![args[0].to_dtype(DType::F32)?.mul(2.0)?]));
+    let f = Tensor::from_slice(&[1.0f32, 2.0], [2], &device()).unwrap();
+    let i = Tensor::from_slice(&[3i32, 4], [2], &device()).unwrap();
+    let g = Tensor::from_slice(&[1.0f32, 2.0, 3.0], [3], &device()).unwrap();
+    for (t, want) in [(&f, vec![2.0, 4.0]), (&i, vec![6.0, 8.0]), (&g, vec![2.0, 4.0, 6.0]), (&f, vec![2.0, 4.0])] {
+        assert_eq!(step.call(std::slice::from_ref(t)).unwrap()[0].to_vec::<f32>().unwrap(), want);
+    }
+    assert_eq!((step.stats().traces, step.stats().replays), (3, 4));
+}
+
+/// A parameter replaced behind the step's back is not in the signature
+/// (tensors are bound by identity); `debug_retrace` notices it and runs
+/// the new program.
+#[test]
+fn debug_retrace_reports_a_replaced_parameter() {
+    let d = device();
+    let w = Rc::new(std::cell::RefCell::new(Tensor::from_slice(&[1.0f32, 1.0], [2], &d).unwrap()));
+    let w_in = w.clone();
+    let mut step = compile_step(&d, move |args: &[Tensor]| Ok(vec![args[0].mul(&*w_in.borrow())?]));
+    step.set_debug_retrace(true);
+    let x = Tensor::from_slice(&[2.0f32, 3.0], [2], &d).unwrap();
+    step.call(std::slice::from_ref(&x)).unwrap();
+    *w.borrow_mut() = Tensor::from_slice(&[10.0f32, 10.0], [2], &d).unwrap();
+    let y = step.call(std::slice::from_ref(&x)).unwrap();
+    assert_eq!(y[0].to_vec::<f32>().unwrap(), vec![20.0, 30.0]);
+    assert!(step.last_difference().unwrap().contains("tensor"), "{:?}", step.last_difference());
 }
