@@ -44,7 +44,8 @@ pub struct Dropout {
     /// The probability of zeroing an element, in [0, 1].
     pub p: f64,
     seed: u64,
-    calls: std::sync::atomic::AtomicU64,
+    /// Forward calls so far (shared with compiled steps, which advance it).
+    calls: std::sync::Arc<std::sync::atomic::AtomicU64>,
     training: bool,
 }
 
@@ -57,7 +58,7 @@ impl Dropout {
                 message: format!("p must be in [0, 1], got {p}"),
             });
         }
-        Ok(Dropout { p, seed, calls: std::sync::atomic::AtomicU64::new(0), training: true })
+        Ok(Dropout { p, seed, calls: Default::default(), training: true })
     }
 
     /// Applies dropout in training mode; returns `x` itself in evaluation mode.
@@ -65,9 +66,28 @@ impl Dropout {
         if !self.training {
             return x.dropout(self.p, 0, false);
         }
-        let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        use std::sync::atomic::Ordering;
         // Distinct, well-mixed seeds per call (splitmix64's increment).
-        x.dropout(self.p, self.seed.wrapping_add(call.wrapping_mul(0x9E37_79B9_7F4A_7C15)), true)
+        let seed_of = |base: u64, call: u64| base.wrapping_add(call.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        if crate::compiler::trace::is_step() {
+            // In a compiled step the seed is data: the host computes it from
+            // the counter at every call (this forward being the `k`-th of
+            // the step's), and the counter advances when the step runs.
+            let (calls, base) = (self.calls.clone(), self.seed);
+            let k = crate::compiler::trace::uses_of(std::sync::Arc::as_ptr(&self.calls) as usize);
+            let words = move || {
+                let seed = seed_of(base, calls.load(Ordering::Relaxed) + k);
+                vec![seed as u32, (seed >> 32) as u32]
+            };
+            let seeds = crate::compiler::trace::host_input(Box::new(words), crate::DType::U32, x.device())?;
+            let calls = self.calls.clone();
+            crate::compiler::trace::on_commit(Box::new(move || {
+                calls.fetch_add(1, Ordering::Relaxed);
+            }));
+            return x.dropout_seeded_by(self.p, &seeds);
+        }
+        let call = self.calls.fetch_add(1, Ordering::Relaxed);
+        x.dropout(self.p, seed_of(self.seed, call), true)
     }
 }
 

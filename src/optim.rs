@@ -304,8 +304,9 @@ impl Core {
                 for &i in &which {
                     v.extend(h.rule.corrections(h.steps[i] + 1));
                 }
-                v
+                v.into_iter().map(f32::to_bits).collect()
             }),
+            DType::F32,
             self.params[0].device(),
         )?;
         let rule = self.host.lock().rule;

@@ -276,6 +276,22 @@ impl Tensor {
         Ok(t.into_iter().next().expect("one output"))
     }
 
+    /// Random numbers whose 64-bit seed is read from `seeds` (u32 `[2]`,
+    /// low word first): the numbers [`Tensor::random`] gives for that seed.
+    /// A compiled step draws its dropout masks this way, its seeds being
+    /// data that change every call.
+    pub(crate) fn random_from(kind: RandomKind, shape: Shape, seeds: &Tensor) -> Result<Tensor> {
+        let mut k = MapKernel::default();
+        let b = k.gathered(DType::U32);
+        let (zero, one) = (k.scalar(DType::U32), k.scalar(DType::U32));
+        let lo = k.push(K::Gather(b, zero), DType::U32);
+        let hi = k.push(K::Gather(b, one), DType::U32);
+        let r = k.push(K::RandomAt(kind, lo, hi), DType::F32);
+        k.output(r);
+        let t = crate::exec::map("random", k, &[seeds], &[0.0, 1.0], &shape, seeds.device())?;
+        Ok(t.into_iter().next().expect("one output"))
+    }
+
     /// Uniform in [0, 1), f32, from a seed: the same seed gives the same
     /// values on every device and for every way the work is split.
     pub fn rand(shape: impl Into<Shape>, seed: u64, device: &Device) -> Result<Tensor> {

@@ -392,3 +392,41 @@ fn debug_retrace_reports_a_replaced_parameter() {
     assert_eq!(y[0].to_vec::<f32>().unwrap(), vec![20.0, 30.0]);
     assert!(step.last_difference().unwrap().contains("tensor"), "{:?}", step.last_difference());
 }
+
+/// Dropout in a compiled step draws the masks eager mode draws: its seed
+/// is a host input computed from the layer's counter at every call, and
+/// the counter advances as in eager mode (twice per call for a layer used
+/// twice).
+#[test]
+fn dropout_draws_the_eager_masks_in_a_compiled_step() {
+    use wgrad::nn::Dropout;
+    let (eager_model, compiled_model) = (Mlp::new(23), Mlp::new(23));
+    let (eager_drop, drop) = (Dropout::new(0.3, 99).unwrap(), Dropout::new(0.3, 99).unwrap());
+    let forward = |m: &Mlp, d: &Dropout, x: &Tensor, y: &Tensor| -> Result<Tensor> {
+        let h = d.forward(&m.l1.forward(&d.forward(x)?)?.relu()?)?;
+        m.l2.forward(&h)?.cross_entropy(y, ClassLoss::default())
+    };
+    let mut eager_opt = Sgd::new(&eager_model.params(), 0.1, 0.0, 0.0).unwrap();
+    let mut opt = Sgd::new(&compiled_model.params(), 0.1, 0.0, 0.0).unwrap();
+    let (model, d) = (&compiled_model, &drop);
+    let mut step = compile_step(&device(), move |args: &[Tensor]| {
+        opt.zero_grad();
+        let loss = forward(model, d, &args[0], &args[1])?;
+        loss.backward()?;
+        opt.step()?;
+        Ok(vec![loss])
+    });
+    for i in 0..4 {
+        let (x, y) = batch(i);
+        eager_opt.zero_grad();
+        let want = forward(&eager_model, &eager_drop, &x, &y).unwrap();
+        want.backward().unwrap();
+        eager_opt.step().unwrap();
+        let got = step.call(&[x, y]).unwrap();
+        assert_close(&format!("step {i} loss"), &got[0].to_vec::<f32>().unwrap(), &want.to_vec::<f32>().unwrap());
+        for (k, (g, w)) in values(&compiled_model.params()).iter().zip(values(&eager_model.params())).enumerate() {
+            assert_close(&format!("step {i} parameter {k}"), g, &w);
+        }
+    }
+    assert_eq!((step.stats().traces, step.stats().graph_breaks), (1, 0));
+}

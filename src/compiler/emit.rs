@@ -157,6 +157,7 @@ impl<'a> Emitter<'a> {
                 Node::Arg => Node::Arg,
                 Node::Unary(op, a) => Node::Unary(op, map[a]),
                 Node::Binary(op, a, b) => Node::Binary(op, map[a], map[b]),
+                Node::RandomAt(kind, lo, hi) => Node::RandomAt(kind, map[lo], map[hi]),
                 Node::Compare(op, a, b) => Node::Compare(op, map[a], map[b]),
                 Node::Select(c, a, b) => Node::Select(map[c], map[a], map[b]),
                 Node::Cast(a) => Node::Cast(map[a]),

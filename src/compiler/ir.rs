@@ -168,6 +168,7 @@ pub(crate) fn kernel_expr(k: &MapKernel, node: usize, scalars: &[f64]) -> String
         Node::Scalar(j) => scalars.get(j).map_or(format!("s{j}"), |v| format!("{v}")),
         Node::Index => "index".into(),
         Node::Random(kind, _) => format!("{kind:?}").to_lowercase(),
+        Node::RandomAt(kind, lo, hi) => format!("{}({}, {})", format!("{kind:?}").to_lowercase(), e(lo), e(hi)),
         Node::Unary(op, a) => format!("{}({})", op.name(), e(a)),
         Node::Binary(op, a, b) => format!("{}({}, {})", op.name(), e(a), e(b)),
         Node::Compare(op, a, b) => format!("{op:?}({}, {})", e(a), e(b)).to_lowercase(),

@@ -94,7 +94,7 @@ struct Entry {
     /// `.grad`s the trace read before changing them, as they were.
     guards: Vec<GradGuard>,
     sources: Vec<Source>,
-    host: Vec<(HostValues, usize)>,
+    host: Vec<(HostValues, usize, DType)>,
     /// Program-owned buffers of the host inputs, made on the first replay.
     host_buffers: Mutex<Vec<Arc<PooledBuffer>>>,
     commits: Vec<Commit>,
@@ -367,8 +367,11 @@ where
         }
         let mut host_buffers = entry.host_buffers.lock();
         if host_buffers.is_empty() {
-            *host_buffers =
-                entry.host.iter().map(|(_, n)| self.device.alloc(4 * *n as u64, DType::F32)).collect::<Result<_>>()?;
+            *host_buffers = entry
+                .host
+                .iter()
+                .map(|(_, n, dtype)| self.device.alloc(4 * *n as u64, *dtype))
+                .collect::<Result<_>>()?;
         }
         let mut inputs = Vec::with_capacity(entry.sources.len());
         for source in &entry.sources {
@@ -380,8 +383,8 @@ where
                     message: "internal: a guarded .grad is gone".into(),
                 })?,
                 Source::Host(k) => {
-                    let (values, n) = &entry.host[*k];
-                    let words: Vec<u32> = values().iter().map(|v| v.to_bits()).collect();
+                    let (values, n, dtype) = &entry.host[*k];
+                    let words = values();
                     if words.len() != *n {
                         return Err(Error::InvalidArgument {
                             op: "CompiledStep::call",
@@ -391,7 +394,7 @@ where
                     let buffer = &host_buffers[*k];
                     self.device.record_uniform_write(buffer.raw(), buffer.range().start, &words);
                     let layout = Layout::contiguous(Shape::new([*n]));
-                    Tensor::from_parts(Storage::Buffer(buffer.clone()), layout, DType::F32, self.device.clone())
+                    Tensor::from_parts(Storage::Buffer(buffer.clone()), layout, *dtype, self.device.clone())
                 }
             });
         }

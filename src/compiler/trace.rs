@@ -49,9 +49,9 @@ pub(crate) enum Source {
 }
 
 /// Host values a step reads as data: computed at every call (a learning
-/// rate, Adam's bias corrections), written into a small program-owned
-/// buffer in queue order.
-pub(crate) type HostValues = Box<dyn Fn() -> Vec<f32> + Send + Sync>;
+/// rate, Adam's bias corrections, a dropout seed), as 32-bit words of the
+/// input's dtype, written into a small program-owned buffer in queue order.
+pub(crate) type HostValues = Box<dyn Fn() -> Vec<u32> + Send + Sync>;
 
 /// Host state a step changes (an optimizer's step count), applied once the
 /// program has been recorded without error.
@@ -91,9 +91,12 @@ pub(crate) struct StepState {
     pub undo: Vec<GradChange>,
     /// `.grad`s read before the step changed them.
     pub guards: Vec<GradGuard>,
-    pub host: Vec<(HostValues, usize)>,
+    /// Host inputs: how to compute them, their length and dtype.
+    pub host: Vec<(HostValues, usize, DType)>,
     pub commits: Vec<Commit>,
     pub checks: Vec<(usize, ArgCheck)>,
+    /// Per host counter (by address), its uses so far in this trace.
+    uses: HashMap<usize, u64>,
 }
 
 fn storage_key(t: &Tensor) -> Option<usize> {
@@ -267,21 +270,21 @@ pub(crate) fn assign(target: &Tensor, value: &Tensor) -> Result<()> {
     })
 }
 
-/// In a step trace: a `[values().len()]` f32 tensor whose elements the
-/// host computes at every call (`values` is called once now, for the
-/// shape, and once per replay).
-pub(crate) fn host_input(values: HostValues, device: &Device) -> Result<Tensor> {
+/// In a step trace: a `[values().len()]` tensor of `dtype` (32-bit) whose
+/// elements the host computes at every call (`values` is called once now,
+/// for the shape, and once per replay).
+pub(crate) fn host_input(values: HostValues, dtype: DType, device: &Device) -> Result<Tensor> {
     with(|tr| {
         let n = values().len();
         let step = tr.step.as_mut().expect("host inputs in a step trace");
         let index = step.host.len();
-        step.host.push((values, n));
+        step.host.push((values, n, dtype));
         let slot = tr.inputs;
         tr.inputs += 1;
         tr.step.as_mut().expect("step").sources.push(Source::Host(index));
-        let meta = InputMetadata { device: device.id(), dtype: DType::F32, shape: Shape::new([n]) };
+        let meta = InputMetadata { device: device.id(), dtype, shape: Shape::new([n]) };
         let v = push(tr, IrOp::Input { slot }, meta);
-        Ok(tensor(tr, v, Layout::contiguous(Shape::new([n])), DType::F32))
+        Ok(tensor(tr, v, Layout::contiguous(Shape::new([n])), dtype))
     })
 }
 
@@ -294,6 +297,19 @@ pub(crate) fn step_effects() -> (Vec<GradChange>, Vec<Assign>) {
         let grads = step.undo.iter().map(|(leaf, _)| (leaf.clone(), leaf.grad.lock().clone())).collect();
         (grads, step.assigns.clone())
     })
+}
+
+/// How many times this step trace has asked for `key` before (a dropout
+/// layer's `k`-th forward in the step draws the `k`-th seed after its
+/// counter).
+pub(crate) fn uses_of(key: usize) -> u64 {
+    let mut n = 0;
+    with_step(|step| {
+        let count = step.uses.entry(key).or_insert(0);
+        n = *count;
+        *count += 1;
+    });
+    n
 }
 
 /// In a step trace: runs `commit` when the program has been recorded.

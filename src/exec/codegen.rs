@@ -222,6 +222,13 @@ fn body_of_lane(k: &MapKernel, names: &Names<'_>, lane: Option<usize>) -> String
                     RandomKind::Normal => format!("{t}(wgrad_normal({index}, {seed}))"),
                 }
             }
+            Node::RandomAt(kind, lo, hi) => {
+                let seed = format!("{}, {}", v(lo), v(hi));
+                match kind {
+                    RandomKind::Uniform => format!("{t}(wgrad_uniform({index}, {seed}))"),
+                    RandomKind::Normal => format!("{t}(wgrad_normal({index}, {seed}))"),
+                }
+            }
             Node::Unary(op, a) => op.wgsl(&v(a), *dtype),
             Node::Binary(op, a, b) => op.wgsl(&v(a), &v(b), *dtype),
             Node::Compare(op, a, b) => format!("select(0u, 1u, {})", op.wgsl(&v(a), &v(b))),

@@ -45,6 +45,11 @@ pub(crate) enum Node {
     Index,
     /// Random number from the element index and two u32 seed slots.
     Random(RandomKind, usize),
+    /// Random number from the element index and two u32 seed words that
+    /// other nodes compute (read from a device tensor: a compiled step's
+    /// seeds, which change every call). Same numbers as [`Node::Random`]
+    /// for the same seed.
+    RandomAt(RandomKind, NodeId, NodeId),
     Unary(UnaryOp, NodeId),
     Binary(BinaryOp, NodeId, NodeId),
     Compare(CmpOp, NodeId, NodeId),
@@ -80,6 +85,7 @@ impl Node {
             Node::Scalar(s) => Node::Scalar(slot(s)),
             Node::Index => Node::Index,
             Node::Random(kind, s) => Node::Random(kind, slot(s)),
+            Node::RandomAt(kind, lo, hi) => Node::RandomAt(kind, id(lo), id(hi)),
             Node::Unary(op, a) => Node::Unary(op, id(a)),
             Node::Binary(op, x, y) => Node::Binary(op, id(x), id(y)),
             Node::Compare(op, x, y) => Node::Compare(op, id(x), id(y)),
@@ -119,7 +125,9 @@ impl MapKernel {
     /// Whether the kernel's value at an index depends on the index itself
     /// (so it cannot be evaluated through another view of its output).
     pub fn positional(&self) -> bool {
-        self.nodes.iter().any(|(n, _)| matches!(n, Node::Index | Node::Random(..) | Node::SegmentSum { .. }))
+        self.nodes
+            .iter()
+            .any(|(n, _)| matches!(n, Node::Index | Node::Random(..) | Node::RandomAt(..) | Node::SegmentSum { .. }))
     }
 
     pub fn scalar(&mut self, dtype: DType) -> NodeId {
@@ -156,6 +164,8 @@ impl MapKernel {
                 Node::Input(_) | Node::Scalar(_) | Node::Index | Node::Arg => None,
                 Node::Random(RandomKind::Uniform, _) => Some("rand"),
                 Node::Random(RandomKind::Normal, _) => Some("randn"),
+                Node::RandomAt(RandomKind::Uniform, ..) => Some("rand"),
+                Node::RandomAt(RandomKind::Normal, ..) => Some("randn"),
                 Node::Unary(op, _) => Some(op.name()),
                 Node::Binary(op, _, _) => Some(op.name()),
                 Node::Compare(op, _, _) => Some(op.name()),

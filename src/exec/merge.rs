@@ -231,7 +231,7 @@ impl PendingMaps {
                 Node::Input(b) => bindings_used[b] = true,
                 Node::Scalar(_) | Node::Index | Node::Random(..) | Node::Arg => {}
                 Node::Unary(_, a) | Node::Cast(a) => need(a),
-                Node::Binary(_, x, y) | Node::Compare(_, x, y) => {
+                Node::Binary(_, x, y) | Node::Compare(_, x, y) | Node::RandomAt(_, x, y) => {
                     need(x);
                     need(y);
                 }

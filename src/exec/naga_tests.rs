@@ -227,6 +227,16 @@ fn creation_kernels_validate() {
         k.output(r);
         validate(&format!("{kind:?}"), &render(&k));
         validate(&format!("{kind:?} x4"), &x4(&k));
+        // Seeds read from a device tensor (a compiled step's dropout).
+        let mut k = MapKernel::default();
+        let b = k.gathered(DType::U32);
+        let (zero, one) = (k.scalar(DType::U32), k.scalar(DType::U32));
+        let lo = k.push(Node::Gather(b, zero), DType::U32);
+        let hi = k.push(Node::Gather(b, one), DType::U32);
+        let r = k.push(Node::RandomAt(kind, lo, hi), DType::F32);
+        k.output(r);
+        validate(&format!("{kind:?} from seeds"), &render(&k));
+        validate(&format!("{kind:?} from seeds x4"), &x4(&k));
     }
     let mut k = MapKernel::default();
     let i = k.push(Node::Index, DType::F32);

@@ -111,4 +111,16 @@ impl Tensor {
         let keep = Tensor::rand(self.shape().clone(), seed, self.device())?.ge(p)?.to_dtype(self.dtype())?;
         self.mul(&keep)?.mul(1.0 / (1.0 - p))
     }
+
+    /// [`Tensor::dropout`] in training mode with its seed read from
+    /// `seeds` (u32 `[2]`, see `Tensor::random_from`): the same mask as
+    /// `dropout(p, seed, true)` for the seed they hold.
+    pub(crate) fn dropout_seeded_by(&self, p: f64, seeds: &Tensor) -> Result<Tensor> {
+        if p == 0.0 || p == 1.0 {
+            return self.dropout(p, 0, true);
+        }
+        let uniform = Tensor::random_from(crate::exec::kernel::RandomKind::Uniform, self.shape().clone(), seeds)?;
+        let keep = uniform.ge(p)?.to_dtype(self.dtype())?;
+        self.mul(&keep)?.mul(1.0 / (1.0 - p))
+    }
 }
