@@ -295,6 +295,13 @@ impl Core {
             return Ok(());
         }
         let _no_grad = crate::no_grad();
+        let before = crate::compiler::trace::set_phase(crate::compiler::Phase::Optimizer);
+        let result = self.traced_update(work);
+        crate::compiler::trace::set_phase(before);
+        result
+    }
+
+    fn traced_update(&self, work: Vec<(usize, Tensor)>) -> Result<()> {
         let ids: Vec<usize> = work.iter().map(|(i, _)| *i).collect();
         let (host, which) = (self.host.clone(), ids.clone());
         let values = crate::compiler::trace::host_input(

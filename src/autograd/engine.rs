@@ -520,13 +520,22 @@ fn run(roots: &[(Tensor, Tensor)], sink: Sink<'_>, options: BackwardOptions) -> 
                 reason: "the graph has hooks, which are host code".into(),
             });
         }
+        let before = crate::compiler::trace::set_phase(crate::compiler::Phase::Backward);
+        let result = run_eagerly(&task, options);
+        crate::compiler::trace::set_phase(before);
+        return result;
     } else if let Some(compiler) = crate::compiler::guard::active_compiler() {
         if let Some(result) = crate::autograd::capture::run_compiled(&task, compiler, options)? {
             return Ok(result);
         }
     }
+    run_eagerly(&task, options)
+}
+
+/// The eager walk of `task` and the publishing of its `.grad`s.
+fn run_eagerly(task: &GraphTask, options: BackwardOptions) -> Result<HashMap<usize, Tensor>> {
     let _mode = set_grad_enabled(options.create_graph);
-    let result = walk(&task, &mut EagerEnv)?;
+    let result = walk(task, &mut EagerEnv)?;
 
     // Everything ran: compute the new `.grad`s, then publish them together.
     let mut new_grads = NewGrads::default();

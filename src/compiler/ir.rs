@@ -74,6 +74,21 @@ impl IrOp {
 pub(crate) struct Value {
     pub op: IrOp,
     pub meta: InputMetadata,
+    /// Which part of a training step traced it (a backward graph is all
+    /// `Backward`), for logs and the DOT drawing.
+    pub phase: Phase,
+}
+
+/// The part of a compiled step a value belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Phase {
+    /// The forward pass and the loss (and inputs).
+    #[default]
+    Forward,
+    /// The backward formulas.
+    Backward,
+    /// The optimizer's update.
+    Optimizer,
 }
 
 /// What a graph output becomes after replay.
@@ -195,6 +210,9 @@ impl fmt::Display for CapturedGraph {
         for (id, v) in vals.iter().enumerate() {
             let mut s = String::new();
             let _ = write!(s, "%{id}: {}{} = ", dtype_name(v.meta.dtype), v.meta.shape);
+            if v.phase != Phase::Forward || self.values.iter().any(|v| v.phase != Phase::Forward) {
+                let _ = write!(s, "[{}] ", format!("{:?}", v.phase).to_lowercase());
+            }
             let _ = match &v.op {
                 IrOp::Input { slot } => write!(s, "input {slot}"),
                 IrOp::Map { label, kernel, args, scalars } => {

@@ -22,7 +22,7 @@ pub(crate) mod trace;
 mod wgsl;
 
 pub use guard::{CompilerGuard, CompilerInterface, CompilerStats};
-pub use ir::{CapturedGraph, ValueId};
+pub use ir::{CapturedGraph, Phase, ValueId};
 pub use runtime::{Program, ProgramReport};
 pub use signature::Signature;
 pub use step::{CompiledStep, StepStats, compile_step};

@@ -341,6 +341,20 @@ where
         let StepState { sources, guards, host, commits, checks, .. } = state;
         let graph = CapturedGraph { values, inputs, outputs };
         let fingerprint = fingerprint(&graph, &sources);
+        if self.log {
+            let in_place = graph.outputs.iter().filter(|(_, r)| matches!(r, OutputRole::Assign(_))).count();
+            eprintln!(
+                "[wgrad compiled] step: {} inputs ({} arguments, {} host inputs), effects: {} .grad(s) set, {} \
+                 tensor(s) updated in place, {} label check(s) per call; inputs:\n{}",
+                sources.len(),
+                sources.iter().filter(|s| matches!(s, Source::Arg(_))).count(),
+                sources.iter().filter(|s| matches!(s, Source::Host(_))).count(),
+                grads.len(),
+                in_place,
+                checks.len(),
+                fingerprint.lines().filter(|l| l.starts_with("input ")).collect::<Vec<_>>().join("\n")
+            );
+        }
         let program = crate::compiler::wgsl::build_program(&self.device, graph, self.log)?;
         let entry = Entry {
             key,

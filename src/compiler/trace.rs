@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use crate::autograd::LeafState;
 
-use crate::compiler::ir::{IrOp, Use, Value, ValueId};
+use crate::compiler::ir::{IrOp, Phase, Use, Value, ValueId};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::exec::ReduceKind;
@@ -32,6 +32,8 @@ struct Tracer {
     outputs: Vec<ValueId>,
     /// Set for a step trace.
     step: Option<StepState>,
+    /// The part of the step being traced (values are tagged with it).
+    phase: Phase,
 }
 
 /// Where a step program's input comes from at each call.
@@ -128,8 +130,14 @@ impl TraceScope {
                     message: "a backward started inside a compiled backward's trace (from a hook?)".into(),
                 });
             }
-            *t =
-                Some(Tracer { device: device.clone(), values: Vec::new(), inputs: 0, outputs: Vec::new(), step: None });
+            *t = Some(Tracer {
+                device: device.clone(),
+                values: Vec::new(),
+                inputs: 0,
+                outputs: Vec::new(),
+                step: None,
+                phase: Phase::Backward,
+            });
             Ok(TraceScope(()))
         })
     }
@@ -143,7 +151,10 @@ impl TraceScope {
                 step.pending.entry(key).or_insert(Source::Arg(i));
             }
         }
-        with(|tr| tr.step = Some(step));
+        with(|tr| {
+            tr.step = Some(step);
+            tr.phase = Phase::Forward;
+        });
         Ok(scope)
     }
 
@@ -181,6 +192,15 @@ pub(crate) fn restore_grads(undo: &[GradChange]) {
     for (leaf, old) in undo.iter().rev() {
         *leaf.grad.lock() = old.clone();
     }
+}
+
+/// In a step trace: tags what is traced from here on with `phase`, and
+/// returns the phase before (to put back).
+pub(crate) fn set_phase(phase: Phase) -> Phase {
+    TRACER.with(|t| match t.borrow_mut().as_mut() {
+        Some(tr) => std::mem::replace(&mut tr.phase, phase),
+        None => phase,
+    })
 }
 
 /// Whether this thread runs a step trace.
@@ -333,7 +353,8 @@ fn with<R>(f: impl FnOnce(&mut Tracer) -> R) -> R {
 }
 
 fn push(tracer: &mut Tracer, op: IrOp, meta: InputMetadata) -> ValueId {
-    tracer.values.push(Value { op, meta });
+    let phase = tracer.phase;
+    tracer.values.push(Value { op, meta, phase });
     tracer.values.len() - 1
 }
 
