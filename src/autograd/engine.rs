@@ -541,14 +541,14 @@ fn run_eagerly(task: &GraphTask, options: BackwardOptions) -> Result<HashMap<usi
     let mut new_grads = NewGrads::default();
     let keep_graph = |g: Tensor| if options.create_graph { g } else { g.detach() };
     for (i, g) in result.retained {
-        new_grads.retain(&task, i, keep_graph(g))?;
+        new_grads.retain(task, i, keep_graph(g))?;
     }
     for (i, g) in result.leaf_grads {
-        let leaf = leaf_of(&task, i).expect("leaf gradients come from accumulators").clone();
+        let leaf = leaf_of(task, i).expect("leaf gradients come from accumulators").clone();
         let total = accumulated(leaf.current_grad(), keep_graph(g))?;
         new_grads.leaves.push((leaf, total));
     }
-    finish(&task, new_grads, options)?;
+    finish(task, new_grads, options)?;
     Ok(result.captured)
 }
 
