@@ -15,7 +15,9 @@ workloads.rs), with the same shapes and the same step: forward + backward
 Per (workload, mode) it reports the first step (which pays tracing and C++
 compilation), then runs 3 warm-up steps, then `--steps` measured steps,
 eager and compiled interleaved step by step as wgrad-bench does, and
-prints the median / min / max in wgrad-bench's table layout. CPU only,
+prints the median / min / max in wgrad-bench's table layout. Expect the
+compiled W5 first step to take minutes: inductor fuses the 50-deep chain
+(and its backward) into one kernel whose code generation is slow. CPU only,
 float32, `torch.set_num_threads(2)`. Inputs come from a fixed seed, uniform
 in [-1, 1) (W1's weights scaled by 1/sqrt(fan_in)); the values differ from
 wgrad's generator, the shapes do not. This script is not run by the
@@ -31,6 +33,7 @@ Run:
 """
 
 import argparse
+import atexit
 import json
 import os
 import platform
@@ -45,6 +48,7 @@ import time
 # It must be set before torch is imported.
 _CACHE_DIR = tempfile.mkdtemp(prefix="torch_reference_inductor_")
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = _CACHE_DIR
+atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 # Compile in this process: on a 2-core machine inductor would otherwise
 # start a pool of 2 compile workers that compete with the measured steps
 # and make "first ms" depend on pool start-up. Overridable from outside.
@@ -313,7 +317,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+    main()

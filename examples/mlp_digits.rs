@@ -1,10 +1,11 @@
 //! Trains a two-layer MLP on the 8x8 handwritten digits shipped in `data/`
 //! (64 → hidden → 10, ReLU, cross-entropy, SGD with momentum) and reports
 //! per-epoch loss, test accuracy and time per epoch. `--compiled` trains
-//! with the compiled backward.
+//! with the compiled backward, `--step` with the whole step (forward,
+//! backward, SGD) compiled as one program.
 //!
 //! ```sh
-//! cargo run --release --example mlp_digits -- --epochs 30 --hidden 128 --lr 0.05 [--compiled]
+//! cargo run --release --example mlp_digits -- --epochs 30 --hidden 128 --lr 0.05 [--compiled | --step]
 //! ```
 
 #[path = "digits/mod.rs"]
@@ -15,8 +16,16 @@ use wgrad::nn::{Linear, Module};
 use wgrad::{ClassLoss, Device, Optimizer, Sgd, Tensor, WgslCompiler};
 
 fn main() {
-    let defaults =
-        digits::Args { epochs: 30, batch: 64, hidden: 128, lr: 0.05, momentum: 0.9, seed: 0, compiled: false };
+    let defaults = digits::Args {
+        epochs: 30,
+        batch: 64,
+        hidden: 128,
+        lr: 0.05,
+        momentum: 0.9,
+        seed: 0,
+        compiled: false,
+        step: false,
+    };
     if let Err(e) = digits::parse_args("mlp_digits", defaults).and_then(|a| run(&a).map_err(|e| e.to_string())) {
         eprintln!("error: {e}");
         std::process::exit(1);
@@ -28,12 +37,8 @@ fn run(args: &digits::Args) -> wgrad::Result<()> {
     println!("adapter: {}", device.info());
     let data = digits::load().map_err(|e| wgrad::Error::InvalidArgument { op: "load digits", message: e })?;
     let (train_rows, test_rows) = data.split();
-    let mode = if args.compiled { "compiled" } else { "eager" };
-    println!(
-        "digits: {} train / {} test images, 8x8 pixels, 10 classes; {mode} backward",
-        train_rows.len(),
-        test_rows.len()
-    );
+    let mode = args.mode();
+    println!("digits: {} train / {} test images, 8x8 pixels, 10 classes; {mode}", train_rows.len(), test_rows.len());
     let guard = if args.compiled { Some(WgslCompiler::install(&device)?) } else { None };
 
     let l1 = Linear::new(64, args.hidden, true, args.seed * 10 + 1, &device)?;
@@ -41,6 +46,16 @@ fn run(args: &digits::Args) -> wgrad::Result<()> {
     let forward = |x: &Tensor| l2.forward(&l1.forward(x)?.relu()?);
     let params = [l1.parameters(), l2.parameters()].concat();
     let mut opt = Sgd::new(&params, args.lr, args.momentum, 0.0)?;
+    // One training step; with --step it is traced once per batch shape and
+    // replayed (the last, smaller batch is a second program).
+    let mut train_step = |xy: &[Tensor]| -> wgrad::Result<Vec<Tensor>> {
+        opt.zero_grad();
+        let loss = forward(&xy[0])?.cross_entropy(&xy[1], ClassLoss::default())?;
+        loss.backward()?;
+        opt.step()?;
+        Ok(vec![loss])
+    };
+    let mut trainer = digits::Trainer::new(&device, args.step, &mut train_step);
     let (test_x, test_y) = data.batch(&test_rows);
     let test_x = Tensor::from_slice(&test_x, [test_rows.len(), 64], &device)?;
 
@@ -58,10 +73,7 @@ fn run(args: &digits::Args) -> wgrad::Result<()> {
             let (x, y) = data.batch(rows);
             let x = Tensor::from_slice(&x, [rows.len(), 64], &device)?;
             let y = Tensor::from_slice(&y, [rows.len()], &device)?;
-            opt.zero_grad();
-            let loss = forward(&x)?.cross_entropy(&y, ClassLoss::default())?;
-            loss.backward()?;
-            opt.step()?;
+            let loss = trainer.call(x, y)?;
             let l = loss.detach();
             loss_sum = Some(match loss_sum {
                 Some(s) => s.add(&l)?,
@@ -86,5 +98,6 @@ fn run(args: &digits::Args) -> wgrad::Result<()> {
             s.captures, s.cache_hits, s.cache_misses, s.kernels_last_replay
         );
     }
+    trainer.report();
     Ok(())
 }

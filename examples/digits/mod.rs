@@ -15,6 +15,60 @@ pub struct Args {
     pub seed: u64,
     /// Train with the compiled backward (`--compiled`).
     pub compiled: bool,
+    /// Train with the whole step compiled (`--step`: `wgrad::compile_step`).
+    pub step: bool,
+}
+
+impl Args {
+    /// How the examples train.
+    pub fn mode(&self) -> &'static str {
+        match (self.step, self.compiled) {
+            (true, _) => "compiled step",
+            (false, true) => "compiled backward",
+            (false, false) => "eager backward",
+        }
+    }
+}
+
+/// A training step run eagerly or, with `--step`, as a compiled step.
+pub enum Trainer<F> {
+    Eager(F),
+    Step(wgrad::CompiledStep<F>),
+}
+
+impl<F> Trainer<F>
+where
+    F: FnMut(&[wgrad::Tensor]) -> wgrad::Result<Vec<wgrad::Tensor>>,
+{
+    pub fn new(device: &wgrad::Device, compiled: bool, step: F) -> Trainer<F> {
+        match compiled {
+            true => Trainer::Step(wgrad::compile_step(device, step)),
+            false => Trainer::Eager(step),
+        }
+    }
+
+    /// One step on (inputs, labels); returns the loss.
+    pub fn call(&mut self, x: wgrad::Tensor, y: wgrad::Tensor) -> wgrad::Result<wgrad::Tensor> {
+        let returned = match self {
+            Trainer::Eager(f) => f(&[x, y])?,
+            Trainer::Step(s) => s.call(&[x, y])?,
+        };
+        returned
+            .into_iter()
+            .next()
+            .ok_or(wgrad::Error::InvalidArgument { op: "training step", message: "the step returned no loss".into() })
+    }
+
+    /// Prints what the compiled step did (nothing when eager).
+    pub fn report(&self) {
+        if let Trainer::Step(s) = self {
+            let s = s.stats();
+            println!(
+                "compiled step: {} traces, {} replays, {} graph breaks, {} kernels per replay",
+                s.traces, s.replays, s.graph_breaks, s.kernels_last_replay
+            );
+        }
+    }
 }
 
 pub fn parse_args(name: &str, mut args: Args) -> Result<Args, String> {
@@ -29,9 +83,10 @@ pub fn parse_args(name: &str, mut args: Args) -> Result<Args, String> {
             "--momentum" => args.momentum = value()?.parse().map_err(|e| format!("--momentum: {e}"))?,
             "--seed" => args.seed = value()?.parse().map_err(|e| format!("--seed: {e}"))?,
             "--compiled" => args.compiled = true,
+            "--step" => args.step = true,
             "-h" | "--help" => {
                 println!(
-                    "usage: {name} [--epochs N] [--batch N] [--hidden N] [--lr F] [--momentum F] [--seed N] [--compiled]\n\
+                    "usage: {name} [--epochs N] [--batch N] [--hidden N] [--lr F] [--momentum F] [--seed N] [--compiled | --step]\n\
                      defaults: --epochs {} --batch {} --hidden {} --lr {} --momentum {} --seed {}",
                     args.epochs, args.batch, args.hidden, args.lr, args.momentum, args.seed
                 );
@@ -153,7 +208,7 @@ impl Report {
         later.sort_by(f64::total_cmp);
         let median = later.get(later.len() / 2).copied().unwrap_or(0.0);
         println!(
-            "final test accuracy {:.2}% after {} epochs; {mode} backward: first epoch {:.0} ms, median later epoch {:.0} ms on {adapter}",
+            "final test accuracy {:.2}% after {} epochs; {mode}: first epoch {:.0} ms, median later epoch {:.0} ms on {adapter}",
             accuracy * 100.0,
             self.times.len(),
             self.times.first().copied().unwrap_or(0.0) * 1e3,
