@@ -318,7 +318,9 @@ impl Core {
         )?;
         let rule = self.host.lock().rule;
         let n_scalars = rule.scalars().len();
-        let c = |j: usize| values.narrow(0, j, 1);
+        // Each scalar as a 0-d tensor: it broadcasts to any parameter shape
+        // (a 0-d parameter included) without changing it.
+        let c = |j: usize| values.narrow(0, j, 1)?.reshape(crate::metadata::Shape::new(Vec::new()));
         for (k, (i, g)) in work.into_iter().enumerate() {
             let p = &self.params[i];
             let st = &self.state[i];

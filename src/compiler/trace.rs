@@ -429,12 +429,6 @@ pub(crate) fn map(
                 message: "internal: traced kernels have exactly one output".into(),
             });
         }
-        if tr.step.is_some() && kernel.nodes.iter().any(|(n, _)| matches!(n, crate::exec::kernel::Node::Random(..))) {
-            return Err(Error::GraphBreak {
-                op: label,
-                reason: "random numbers: a replay would draw the traced seed again".into(),
-            });
-        }
         let args = inputs
             .iter()
             .zip(&kernel.inputs)
