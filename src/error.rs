@@ -243,7 +243,8 @@ pub enum Error {
     #[error("reading back from the device failed: {0}")]
     Readback(String),
     /// A compiled step met something its program cannot replay (a readback
-    /// to the host, a hook, random numbers): `CompiledStep::call` runs
+    /// to the host, a hook, an index map of indices computed inside the
+    /// step): `CompiledStep::call` runs
     /// that call eagerly instead. Returned to the caller only when a step
     /// is traced outside `CompiledStep`.
     #[error("{op}: graph break in a compiled step: {reason}; the step runs eagerly")]

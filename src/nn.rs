@@ -75,9 +75,9 @@ impl Dropout {
             // the step's), and the counter advances when the step runs.
             let (calls, base) = (self.calls.clone(), self.seed);
             let k = crate::compiler::trace::uses_of(std::sync::Arc::as_ptr(&self.calls) as usize);
-            let words = move || {
+            let words = move |_: &[Tensor]| {
                 let seed = seed_of(base, calls.load(Ordering::Relaxed) + k);
-                vec![seed as u32, (seed >> 32) as u32]
+                Ok(vec![seed as u32, (seed >> 32) as u32])
             };
             let seeds = crate::compiler::trace::host_input(Box::new(words), crate::DType::U32, x.device())?;
             let calls = self.calls.clone();

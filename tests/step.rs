@@ -430,3 +430,48 @@ fn dropout_draws_the_eager_masks_in_a_compiled_step() {
     }
     assert_eq!((step.stats().traces, step.stats().graph_breaks), (1, 0));
 }
+
+/// Indices passed to a compiled step (an embedding's ids, index_select,
+/// gather) are data: each call's map is built on the host from that call's
+/// indices and checked as eager mode checks them.
+#[test]
+fn indices_passed_in_are_data_and_checked_every_call() {
+    let d = device();
+    let table = |seed| wgrad::nn::uniform([7, 3], 1.0, seed, &d).unwrap();
+    let (eager_w, w) = (table(31), table(31));
+    let mut eager_opt = Adam::new(std::slice::from_ref(&eager_w), 0.05).unwrap();
+    let mut opt = Adam::new(std::slice::from_ref(&w), 0.05).unwrap();
+    let loss_of = |w: &Tensor, ids: &Tensor, pick: &Tensor, cols: &Tensor| -> Result<Tensor> {
+        let rows = wgrad::embedding(ids, w)?; // [2, 3, 3]
+        let picked = w.index_select(0, pick)?.gather(1, cols)?; // [4, 1]
+        rows.sin()?.sum_all()?.add(&picked.square()?.sum_all()?)
+    };
+    let w_in = w.clone();
+    let mut step = compile_step(&d, move |a: &[Tensor]| {
+        opt.zero_grad();
+        let loss = loss_of(&w_in, &a[0], &a[1], &a[2])?;
+        loss.backward()?;
+        opt.step()?;
+        Ok(vec![loss])
+    });
+    let ints = |v: &[i32], shape: &[usize]| Tensor::from_slice(v, shape.to_vec(), &d).unwrap();
+    for call in 0..4i32 {
+        let c = call;
+        let ids = ints(&[c, 1, (c * 3) % 7, 6, c % 2, 0], &[2, 3]);
+        let pick = ints(&[(c + 1) % 7, c % 7, 5, 5], &[4]);
+        let cols = ints(&[c % 3, 2, 0, (c + 1) % 3], &[4, 1]);
+        eager_opt.zero_grad();
+        let want = loss_of(&eager_w, &ids, &pick, &cols).unwrap();
+        want.backward().unwrap();
+        eager_opt.step().unwrap();
+        let got = step.call(&[ids, pick, cols]).unwrap();
+        assert_close(&format!("call {call} loss"), &got[0].to_vec::<f32>().unwrap(), &want.to_vec::<f32>().unwrap());
+        assert_close(&format!("call {call} table"), &w.to_vec::<f32>().unwrap(), &eager_w.to_vec::<f32>().unwrap());
+    }
+    assert_eq!((step.stats().traces, step.stats().replays, step.stats().graph_breaks), (1, 4, 0));
+    let before = (w.to_vec::<f32>().unwrap(), w.grad().map(|g| g.to_vec::<f32>().unwrap()));
+    let bad = ints(&[0, 1, 7, 2, 3, 4], &[2, 3]);
+    let err = step.call(&[bad, ints(&[0, 1, 2, 3], &[4]), ints(&[0, 0, 0, 0], &[4, 1])]).unwrap_err();
+    assert!(err.to_string().contains("index 7 is out of range"), "{err}");
+    assert_eq!((w.to_vec::<f32>().unwrap(), w.grad().map(|g| g.to_vec::<f32>().unwrap())), before);
+}

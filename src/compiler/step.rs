@@ -9,12 +9,14 @@
 //! too, and later calls with the same signature only replay it.
 //!
 //! What a trace cannot see reaches the program as data: the optimizer's
-//! learning rate and bias corrections are host inputs computed at every
-//! call (so `set_lr` needs no re-trace), labels that eager mode checks on
-//! the host are checked again on every call's labels. What a replay cannot
-//! do (a readback, a hook, random numbers, an index map built on the host)
-//! is a graph break: that call, and later calls with its signature, run
-//! the closure eagerly, and the reason is counted and logged.
+//! learning rate and bias corrections, `nn::Dropout`'s seeds and the gather
+//! maps of indices passed in as arguments are host inputs computed at every
+//! call (so `set_lr` needs no re-trace, and new indices give new maps), and
+//! labels and indices that eager mode checks on the host are checked again
+//! on every call's. What a replay cannot do (a readback, a hook, an index
+//! map of indices computed inside the step, `set_lr` inside the step) is a
+//! graph break: that call, and later calls with its signature, run the
+//! closure eagerly, and the reason is counted and logged.
 
 use std::sync::Arc;
 
@@ -398,12 +400,11 @@ where
                 })?,
                 Source::Host(k) => {
                     let (values, n, dtype) = &entry.host[*k];
-                    let words = values();
+                    let words = values(args)?;
                     if words.len() != *n {
-                        return Err(Error::InvalidArgument {
-                            op: "CompiledStep::call",
-                            message: format!("internal: host input {k} gave {} values, traced {n}", words.len()),
-                        });
+                        drop(host_buffers);
+                        let reason = "a map built from this call's indices has another size than the traced one";
+                        return self.eager(args, reason);
                     }
                     let buffer = &host_buffers[*k];
                     self.device.record_uniform_write(buffer.raw(), buffer.range().start, &words);

@@ -53,7 +53,9 @@ pub(crate) enum Source {
 /// Host values a step reads as data: computed at every call (a learning
 /// rate, Adam's bias corrections, a dropout seed), as 32-bit words of the
 /// input's dtype, written into a small program-owned buffer in queue order.
-pub(crate) type HostValues = Box<dyn Fn() -> Vec<u32> + Send + Sync>;
+/// They may depend on the call's arguments (an index map built from the
+/// indices passed in) and fail (indices out of range).
+pub(crate) type HostValues = Box<dyn Fn(&[Tensor]) -> Result<Vec<u32>> + Send + Sync>;
 
 /// Host state a step changes (an optimizer's step count), applied once the
 /// program has been recorded without error.
@@ -294,8 +296,10 @@ pub(crate) fn assign(target: &Tensor, value: &Tensor) -> Result<()> {
 /// elements the host computes at every call (`values` is called once now,
 /// for the shape, and once per replay).
 pub(crate) fn host_input(values: HostValues, dtype: DType, device: &Device) -> Result<Tensor> {
+    // Computed outside the tracer's borrow: `values` may read tensors.
+    let args = TRACER.with(|t| t.borrow().as_ref().and_then(|t| t.step.as_ref()).map(|s| s.args.clone()));
+    let n = values(&args.unwrap_or_default())?.len();
     with(|tr| {
-        let n = values().len();
         let step = tr.step.as_mut().expect("host inputs in a step trace");
         let index = step.host.len();
         step.host.push((values, n, dtype));
@@ -330,6 +334,17 @@ pub(crate) fn uses_of(key: usize) -> u64 {
         *count += 1;
     });
     n
+}
+
+/// In a step trace, whether `t` is argument `i` of the call, viewed whole
+/// (the same elements in the same order).
+pub(crate) fn arg_of(t: &Tensor) -> Option<usize> {
+    let whole = |x: &Tensor| x.is_contiguous() && x.layout().offset == 0;
+    TRACER.with(|tr| {
+        let tr = tr.borrow();
+        let args = &tr.as_ref()?.step.as_ref()?.args;
+        args.iter().position(|a| a.shares_storage(t) && whole(a) && whole(t) && a.numel() == t.numel())
+    })
 }
 
 /// In a step trace: runs `commit` when the program has been recorded.

@@ -30,6 +30,40 @@ pub(crate) type IndexMap = [Tensor; 3];
 /// `starts` then describes `runs` consecutive runs per source element, and
 /// [`scatter_add_flat`] sums the runs after.
 pub(crate) fn index_map(device: &Device, source_numel: usize, out_shape: &Shape, offsets: &[u32]) -> Result<IndexMap> {
+    let (starts, positions) = inverse_map(source_numel, offsets);
+    Ok([
+        Tensor::from_slice(offsets, out_shape.clone(), device)?,
+        Tensor::from_slice(&starts, [starts.len()], device)?,
+        Tensor::from_slice(&positions, [offsets.len()], device)?,
+    ])
+}
+
+/// The map of a gather whose indices are argument `arg` of a compiled
+/// step: built on the host from each call's indices (checked there, as
+/// eager mode checks them) and read by the program as data. `offsets`
+/// turns the checked indices into source offsets.
+fn per_call_map(
+    op: &'static str,
+    arg: usize,
+    size: usize,
+    source_numel: usize,
+    out_shape: &Shape,
+    offsets: impl Fn(&[usize]) -> Vec<u32> + Send + Sync + 'static,
+    device: &Device,
+) -> Result<IndexMap> {
+    let words = move |args: &[Tensor]| -> Result<Vec<u32>> {
+        let offsets = offsets(&checked_indices(op, &args[arg], size)?);
+        let (starts, positions) = inverse_map(source_numel, &offsets);
+        Ok([offsets, starts, positions].concat())
+    };
+    let map = crate::compiler::trace::host_input(Box::new(words), DType::U32, device)?;
+    let n = out_shape.numel();
+    let starts = map.numel() - 2 * n;
+    Ok([map.narrow(0, 0, n)?.reshape(out_shape.clone())?, map.narrow(0, n, starts)?, map.narrow(0, n + starts, n)?])
+}
+
+/// `starts` and `positions` of a gather map (see [`IndexMap`]).
+fn inverse_map(source_numel: usize, offsets: &[u32]) -> (Vec<u32>, Vec<u32>) {
     let mut counts = vec![0u32; source_numel];
     for &o in offsets {
         counts[o as usize] += 1;
@@ -53,11 +87,7 @@ pub(crate) fn index_map(device: &Device, source_numel: usize, out_shape: &Shape,
         positions[cursor[o as usize] as usize] = e as u32;
         cursor[o as usize] += 1;
     }
-    Ok([
-        Tensor::from_slice(offsets, out_shape.clone(), device)?,
-        Tensor::from_slice(&starts, [source_numel * runs + 1], device)?,
-        Tensor::from_slice(&positions, [offsets.len()], device)?,
-    ])
+    (starts, positions)
 }
 
 /// `out[e] = source[offsets[e]]` over the contiguous elements of `source`.
@@ -104,10 +134,14 @@ pub(crate) fn scatter_add_flat(g: &Tensor, map: &IndexMap, target: &Shape) -> Re
 /// the host when the tensor was made from host data, read back otherwise
 /// (then the only sync of an indexing op).
 fn host_indices(op: &'static str, source: &Tensor, index: &Tensor, size: usize) -> Result<Vec<usize>> {
-    crate::compiler::trace::graph_break(op, "its index map is built on the host from the index values")?;
     if index.device() != source.device() {
         return Err(Error::DeviceMismatch { op, lhs: source.device().id(), rhs: index.device().id() });
     }
+    checked_indices(op, index, size)
+}
+
+/// [`host_indices`] without the device check.
+fn checked_indices(op: &'static str, index: &Tensor, size: usize) -> Result<Vec<usize>> {
     let values: Vec<i64> = match index.dtype() {
         DType::I32 | DType::U32 if index.host_ints().is_some() => index.host_ints().unwrap_or_default().to_vec(),
         DType::I32 => index.to_vec::<i32>()?.into_iter().map(i64::from).collect(),
@@ -128,6 +162,36 @@ fn host_indices(op: &'static str, source: &Tensor, index: &Tensor, size: usize) 
 }
 
 impl Tensor {
+    /// The gather map of `op` reading this tensor at `offsets(indices)`
+    /// (indices along `d`, checked): built on the host now, or, when the
+    /// indices are an argument of a compiled step, at every call.
+    fn gather_map(
+        &self,
+        op: &'static str,
+        index: &Tensor,
+        d: usize,
+        out_shape: Shape,
+        offsets: impl Fn(&[usize]) -> Vec<u32> + Send + Sync + 'static,
+    ) -> Result<IndexMap> {
+        let size = self.dims()[d];
+        if index.device() != self.device() {
+            return Err(Error::DeviceMismatch { op, lhs: self.device().id(), rhs: index.device().id() });
+        }
+        if let Some(arg) = crate::compiler::trace::arg_of(index) {
+            return per_call_map(op, arg, size, self.numel(), &out_shape, offsets, self.device());
+        }
+        if crate::compiler::trace::is_step() && index.host_ints().is_none() {
+            // Indices computed inside the step: their values are known
+            // only on the device, and the map is built on the host.
+            crate::compiler::trace::graph_break(
+                op,
+                "its index map is built on the host from indices computed in the step",
+            )?;
+        }
+        let idx = host_indices(op, self, index, size)?;
+        index_map(self.device(), self.numel(), &out_shape, &offsets(&idx))
+    }
+
     /// The slices `index[0], index[1], ...` of dim `dim`, in that order
     /// (repeats allowed): `torch.index_select`. `index` is 1-D, i32 or u32.
     pub fn index_select(&self, dim: isize, index: &Tensor) -> Result<Tensor> {
@@ -151,20 +215,23 @@ impl Tensor {
             }
             return self.reshape([1])?.index_select(0, index)?.reshape([0usize; 0]);
         }
-        let idx = host_indices("index_select", self, index, self.dims()[d])?;
-        let dims = self.dims();
+        let dims = self.dims().to_vec();
         let inner: usize = dims[d + 1..].iter().product();
         let outer: usize = dims[..d].iter().product();
-        let mut out_dims = dims.to_vec();
-        out_dims[d] = idx.len();
-        let mut offsets = Vec::with_capacity(outer * idx.len() * inner);
-        for o in 0..outer {
-            for &i in &idx {
-                let base = (o * dims[d] + i) * inner;
-                offsets.extend((base..base + inner).map(|x| x as u32));
+        let size = dims[d];
+        let mut out_dims = dims.clone();
+        out_dims[d] = index.numel();
+        let offsets = move |idx: &[usize]| {
+            let mut offsets = Vec::with_capacity(outer * idx.len() * inner);
+            for o in 0..outer {
+                for &i in idx {
+                    let base = (o * size + i) * inner;
+                    offsets.extend((base..base + inner).map(|x| x as u32));
+                }
             }
-        }
-        let map = index_map(self.device(), self.numel(), &Shape::new(out_dims), &offsets)?;
+            offsets
+        };
+        let map = self.gather_map("index_select", index, d, Shape::new(out_dims), offsets)?;
         gather_flat(self, &map)
     }
 
@@ -187,24 +254,26 @@ impl Tensor {
                 rule: "the index must have the input's rank, and no dim larger than the input's except along `dim`",
             });
         }
-        let idx = host_indices("gather", self, index, self.dims()[d])?;
         let strides = self.shape().contiguous_strides();
-        let idims = index.dims();
-        let mut offsets = Vec::with_capacity(idx.len());
-        let mut coords = vec![0usize; idims.len()];
-        for &i in &idx {
-            let off: usize =
-                coords.iter().zip(&strides).enumerate().map(|(a, (c, s))| if a == d { i * s } else { c * s }).sum();
-            offsets.push(off as u32);
-            for a in (0..idims.len()).rev() {
-                coords[a] += 1;
-                if coords[a] < idims[a] {
-                    break;
+        let idims = index.dims().to_vec();
+        let offsets = move |idx: &[usize]| {
+            let mut offsets = Vec::with_capacity(idx.len());
+            let mut coords = vec![0usize; idims.len()];
+            for &i in idx {
+                let off: usize =
+                    coords.iter().zip(&strides).enumerate().map(|(a, (c, s))| if a == d { i * s } else { c * s }).sum();
+                offsets.push(off as u32);
+                for a in (0..idims.len()).rev() {
+                    coords[a] += 1;
+                    if coords[a] < idims[a] {
+                        break;
+                    }
+                    coords[a] = 0;
                 }
-                coords[a] = 0;
             }
-        }
-        let map = index_map(self.device(), self.numel(), index.shape(), &offsets)?;
+            offsets
+        };
+        let map = self.gather_map("gather", index, d, index.shape().clone(), offsets)?;
         gather_flat(self, &map)
     }
 }
