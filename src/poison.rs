@@ -222,6 +222,36 @@ mod fault_tests {
         device.synchronize().unwrap();
     }
 
+    /// A GPU error in the batch a compiled step replays in: the parameters
+    /// it updated in place, the `.grad`s it set and the loss it returned all
+    /// report the failure; a tensor it did not touch reads its value.
+    #[test]
+    fn a_failed_batch_spoils_what_a_compiled_step_updated() {
+        use crate::Optimizer;
+        let device = Device::new().unwrap();
+        let w = Tensor::from_slice(&[1.0f32, -2.0, 3.0, 0.5], [4], &device).unwrap().requires_grad(true).unwrap();
+        let other = Tensor::from_slice(&[7.0f32], [1], &device).unwrap();
+        let mut opt = crate::Sgd::new(std::slice::from_ref(&w), 0.1, 0.9, 0.0).unwrap();
+        let w_in = w.clone();
+        let mut step = crate::compile_step(&device, move |x: &[Tensor]| {
+            opt.zero_grad();
+            let loss = w_in.mul(&x[0])?.square()?.sum_all()?;
+            loss.backward()?;
+            opt.step()?;
+            Ok(vec![loss])
+        });
+        let x = Tensor::from_slice(&[1.0f32, 1.0, 1.0, 1.0], [4], &device).unwrap();
+        step.call(std::slice::from_ref(&x)).unwrap();
+        assert!(values(&w).is_ok());
+        let scratch = Tensor::from_slice(&[0.0f32; 4], [4], &device).unwrap();
+        inject_usage_conflict(&device, &scratch);
+        let loss = step.call(std::slice::from_ref(&x)).unwrap().remove(0);
+        for (name, t) in [("parameter", w.clone()), (".grad", w.grad().unwrap()), ("loss", loss)] {
+            assert!(matches!(values(&t), Err(Error::GpuFailed { .. })), "{name}: {:?}", values(&t));
+        }
+        assert_eq!(values(&other).unwrap(), vec![7.0]);
+    }
+
     /// A lost device (simulated by destroying it): every read is an `Err`,
     /// nothing panics, and no stale value is returned.
     #[test]
