@@ -27,7 +27,8 @@
 //! auto|always|never` chooses whether tensors share buffers
 //! (`ArenaPolicy`; auto: only under tight limits). Besides W1-W5,
 //! `--workload` takes W7 (Adam over 20 parameters) and W8 (a 40-input
-//! sum), which need more than 8 bindings unless tensors share arenas.
+//! sum), which need more than 8 bindings unless tensors share arenas, and
+//! CNN (the digits examples' CNN and Adam on a batch of 64).
 
 mod matmul;
 mod memory;
@@ -77,7 +78,7 @@ fn parse() -> Result<Options, String> {
             "--workload" => {
                 o.workloads = value()?
                     .split(',')
-                    .map(|s| Id::parse(s).ok_or(format!("unknown workload {s:?} (W1..W5, W7, W8)")))
+                    .map(|s| Id::parse(s).ok_or(format!("unknown workload {s:?} (W1..W5, W7, W8, CNN)")))
                     .collect::<Result<_, _>>()?
             }
             "--mode" => {

@@ -1,11 +1,18 @@
 //! The five benchmark workloads of the project's WORKLOADS.md, exactly as
-//! written (or scaled down for smoke runs), and two more that need more
-//! than WebGPU's 8 storage bindings per kernel unless tensors share
-//! buffers (W7: Adam over 20 parameters; W8: a sum of 40 inputs and its
-//! backward). Shared by `wgrad-bench` and the criterion benches.
+//! written (or scaled down for smoke runs), two more that need more than
+//! WebGPU's 8 storage bindings per kernel unless tensors share buffers
+//! (W7: Adam over 20 parameters; W8: a sum of 40 inputs and its backward),
+//! and the digits CNN of the examples on one batch of 64 (CNN). Shared by
+//! `wgrad-bench` and the criterion benches.
 
 #![allow(dead_code)]
 
+#[path = "../../../examples/digits/cnn.rs"]
+mod cnn;
+
+use std::sync::Arc;
+
+use wgrad::nn::Module;
 use wgrad::{Adam, ClassLoss, Device, Optimizer, Sgd, Tensor};
 
 /// Which workload.
@@ -18,12 +25,13 @@ pub enum Id {
     W5,
     W7,
     W8,
+    Cnn,
 }
 
 /// WORKLOADS.md's workloads.
 pub const ALL: [Id; 5] = [Id::W1, Id::W2, Id::W3, Id::W4, Id::W5];
-/// The binding-limit workloads (not in WORKLOADS.md).
-pub const WIDE: [Id; 2] = [Id::W7, Id::W8];
+/// The binding-limit workloads and the digits CNN (not in WORKLOADS.md).
+pub const WIDE: [Id; 3] = [Id::W7, Id::W8, Id::Cnn];
 
 impl Id {
     pub fn name(self) -> &'static str {
@@ -35,6 +43,7 @@ impl Id {
             Id::W5 => "W5 tiny-chain",
             Id::W7 => "W7 adam-20",
             Id::W8 => "W8 sum-40",
+            Id::Cnn => "CNN digits",
         }
     }
 
@@ -54,6 +63,8 @@ pub struct Workload {
     leaves: Vec<Tensor>,
     data: Vec<Tensor>,
     optimizer: Option<Box<dyn Optimizer>>,
+    /// The digits CNN (its parameters are `leaves`).
+    model: Option<Arc<cnn::Cnn>>,
     /// Floating-point operations of one step (forward + backward), if the
     /// workload is compute-bound.
     pub flops: Option<f64>,
@@ -66,7 +77,15 @@ impl Workload {
     /// Builds workload `id`; `small` shrinks sizes for smoke runs.
     pub fn new(id: Id, device: &Device, small: bool) -> wgrad::Result<Workload> {
         let leaf = |shape: &[usize], seed: u64, scale: f64| uniform(shape, seed, scale, device)?.requires_grad(true);
-        let mut w = Workload { id, leaves: Vec::new(), data: Vec::new(), optimizer: None, flops: None, bytes: None };
+        let mut w = Workload {
+            id,
+            leaves: Vec::new(),
+            data: Vec::new(),
+            optimizer: None,
+            model: None,
+            flops: None,
+            bytes: None,
+        };
         match id {
             Id::W1 => {
                 let (batch, inp, hidden) = if small { (16, 64, 32) } else { (64, 784, 512) };
@@ -115,13 +134,25 @@ impl Workload {
                 let n = if small { 256 } else { 4096 };
                 w.leaves = (0..40u64).map(|i| leaf(&[n], 100 + i, 1.0)).collect::<Result<_, _>>()?;
             }
+            Id::Cnn => {
+                // The digits CNN (conv 16, pool, conv 32, pool, linear) on one
+                // batch of 64 8x8 images, cross-entropy, Adam: the examples' step.
+                let batch = if small { 8 } else { 64 };
+                let model = cnn::Cnn::new(1, device)?;
+                w.leaves = model.parameters();
+                let labels: Vec<i32> = (0..batch as u64).map(|i| (splitmix(i + 11) % 10) as i32).collect();
+                let pixels = Tensor::rand([batch, 64], 12, device)?;
+                w.data = vec![pixels, Tensor::from_slice(&labels, [batch], device)?];
+                w.optimizer = Some(Box::new(Adam::new(&w.leaves, 0.01)?));
+                w.model = Some(Arc::new(model));
+            }
         }
         Ok(w)
     }
 
     /// The loss (recorded graph) of one forward pass.
     fn loss(&self) -> wgrad::Result<Tensor> {
-        loss_of(self.id, &self.leaves, &self.data)
+        loss_of(self.id, &self.leaves, &self.data, self.model.as_deref())
     }
 
     /// One step: forward, backward (and W1's SGD update), loss read back once.
@@ -147,13 +178,13 @@ impl Workload {
     /// step (`wgrad::compile_step`), its data passed as arguments; each call
     /// replays it and reads the loss back once. Takes the optimizer.
     pub fn compiled_step(&mut self, device: &Device) -> Box<dyn FnMut() -> wgrad::Result<f32>> {
-        let (id, leaves, data) = (self.id, self.leaves.clone(), self.data.clone());
+        let (id, leaves, data, model) = (self.id, self.leaves.clone(), self.data.clone(), self.model.clone());
         let mut optimizer = self.optimizer.take();
         let mut step = wgrad::compile_step(device, move |args: &[Tensor]| {
             for p in &leaves {
                 p.zero_grad();
             }
-            let loss = loss_of(id, &leaves, args)?;
+            let loss = loss_of(id, &leaves, args, model.as_deref())?;
             loss.backward()?;
             if let Some(opt) = &mut optimizer {
                 opt.step()?;
@@ -164,8 +195,9 @@ impl Workload {
     }
 }
 
-/// The loss of workload `id` on parameters `p` and data `data`.
-fn loss_of(id: Id, p: &[Tensor], data: &[Tensor]) -> wgrad::Result<Tensor> {
+/// The loss of workload `id` on parameters `p` and data `data` (the CNN's
+/// parameters are its model's).
+fn loss_of(id: Id, p: &[Tensor], data: &[Tensor], model: Option<&cnn::Cnn>) -> wgrad::Result<Tensor> {
     {
         match id {
             Id::W1 => {
@@ -203,6 +235,13 @@ fn loss_of(id: Id, p: &[Tensor], data: &[Tensor]) -> wgrad::Result<Tensor> {
                     total = total.add(q)?;
                 }
                 total.square()?.sum_all()
+            }
+            Id::Cnn => {
+                let model = model.ok_or(wgrad::Error::InvalidArgument {
+                    op: "CNN workload",
+                    message: "the model is missing".into(),
+                })?;
+                model.forward(&data[0])?.cross_entropy(&data[1], ClassLoss::default())
             }
         }
     }
