@@ -212,6 +212,7 @@ impl Tensor {
             DType::F32 | DType::F16 => None,
         };
         Arc::get_mut(&mut t.0).expect("a new tensor has one handle").host_ints = host_ints;
+        crate::compiler::trace::note_upload(&t, bytes);
         Ok(t)
     }
 

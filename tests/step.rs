@@ -475,3 +475,27 @@ fn indices_passed_in_are_data_and_checked_every_call() {
     assert!(err.to_string().contains("index 7 is out of range"), "{err}");
     assert_eq!((w.to_vec::<f32>().unwrap(), w.grad().map(|g| g.to_vec::<f32>().unwrap())), before);
 }
+
+/// A constant the step makes from host data each time is compared by its
+/// contents: the same data is no difference, new data (a host value the
+/// closure reads) is one.
+#[test]
+fn debug_retrace_compares_constants_made_in_the_step_by_contents() {
+    let d = device();
+    let offset = Rc::new(Cell::new(1.0f32));
+    let offset_in = offset.clone();
+    let dev = d.clone();
+    let mut step = compile_step(&d, move |args: &[Tensor]| {
+        let c = Tensor::from_slice(&[offset_in.get(), 2.0], [2], &dev)?;
+        Ok(vec![args[0].add(&c)?])
+    });
+    step.set_debug_retrace(true);
+    let x = Tensor::from_slice(&[10.0f32, 20.0], [2], &d).unwrap();
+    for _ in 0..2 {
+        assert_eq!(step.call(std::slice::from_ref(&x)).unwrap()[0].to_vec::<f32>().unwrap(), vec![11.0, 22.0]);
+    }
+    assert!(step.last_difference().is_none(), "{:?}", step.last_difference());
+    offset.set(5.0);
+    assert_eq!(step.call(std::slice::from_ref(&x)).unwrap()[0].to_vec::<f32>().unwrap(), vec![15.0, 22.0]);
+    assert!(step.last_difference().unwrap().contains("constant made in the step"));
+}

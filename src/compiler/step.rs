@@ -340,9 +340,9 @@ where
         let (mut outputs, returns) = outputs_of(&returned)?;
         let (grads, assigned) = effects(&mut outputs)?;
         let (values, inputs, state) = scope.finish_step();
-        let StepState { sources, guards, host, commits, checks, .. } = state;
+        let StepState { sources, guards, host, commits, checks, uploads, .. } = state;
         let graph = CapturedGraph { values, inputs, outputs };
-        let fingerprint = fingerprint(&graph, &sources);
+        let fingerprint = fingerprint(&graph, &sources, &uploads);
         if self.log {
             let in_place = graph.outputs.iter().filter(|(_, r)| matches!(r, OutputRole::Assign(_))).count();
             eprintln!(
@@ -509,14 +509,19 @@ fn effects(outputs: &mut Outputs) -> Result<(GradEffects, Vec<(Tensor, usize)>)>
 }
 
 /// The captured IR and where each input comes from: two traces of one
-/// signature that differ here would compute different things.
-fn fingerprint(graph: &CapturedGraph, sources: &[Source]) -> String {
+/// signature that differ here would compute different things. A constant
+/// the step made from host data is named by its contents (a new trace
+/// makes a new one), any other tensor by its identity.
+fn fingerprint(graph: &CapturedGraph, sources: &[Source], uploads: &std::collections::HashMap<usize, u64>) -> String {
     let mut s = graph.to_string();
     for (slot, source) in sources.iter().enumerate() {
         let from = match source {
             Source::Arg(i) => format!("argument {i}"),
             Source::State(t) => match t.storage() {
-                Storage::Buffer(b) => format!("tensor {:p}", Arc::as_ptr(b)),
+                Storage::Buffer(b) => match uploads.get(&(Arc::as_ptr(b) as usize)) {
+                    Some(hash) => format!("constant made in the step, contents {hash:016x}"),
+                    None => format!("tensor {:p}", Arc::as_ptr(b)),
+                },
                 Storage::Traced(v) => format!("traced value %{v}"),
             },
             Source::Grad(leaf) => format!(".grad of leaf {:p}", Arc::as_ptr(leaf)),

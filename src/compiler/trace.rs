@@ -101,6 +101,9 @@ pub(crate) struct StepState {
     pub checks: Vec<(usize, ArgCheck)>,
     /// Per host counter (by address), its uses so far in this trace.
     uses: HashMap<usize, u64>,
+    /// Tensors uploaded while tracing (constants the step makes), by
+    /// storage identity: a hash of their bytes.
+    pub uploads: HashMap<usize, u64>,
 }
 
 fn storage_key(t: &Tensor) -> Option<usize> {
@@ -345,6 +348,23 @@ pub(crate) fn arg_of(t: &Tensor) -> Option<usize> {
         let args = &tr.as_ref()?.step.as_ref()?.args;
         args.iter().position(|a| a.shares_storage(t) && whole(a) && whole(t) && a.numel() == t.numel())
     })
+}
+
+/// In a step trace: notes that `t` was made from host `bytes` inside the
+/// step (a constant the program will read), so `debug_retrace` compares
+/// its contents, not its identity, with a new trace's.
+pub(crate) fn note_upload(t: &Tensor, bytes: &[u8]) {
+    use std::hash::{Hash, Hasher};
+    if !is_step() {
+        return;
+    }
+    let Some(key) = storage_key(t) else { return };
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (t.dtype(), t.dims(), bytes).hash(&mut hasher);
+    let hash = hasher.finish();
+    with_step(|step| {
+        step.uploads.insert(key, hash);
+    });
 }
 
 /// In a step trace: runs `commit` when the program has been recorded.
