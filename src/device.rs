@@ -759,7 +759,17 @@ impl Device {
         self.inner.failed_batches.load(Ordering::SeqCst)
     }
 
+    /// Records a copy of `words` into `uniform` at `offset`, in queue order
+    /// with the pending work (staged in the batch's uniform arena; a write
+    /// larger than a quarter of the arena goes in pieces, so any size fits).
     pub(crate) fn record_uniform_write(&self, uniform: &wgpu::Buffer, offset: u64, words: &[u32]) {
+        const PIECE_WORDS: usize = ARENA_BYTES as usize / 16;
+        if words.len() > PIECE_WORDS {
+            for (k, piece) in words.chunks(PIECE_WORDS).enumerate() {
+                self.record_uniform_write(uniform, offset + (k * PIECE_WORDS * 4) as u64, piece);
+            }
+            return;
+        }
         let mut batch = self.lock_batch();
         let bytes: &[u8] = bytemuck::cast_slice(words);
         let size = bytes.len().max(16).next_multiple_of(16);

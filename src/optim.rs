@@ -303,13 +303,16 @@ impl Core {
 
     fn traced_update(&self, work: Vec<(usize, Tensor)>) -> Result<()> {
         let ids: Vec<usize> = work.iter().map(|(i, _)| *i).collect();
+        // The `k`-th update of this optimizer in the step: its counts are
+        // then `k` ahead of what the host holds (they advance on commit).
+        let ahead = crate::compiler::trace::uses_of(Arc::as_ptr(&self.host) as usize);
         let (host, which) = (self.host.clone(), ids.clone());
         let values = crate::compiler::trace::host_input(
             Box::new(move |_: &[Tensor]| {
                 let h = host.lock();
                 let mut v = h.rule.scalars();
                 for &i in &which {
-                    v.extend(h.rule.corrections(h.steps[i] + 1));
+                    v.extend(h.rule.corrections(h.steps[i] + 1 + ahead));
                 }
                 Ok(v.into_iter().map(f32::to_bits).collect())
             }),

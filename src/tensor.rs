@@ -49,7 +49,9 @@ pub struct Tensor(pub(crate) Arc<TensorImpl>);
 #[derive(Clone)]
 pub(crate) enum Storage {
     Buffer(Arc<PooledBuffer>),
-    Traced(crate::compiler::ValueId),
+    /// Value `.1` of trace `.0` (traces are numbered, so a tensor kept from
+    /// an earlier trace is recognised as such, not read as another value).
+    Traced(u64, crate::compiler::ValueId),
 }
 
 pub(crate) struct TensorImpl {
@@ -119,7 +121,7 @@ impl Tensor {
     pub fn version(&self) -> u64 {
         match &self.0.storage {
             Storage::Buffer(b) => b.version(),
-            Storage::Traced(_) => 0,
+            Storage::Traced(..) => 0,
         }
     }
 
@@ -142,7 +144,7 @@ impl Tensor {
     pub(crate) fn pooled(&self) -> Result<&Arc<PooledBuffer>> {
         match &self.0.storage {
             Storage::Buffer(b) => Ok(b),
-            Storage::Traced(_) => Err(Error::InvalidArgument {
+            Storage::Traced(..) => Err(Error::InvalidArgument {
                 op: "compiled backward",
                 message: "a tensor of a compiled-backward trace has no data outside the trace; \
                           read gradients after backward() returns"
@@ -161,7 +163,7 @@ impl Tensor {
     pub(crate) fn same_view(&self, other: &Tensor) -> bool {
         let same_storage = match (&self.0.storage, &other.0.storage) {
             (Storage::Buffer(a), Storage::Buffer(b)) => Arc::ptr_eq(a, b),
-            (Storage::Traced(a), Storage::Traced(b)) => a == b,
+            (Storage::Traced(ta, a), Storage::Traced(tb, b)) => (ta, a) == (tb, b),
             _ => false,
         };
         same_storage && self.0.layout == other.0.layout && self.0.dtype == other.0.dtype
@@ -171,7 +173,7 @@ impl Tensor {
     pub(crate) fn shares_storage(&self, other: &Tensor) -> bool {
         match (&self.0.storage, &other.0.storage) {
             (Storage::Buffer(a), Storage::Buffer(b)) => Arc::ptr_eq(a, b),
-            (Storage::Traced(a), Storage::Traced(b)) => a == b,
+            (Storage::Traced(ta, a), Storage::Traced(tb, b)) => (ta, a) == (tb, b),
             _ => false,
         }
     }
@@ -183,7 +185,15 @@ impl Tensor {
     /// The IR value this tensor views, when it belongs to a trace.
     pub(crate) fn traced_value(&self) -> Option<crate::compiler::ValueId> {
         match &self.0.storage {
-            Storage::Traced(v) => Some(*v),
+            Storage::Traced(_, v) => Some(*v),
+            Storage::Buffer(_) => None,
+        }
+    }
+
+    /// The trace this tensor's value belongs to, if it is traced.
+    pub(crate) fn trace_id(&self) -> Option<u64> {
+        match &self.0.storage {
+            Storage::Traced(trace, _) => Some(*trace),
             Storage::Buffer(_) => None,
         }
     }

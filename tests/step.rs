@@ -499,3 +499,154 @@ fn debug_retrace_compares_constants_made_in_the_step_by_contents() {
     assert_eq!(step.call(std::slice::from_ref(&x)).unwrap()[0].to_vec::<f32>().unwrap(), vec![15.0, 22.0]);
     assert!(step.last_difference().unwrap().contains("constant made in the step"));
 }
+
+/// Runs `body` eagerly on `eager_w` and as a compiled step on `w` for each
+/// argument list in `calls`, comparing the returned values and the
+/// parameter after every call. Returns the step's stats.
+fn eager_vs_step(
+    w0: &[f32],
+    calls: &[Vec<Tensor>],
+    body: impl Fn(&Tensor, &mut Adam, &[Tensor]) -> Result<Vec<Tensor>> + Clone + 'static,
+) -> wgrad::StepStats {
+    let d = device();
+    let n = w0.len();
+    let make = || Tensor::from_slice(w0, [n], &d).unwrap().requires_grad(true).unwrap();
+    let (eager_w, w) = (make(), make());
+    let mut eager_opt = Adam::new(std::slice::from_ref(&eager_w), 0.1).unwrap();
+    let mut opt = Adam::new(std::slice::from_ref(&w), 0.1).unwrap();
+    let (w_in, body_in) = (w.clone(), body.clone());
+    let mut step = compile_step(&d, move |a: &[Tensor]| body_in(&w_in, &mut opt, a));
+    for (i, args) in calls.iter().enumerate() {
+        let want = body(&eager_w, &mut eager_opt, args).unwrap();
+        let got = step.call(args).unwrap();
+        for (k, (g, e)) in got.iter().zip(&want).enumerate() {
+            assert_close(&format!("call {i} returned {k}"), &g.to_vec::<f32>().unwrap(), &e.to_vec::<f32>().unwrap());
+        }
+        assert_close(&format!("call {i} parameter"), &w.to_vec::<f32>().unwrap(), &eager_w.to_vec::<f32>().unwrap());
+    }
+    step.stats()
+}
+
+fn vec_of(v: &[f32]) -> Tensor {
+    Tensor::from_slice(v, [v.len()], &device()).unwrap()
+}
+
+/// One argument passed twice, then two different ones: not one input.
+#[test]
+fn arguments_sharing_a_buffer_are_part_of_the_signature() {
+    let x = vec_of(&[1.0, 2.0]);
+    let calls = vec![vec![x.clone(), x], vec![vec_of(&[3.0, -1.0]), vec_of(&[5.0, 4.0])]];
+    let stats = eager_vs_step(&[0.5, 1.5], &calls, |w, opt, a| {
+        opt.zero_grad();
+        let loss = w.mul(&a[0])?.sub(&a[1])?.square()?.sum_all()?;
+        loss.backward()?;
+        opt.step()?;
+        Ok(vec![loss])
+    });
+    assert_eq!(stats.traces, 2, "{stats:?}");
+}
+
+/// An argument that is the parameter's own buffer when traced: the step
+/// runs eagerly for that signature, and a later argument is left alone.
+#[test]
+fn an_argument_aliasing_a_parameter_runs_eagerly() {
+    let d = device();
+    let w = Tensor::from_slice(&[1.0f32, 2.0], [2], &d).unwrap().requires_grad(true).unwrap();
+    let mut opt = Sgd::new(std::slice::from_ref(&w), 0.1, 0.0, 0.0).unwrap();
+    let w_in = w.clone();
+    let mut step = compile_step(&d, move |a: &[Tensor]| {
+        opt.zero_grad();
+        let loss = w_in.mul(&a[0])?.sum_all()?;
+        loss.backward()?;
+        opt.step()?;
+        Ok(vec![loss])
+    });
+    step.call(&[w.detach()]).unwrap();
+    let y = vec_of(&[10.0, 10.0]);
+    step.call(std::slice::from_ref(&y)).unwrap();
+    assert_eq!(y.to_vec::<f32>().unwrap(), vec![10.0, 10.0], "the argument is not updated");
+    assert_eq!(step.stats().graph_breaks, 1);
+}
+
+/// A gather of the parameter in the kernel that updates it in place would
+/// read elements already overwritten: it is not stored in place.
+#[test]
+fn a_gather_of_an_updated_parameter_reads_the_old_values() {
+    let n = 4096 * 4;
+    let w0: Vec<f32> = (0..n).map(|i| (i % 97) as f32 * 0.01 - 0.4).collect();
+    let perm: Vec<i32> = (0..n as i32).map(|i| (i * 7919 + 13) % n as i32).collect();
+    let perm = Tensor::from_slice(&perm, [n], &device()).unwrap();
+    let calls = vec![vec![perm.clone()], vec![perm]];
+    eager_vs_step(&w0, &calls, |w, opt, a| {
+        opt.zero_grad();
+        w.square()?.sum_all()?.backward()?;
+        // Read before the update, returned after it: the old values.
+        let before = w.index_select(0, &a[0])?;
+        opt.step()?;
+        Ok(vec![before, w.index_select(0, &a[0])?])
+    });
+}
+
+/// A per-call map larger than the uniform staging arena (an embedding of
+/// 1,100 rows of 64 with its ids passed in) arrives whole.
+#[test]
+fn a_large_per_call_map_is_written_whole() {
+    let (vocab, dim) = (1100usize, 64usize);
+    let w0: Vec<f32> = (0..vocab * dim).map(|i| ((i * 31) % 101) as f32 * 0.01 - 0.5).collect();
+    let ids = |k: i32| Tensor::from_slice(&[k, 7, 1099, k + 3, 500], [5], &device()).unwrap();
+    let calls = vec![vec![ids(0)], vec![ids(40)], vec![ids(900)]];
+    eager_vs_step(&w0, &calls, move |w, opt, a| {
+        opt.zero_grad();
+        let loss = wgrad::embedding(&a[0], &w.reshape([vocab, dim])?)?.sin()?.sum_all()?;
+        loss.backward()?;
+        opt.step()?;
+        Ok(vec![loss])
+    });
+}
+
+/// Two optimizer steps in one compiled step use Adam's corrections for
+/// steps t + 1 and t + 2, as eager mode does.
+#[test]
+fn two_optimizer_steps_in_one_call_match_eager() {
+    let calls = vec![vec![vec_of(&[1.0, 2.0])], vec![vec_of(&[0.5, -1.0])], vec![vec_of(&[2.0, 2.0])]];
+    eager_vs_step(&[0.3, -0.7], &calls, |w, opt, a| {
+        for _ in 0..2 {
+            opt.zero_grad();
+            w.mul(&a[0])?.square()?.sum_all()?.backward()?;
+            opt.step()?;
+        }
+        Ok(vec![])
+    });
+}
+
+/// Returning an argument (or a view of it) returns this call's.
+#[test]
+fn returned_arguments_are_this_calls() {
+    let mut step = compile_step(&device(), |a: &[Tensor]| Ok(vec![a[0].clone(), a[0].reshape([2, 1])?]));
+    step.call(&[vec_of(&[1.0, 7.0])]).unwrap();
+    let got = step.call(&[vec_of(&[2.0, 7.0])]).unwrap();
+    assert_eq!(got[0].to_vec::<f32>().unwrap(), vec![2.0, 7.0]);
+    assert_eq!(got[1].to_vec::<f32>().unwrap(), vec![2.0, 7.0]);
+    assert_eq!(got[1].dims(), &[2, 1]);
+}
+
+/// A traced tensor kept from an earlier trace is an `Err` in a later one,
+/// not another value (nor a panic).
+#[test]
+fn a_tensor_kept_from_an_earlier_trace_is_an_error() {
+    let kept: Rc<std::cell::RefCell<Option<Tensor>>> = Rc::default();
+    let kept_in = kept.clone();
+    let mut step = compile_step(&device(), move |a: &[Tensor]| {
+        let y = a[0].mul(3.0)?;
+        let out = match kept_in.borrow().as_ref() {
+            Some(old) => y.add(old)?,
+            None => y.clone(),
+        };
+        *kept_in.borrow_mut() = Some(y.exp()?.exp()?.exp()?);
+        Ok(vec![out])
+    });
+    step.call(&[vec_of(&[1.0, 2.0])]).unwrap();
+    // A view at another offset: a new signature, so a new trace.
+    let err = step.call(&[vec_of(&[0.0, 1.0, 2.0]).narrow(0, 1, 2).unwrap()]).unwrap_err();
+    assert!(err.to_string().contains("earlier trace"), "{err}");
+}

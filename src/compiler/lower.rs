@@ -12,7 +12,7 @@ use crate::compiler::ir::{CapturedGraph, IrOp, OutputRole, ValueId};
 use crate::compiler::runtime::{Action, Buf, Dispatch, Program, ProgramReport};
 use crate::device::Device;
 use crate::error::Result;
-use crate::exec::kernel::MapKernel;
+use crate::exec::kernel::{Access, MapKernel};
 use crate::exec::{self, Launch};
 use crate::layout::Layout;
 use crate::metadata::{DType, Shape};
@@ -261,11 +261,18 @@ fn in_place_updates(g: &CapturedGraph, steps: &[Step], escapes: &[bool]) -> Hash
             continue;
         };
         let Some(at) = steps.iter().position(|s| s.stores().contains(v)) else { continue };
-        let Step::Elementwise { shape, .. } = &steps[at] else { continue };
+        let Step::Elementwise { shape, kernel, reads, .. } = &steps[at] else { continue };
         let whole = Layout::contiguous(shape.clone());
-        let safe = steps.iter().enumerate().all(|(i, s)| {
-            s.reads().iter().filter(|u| u.value == input).all(|u| i < at || (i == at && u.layout == whole))
-        });
+        // In the storing kernel, every read of the old contents is at the
+        // element being written: the whole view, and not a gathered binding
+        // (which a `Gather` reads at computed offsets).
+        let at_the_element = reads
+            .iter()
+            .zip(&kernel.inputs)
+            .filter(|(u, _)| u.value == input)
+            .all(|(u, (_, access))| u.layout == whole && *access != Access::Gathered);
+        let safe = at_the_element
+            && steps.iter().enumerate().all(|(i, s)| i <= at || s.reads().iter().all(|u| u.value != input));
         if safe && g.values[*v].meta.shape == *shape {
             found.insert(*v, slot);
         }

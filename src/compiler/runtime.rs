@@ -162,6 +162,22 @@ impl Program {
         self.replay_locked(inputs, hooks)
     }
 
+    /// Makes sure dispatch `d` has a pipeline and bind group for these
+    /// operands (reused when they are bound as last time).
+    fn bind(&self, d: &Dispatch, operands: &[Operand]) -> Result<()> {
+        let launch = &d.launch;
+        let (binds, buffers) = Binds::of(operands, &launch.written);
+        let mut cached = d.cached.lock();
+        let reuse = cached.as_ref().is_some_and(|(bufs, b, _, _)| *bufs == buffers && *b == binds);
+        if !reuse {
+            let pipeline = self.device.pipeline(launch.label, &launch.source(&binds))?;
+            let bg = self.device.bind_group(&pipeline, &self.uniform, d.uniform_offset, d.uniform_size, &buffers);
+            *cached = Some((buffers, binds, pipeline, bg));
+            self.bind_groups_created.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     fn replay_locked(
         &self,
         inputs: &[Tensor],
@@ -212,6 +228,15 @@ impl Program {
                     return Ok(None);
                 }
             }
+            // Everything that can fail before a kernel is recorded (its
+            // pipeline, its bind group, the usage check) happens now, so a
+            // failure records nothing: a program's in-place updates run all
+            // or not at all.
+            if operands.iter().all(Option::is_some) {
+                let all: Vec<Operand> = operands.iter().flatten().cloned().collect();
+                crate::poison::check_conflicts("compiled backward", &all, &d.launch.written, &d.launch.in_place)?;
+                self.bind(d, &all)?;
+            }
             resolved.push(operands);
         }
         let mut resolved = resolved.into_iter();
@@ -229,16 +254,8 @@ impl Program {
                             None => resolve(b, dtype, &hooked),
                         })
                         .collect::<Result<Vec<_>>>()?;
-                    let (binds, buffers) = Binds::of(&operands, &launch.written);
-                    let mut cached = d.cached.lock();
-                    let reuse = cached.as_ref().is_some_and(|(bufs, b, _, _)| *bufs == buffers && *b == binds);
-                    if !reuse {
-                        let pipeline = device.pipeline(launch.label, &launch.source(&binds))?;
-                        let bg =
-                            device.bind_group(&pipeline, &self.uniform, d.uniform_offset, d.uniform_size, &buffers);
-                        *cached = Some((buffers, binds, pipeline, bg));
-                        self.bind_groups_created.fetch_add(1, Ordering::Relaxed);
-                    }
+                    self.bind(d, &operands)?;
+                    let cached = d.cached.lock();
                     let words = launch.words_for(&operands);
                     let mut current = d.words.lock();
                     let failed = device.failed_batches();

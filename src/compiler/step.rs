@@ -58,8 +58,6 @@ enum GradEffect {
     Clear,
     /// The program's output `k` (in output order).
     Output(usize),
-    /// This tensor (set from outside the trace's values).
-    Tensor(Tensor),
 }
 
 /// A step program's outputs, in order, with what each becomes.
@@ -68,23 +66,26 @@ type Outputs = Vec<(ValueId, OutputRole)>;
 /// What each changed `.grad` becomes after a replay.
 type GradEffects = Vec<(Arc<LeafState>, GradEffect)>;
 
-/// A returned tensor: a program output, or a tensor returned as it is.
+/// A returned tensor: a program output (every returned tensor is one, so
+/// an argument or a `.grad` returned is this call's, not the trace's).
 enum Returned {
     Output(usize),
-    Tensor(Tensor),
 }
 
-/// The arguments' dtype, view, whether they require grad, and grad mode.
+/// The arguments' dtype and view, which of them share a buffer (each with
+/// the first argument on its buffer: a trace reads one buffer as one
+/// input), and grad mode.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct ArgKey {
-    args: Vec<(DType, Layout)>,
+    args: Vec<(DType, Layout, usize)>,
     grad_mode: bool,
 }
 
 impl ArgKey {
     fn of(args: &[Tensor]) -> ArgKey {
+        let first = |i: usize| (0..i).find(|&j| args[j].shares_storage(&args[i])).unwrap_or(i);
         ArgKey {
-            args: args.iter().map(|a| (a.dtype(), a.layout().clone())).collect(),
+            args: args.iter().enumerate().map(|(i, a)| (a.dtype(), a.layout().clone(), first(i))).collect(),
             grad_mode: crate::is_grad_enabled(),
         }
     }
@@ -340,6 +341,15 @@ where
         let (mut outputs, returns) = outputs_of(&returned)?;
         let (grads, assigned) = effects(&mut outputs)?;
         let (values, inputs, state) = scope.finish_step();
+        if let Some(reason) = state.aliased {
+            if self.log {
+                eprintln!("[wgrad compiled] graph break: {reason}; this signature runs eagerly");
+            }
+            self.stats.graph_breaks += 1;
+            self.last_break = Some(reason.to_string());
+            self.broken.push((key, reason.to_string()));
+            return Ok(Traced::Broke);
+        }
         let StepState { sources, guards, host, commits, checks, uploads, .. } = state;
         let graph = CapturedGraph { values, inputs, outputs };
         let fingerprint = fingerprint(&graph, &sources, &uploads);
@@ -438,7 +448,6 @@ where
             *leaf.grad.lock() = match effect {
                 GradEffect::Clear => None,
                 GradEffect::Output(k) => Some(outputs[*k].clone()),
-                GradEffect::Tensor(t) => Some(t.clone()),
             };
         }
         for (t, _) in &entry.assigned {
@@ -449,14 +458,7 @@ where
         }
         self.stats.replays += 1;
         self.stats.kernels_last_replay = entry.program.kernel_count() as u64;
-        Ok(entry
-            .returns
-            .iter()
-            .map(|r| match r {
-                Returned::Output(k) => outputs[*k].clone(),
-                Returned::Tensor(t) => t.clone(),
-            })
-            .collect())
+        Ok(entry.returns.iter().map(|Returned::Output(k)| outputs[*k].clone()).collect())
     }
 }
 
@@ -465,18 +467,16 @@ enum Traced {
     Broke,
 }
 
-/// The program outputs for the returned tensors (traced ones; others are
-/// returned as they are), and how to return each.
+/// The program outputs for the returned tensors, and how to return each.
+/// A tensor that lives in a buffer (an argument, a parameter) is read by
+/// the program and returned as a copy, so a replay returns this call's
+/// value, not the trace's tensor.
 fn outputs_of(returned: &[Tensor]) -> Result<(Outputs, Vec<Returned>)> {
     let mut outputs = Vec::new();
     let mut returns = Vec::new();
     for (i, t) in returned.iter().enumerate() {
-        if t.traced_value().is_some() {
-            returns.push(Returned::Output(outputs.len()));
-            outputs.push((trace::output(t)?, OutputRole::Returned(i)));
-        } else {
-            returns.push(Returned::Tensor(t.detach()));
-        }
+        returns.push(Returned::Output(outputs.len()));
+        outputs.push((trace::output(t)?, OutputRole::Returned(i)));
     }
     Ok((outputs, returns))
 }
@@ -489,14 +489,16 @@ fn effects(outputs: &mut Outputs) -> Result<(GradEffects, Vec<(Tensor, usize)>)>
     let (undo, assigns) = trace::step_effects();
     let mut grads = Vec::new();
     for (k, (leaf, now)) in undo.into_iter().enumerate() {
+        // A `.grad` left as a tensor in a buffer (set from an argument, or
+        // unchanged) goes through the program too: a replay sets this
+        // call's value.
         let effect = match now {
             None => GradEffect::Clear,
-            Some(g) if g.traced_value().is_some() => {
+            Some(g) => {
                 let index = outputs.len();
                 outputs.push((trace::output(&g)?, OutputRole::StepGrad(k)));
                 GradEffect::Output(index)
             }
-            Some(g) => GradEffect::Tensor(g),
         };
         grads.push((leaf, effect));
     }
@@ -522,7 +524,7 @@ fn fingerprint(graph: &CapturedGraph, sources: &[Source], uploads: &std::collect
                     Some(hash) => format!("constant made in the step, contents {hash:016x}"),
                     None => format!("tensor {:p}", Arc::as_ptr(b)),
                 },
-                Storage::Traced(v) => format!("traced value %{v}"),
+                Storage::Traced(_, v) => format!("traced value %{v}"),
             },
             Source::Grad(leaf) => format!(".grad of leaf {:p}", Arc::as_ptr(leaf)),
             Source::Host(k) => format!("host values {k}"),

@@ -26,6 +26,8 @@ use crate::metadata::{DType, InputMetadata, Shape};
 use crate::tensor::{Storage, Tensor};
 
 struct Tracer {
+    /// This trace's number (see `Storage::Traced`).
+    id: u64,
     device: Device,
     values: Vec<Value>,
     inputs: usize,
@@ -101,6 +103,10 @@ pub(crate) struct StepState {
     pub checks: Vec<(usize, ArgCheck)>,
     /// Per host counter (by address), its uses so far in this trace.
     uses: HashMap<usize, u64>,
+    /// Set when an argument's buffer is also a tensor the step updates in
+    /// place or a `.grad` it reads: a replay with other arguments would
+    /// confuse the two, so such a call runs eagerly.
+    pub aliased: Option<&'static str>,
     /// Tensors uploaded while tracing (constants the step makes), by
     /// storage identity: a hash of their bytes.
     pub uploads: HashMap<usize, u64>,
@@ -109,9 +115,12 @@ pub(crate) struct StepState {
 fn storage_key(t: &Tensor) -> Option<usize> {
     match t.storage() {
         Storage::Buffer(b) => Some(Arc::as_ptr(b) as usize),
-        Storage::Traced(_) => None,
+        Storage::Traced(..) => None,
     }
 }
+
+/// Numbers traces (see `Storage::Traced`).
+static NEXT_TRACE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 thread_local! {
     static TRACER: RefCell<Option<Tracer>> = const { RefCell::new(None) };
@@ -136,6 +145,7 @@ impl TraceScope {
                 });
             }
             *t = Some(Tracer {
+                id: NEXT_TRACE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                 device: device.clone(),
                 values: Vec::new(),
                 inputs: 0,
@@ -233,6 +243,9 @@ pub(crate) fn note_grad_read(leaf: &Arc<LeafState>, now: &Option<Tensor>) {
         }
         step.guards.push((leaf.clone(), now.as_ref().map(|g| (g.dtype(), g.layout().clone()))));
         if let Some(key) = now.as_ref().and_then(storage_key) {
+            if step.args.iter().any(|a| storage_key(a) == Some(key)) {
+                step.aliased = Some("an argument shares its buffer with a .grad the step reads");
+            }
             step.pending.entry(key).or_insert(Source::Grad(leaf.clone()));
         }
     });
@@ -288,6 +301,9 @@ pub(crate) fn assign(target: &Tensor, value: &Tensor) -> Result<()> {
         };
         let IrOp::Input { slot } = tr.values[input].op else { unreachable!("lifted values are inputs") };
         let step = tr.step.as_mut().expect("assign in a step trace");
+        if matches!(step.sources[slot], Source::Arg(_) | Source::Grad(_)) {
+            step.aliased = Some("an argument or a .grad shares its buffer with a tensor the step updates in place");
+        }
         step.current.insert(key, v);
         step.assigns.retain(|(t, _, _)| storage_key(t) != Some(key));
         step.assigns.push((target.clone(), v, slot));
@@ -394,7 +410,7 @@ fn push(tracer: &mut Tracer, op: IrOp, meta: InputMetadata) -> ValueId {
 }
 
 fn tensor(tracer: &Tracer, value: ValueId, layout: Layout, dtype: DType) -> Tensor {
-    Tensor::from_parts(Storage::Traced(value), layout, dtype, tracer.device.clone())
+    Tensor::from_parts(Storage::Traced(tracer.id, value), layout, dtype, tracer.device.clone())
 }
 
 /// The use of a traced tensor through a view of `shape` (a broadcast of it).
@@ -403,6 +419,14 @@ fn tensor(tracer: &Tracer, value: ValueId, layout: Layout, dtype: DType) -> Tens
 fn use_of(tracer: &mut Tracer, t: &Tensor, shape: &Shape) -> Result<Use> {
     if t.device() != &tracer.device {
         return Err(Error::DeviceMismatch { op: "compiled backward", lhs: tracer.device.id(), rhs: t.device().id() });
+    }
+    if t.trace_id().is_some_and(|id| id != tracer.id) {
+        return Err(Error::InvalidArgument {
+            op: "compiled step",
+            message: "a tensor of an earlier trace was used (kept from a previous call of the step?); \
+                      keep tensors across calls only as returned values"
+                .into(),
+        });
     }
     let value = match (t.traced_value(), storage_key(t), tracer.step.is_some()) {
         (Some(value), _, _) => value,
