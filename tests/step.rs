@@ -650,3 +650,41 @@ fn a_tensor_kept_from_an_earlier_trace_is_an_error() {
     let err = step.call(&[vec_of(&[0.0, 1.0, 2.0]).narrow(0, 1, 2).unwrap()]).unwrap_err();
     assert!(err.to_string().contains("earlier trace"), "{err}");
 }
+
+/// A step writes the new `.grad` into the old one's storage when nothing
+/// else holds it, so its peak holds one gradient per parameter (as the
+/// eager step's `zero_grad()` first does); a `.grad` the caller still holds
+/// keeps its values.
+#[test]
+fn new_grads_reuse_the_old_ones_unless_held() {
+    let d = device();
+    let n = 1 << 20; // 4 MiB of f32
+    let w = wgrad::nn::uniform([n], 1.0, 5, &d).unwrap();
+    let mut opt = Sgd::new(std::slice::from_ref(&w), 0.1, 0.0, 0.0).unwrap();
+    let w_in = w.clone();
+    let mut step = compile_step(&d, move |_: &[Tensor]| {
+        opt.zero_grad();
+        let loss = w_in.square()?.sum_all()?;
+        loss.backward()?;
+        opt.step()?;
+        Ok(vec![loss])
+    });
+    for _ in 0..2 {
+        step.call(&[]).unwrap();
+    }
+    d.synchronize().unwrap();
+    let live = d.memory_stats().live_bytes;
+    d.reset_peak_memory();
+    step.call(&[]).unwrap();
+    d.synchronize().unwrap();
+    let grew = d.memory_stats().peak_bytes - live;
+    assert!(grew < 1 << 20, "a call allocated {grew} bytes beyond what was live");
+    // Held by the caller: the next call leaves it alone.
+    let held = w.grad().unwrap();
+    let before = held.to_vec::<f32>().unwrap();
+    step.call(&[]).unwrap();
+    assert_eq!(held.to_vec::<f32>().unwrap(), before);
+    // The .grad is 2 w before the update, which scaled w by 0.8.
+    let want: Vec<f32> = w.to_vec::<f32>().unwrap().iter().map(|v| 2.5 * v).collect();
+    assert_close("the new .grad", &w.grad().unwrap().to_vec::<f32>().unwrap(), &want);
+}

@@ -157,9 +157,36 @@ impl Program {
                 message: format!("internal: program expects {} inputs, got {}", self.inputs, inputs.len()),
             });
         }
+        self.run_into(inputs, hooks, Vec::new())
+    }
+
+    /// [`Self::run`], storing output `k` into `into[k]` where that is given
+    /// (storage of the output's dtype and at least its size that nothing
+    /// else reads: a compiled step's old `.grad`, overwritten by the new one)
+    /// instead of a fresh buffer.
+    pub(crate) fn run_into(
+        &self,
+        inputs: &[Tensor],
+        hooks: &mut dyn FnMut(usize, Tensor) -> Result<Tensor>,
+        into: Vec<Option<Arc<PooledBuffer>>>,
+    ) -> Result<Option<Vec<Tensor>>> {
+        if inputs.len() != self.inputs {
+            return Err(Error::InvalidArgument {
+                op: "compiled backward",
+                message: format!("internal: program expects {} inputs, got {}", self.inputs, inputs.len()),
+            });
+        }
+        let mut given: Vec<Option<Arc<PooledBuffer>>> = vec![None; self.fresh_bytes.len()];
+        for (k, buffer) in into.into_iter().enumerate() {
+            let (Some(buffer), Some((Buf::Fresh(i), _))) = (buffer, self.outputs.get(k)) else { continue };
+            let (bytes, _) = self.fresh_bytes[*i];
+            if buffer.range().end - buffer.range().start >= bytes {
+                given[*i] = Some(buffer);
+            }
+        }
         let _replay = self.replay.lock();
         let _here = ReplayingHere::mark(&self.replaying);
-        self.replay_locked(inputs, hooks)
+        self.replay_locked(inputs, hooks, given)
     }
 
     /// Makes sure dispatch `d` has a pipeline and bind group for these
@@ -182,13 +209,22 @@ impl Program {
         &self,
         inputs: &[Tensor],
         hooks: &mut dyn FnMut(usize, Tensor) -> Result<Tensor>,
+        given: Vec<Option<Arc<PooledBuffer>>>,
     ) -> Result<Option<Vec<Tensor>>> {
         let device = &self.device;
         let mut slots = self.slots.lock();
         if slots.is_empty() && !self.slot_bytes.is_empty() {
             *slots = self.slot_bytes.iter().map(|&(b, d)| device.alloc(b, d)).collect::<Result<Vec<_>>>()?;
         }
-        let fresh = self.fresh_bytes.iter().map(|&(b, d)| device.alloc(b, d)).collect::<Result<Vec<_>>>()?;
+        let fresh = self
+            .fresh_bytes
+            .iter()
+            .zip(given)
+            .map(|(&(b, d), given)| match given {
+                Some(buffer) => Ok(buffer),
+                None => device.alloc(b, d),
+            })
+            .collect::<Result<Vec<_>>>()?;
         let mut hooked: Vec<Option<Tensor>> = vec![None; self.hooks];
         // One encoder, one submit: start a new batch if this one cannot hold
         // the whole program (each dispatch may come with a copy of its words).

@@ -440,7 +440,23 @@ where
                 message: "internal: a step program has hooks".into(),
             })
         };
-        let Some(outputs) = entry.program.run(&inputs, no_hooks)? else {
+        // A new `.grad` goes into the old one's storage when nothing else
+        // holds that (no handle, no view, not read by the program): the
+        // step's peak then holds one gradient per leaf, as eager mode's
+        // `zero_grad()` first does. Nothing is written there unless the
+        // whole program is recorded.
+        let mut into = Vec::new();
+        for (leaf, effect) in &entry.grads {
+            let GradEffect::Output(k) = effect else { continue };
+            let read = entry.sources.iter().any(|s| matches!(s, Source::Grad(l) if Arc::ptr_eq(l, leaf)));
+            let meta = &entry.program.outputs[*k].1;
+            let reusable = (!read).then(|| reusable_grad(leaf, meta)).flatten();
+            if into.len() <= *k {
+                into.resize(*k + 1, None);
+            }
+            into[*k] = reusable;
+        }
+        let Some(outputs) = entry.program.run_into(&inputs, no_hooks, into)? else {
             return self.eager(args, "this call's tensors span more buffers than a kernel of the program may bind");
         };
         // Recorded: apply the effects as eager mode would have.
@@ -532,6 +548,17 @@ fn fingerprint(graph: &CapturedGraph, sources: &[Source], uploads: &std::collect
         s.push_str(&format!("input {slot}: {from}\n"));
     }
     s
+}
+
+/// The storage of `leaf`'s `.grad` if only that `.grad` holds it (no other
+/// handle or view of it exists) and it is a whole contiguous tensor: the
+/// next `.grad` of the same shape can be written there.
+fn reusable_grad(leaf: &Arc<LeafState>, meta: &crate::metadata::InputMetadata) -> Option<Arc<PooledBuffer>> {
+    let slot = leaf.grad.lock();
+    let g = slot.as_ref()?;
+    let whole = g.is_contiguous() && g.layout().offset == 0 && g.dtype() == meta.dtype && g.shape() == &meta.shape;
+    let pooled = g.pooled().ok()?;
+    (whole && Arc::strong_count(&g.0) == 1 && Arc::strong_count(pooled) == 1).then(|| pooled.clone())
 }
 
 /// An integer tensor's values, for a check eager mode makes on the host:
