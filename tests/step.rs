@@ -688,3 +688,28 @@ fn new_grads_reuse_the_old_ones_unless_held() {
     let want: Vec<f32> = w.to_vec::<f32>().unwrap().iter().map(|v| 2.5 * v).collect();
     assert_close("the new .grad", &w.grad().unwrap().to_vec::<f32>().unwrap(), &want);
 }
+
+/// W5's step (a 50-step chain, its loss and its gradient) is two kernels:
+/// the chain with its backward, and the loss's reduction; the backward's
+/// `full 1` seed is a constant inlined into its readers, not a kernel.
+#[test]
+fn a_long_chain_step_is_two_kernels() {
+    let d = device();
+    let x = wgrad::nn::uniform([16], 1.0, 3, &d).unwrap();
+    let x_in = x.clone();
+    let mut step = compile_step(&d, move |_: &[Tensor]| {
+        x_in.zero_grad();
+        let mut y = x_in.clone();
+        for _ in 0..50 {
+            y = y.sin()?.mul(0.9)?.add(&y.mul(0.1)?)?;
+        }
+        let loss = y.sum_all()?;
+        loss.backward()?;
+        Ok(vec![loss])
+    });
+    step.call(&[]).unwrap();
+    step.call(&[]).unwrap();
+    assert_eq!(step.kernel_count(), Some(2));
+    assert_eq!(step.stats().kernels_last_replay, 2);
+    assert!(x.grad().is_some());
+}

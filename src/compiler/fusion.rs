@@ -294,7 +294,10 @@ fn reduce_iteration(src: &Use, axes: &[usize]) -> (Use, usize, usize) {
     (Use { value: src.value, layout }, a, k)
 }
 
-/// Which values are inlined into their one reader to start with.
+/// Which values are inlined into their one reader to start with; a
+/// constant (an elementwise value that reads nothing, such as the `full 1`
+/// seed of a backward) into every reader, since recomputing it is free and
+/// storing it is a kernel.
 fn initial_inline(g: &CapturedGraph, uses: &[usize], outputs: &[bool]) -> Vec<bool> {
     let mut readers: Vec<Vec<ValueId>> = vec![Vec::new(); g.values.len()];
     for (id, v) in g.values.iter().enumerate() {
@@ -306,9 +309,10 @@ fn initial_inline(g: &CapturedGraph, uses: &[usize], outputs: &[bool]) -> Vec<bo
         .iter()
         .enumerate()
         .map(|(id, v)| {
-            let IrOp::Map { .. } = v.op else { return false };
+            let IrOp::Map { kernel, .. } = &v.op else { return false };
+            let constant = kernel.inputs.is_empty() && !kernel.positional();
             let fusable_reader = |r: &ValueId| matches!(g.values[*r].op, IrOp::Map { .. } | IrOp::Reduce { .. });
-            uses[id] == 1 && !outputs[id] && readers[id].iter().all(fusable_reader)
+            (uses[id] == 1 || constant) && !outputs[id] && readers[id].iter().all(fusable_reader)
         })
         .collect()
 }
