@@ -650,11 +650,7 @@ impl Device {
         buffers: usize,
         operands: &[Operand],
         written: &[bool],
-        in_place: &[(usize, usize)],
     ) -> Result<Vec<Operand>> {
-        if !(cfg!(test) && op == crate::poison::INJECTED_FAULT) {
-            crate::poison::check_conflicts(op, operands, written, in_place)?;
-        }
         if buffers > self.max_storage_bindings() {
             return Err(Error::InvalidArgument {
                 op,
@@ -708,7 +704,10 @@ impl Device {
         if grid.contains(&0) {
             return Ok(());
         }
-        let writes = self.checked_writes(op, buffers.len(), operands, written, &[])?;
+        if !(cfg!(test) && op == crate::poison::INJECTED_FAULT) {
+            crate::poison::check_conflicts(op, operands, written, &[])?;
+        }
+        let writes = self.checked_writes(op, buffers.len(), operands, written)?;
         let align = self.inner.limits.min_uniform_buffer_offset_alignment.max(16) as usize;
         let bytes: &[u8] = bytemuck::cast_slice(params);
         let size = bytes.len().max(16).next_multiple_of(16);
@@ -875,13 +874,12 @@ impl Device {
         buffers: usize,
         operands: &[Operand],
         written: &[bool],
-        in_place: &[(usize, usize)],
         grid: [u32; 3],
     ) -> Result<()> {
         if grid.contains(&0) {
             return Ok(());
         }
-        let writes = self.checked_writes(op, buffers, operands, written, in_place)?;
+        let writes = self.checked_writes(op, buffers, operands, written)?;
         let mut batch = self.lock_batch();
         if batch.commands.len() >= MAX_BATCH {
             self.submit_batch(&mut batch);

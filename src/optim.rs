@@ -612,13 +612,26 @@ impl StepLr {
     }
 }
 
+impl StepLr {
+    /// The rate of step `t` (0-based).
+    pub fn lr_at(&self, t: u64) -> f64 {
+        self.base * self.gamma.powi((t / self.step_size).min(i32::MAX as u64) as i32)
+    }
+}
+
+/// Sets `opt`'s rate to `lr`, a schedule's rate for step `t + 1`, and
+/// advances the schedule (only once the optimizer took the rate).
+fn advance(opt: &mut dyn Optimizer, t: &mut u64, last: &mut f64, lr: f64) -> Result<()> {
+    opt.set_lr(lr)?;
+    *t += 1;
+    *last = lr;
+    Ok(())
+}
+
 impl LrScheduler for StepLr {
     fn step(&mut self, opt: &mut dyn Optimizer) -> Result<()> {
-        let lr = self.base * self.gamma.powi(((self.t + 1) / self.step_size).min(i32::MAX as u64) as i32);
-        opt.set_lr(lr)?;
-        self.t += 1;
-        self.last = lr;
-        Ok(())
+        let lr = self.lr_at(self.t + 1);
+        advance(opt, &mut self.t, &mut self.last, lr)
     }
     fn last_lr(&self) -> f64 {
         self.last
@@ -674,10 +687,7 @@ impl CosineWithWarmup {
 impl LrScheduler for CosineWithWarmup {
     fn step(&mut self, opt: &mut dyn Optimizer) -> Result<()> {
         let lr = self.lr_at(self.t + 1);
-        opt.set_lr(lr)?;
-        self.t += 1;
-        self.last = lr;
-        Ok(())
+        advance(opt, &mut self.t, &mut self.last, lr)
     }
     fn last_lr(&self) -> f64 {
         self.last

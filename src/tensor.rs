@@ -198,6 +198,18 @@ impl Tensor {
         }
     }
 
+    /// The values of an i32 or u32 tensor, for a check on the host: known
+    /// there when it was made from host data, read back otherwise. Any other
+    /// dtype is an `Err` naming `op` and giving `hint`.
+    pub(crate) fn int_values(&self, op: &'static str, hint: &'static str) -> Result<Vec<i64>> {
+        Ok(match self.dtype() {
+            DType::I32 | DType::U32 if self.host_ints().is_some() => self.host_ints().unwrap_or_default().to_vec(),
+            DType::I32 => self.to_vec::<i32>()?.into_iter().map(i64::from).collect(),
+            DType::U32 => self.to_vec::<u32>()?.into_iter().map(i64::from).collect(),
+            dtype => return Err(Error::UnsupportedDType { op, dtype, hint }),
+        })
+    }
+
     /// Copies host data to a new tensor of the given shape.
     pub fn from_slice<T: Element>(data: &[T], shape: impl Into<Shape>, device: &Device) -> Result<Tensor> {
         let shape = shape.into();

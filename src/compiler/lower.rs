@@ -55,13 +55,6 @@ fn bytes_of(g: &CapturedGraph, v: ValueId) -> u64 {
     (m.shape.numel() * m.dtype.size_in_bytes()) as u64
 }
 
-fn copy_kernel(dtype: crate::DType) -> MapKernel {
-    let mut k = MapKernel::default();
-    let x = k.input(dtype);
-    k.output(x);
-    k
-}
-
 struct Lowering<'a> {
     device: &'a Device,
     g: &'a CapturedGraph,
@@ -157,14 +150,14 @@ impl Lowering<'_> {
                 bufs.push(dst);
                 self.push(launch, bufs)?;
                 while chunks > 1 {
-                    let next = exec::reduce_chunks(a, chunks, &copy_kernel(dtype));
+                    let next = exec::reduce_chunks(a, chunks, &MapKernel::copy(dtype));
                     let src = dst;
                     dst = if next == 1 { target } else { Buf::Slot(self.slots.take((a * next) as u64 * elem, dtype)) };
                     let partials = Layout::contiguous(Shape::new([a, chunks]));
                     let launch = exec::reduce_launch(
                         device,
                         *kind,
-                        copy_kernel(dtype),
+                        MapKernel::copy(dtype),
                         &partials.shape,
                         std::slice::from_ref(&partials),
                         &[],
@@ -214,7 +207,7 @@ impl Lowering<'_> {
                     let launch = exec::map_launch(
                         device,
                         "copy",
-                        copy_kernel(dtype),
+                        MapKernel::copy(dtype),
                         &window.shape.clone(),
                         std::slice::from_ref(&u.layout),
                         &[window],
@@ -365,7 +358,7 @@ pub(crate) fn lower(device: &Device, g: &CapturedGraph, steps: &[Step], mut repo
         let launch = exec::map_launch(
             device,
             "write back",
-            copy_kernel(meta.dtype),
+            MapKernel::copy(meta.dtype),
             &meta.shape,
             std::slice::from_ref(&layout),
             std::slice::from_ref(&layout),

@@ -241,7 +241,7 @@ impl Program {
         // results, made later) resolved once, and checked to fit the binding
         // limit (a hook's result counting as a buffer of its own).
         let max = device.max_storage_bindings();
-        let mut resolved: Vec<Vec<Option<Operand>>> = Vec::new();
+        let mut resolved: Vec<Resolved> = Vec::new();
         for action in &self.actions {
             let Action::Dispatch(d) = action else { continue };
             let operands = d
@@ -269,28 +269,37 @@ impl Program {
             // failure records nothing: a program's in-place updates run all
             // or not at all.
             if operands.iter().all(Option::is_some) {
-                let all: Vec<Operand> = operands.iter().flatten().cloned().collect();
+                let all: Vec<Operand> = operands.into_iter().flatten().collect();
                 crate::poison::check_conflicts("compiled backward", &all, &d.launch.written, &d.launch.in_place)?;
                 self.bind(d, &all)?;
+                resolved.push(Resolved::All(all));
+            } else {
+                resolved.push(Resolved::BeforeHooks(operands));
             }
-            resolved.push(operands);
         }
         let mut resolved = resolved.into_iter();
         for action in &self.actions {
             match action {
                 Action::Dispatch(d) => {
                     let launch = &d.launch;
-                    let operands = resolved
-                        .next()
-                        .expect("one resolved list per dispatch")
-                        .into_iter()
-                        .zip(d.bufs.iter().zip(&launch.dtypes))
-                        .map(|(o, (&b, &dtype))| match o {
-                            Some(o) => Ok(o),
-                            None => resolve(b, dtype, &hooked),
-                        })
-                        .collect::<Result<Vec<_>>>()?;
-                    self.bind(d, &operands)?;
+                    let operands = match resolved.next().expect("one resolved list per dispatch") {
+                        Resolved::All(all) => all,
+                        Resolved::BeforeHooks(known) => {
+                            // Reads a hook's result: checked and bound now.
+                            let operands = known
+                                .into_iter()
+                                .zip(d.bufs.iter().zip(&launch.dtypes))
+                                .map(|(o, (&b, &dtype))| match o {
+                                    Some(o) => Ok(o),
+                                    None => resolve(b, dtype, &hooked),
+                                })
+                                .collect::<Result<Vec<_>>>()?;
+                            let (written, in_place) = (&launch.written, &launch.in_place);
+                            crate::poison::check_conflicts("compiled backward", &operands, written, in_place)?;
+                            self.bind(d, &operands)?;
+                            operands
+                        }
+                    };
                     let cached = d.cached.lock();
                     let words = launch.words_for(&operands);
                     let mut current = d.words.lock();
@@ -302,18 +311,7 @@ impl Program {
                     let (bound, _, pipeline, bind_group) = cached.as_ref().expect("bind group is set");
                     let (info, written, grid) = (&launch.info, &launch.written, launch.grid);
                     let label = "compiled backward";
-                    let in_place = &launch.in_place;
-                    device.dispatch_bound(
-                        label,
-                        info,
-                        pipeline,
-                        bind_group,
-                        bound.len(),
-                        &operands,
-                        written,
-                        in_place,
-                        grid,
-                    )?;
+                    device.dispatch_bound(label, info, pipeline, bind_group, bound.len(), &operands, written, grid)?;
                 }
                 Action::Hook { point, src, layout, meta, index } => {
                     let storage = match *src {
@@ -350,6 +348,14 @@ impl Program {
                 .collect(),
         ))
     }
+}
+
+/// A dispatch's operands before recording: all of them (checked and bound
+/// before anything is recorded), or those known before the hooks run
+/// (`None`: a hook's result, resolved, checked and bound when it is made).
+enum Resolved {
+    All(Vec<Operand>),
+    BeforeHooks(Vec<Option<Operand>>),
 }
 
 /// Marks a program as replaying on this thread until dropped, also when a

@@ -327,14 +327,7 @@ where
             Ok(returned) => returned,
             Err(Error::GraphBreak { op, reason }) => {
                 drop(scope);
-                let reason = format!("{op}: {reason}");
-                if self.log {
-                    eprintln!("[wgrad compiled] graph break: {reason}; this signature runs eagerly");
-                }
-                self.stats.graph_breaks += 1;
-                self.last_break = Some(reason.clone());
-                self.broken.push((key, reason));
-                return Ok(Traced::Broke);
+                return Ok(self.broke(key, format!("{op}: {reason}")));
             }
             Err(e) => return Err(e),
         };
@@ -342,13 +335,7 @@ where
         let (grads, assigned) = effects(&mut outputs)?;
         let (values, inputs, state) = scope.finish_step();
         if let Some(reason) = state.aliased {
-            if self.log {
-                eprintln!("[wgrad compiled] graph break: {reason}; this signature runs eagerly");
-            }
-            self.stats.graph_breaks += 1;
-            self.last_break = Some(reason.to_string());
-            self.broken.push((key, reason.to_string()));
-            return Ok(Traced::Broke);
+            return Ok(self.broke(key, reason.to_string()));
         }
         let StepState { sources, guards, host, commits, checks, uploads, .. } = state;
         let graph = CapturedGraph { values, inputs, outputs };
@@ -385,11 +372,22 @@ where
         Ok(Traced::Entry(Box::new(entry)))
     }
 
+    /// Records a graph break of signature `key`: it runs eagerly from now on.
+    fn broke(&mut self, key: ArgKey, reason: String) -> Traced {
+        if self.log {
+            eprintln!("[wgrad compiled] graph break: {reason}; this signature runs eagerly");
+        }
+        self.stats.graph_breaks += 1;
+        self.last_break = Some(reason.clone());
+        self.broken.push((key, reason));
+        Traced::Broke
+    }
+
     /// Replays entry `index` on `args` and applies its effects.
     fn replay(&mut self, index: usize, args: &[Tensor]) -> Result<Vec<Tensor>> {
         let entry = &self.cache[index];
         for (i, check) in &entry.checks {
-            check(&int_values(&args[*i])?)?;
+            check(&args[*i].int_values("CompiledStep::call", "labels are i32 or u32")?)?;
         }
         let mut host_buffers = entry.host_buffers.lock();
         if host_buffers.is_empty() {
@@ -559,19 +557,4 @@ fn reusable_grad(leaf: &Arc<LeafState>, meta: &crate::metadata::InputMetadata) -
     let whole = g.is_contiguous() && g.layout().offset == 0 && g.dtype() == meta.dtype && g.shape() == &meta.shape;
     let pooled = g.pooled().ok()?;
     (whole && Arc::strong_count(&g.0) == 1 && Arc::strong_count(pooled) == 1).then(|| pooled.clone())
-}
-
-/// An integer tensor's values, for a check eager mode makes on the host:
-/// known there when it was made from host data, read back otherwise.
-fn int_values(t: &Tensor) -> Result<Vec<i64>> {
-    if let Some(values) = t.host_ints() {
-        return Ok(values.to_vec());
-    }
-    Ok(match t.dtype() {
-        DType::I32 => t.to_vec::<i32>()?.into_iter().map(i64::from).collect(),
-        DType::U32 => t.to_vec::<u32>()?.into_iter().map(i64::from).collect(),
-        dtype => {
-            return Err(Error::UnsupportedDType { op: "CompiledStep::call", dtype, hint: "labels are i32 or u32" });
-        }
-    })
 }

@@ -277,10 +277,7 @@ pub(crate) fn assign(target: &Tensor, value: &Tensor) -> Result<()> {
         let v = if u.is_identity(&tr.values[u.value].meta) && !matches!(tr.values[u.value].op, IrOp::Input { .. }) {
             u.value
         } else {
-            let mut kernel = MapKernel::default();
-            let x = kernel.input(value.dtype());
-            kernel.output(x);
-            push(tr, IrOp::Map { label: "copy", kernel, args: vec![u], scalars: Vec::new() }, target.metadata())
+            copy_of(tr, u, target.metadata())
         };
         let Some(key) = storage_key(target) else {
             return Err(Error::InvalidArgument {
@@ -460,6 +457,12 @@ fn lift(tracer: &mut Tracer, t: &Tensor, key: usize) -> ValueId {
     v
 }
 
+/// A new value holding a copy of what `u` reads (`meta` describes it).
+fn copy_of(tr: &mut Tracer, u: Use, meta: InputMetadata) -> ValueId {
+    let kernel = MapKernel::copy(meta.dtype);
+    push(tr, IrOp::Map { label: "copy", kernel, args: vec![u], scalars: Vec::new() }, meta)
+}
+
 /// A placeholder for a tensor bound at replay (same view, no data).
 pub(crate) fn input(t: &Tensor) -> Tensor {
     with(|tr| {
@@ -577,10 +580,7 @@ pub(crate) fn output(t: &Tensor) -> Result<ValueId> {
         let value = if owned && u.is_identity(&v.meta) && !tr.outputs.contains(&u.value) {
             u.value
         } else {
-            let mut kernel = MapKernel::default();
-            let x = kernel.input(t.dtype());
-            kernel.output(x);
-            push(tr, IrOp::Map { label: "copy", kernel, args: vec![u], scalars: Vec::new() }, t.metadata())
+            copy_of(tr, u, t.metadata())
         };
         tr.outputs.push(value);
         Ok(value)

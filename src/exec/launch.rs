@@ -244,13 +244,6 @@ pub(crate) fn map(
     Ok(outputs)
 }
 
-fn copy_kernel(dtype: DType) -> MapKernel {
-    let mut k = MapKernel::default();
-    let x = k.input(dtype);
-    k.output(x);
-    k
-}
-
 /// A new tensor of `shape` assembled from `pieces`, each copied into the
 /// window `(dim, start)` of its own length; the rest is zero when `zero_fill`.
 /// (`cat` and the gradient of `narrow`.)
@@ -279,7 +272,7 @@ pub(crate) fn assemble(
         let launch = map_launch(
             device,
             op,
-            copy_kernel(dtype),
+            MapKernel::copy(dtype),
             &window.shape,
             std::slice::from_ref(t.layout()),
             std::slice::from_ref(&window),
@@ -365,7 +358,7 @@ pub(crate) fn reduce(kind: ReduceKind, x: &Tensor, axes: &[usize], keepdim: bool
         dims.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, &d)| d).collect()
     };
     let (view, a, k) = reduce_view(x.layout(), axes);
-    let out = reduce_pass(kind, copy_kernel(x.dtype()), &[x], &view, &[], a, k)?;
+    let out = reduce_pass(kind, MapKernel::copy(x.dtype()), &[x], &view, &[], a, k)?;
     Ok(out.reshape_view(Shape::new(out_dims)))
 }
 
@@ -395,7 +388,7 @@ fn reduce_pass(
         return Ok(out);
     }
     let partials = Layout::contiguous(Shape::new([a, n_chunks]));
-    reduce_pass(kind, copy_kernel(dtype), &[&out], &partials, &[], a, n_chunks)
+    reduce_pass(kind, MapKernel::copy(dtype), &[&out], &partials, &[], a, n_chunks)
 }
 
 /// Collapses a batch of views into one stride, if the dims allow it.

@@ -142,14 +142,7 @@ fn host_indices(op: &'static str, source: &Tensor, index: &Tensor, size: usize) 
 
 /// [`host_indices`] without the device check.
 fn checked_indices(op: &'static str, index: &Tensor, size: usize) -> Result<Vec<usize>> {
-    let values: Vec<i64> = match index.dtype() {
-        DType::I32 | DType::U32 if index.host_ints().is_some() => index.host_ints().unwrap_or_default().to_vec(),
-        DType::I32 => index.to_vec::<i32>()?.into_iter().map(i64::from).collect(),
-        DType::U32 => index.to_vec::<u32>()?.into_iter().map(i64::from).collect(),
-        dtype => {
-            return Err(Error::UnsupportedDType { op, dtype, hint: "indices must be an i32 or u32 tensor" });
-        }
-    };
+    let values = index.int_values(op, "indices must be an i32 or u32 tensor")?;
     if let Some(bad) = values.iter().find(|&&v| v < 0 || v >= size as i64) {
         return Err(Error::InvalidArgument {
             op,

@@ -17,17 +17,10 @@ pub(crate) fn inverse_permutation(perm: &[usize]) -> Vec<usize> {
     inv
 }
 
-fn copy_kernel(dtype: crate::DType) -> MapKernel {
-    let mut k = MapKernel::default();
-    let x = k.input(dtype);
-    k.output(x);
-    k
-}
-
 impl Tensor {
     /// A contiguous copy of this view, not recorded.
     pub(crate) fn contiguous_copy(&self) -> Result<Tensor> {
-        let out = crate::exec::map("copy", copy_kernel(self.dtype()), &[self], &[], self.shape(), self.device())?;
+        let out = crate::exec::map("copy", MapKernel::copy(self.dtype()), &[self], &[], self.shape(), self.device())?;
         Ok(out.into_iter().next().expect("one output"))
     }
 
