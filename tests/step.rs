@@ -713,3 +713,41 @@ fn a_long_chain_step_is_two_kernels() {
     assert_eq!(step.stats().kernels_last_replay, 2);
     assert!(x.grad().is_some());
 }
+
+/// Edge cases through a compiled step, against eager: an empty parameter
+/// beside a 0-d one, and NaN in the data (it propagates to the loss and the
+/// parameters as in eager mode).
+#[test]
+fn empty_zero_d_and_nan_match_eager() {
+    let d = device();
+    let make = || {
+        let e = Tensor::from_slice::<f32>(&[], [0], &d).unwrap().requires_grad(true).unwrap();
+        let s = Tensor::from_slice(&[0.5f32], Vec::<usize>::new(), &d).unwrap().requires_grad(true).unwrap();
+        (e, s)
+    };
+    let body = |e: &Tensor, s: &Tensor, opt: &mut Adam, x: &Tensor| -> Result<Vec<Tensor>> {
+        opt.zero_grad();
+        let loss = x.mul(s)?.square()?.sum_all()?.add(&e.sum_all()?)?;
+        loss.backward()?;
+        opt.step()?;
+        Ok(vec![loss])
+    };
+    let ((ee, es), (ce, cs)) = (make(), make());
+    let mut eager_opt = Adam::new(&[ee.clone(), es.clone()], 0.1).unwrap();
+    let mut opt = Adam::new(&[ce.clone(), cs.clone()], 0.1).unwrap();
+    let (ce_in, cs_in) = (ce.clone(), cs.clone());
+    let mut step = compile_step(&d, move |a: &[Tensor]| body(&ce_in, &cs_in, &mut opt, &a[0]));
+    for x in [[1.0f32, 2.0], [3.0, -1.0], [f32::NAN, 1.0], [1.0, 1.0]] {
+        let x = vec_of(&x);
+        let want = body(&ee, &es, &mut eager_opt, &x).unwrap()[0].to_vec::<f32>().unwrap();
+        let got = step.call(&[x]).unwrap()[0].to_vec::<f32>().unwrap();
+        let (ws, gs) = (es.to_vec::<f32>().unwrap(), cs.to_vec::<f32>().unwrap());
+        assert_eq!((got[0].is_nan(), gs[0].is_nan()), (want[0].is_nan(), ws[0].is_nan()), "NaN as in eager mode");
+        if !want[0].is_nan() {
+            assert_close("loss", &got, &want);
+            assert_close("0-d parameter", &gs, &ws);
+        }
+        assert_eq!(ce.to_vec::<f32>().unwrap(), Vec::<f32>::new());
+    }
+    assert_eq!((step.stats().traces, step.stats().graph_breaks), (1, 0));
+}
