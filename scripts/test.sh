@@ -29,3 +29,9 @@ WGRAD_LIMITS=webgpu cargo test --lib --bins --tests "$@" -- --test-threads 2
 # or more bindings per kernel gives each tensor its own buffer).
 WGRAD_ARENAS=always cargo test --lib --bins --tests "$@" -- --test-threads 2
 cargo test --doc
+# The compiled tests with row kernels on small shapes too (min-rows=1; by
+# default only 32 rows and more get one), in both row forms, and with the
+# row pass off: each optional pass on and off against eager mode.
+WGRAD_PASSES=min-rows=1 cargo test "$@" --test compiled_differential --test compiled --test step --test hostile --test cnn_digits -- --test-threads 2
+WGRAD_PASSES=min-rows=1 WGRAD_ROWS=workgroup cargo test "$@" --test compiled_differential --test step -- --test-threads 2
+WGRAD_PASSES=-rows cargo test "$@" --test compiled_differential --test compiled --test step -- --test-threads 2

@@ -176,6 +176,7 @@ pub(crate) struct DeviceInner {
     id: DeviceId,
     info: DeviceInfo,
     matmul: crate::exec::codegen::MatmulTemplate,
+    rows: crate::exec::codegen::RowForm,
     /// Whether eager elementwise ops merge into one dispatch (`exec::merge`).
     merge: std::sync::atomic::AtomicBool,
     pub(crate) device: wgpu::Device,
@@ -378,6 +379,17 @@ impl Device {
                 _ => MatmulTemplate::Tiled,
             }
         };
+        // Row kernels: a workgroup per row on GPUs; `WGRAD_ROWS=invocation|
+        // workgroup` overrides (for benchmarking both forms on an adapter).
+        let rows = {
+            use crate::exec::codegen::RowForm;
+            match std::env::var("WGRAD_ROWS").as_deref() {
+                Ok("invocation") => RowForm::PerInvocation,
+                Ok("workgroup") => RowForm::Workgroup(64),
+                _ if ainfo.device_type == wgpu::DeviceType::Cpu => RowForm::PerInvocation,
+                _ => RowForm::Workgroup(64),
+            }
+        };
         // Arenas as large as one binding may span, up to MAX_ARENA_BYTES.
         let binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
         let arenas = match options.arenas {
@@ -392,6 +404,7 @@ impl Device {
                 id: DeviceId(NEXT_DEVICE_ID.fetch_add(1, Ordering::Relaxed)),
                 info,
                 matmul,
+                rows,
                 merge: std::sync::atomic::AtomicBool::new(std::env::var("WGRAD_MERGE").as_deref() != Ok("0")),
                 device,
                 queue,
@@ -815,6 +828,11 @@ impl Device {
         self.inner.matmul
     }
 
+    /// How row kernels spread a row, chosen when the device was made.
+    pub(crate) fn row_form(&self) -> crate::exec::codegen::RowForm {
+        self.inner.rows
+    }
+
     /// Tensors larger than this many bytes get a buffer of their own
     /// rather than a range of an arena.
     pub(crate) fn dedicated_bytes(&self) -> u64 {
@@ -896,14 +914,19 @@ impl Device {
     /// `gid.x + gid.y * num_workgroups.x * WORKGROUP_SIZE`, so grids wider
     /// than the per-dimension limit fold into a second dimension.
     pub(crate) fn grid_1d(&self, threads: u64) -> Result<[u32; 3]> {
-        let groups = threads.div_ceil(WORKGROUP_SIZE as u64);
+        self.grid_of(threads, WORKGROUP_SIZE)
+    }
+
+    /// [`Device::grid_1d`] for kernels of `group`-thread workgroups.
+    pub(crate) fn grid_of(&self, threads: u64, group: u32) -> Result<[u32; 3]> {
+        let groups = threads.div_ceil(group as u64);
         let max = self.inner.limits.max_compute_workgroups_per_dimension as u64;
         if groups <= max {
             return Ok([groups as u32, 1, 1]);
         }
         let y = groups.div_ceil(max);
         if y > max {
-            return Err(Error::TensorTooLarge { bytes: threads * 4, limit: max * max * WORKGROUP_SIZE as u64 * 4 });
+            return Err(Error::TensorTooLarge { bytes: threads * 4, limit: max * max * group as u64 * 4 });
         }
         Ok([max as u32, y as u32, 1])
     }

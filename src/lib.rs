@@ -42,7 +42,7 @@ mod tensor;
 pub use alloc::MemoryStats;
 pub use autograd::{BackwardOptions, Edge, HookHandle, NoGradGuard, backward, grad, is_grad_enabled, no_grad};
 pub use compiler::{
-    CompiledStep, CompilerGuard, CompilerInterface, CompilerStats, StepStats, WgslCompiler, compile_step,
+    CompiledStep, CompilerGuard, CompilerInterface, CompilerStats, Passes, StepStats, WgslCompiler, compile_step,
 };
 pub use device::{ArenaPolicy, Device, DeviceCounters, DeviceInfo, DeviceLimits, DeviceOptions, LimitsPreset};
 pub use error::{Error, Result};

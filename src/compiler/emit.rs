@@ -4,7 +4,9 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use crate::compiler::fusion::reduce_iteration;
 use crate::compiler::ir::{IrOp, Use, Value, ValueId};
+use crate::compiler::rows::{RowGroup, RowRole, reads_row};
 use crate::exec::kernel::{Access, MapKernel, Node, NodeId};
 
 /// Builds one fused kernel: splices the expressions of inlined values into
@@ -23,6 +25,9 @@ pub(crate) struct Emitter<'a> {
     gathered_memo: HashMap<Use, usize>,
     /// Values spliced in (computed here, never stored).
     pub inlined: Vec<ValueId>,
+    /// The row group this emitter builds the row kernel of: its members
+    /// are computed here whatever their uses (see [`crate::compiler::rows`]).
+    pub rows: Option<&'a RowGroup>,
 }
 
 /// How a spliced kernel's input is provided: as a node (read at the
@@ -50,6 +55,7 @@ impl<'a> Emitter<'a> {
             memo: HashMap::new(),
             gathered_memo: HashMap::new(),
             inlined: Vec::new(),
+            rows: None,
         }
     }
 
@@ -60,7 +66,10 @@ impl<'a> Emitter<'a> {
         }
         let v = &self.values[u.value];
         let identity = u.is_identity(&v.meta);
-        let node = if identity && self.members.contains_key(&u.value) {
+        let role = self.rows.and_then(|group| group.role(u.value).map(|role| (group, role)));
+        let node = if let Some((group, role)) = role {
+            self.row_member(u, group, role)?
+        } else if identity && self.members.contains_key(&u.value) {
             self.members[&u.value]
         } else if identity && self.arg == Some(u.value) {
             self.kernel.push(Node::Arg, v.meta.dtype)
@@ -74,14 +83,50 @@ impl<'a> Emitter<'a> {
         Ok(node)
     }
 
+    /// A member of the row group, in its row kernel: a row reduction read
+    /// once per row becomes a [`Node::RowReduce`] of its operand; an
+    /// elementwise member is computed here, element for element (varying)
+    /// or once per row (uniform).
+    fn row_member(&mut self, u: &Use, group: &RowGroup, role: RowRole) -> Result<NodeId, Blocked> {
+        let fits = match role {
+            RowRole::Varying => u.layout.is_identity_of(&group.shape),
+            RowRole::Uniform | RowRole::Reduction => reads_row(&u.layout, &group.shape),
+        };
+        if !fits {
+            return Err(Blocked(u.value));
+        }
+        match &self.values[u.value].op {
+            IrOp::Reduce { kind, src, axes } => {
+                let (it, _, _) = reduce_iteration(src, axes);
+                let operand = self.emit(&it)?;
+                Ok(self.kernel.push(Node::RowReduce(*kind, operand), self.values[u.value].meta.dtype))
+            }
+            _ => self.expand(u),
+        }
+    }
+
     /// The expression of the elementwise value `u.value`, read through `u`.
     fn inline_through(&mut self, u: &Use) -> Result<NodeId, Blocked> {
-        let IrOp::Map { kernel, args, scalars, .. } = &self.values[u.value].op else {
+        let IrOp::Map { kernel, .. } = &self.values[u.value].op else {
             return Err(Blocked(u.value));
         };
         if kernel.positional() && !u.is_identity(&self.values[u.value].meta) {
             return Err(Blocked(u.value));
         }
+        // A segment sum loops; in a row kernel's loops it would run once per
+        // element of the row, past the loop budget: stored instead.
+        let loops = kernel.nodes.iter().any(|(n, _)| matches!(n, Node::SegmentSum { .. }));
+        if loops && self.rows.is_some() {
+            return Err(Blocked(u.value));
+        }
+        self.expand(u)
+    }
+
+    /// [`Emitter::inline_through`] without its checks.
+    fn expand(&mut self, u: &Use) -> Result<NodeId, Blocked> {
+        let IrOp::Map { kernel, args, scalars, .. } = &self.values[u.value].op else {
+            return Err(Blocked(u.value));
+        };
         if !self.inlined.contains(&u.value) {
             self.inlined.push(u.value);
         }
@@ -161,6 +206,7 @@ impl<'a> Emitter<'a> {
                 Node::Compare(op, a, b) => Node::Compare(op, map[a], map[b]),
                 Node::Select(c, a, b) => Node::Select(map[c], map[a], map[b]),
                 Node::Cast(a) => Node::Cast(map[a]),
+                Node::RowReduce(kind, a) => Node::RowReduce(kind, map[a]),
             };
             map[id] = self.kernel.push(new, *dtype);
         }

@@ -16,6 +16,7 @@ use std::collections::{BTreeSet, BinaryHeap, HashMap};
 
 use crate::compiler::emit::{Blocked, Emitter, group_emit};
 use crate::compiler::ir::{CapturedGraph, IrOp, Use, Value, ValueId};
+use crate::compiler::rows::{RowGroup, RowRole, as_rows, row_broadcast};
 use crate::exec::ReduceKind;
 use crate::exec::kernel::{MapKernel, Node};
 use crate::layout::Layout;
@@ -55,6 +56,19 @@ pub(crate) enum Step {
         scalars: Vec<f64>,
         inlined: Vec<ValueId>,
     },
+    /// A row kernel over `a` rows of `k` ([`crate::compiler::rows`]): reads
+    /// through two-dimensional [a, k] views, stores each of `stores` (a
+    /// value per element or, `uniform`, one per row).
+    Rows {
+        a: usize,
+        k: usize,
+        passes: usize,
+        kernel: MapKernel,
+        reads: Vec<Use>,
+        scalars: Vec<f64>,
+        stores: Vec<(ValueId, bool)>,
+        inlined: Vec<ValueId>,
+    },
     Assemble {
         value: ValueId,
         pieces: Vec<(Use, usize, usize)>,
@@ -71,7 +85,9 @@ impl Step {
     /// The values whose buffers the step reads.
     pub fn reads(&self) -> Vec<&Use> {
         match self {
-            Step::Elementwise { reads, .. } | Step::Reduce { reads, .. } => reads.iter().collect(),
+            Step::Elementwise { reads, .. } | Step::Reduce { reads, .. } | Step::Rows { reads, .. } => {
+                reads.iter().collect()
+            }
             Step::Matmul { a, b, reads, .. } => {
                 let mut r: Vec<&Use> = reads.iter().collect();
                 r.extend([a, b]);
@@ -85,7 +101,10 @@ impl Step {
     /// Values computed inside this step's kernel without being stored.
     pub fn inlined(&self) -> &[ValueId] {
         match self {
-            Step::Elementwise { inlined, .. } | Step::Reduce { inlined, .. } | Step::Matmul { inlined, .. } => inlined,
+            Step::Elementwise { inlined, .. }
+            | Step::Reduce { inlined, .. }
+            | Step::Matmul { inlined, .. }
+            | Step::Rows { inlined, .. } => inlined,
             Step::Assemble { .. } | Step::Hook { .. } => &[],
         }
     }
@@ -96,6 +115,7 @@ impl Step {
             Step::Elementwise { .. } => "elementwise",
             Step::Reduce { .. } => "reduce",
             Step::Matmul { .. } => "matmul",
+            Step::Rows { .. } => "rows",
             Step::Assemble { .. } => "assemble",
             Step::Hook { .. } => "hook (host)",
         }
@@ -105,6 +125,7 @@ impl Step {
     pub fn stores(&self) -> Vec<ValueId> {
         match self {
             Step::Elementwise { stores, .. } => stores.clone(),
+            Step::Rows { stores, .. } => stores.iter().map(|(v, _)| *v).collect(),
             Step::Reduce { value, .. }
             | Step::Matmul { value, .. }
             | Step::Assemble { value, .. }
@@ -116,9 +137,35 @@ impl Step {
 /// A kernel being formed.
 #[derive(Debug)]
 enum Unit {
-    Elementwise { members: Vec<ValueId> },
-    Matmul { value: ValueId, epilogue: Option<ValueId> },
-    Other { value: ValueId },
+    Elementwise {
+        members: Vec<ValueId>,
+    },
+    Matmul {
+        value: ValueId,
+        epilogue: Option<ValueId>,
+    },
+    /// The row kernel of row group `group`, storing `stores`.
+    Rows {
+        group: usize,
+        stores: Vec<ValueId>,
+    },
+    Other {
+        value: ValueId,
+    },
+}
+
+/// Why a schedule is tried again.
+pub(crate) enum Retry {
+    /// This value cannot be inlined where it is read: store it.
+    Store(ValueId),
+    /// This row group cannot be one kernel: schedule its values as usual.
+    Rows(usize),
+}
+
+impl From<Blocked> for Retry {
+    fn from(b: Blocked) -> Retry {
+        Retry::Store(b.0)
+    }
 }
 
 struct Planner<'a> {
@@ -136,6 +183,15 @@ struct Planner<'a> {
     budget: usize,
     /// Members of elementwise kernels read from a buffer by another kernel.
     external: std::collections::HashSet<ValueId>,
+    /// Per value: its row group, whether it depends on a row group's member
+    /// without being one, whether a row group reads it (or what it is
+    /// computed from) without it being a member. Kernels never mix the
+    /// last two (the kernel graph would have a cycle through the group).
+    group_of: Vec<Option<usize>>,
+    after_rows: Vec<bool>,
+    feeds_rows: Vec<bool>,
+    /// Row kernels waiting for the kernel of a value they read.
+    waiting: HashMap<ValueId, Vec<usize>>,
 }
 
 impl Planner<'_> {
@@ -144,9 +200,25 @@ impl Planner<'_> {
         self.succ.push(BTreeSet::new());
         let id = self.units.len() - 1;
         for &v in values {
-            self.unit_of.insert(v, id);
+            self.assign(v, id);
         }
         id
+    }
+
+    /// Puts `v` in `unit`, after which the row kernels reading `v` run.
+    fn assign(&mut self, v: ValueId, unit: usize) {
+        self.unit_of.insert(v, unit);
+        if let Some(rows) = self.waiting.remove(&v) {
+            for r in rows {
+                self.succ[unit].insert(r);
+            }
+        }
+    }
+
+    /// Whether `v` may share a kernel with `members` (see `feeds_rows`).
+    fn mixes_rows(&self, v: ValueId, members: &[ValueId]) -> bool {
+        (self.after_rows[v] && members.iter().any(|&m| self.feeds_rows[m]))
+            || (self.feeds_rows[v] && members.iter().any(|&m| self.after_rows[m]))
     }
 
     /// Whether unit `to` depends (transitively) on unit `from`.
@@ -235,11 +307,11 @@ impl Planner<'_> {
             let (e_reads, width) = (e.read_values(), e.reads.len() + 3);
             drop(e);
             let others = self.producers(&e_reads, Some(unit));
-            if width > self.budget || others.iter().any(|&p| self.reaches(unit, p)) {
+            if width > self.budget || others.iter().any(|&p| self.reaches(unit, p)) || self.mixes_rows(v, &[r]) {
                 continue;
             }
             self.units[unit] = Unit::Matmul { value: r, epilogue: Some(v) };
-            self.unit_of.insert(v, unit);
+            self.assign(v, unit);
             self.link(&others, unit);
             self.note_reads(&e_reads, unit);
             return Ok(());
@@ -253,6 +325,9 @@ impl Planner<'_> {
                 continue;
             }
             let members = members.clone();
+            if self.mixes_rows(v, &members) {
+                continue;
+            }
             let joint = self.probe(v, &members, None)?;
             // A member read other than element for element needs the member finished: another kernel.
             if joint.reads.iter().any(|u| members.contains(&u.value)) {
@@ -275,7 +350,7 @@ impl Planner<'_> {
             if let Unit::Elementwise { members } = &mut self.units[g] {
                 members.push(v);
             }
-            self.unit_of.insert(v, g);
+            self.assign(v, g);
             self.link(&producers, g);
             self.note_reads(&joint_reads, g);
             return Ok(());
@@ -289,32 +364,77 @@ impl Planner<'_> {
 }
 
 /// The iteration view and sizes of a reduction of `src` over `axes`.
-fn reduce_iteration(src: &Use, axes: &[usize]) -> (Use, usize, usize) {
+pub(crate) fn reduce_iteration(src: &Use, axes: &[usize]) -> (Use, usize, usize) {
     let (layout, a, k) = crate::exec::reduce_view(&src.layout, axes);
     (Use { value: src.value, layout }, a, k)
 }
 
-/// Which values are inlined into their one reader to start with; a
-/// constant (an elementwise value that reads nothing, such as the `full 1`
-/// seed of a backward) into every reader, since recomputing it is free and
-/// storing it is a kernel.
-fn initial_inline(g: &CapturedGraph, uses: &[usize], outputs: &[bool]) -> Vec<bool> {
+/// Who reads each value.
+fn readers_of(g: &CapturedGraph) -> Vec<Vec<ValueId>> {
     let mut readers: Vec<Vec<ValueId>> = vec![Vec::new(); g.values.len()];
     for (id, v) in g.values.iter().enumerate() {
         for u in v.op.uses() {
             readers[u.value].push(id);
         }
     }
-    g.values
+    readers
+}
+
+/// Which values are inlined into their one reader to start with; a
+/// constant (an elementwise value that reads nothing, such as the `full 1`
+/// seed of a backward) into every reader, since recomputing it is free and
+/// storing it is a kernel. An element-varying member of a row group is
+/// recomputed by every reader outside its row kernel (rematerialized: a
+/// few operations on what that reader reads anyway, against a store and a
+/// load of the whole tensor).
+fn initial_inline(g: &CapturedGraph, uses: &[usize], outputs: &[bool], rows: &[RowGroup]) -> Vec<bool> {
+    let readers = readers_of(g);
+    let fusable_reader = |r: &ValueId| matches!(g.values[*r].op, IrOp::Map { .. } | IrOp::Reduce { .. });
+    let mut inline: Vec<bool> = g
+        .values
         .iter()
         .enumerate()
         .map(|(id, v)| {
             let IrOp::Map { kernel, .. } = &v.op else { return false };
             let constant = kernel.inputs.is_empty() && !kernel.positional();
-            let fusable_reader = |r: &ValueId| matches!(g.values[*r].op, IrOp::Map { .. } | IrOp::Reduce { .. });
             (uses[id] == 1 || constant) && !outputs[id] && readers[id].iter().all(fusable_reader)
         })
-        .collect()
+        .collect();
+    for group in rows {
+        // Cost of recomputing each member outside: its ops and those of the
+        // members it would recompute in turn (stored ones are loads).
+        let mut cost = vec![0usize; g.values.len()];
+        for &(m, role) in &group.members {
+            let IrOp::Map { kernel, args, .. } = &g.values[m].op else { continue };
+            let own: usize = kernel.nodes.iter().map(|(n, _)| op_cost(n)).sum();
+            let nested: usize =
+                args.iter().filter(|u| group.role(u.value).is_some() && inline[u.value]).map(|u| cost[u.value]).sum();
+            cost[m] = own + nested;
+            if role == RowRole::Varying && !outputs[m] && readers[m].iter().all(fusable_reader) {
+                inline[m] = cost[m] <= REMAT_COST;
+            }
+        }
+    }
+    inline
+}
+
+/// The most a row group's element-varying value may cost to be recomputed
+/// by a reader outside the row kernel rather than stored by it (in
+/// [`op_cost`] units): the centring and scaling of layer_norm, a product
+/// with a stored gradient; not a whole softmax backward.
+const REMAT_COST: usize = 8;
+
+/// What evaluating a node costs, roughly: a transcendental unary op four
+/// adds, other arithmetic one, reads and constants nothing.
+fn op_cost(node: &Node) -> usize {
+    use crate::ops::unary::UnaryOp;
+    match node {
+        Node::Input(_) | Node::Scalar(_) | Node::Index | Node::Arg => 0,
+        Node::Unary(UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Relu, _) => 1,
+        Node::Unary(..) | Node::Random(..) | Node::RandomAt(..) | Node::SegmentSum { .. } => 4,
+        Node::RowReduce(..) => 4,
+        Node::Binary(..) | Node::Compare(..) | Node::Select(..) | Node::Cast(_) | Node::Gather(..) => 1,
+    }
 }
 
 /// How many storage bindings kernels may use: `operands` tensors read or
@@ -328,19 +448,67 @@ pub(crate) struct BindingLimits {
     pub dedicated_bytes: u64,
 }
 
+/// Which optional fusion passes run (all by default; each can be turned
+/// off to compare, and the differential tests run with each off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Passes {
+    /// Row kernels: softmax, log_softmax, layer_norm, rms_norm and
+    /// cross-entropy rows (forward and backward) as one kernel, their
+    /// element-wise values recomputed by readers outside it.
+    pub rows: bool,
+    /// The fewest rows a row kernel is made for. A heuristic: with fewer
+    /// rows than invocations a CPU adapter runs at once, the reduction
+    /// template (which splits long rows) is faster. Tests set 1, to put
+    /// small shapes through row kernels too.
+    pub min_rows: usize,
+}
+
+impl Default for Passes {
+    fn default() -> Passes {
+        Passes { rows: true, min_rows: crate::compiler::rows::MIN_ROWS }
+    }
+}
+
+impl Passes {
+    /// The default passes changed by `WGRAD_PASSES`: a pass named with a
+    /// minus is off (`-rows`), `min-rows=N` sets [`Passes::min_rows`].
+    pub fn from_env() -> Passes {
+        let mut p = Passes::default();
+        if let Ok(spec) = std::env::var("WGRAD_PASSES") {
+            for item in spec.split(',').map(str::trim) {
+                match item.split_once('=') {
+                    Some(("min-rows", n)) => p.min_rows = n.parse().unwrap_or(p.min_rows),
+                    _ if item == "-rows" => p.rows = false,
+                    _ => {}
+                }
+            }
+        }
+        p
+    }
+}
+
 /// The kernels of `g` in execution order, and how many IR values were
 /// fused into another value's kernel.
-pub(crate) fn schedule(g: &CapturedGraph, limits: BindingLimits) -> (Vec<Step>, usize) {
+pub(crate) fn schedule(g: &CapturedGraph, limits: BindingLimits, passes: Passes) -> (Vec<Step>, usize) {
     let max_bindings = limits.operands;
     let uses = g.use_counts();
     let mut outputs = vec![false; g.values.len()];
     for (v, _) in &g.outputs {
         outputs[*v] = true;
     }
-    let mut inline = initial_inline(g, &uses, &outputs);
+    let mut rows = if passes.rows { crate::compiler::rows::row_groups(g, passes.min_rows) } else { Vec::new() };
+    let mut stored: Vec<ValueId> = Vec::new();
+    let mut store_all = false;
     let mut budget = max_bindings;
     loop {
-        match try_schedule(g, &inline, &uses, &outputs, max_bindings, budget) {
+        let mut inline = initial_inline(g, &uses, &outputs, &rows);
+        for &v in &stored {
+            inline[v] = false;
+        }
+        if store_all {
+            inline.iter_mut().for_each(|i| *i = false);
+        }
+        match try_schedule(g, &inline, &uses, &outputs, &rows, max_bindings, budget) {
             Ok(steps) if budget > 2 && steps.iter().any(|s| too_wide(g, s, limits)) => budget -= 2,
             Ok(steps) => {
                 let computed =
@@ -348,10 +516,13 @@ pub(crate) fn schedule(g: &CapturedGraph, limits: BindingLimits) -> (Vec<Step>, 
                 let kernels = steps.iter().filter(|s| !matches!(s, Step::Hook { .. })).count();
                 return (steps, computed.saturating_sub(kernels));
             }
+            Err(Retry::Rows(group)) => {
+                rows.remove(group);
+            }
             // Each retry stores one more value; should a value already stored
             // block again, inline nothing (always schedulable).
-            Err(Blocked(v)) if inline[v] => inline[v] = false,
-            Err(Blocked(_)) => inline.iter_mut().for_each(|i| *i = false),
+            Err(Retry::Store(v)) if inline[v] => stored.push(v),
+            Err(Retry::Store(_)) => store_all = true,
         }
     }
 }
@@ -363,6 +534,7 @@ fn too_wide(g: &CapturedGraph, step: &Step, limits: BindingLimits) -> bool {
         Step::Elementwise { reads, stores, .. } => {
             reads.iter().map(|u| u.value).chain(stores.iter().copied()).collect()
         }
+        Step::Rows { reads, stores, .. } => reads.iter().map(|u| u.value).chain(stores.iter().map(|s| s.0)).collect(),
         Step::Reduce { value, reads, .. } => reads.iter().map(|u| u.value).chain([*value]).collect(),
         Step::Matmul { value, a, b, reads, .. } => {
             reads.iter().map(|u| u.value).chain([*value, a.value, b.value]).collect()
@@ -381,14 +553,92 @@ fn too_wide(g: &CapturedGraph, step: &Step, limits: BindingLimits) -> bool {
     values.len() > limits.operands || buffers.len() > limits.buffers
 }
 
+/// Per value: whether it depends on a member of a row group without being
+/// one, and whether a row group reads it (or something computed from it)
+/// without it being a member.
+fn row_sides(g: &CapturedGraph, group_of: &[Option<usize>]) -> (Vec<bool>, Vec<bool>) {
+    let n = g.values.len();
+    let mut after = vec![false; n];
+    for (id, v) in g.values.iter().enumerate() {
+        after[id] = group_of[id].is_none() && v.op.uses().iter().any(|u| group_of[u.value].is_some() || after[u.value]);
+    }
+    let mut feeds = vec![false; n];
+    for id in (0..n).rev() {
+        let reader_wants = group_of[id].is_some() || feeds[id];
+        if reader_wants {
+            for u in g.values[id].op.uses() {
+                if group_of[u.value].is_none() {
+                    feeds[u.value] = true;
+                }
+            }
+        }
+    }
+    (after, feeds)
+}
+
+/// The members of a row group that its kernel stores: graph outputs, and
+/// those a kernel outside it reads from a buffer: read by one that cannot
+/// recompute them, or needed to recompute a member it inlines (the row
+/// reductions under a recomputed softmax). Unread ones are dropped once
+/// every kernel is known.
+fn row_stores(g: &CapturedGraph, group: &RowGroup, inline: &[bool], outputs: &[bool]) -> Vec<ValueId> {
+    let readers = readers_of(g);
+    let inside = |v: ValueId| group.role(v).is_some();
+    let recomputed = |m: ValueId| inline[m] && matches!(g.values[m].op, IrOp::Map { .. });
+    let mut store = vec![false; g.values.len()];
+    let mut seen = vec![false; g.values.len()];
+    // Members read from outside, then what recomputing them reads.
+    let mut work: Vec<ValueId> = Vec::new();
+    for &(m, _) in &group.members {
+        if outputs[m] {
+            store[m] = true;
+        }
+        for &r in &readers[m] {
+            if !inside(r) {
+                let fusable = matches!(g.values[r].op, IrOp::Map { .. } | IrOp::Reduce { .. });
+                if fusable && recomputed(m) {
+                    work.push(m);
+                } else {
+                    store[m] = true;
+                }
+            }
+        }
+    }
+    while let Some(m) = work.pop() {
+        if std::mem::replace(&mut seen[m], true) {
+            continue;
+        }
+        for u in g.values[m].op.uses() {
+            if !inside(u.value) {
+                continue;
+            }
+            if recomputed(u.value) {
+                work.push(u.value);
+            } else {
+                store[u.value] = true;
+            }
+        }
+    }
+    group.members.iter().map(|&(m, _)| m).filter(|&m| store[m]).collect()
+}
+
+#[allow(clippy::too_many_arguments)]
 fn try_schedule(
     g: &CapturedGraph,
     inline: &[bool],
     uses: &[usize],
     outputs: &[bool],
+    rows: &[RowGroup],
     max_bindings: usize,
     budget: usize,
-) -> Result<Vec<Step>, Blocked> {
+) -> Result<Vec<Step>, Retry> {
+    let mut group_of = vec![None; g.values.len()];
+    for (i, group) in rows.iter().enumerate() {
+        for &(m, _) in &group.members {
+            group_of[m] = Some(i);
+        }
+    }
+    let (after_rows, feeds_rows) = row_sides(g, &group_of);
     let mut p = Planner {
         values: &g.values,
         inline,
@@ -400,9 +650,38 @@ fn try_schedule(
         max_bindings,
         budget,
         external: Default::default(),
+        group_of,
+        after_rows,
+        feeds_rows,
+        waiting: HashMap::new(),
     };
     let mut last_hook: Option<usize> = None;
+    let mut row_unit: Vec<Option<usize>> = vec![None; rows.len()];
     for (id, v) in g.values.iter().enumerate() {
+        if let Some(gi) = p.group_of[id] {
+            if row_unit[gi].is_none() {
+                // The whole group becomes one unit at its first member; what
+                // it reads from kernels not placed yet links when they are.
+                let stores = row_stores(g, &rows[gi], inline, outputs);
+                let step = build_rows(g, inline, &rows[gi], gi, &stores)?;
+                let members: Vec<ValueId> = rows[gi].members.iter().map(|m| m.0).collect();
+                let unit = p.new_unit(Unit::Rows { group: gi, stores }, &members);
+                row_unit[gi] = Some(unit);
+                let reads: BTreeSet<ValueId> = step.reads().iter().map(|u| u.value).collect();
+                for &r in &reads {
+                    match p.unit_of.get(&r) {
+                        Some(&producer) if producer != unit => {
+                            p.succ[producer].insert(unit);
+                        }
+                        Some(_) => {}
+                        None if matches!(g.values[r].op, IrOp::Input { .. }) => {}
+                        None => p.waiting.entry(r).or_default().push(unit),
+                    }
+                }
+                p.note_reads(&reads, unit);
+            }
+            continue;
+        }
         match &v.op {
             IrOp::Input { .. } => {}
             IrOp::Map { .. } if inline[id] => {}
@@ -456,7 +735,7 @@ fn try_schedule(
         (0..n).filter(|&u| indegree[u] == 0).map(std::cmp::Reverse).collect();
     let mut steps = Vec::with_capacity(n);
     while let Some(std::cmp::Reverse(u)) = ready.pop() {
-        steps.push(build_step(g, inline, &p.units[u])?);
+        steps.push(build_step(g, inline, rows, &p.units[u])?);
         for &t in &p.succ[u] {
             indegree[t] -= 1;
             if indegree[t] == 0 {
@@ -464,9 +743,42 @@ fn try_schedule(
             }
         }
     }
-    debug_assert_eq!(steps.len(), n, "the unit graph is acyclic");
+    // A cycle through a row kernel (kernels merged around it) leaves units
+    // unscheduled: that group's values are scheduled as usual instead.
+    if steps.len() != n {
+        let stuck = (0..n).find_map(|u| match &p.units[u] {
+            Unit::Rows { group, .. } if indegree[u] > 0 => Some(*group),
+            _ => None,
+        });
+        debug_assert!(stuck.is_some(), "only row kernels can close a cycle");
+        return Err(Retry::Rows(stuck.unwrap_or(0)));
+    }
     drop_unread_stores(&mut steps, outputs);
+    check_every_read_stored(g, &steps, rows)?;
     Ok(steps)
+}
+
+/// Every value a kernel reads from a buffer is an input or stored by an
+/// earlier kernel (a row kernel's stores are chosen before the kernels
+/// reading them are; a read it did not foresee sends that group back).
+fn check_every_read_stored(g: &CapturedGraph, steps: &[Step], rows: &[RowGroup]) -> Result<(), Retry> {
+    let mut stored = vec![false; g.values.len()];
+    for step in steps {
+        for u in step.reads() {
+            let ok = stored[u.value] || matches!(g.values[u.value].op, IrOp::Input { .. });
+            if !ok {
+                let group = rows.iter().position(|r| r.role(u.value).is_some());
+                return Err(match group {
+                    Some(gi) => Retry::Rows(gi),
+                    None => Retry::Store(u.value),
+                });
+            }
+        }
+        for v in step.stores() {
+            stored[v] = true;
+        }
+    }
+    Ok(())
 }
 
 /// A kernel member read only inside its own kernel (as a register) and
@@ -474,18 +786,70 @@ fn try_schedule(
 fn drop_unread_stores(steps: &mut [Step], outputs: &[bool]) {
     let read: std::collections::HashSet<ValueId> = steps.iter().flat_map(|s| s.reads()).map(|u| u.value).collect();
     for step in steps {
-        if let Step::Elementwise { kernel, stores, .. } = step {
-            let keep: Vec<bool> = stores.iter().map(|&v| outputs[v] || read.contains(&v)).collect();
-            let kept = |i: &usize| keep[*i];
-            kernel.outputs = (0..keep.len()).filter(kept).map(|i| kernel.outputs[i]).collect();
-            *stores = (0..keep.len()).filter(kept).map(|i| stores[i]).collect();
+        match step {
+            Step::Elementwise { kernel, stores, .. } => {
+                let keep: Vec<bool> = stores.iter().map(|&v| outputs[v] || read.contains(&v)).collect();
+                let kept = |i: &usize| keep[*i];
+                kernel.outputs = (0..keep.len()).filter(kept).map(|i| kernel.outputs[i]).collect();
+                *stores = (0..keep.len()).filter(kept).map(|i| stores[i]).collect();
+            }
+            Step::Rows { kernel, stores, .. } => {
+                let keep: Vec<bool> = stores.iter().map(|&(v, _)| outputs[v] || read.contains(&v)).collect();
+                let kept = |i: &usize| keep[*i];
+                kernel.outputs = (0..keep.len()).filter(kept).map(|i| kernel.outputs[i]).collect();
+                *stores = (0..keep.len()).filter(kept).map(|i| stores[i]).collect();
+            }
+            _ => {}
         }
     }
 }
 
-fn build_step(g: &CapturedGraph, inline: &[bool], unit: &Unit) -> Result<Step, Blocked> {
+/// The row kernel of `group`, storing `stores`.
+fn build_rows(
+    g: &CapturedGraph,
+    inline: &[bool],
+    group: &RowGroup,
+    index: usize,
+    stores: &[ValueId],
+) -> Result<Step, Retry> {
+    let mut e = Emitter::new(&g.values, inline);
+    e.rows = Some(group);
+    let mut stored = Vec::with_capacity(stores.len());
+    // A member that cannot be read as its row kernel needs sends the group
+    // back; another value is stored instead of inlined, as anywhere.
+    let blocked = |b: Blocked| if group.role(b.0).is_some() { Retry::Rows(index) } else { Retry::Store(b.0) };
+    for &m in stores {
+        let uniform = group.role(m) != Some(RowRole::Varying);
+        let layout = if uniform { row_broadcast(&group.shape) } else { stored_layout(&group.shape) };
+        let node = e.emit(&Use { value: m, layout }).map_err(blocked)?;
+        e.kernel.output(node);
+        stored.push((m, uniform));
+    }
+    let mut reads = Vec::with_capacity(e.reads.len());
+    for (u, (_, access)) in e.reads.iter().zip(&e.kernel.inputs) {
+        let layout = match access {
+            crate::exec::kernel::Access::Gathered => u.layout.clone(),
+            _ => as_rows(&u.layout).ok_or(Retry::Rows(index))?,
+        };
+        reads.push(Use { value: u.value, layout });
+    }
+    let (a, k) = group.rows();
+    Ok(Step::Rows {
+        a,
+        k,
+        passes: group.passes(),
+        kernel: e.kernel,
+        reads,
+        scalars: e.scalars,
+        stores: stored,
+        inlined: e.inlined,
+    })
+}
+
+fn build_step(g: &CapturedGraph, inline: &[bool], rows: &[RowGroup], unit: &Unit) -> Result<Step, Retry> {
     let mut e = Emitter::new(&g.values, inline);
     Ok(match unit {
+        Unit::Rows { group, stores } => build_rows(g, inline, &rows[*group], *group, stores)?,
         Unit::Elementwise { members } => {
             let nodes = group_emit(&mut e, members)?;
             for n in nodes {

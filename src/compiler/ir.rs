@@ -192,6 +192,7 @@ pub(crate) fn kernel_expr(k: &MapKernel, node: usize, scalars: &[f64]) -> String
         Node::Arg => "acc".into(),
         Node::Gather(j, off) => format!("${j}[{}]", e(off)),
         Node::SegmentSum { values, .. } => format!("segment_sum(${values})"),
+        Node::RowReduce(kind, a) => format!("row_{}({})", format!("{kind:?}").to_lowercase(), e(a)),
     }
 }
 

@@ -173,6 +173,23 @@ impl Lowering<'_> {
                 }
                 Ok(())
             }
+            Step::Rows { a, k, passes, kernel, reads, scalars, stores, .. } => {
+                if *a * *k == 0 || stores.is_empty() {
+                    return Ok(());
+                }
+                let layouts: Vec<Layout> = reads.iter().map(|u| u.layout.clone()).collect();
+                let outs: Vec<Layout> = stores
+                    .iter()
+                    .map(|&(_, uniform)| {
+                        let strides = if uniform { vec![1, 0] } else { vec![*k, 1] };
+                        Layout { shape: Shape::new([*a, *k]), strides, offset: 0 }
+                    })
+                    .collect();
+                let launch = exec::rows_launch(device, kernel.clone(), *a, *k, *passes, &layouts, &outs, scalars)?;
+                let mut bufs: Vec<Buf> = reads.iter().map(|u| self.buf(u.value)).collect();
+                bufs.extend(stores.iter().map(|&(v, _)| self.buf(v)));
+                self.push(launch, bufs)
+            }
             Step::Matmul { value, a, b, epilogue, reads, scalars, .. } => {
                 let shape = &self.g.values[*value].meta.shape;
                 if shape.numel() == 0 {

@@ -15,12 +15,14 @@ pub(crate) mod guard;
 pub(crate) mod ir;
 mod lower;
 mod passes;
+mod rows;
 pub(crate) mod runtime;
 mod signature;
 mod step;
 pub(crate) mod trace;
 mod wgsl;
 
+pub use fusion::Passes;
 pub use guard::{CompilerGuard, CompilerInterface, CompilerStats};
 pub use ir::{CapturedGraph, Phase, ValueId};
 pub use runtime::{Program, ProgramReport};

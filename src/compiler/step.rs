@@ -133,6 +133,7 @@ pub struct CompiledStep<F> {
     debug_retrace: bool,
     last_difference: Option<String>,
     log: bool,
+    passes: crate::compiler::Passes,
 }
 
 /// Compiles the training step `f` (forward, loss, `backward()`, optimizer
@@ -190,6 +191,7 @@ where
         debug_retrace: false,
         last_difference: None,
         log,
+        passes: crate::compiler::Passes::from_env(),
     }
 }
 
@@ -197,6 +199,15 @@ impl<F> CompiledStep<F>
 where
     F: FnMut(&[Tensor]) -> Result<Vec<Tensor>>,
 {
+    /// The step compiled with only `passes` of the optional passes (by
+    /// default all, less those `WGRAD_PASSES` turns off); forgets the
+    /// programs compiled so far.
+    pub fn with_passes(mut self, passes: crate::compiler::Passes) -> Self {
+        self.passes = passes;
+        self.cache.clear();
+        self
+    }
+
     /// Runs one step on `args`: replays its program, tracing it first if
     /// this signature is new. On an `Err` found before the program is
     /// recorded, parameters, optimizer state and `.grad`s are as before.
@@ -354,7 +365,7 @@ where
                 fingerprint.lines().filter(|l| l.starts_with("input ")).collect::<Vec<_>>().join("\n")
             );
         }
-        let program = crate::compiler::wgsl::build_program(&self.device, graph, self.log)?;
+        let program = crate::compiler::wgsl::build_program(&self.device, graph, self.log, self.passes)?;
         let entry = Entry {
             key,
             guards,

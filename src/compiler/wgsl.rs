@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use crate::compiler::fusion::Passes;
 use crate::compiler::guard::{CompilerGuard, CompilerInterface, CompilerStats};
 use crate::compiler::ir::CapturedGraph;
 use crate::compiler::runtime::{Program, ProgramReport};
@@ -39,6 +40,7 @@ pub struct WgslCompiler {
     last_miss: Mutex<Option<String>>,
     stats: Mutex<CompilerStats>,
     log: bool,
+    passes: Passes,
 }
 
 impl WgslCompiler {
@@ -52,7 +54,15 @@ impl WgslCompiler {
             last_miss: Mutex::new(None),
             stats: Mutex::new(CompilerStats::default()),
             log,
+            passes: Passes::from_env(),
         }
+    }
+
+    /// The compiler with only `passes` of the optional passes (by default
+    /// all, less those `WGRAD_PASSES` turns off).
+    pub fn with_passes(mut self, passes: Passes) -> WgslCompiler {
+        self.passes = passes;
+        self
     }
 
     /// Installs a new compiler for `device`: the one-line way to compile
@@ -113,7 +123,7 @@ impl CompilerInterface for WgslCompiler {
 
     fn compile(&self, signature: &Signature, graph: CapturedGraph) -> Result<Arc<Program>> {
         let pipelines_before = self.device.counters().pipelines_created;
-        let program = Arc::new(build_program(&self.device, graph, self.log)?);
+        let program = Arc::new(build_program(&self.device, graph, self.log, self.passes)?);
         let ops_fused = program.report().ops_fused;
         let mut stats = self.stats.lock();
         stats.ops_fused += ops_fused as u64;
@@ -144,16 +154,18 @@ impl CompilerInterface for WgslCompiler {
 /// Runs the graph passes, fusion and lowering: the program of a captured
 /// graph (a backward's or a whole step's). With `log`, prints the IR
 /// before and after the passes and every kernel.
-pub(crate) fn build_program(device: &Device, graph: CapturedGraph, log: bool) -> Result<Program> {
+pub(crate) fn build_program(device: &Device, graph: CapturedGraph, log: bool, passes: Passes) -> Result<Program> {
     let ir_before = graph.to_string();
     let (graph, pass_stats) = passes::optimize(graph);
+    let (graph, split) =
+        if passes.rows { crate::compiler::rows::split_reductions(graph, passes.min_rows) } else { (graph, 0) };
     let ir_after = graph.to_string();
     let limits = fusion::BindingLimits {
         operands: MAX_BINDINGS,
         buffers: device.max_storage_bindings(),
         dedicated_bytes: device.dedicated_bytes(),
     };
-    let (steps, ops_fused) = fusion::schedule(&graph, limits);
+    let (steps, ops_fused) = fusion::schedule(&graph, limits, passes);
     let report = ProgramReport {
         ir_before,
         ir_after,
@@ -169,7 +181,7 @@ pub(crate) fn build_program(device: &Device, graph: CapturedGraph, log: bool) ->
         let r = program.report();
         eprintln!("[wgrad compiled] captured IR:\n{}", r.ir_before);
         eprintln!(
-            "[wgrad compiled] after passes ({} reads simplified, {} values merged, {} removed):\n{}",
+            "[wgrad compiled] after passes ({} reads simplified, {} values merged, {} removed, {split} reductions split into rows):\n{}",
             pass_stats.simplified, pass_stats.merged, pass_stats.removed, r.ir_after
         );
         eprintln!(

@@ -197,67 +197,83 @@ fn body(k: &MapKernel, names: &Names<'_>) -> String {
 /// component `lane` of the vec4 at `q` in a vectorised kernel, whose
 /// inputs were loaded as `in{j}_q` and whose values are named `v{id}_{lane}`.
 fn body_of_lane(k: &MapKernel, names: &Names<'_>, lane: Option<usize>) -> String {
-    let mut s = String::new();
     let suffix = lane.map(|c| format!("_{c}")).unwrap_or_default();
     let index = match lane {
         None => "i".to_string(),
         Some(c) => format!("(q * 4u + {c}u)"),
     };
+    let read = |j: usize| match (lane, k.inputs[j].1) {
+        (Some(c), Access::Linear) => format!("in{j}_q.{}", ["x", "y", "z", "w"][c]),
+        (Some(_), Access::Strided) => names.at(j, &format!("strided({}u, {index})", view_base(j))),
+        (Some(_), Access::Planar) => names.at(j, &planar_index(view_base(j), &index)),
+        (_, access) => names.at(j, &index_expr(access, view_base(j))),
+    };
+    (0..k.nodes.len()).map(|id| node_line(k, names, id, &index, &suffix, &read)).collect()
+}
+
+/// The `let` of node `id` (with any lines it needs first), at element
+/// `index`, its value named `v{id}{suffix}`; `read(j)` is the read of input
+/// `j` at that element. A [`Node::RowReduce`] names the accumulator of the
+/// row kernel's loop (`r{id}`), which only [`render_rows`] declares.
+fn node_line(
+    k: &MapKernel,
+    names: &Names<'_>,
+    id: usize,
+    index: &str,
+    suffix: &str,
+    read: &dyn Fn(usize) -> String,
+) -> String {
+    let mut s = String::new();
+    let (node, dtype) = &k.nodes[id];
+    let t = dtype.wgsl();
+    let v = |n: usize| format!("v{n}{suffix}");
     let scalar_base = view_base(k.inputs.len() + k.outputs.len());
-    for (id, (node, dtype)) in k.nodes.iter().enumerate() {
-        let t = dtype.wgsl();
-        let v = |n: usize| format!("v{n}{suffix}");
-        let expr = match *node {
-            Node::Input(j) => match (lane, k.inputs[j].1) {
-                (Some(c), Access::Linear) => format!("in{j}_q.{}", ["x", "y", "z", "w"][c]),
-                (Some(_), Access::Strided) => names.at(j, &format!("strided({}u, {index})", view_base(j))),
-                (_, access) => names.at(j, &index_expr(access, view_base(j))),
-            },
-            Node::Scalar(j) => scalar_expr(*dtype, scalar_base + j),
-            Node::Index => format!("{t}({index})"),
-            Node::Random(kind, slot) => {
-                let seed = format!("p({}u), p({}u)", scalar_base + slot, scalar_base + slot + 1);
-                match kind {
-                    RandomKind::Uniform => format!("{t}(wgrad_uniform({index}, {seed}))"),
-                    RandomKind::Normal => format!("{t}(wgrad_normal({index}, {seed}))"),
-                }
+    let expr = match *node {
+        Node::Input(j) => read(j),
+        Node::Scalar(j) => scalar_expr(*dtype, scalar_base + j),
+        Node::Index => format!("{t}({index})"),
+        Node::Random(kind, slot) => {
+            let seed = format!("p({}u), p({}u)", scalar_base + slot, scalar_base + slot + 1);
+            match kind {
+                RandomKind::Uniform => format!("{t}(wgrad_uniform({index}, {seed}))"),
+                RandomKind::Normal => format!("{t}(wgrad_normal({index}, {seed}))"),
             }
-            Node::RandomAt(kind, lo, hi) => {
-                let seed = format!("{}, {}", v(lo), v(hi));
-                match kind {
-                    RandomKind::Uniform => format!("{t}(wgrad_uniform({index}, {seed}))"),
-                    RandomKind::Normal => format!("{t}(wgrad_normal({index}, {seed}))"),
-                }
+        }
+        Node::RandomAt(kind, lo, hi) => {
+            let seed = format!("{}, {}", v(lo), v(hi));
+            match kind {
+                RandomKind::Uniform => format!("{t}(wgrad_uniform({index}, {seed}))"),
+                RandomKind::Normal => format!("{t}(wgrad_normal({index}, {seed}))"),
             }
-            Node::Unary(op, a) => op.wgsl(&v(a), *dtype),
-            Node::Binary(op, a, b) => op.wgsl(&v(a), &v(b), *dtype),
-            Node::Compare(op, a, b) => format!("select(0u, 1u, {})", op.wgsl(&v(a), &v(b))),
-            Node::Select(c, a, b) => {
-                // Non-zero is true, NaN included (`NaN != 0` may fold to false).
-                let zero = zero_literal(k.dtype(c));
-                match nan_test(&v(c), k.dtype(c)) {
-                    Some(nan) => format!("select({}, {}, {} != {zero} || {nan})", v(b), v(a), v(c)),
-                    None => format!("select({}, {}, {} != {zero})", v(b), v(a), v(c)),
-                }
+        }
+        Node::Unary(op, a) => op.wgsl(&v(a), *dtype),
+        Node::Binary(op, a, b) => op.wgsl(&v(a), &v(b), *dtype),
+        Node::Compare(op, a, b) => format!("select(0u, 1u, {})", op.wgsl(&v(a), &v(b))),
+        Node::Select(c, a, b) => {
+            // Non-zero is true, NaN included (`NaN != 0` may fold to false).
+            let zero = zero_literal(k.dtype(c));
+            match nan_test(&v(c), k.dtype(c)) {
+                Some(nan) => format!("select({}, {}, {} != {zero} || {nan})", v(b), v(a), v(c)),
+                None => format!("select({}, {}, {} != {zero})", v(b), v(a), v(c)),
             }
-            Node::Cast(a) => format!("{t}({})", v(a)),
-            Node::Arg => "acc".to_string(),
-            Node::Gather(j, off) => names.at(j, &format!("p({}u) + {}", view_base(j), v(off))),
-            Node::SegmentSum { values, starts, positions } => {
-                let (bv, bs, bp) = (view_base(values), view_base(starts), view_base(positions));
-                let _ = writeln!(s, "    var acc{id}: {t} = {t}(0);");
-                let (first, last) =
-                    (names.at(starts, &format!("p({bs}u) + i")), names.at(starts, &format!("p({bs}u) + i + 1u")));
-                let _ = writeln!(s, "    for (var k = {first}; k < {last}; k = k + 1u) {{");
-                let position = names.at(positions, &format!("p({bp}u) + k"));
-                let _ =
-                    writeln!(s, "        acc{id} = acc{id} + {};", names.at(values, &format!("p({bv}u) + {position}")));
-                s.push_str("    }\n");
-                format!("acc{id}")
-            }
-        };
-        let _ = writeln!(s, "    let v{id}{suffix}: {t} = {expr};");
-    }
+        }
+        Node::Cast(a) => format!("{t}({})", v(a)),
+        Node::Arg => "acc".to_string(),
+        Node::Gather(j, off) => names.at(j, &format!("p({}u) + {}", view_base(j), v(off))),
+        Node::SegmentSum { values, starts, positions } => {
+            let (bv, bs, bp) = (view_base(values), view_base(starts), view_base(positions));
+            let _ = writeln!(s, "    var acc{id}: {t} = {t}(0);");
+            let (first, last) =
+                (names.at(starts, &format!("p({bs}u) + i")), names.at(starts, &format!("p({bs}u) + i + 1u")));
+            let _ = writeln!(s, "    for (var k = {first}; k < {last}; k = k + 1u) {{");
+            let position = names.at(positions, &format!("p({bp}u) + k"));
+            let _ = writeln!(s, "        acc{id} = acc{id} + {};", names.at(values, &format!("p({bv}u) + {position}")));
+            s.push_str("    }\n");
+            format!("acc{id}")
+        }
+        Node::RowReduce(..) => format!("r{id}"),
+    };
+    let _ = writeln!(s, "    let v{id}{suffix}: {t} = {expr};");
     s
 }
 
@@ -355,6 +371,188 @@ pub(crate) fn render_reduce_x4(k: &MapKernel, kind: ReduceKind, binds: &Binds) -
     );
     s.push_str(REDUCE_TEMPLATE);
     s
+}
+
+/// Invocations per workgroup of a row kernel run one row per invocation:
+/// a few hundred rows still spread over every core of a CPU adapter.
+pub(crate) const ROWS_PER_GROUP: u32 = 16;
+
+/// How a row kernel spreads a row over invocations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum RowForm {
+    /// One invocation per row, looping over all of it: no barriers, but
+    /// neighbouring invocations read a row apart.
+    PerInvocation,
+    /// A workgroup of this many invocations per row, each taking every
+    /// n-th element, combining partial results through workgroup memory
+    /// (two barriers per row reduction): neighbouring invocations read
+    /// neighbouring elements.
+    Workgroup(u32),
+}
+
+/// A row kernel over an [A, K] iteration (words 2 and 3): a row per
+/// invocation or per workgroup (`form`); `uniform_io` says, per input and
+/// then per output, whether its view is the same along the row. Each [`Node::RowReduce`] is a loop
+/// over the row that evaluates its operand's element-varying nodes at
+/// every `k` and folds them; nodes that are the same along the row
+/// (`uniform`: read from an input whose view does not move along k,
+/// or computed from row reductions and scalars) are
+/// evaluated once, between the loops. A last loop stores the
+/// element-varying outputs; uniform outputs are stored once per row. Every
+/// view is two-dimensional (offset, row stride, element stride), so no
+/// read loops over the rank: the loops are K back-edges each (K / n plus n
+/// in a workgroup of n), one per row reduction and one for the stores,
+/// which the fusion keeps within [`crate::exec::LOOP_BUDGET`]. A softmax,
+/// a layer_norm and their backward formulas become one kernel that reads
+/// each row from memory a few times (from cache after the first) and
+/// writes it once.
+pub(crate) fn render_rows(k: &MapKernel, uniform_io: &[bool], form: RowForm, binds: &Binds) -> String {
+    let uniform_inputs = &uniform_io[..k.inputs.len()];
+    let uniform_outputs = &uniform_io[k.inputs.len()..];
+    let names = Names::new(binds, [], 0..k.inputs.len() + k.outputs.len());
+    let (mut s, _) = declarations(k, 0, binds);
+    let uniform = row_uniform_nodes(k, uniform_inputs);
+    let at = |j: usize, uniform: bool| {
+        let b = view_base(j);
+        match uniform {
+            true => format!("p({b}u) + a * p({}u)", b + 1),
+            false => format!("p({b}u) + a * p({}u) + k * p({}u)", b + 1, b + 2),
+        }
+    };
+    let read = |j: usize| names.at(j, &at(j, uniform_inputs[j]));
+    // The element-varying nodes each loop needs: the cone of its value.
+    let cone = |roots: &[usize]| {
+        let mut need = vec![false; k.nodes.len()];
+        for &r in roots {
+            need[r] = !uniform[r];
+        }
+        for id in (0..k.nodes.len()).rev() {
+            if need[id] {
+                for o in node_operands(&k.nodes[id].0) {
+                    need[o] |= !uniform[o];
+                }
+            }
+        }
+        need
+    };
+    let loop_head = match form {
+        RowForm::PerInvocation => {
+            let _ = writeln!(
+                s,
+                "\n@compute @workgroup_size({ROWS_PER_GROUP})\n\
+                 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {{\n\
+                 \x20   let a = gid.x + gid.y * nwg.x * {ROWS_PER_GROUP}u;"
+            );
+            "    for (var k = 0u; k < row_len; k = k + 1u) {\n        let i = a * row_len + k;\n".to_string()
+        }
+        RowForm::Workgroup(n) => {
+            let mut dtypes: Vec<DType> = Vec::new();
+            for (node, dtype) in &k.nodes {
+                if matches!(node, Node::RowReduce(..)) && !dtypes.contains(dtype) {
+                    dtypes.push(*dtype);
+                }
+            }
+            for d in dtypes {
+                let _ = writeln!(s, "var<workgroup> part_{0}: array<{0}, {n}>;", d.wgsl());
+            }
+            let _ = writeln!(
+                s,
+                "\n@compute @workgroup_size({n})\n\
+                 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, \
+                 @builtin(local_invocation_index) lid: u32) {{\n\
+                 \x20   let a = wid.x + wid.y * nwg.x;"
+            );
+            format!("    for (var k = lid; k < row_len; k = k + {n}u) {{\n        let i = a * row_len + k;\n")
+        }
+    };
+    s.push_str("    if (a >= p(2u)) { return; }\n    let row_len = p(3u);\n");
+    let indent = |body: String| body.lines().map(|l| format!("    {l}\n")).collect::<String>();
+    for (id, &is_uniform) in uniform.iter().enumerate() {
+        if let Node::RowReduce(kind, src) = k.nodes[id].0 {
+            let dtype = k.dtype(id);
+            let t = dtype.wgsl();
+            let combine = |acc: &str, v: &str| match kind {
+                ReduceKind::Sum => format!("{acc} + {v}"),
+                ReduceKind::Max => nan_propagating("max", acc, v, dtype),
+                ReduceKind::Min => nan_propagating("min", acc, v, dtype),
+            };
+            let identity = match kind {
+                ReduceKind::Sum => format!("{t}(0)"),
+                ReduceKind::Max => extreme_literal(dtype, false),
+                ReduceKind::Min => extreme_literal(dtype, true),
+            };
+            let _ = writeln!(s, "    var r{id}: {t} = {identity};");
+            s.push_str(&loop_head);
+            let need = cone(&[src]);
+            for n in (0..id).filter(|&n| need[n]) {
+                s.push_str(&indent(node_line(k, &names, n, "i", "", &read)));
+            }
+            let _ = writeln!(s, "        r{id} = {};\n    }}", combine(&format!("r{id}"), &format!("v{src}")));
+            if let RowForm::Workgroup(n) = form {
+                // Every invocation folds the partials in the same order, so
+                // all hold the same result.
+                let _ = writeln!(
+                    s,
+                    "    part_{t}[lid] = r{id};\n    workgroupBarrier();\n    r{id} = {identity};\n    \
+                     for (var j = 0u; j < {n}u; j = j + 1u) {{ r{id} = {}; }}\n    workgroupBarrier();",
+                    combine(&format!("r{id}"), &format!("part_{t}[j]"))
+                );
+            }
+            s.push_str(&node_line(k, &names, id, "i", "", &read));
+        } else if is_uniform {
+            s.push_str(&node_line(k, &names, id, "a", "", &read));
+        }
+    }
+    let n_in = k.inputs.len();
+    // Stored per element or once per row as the output's view says, not as
+    // its node is: a value of a row's shape may be the same along the row.
+    let varying: Vec<usize> = (0..k.outputs.len()).filter(|&o| !uniform_outputs[o]).collect();
+    if !varying.is_empty() {
+        s.push_str(&loop_head);
+        let need = cone(&varying.iter().map(|&o| k.outputs[o].0).collect::<Vec<_>>());
+        for n in (0..k.nodes.len()).filter(|&n| need[n]) {
+            s.push_str(&indent(node_line(k, &names, n, "i", "", &read)));
+        }
+        for &o in &varying {
+            let _ = writeln!(s, "        {} = v{};", names.at(n_in + o, &at(n_in + o, false)), k.outputs[o].0);
+        }
+        s.push_str("    }\n");
+    }
+    let once = match form {
+        RowForm::PerInvocation => "",
+        RowForm::Workgroup(_) => "if (lid == 0u) ",
+    };
+    for (o, (node, _)) in k.outputs.iter().enumerate().filter(|(o, _)| uniform_outputs[*o]) {
+        let _ = writeln!(s, "    {once}{{ {} = v{node}; }}", names.at(n_in + o, &at(n_in + o, true)));
+    }
+    s.push_str("}\n");
+    s
+}
+
+/// Which nodes of a row kernel are the same at every element of a row.
+fn row_uniform_nodes(k: &MapKernel, uniform_inputs: &[bool]) -> Vec<bool> {
+    let mut uniform = vec![false; k.nodes.len()];
+    for (id, (node, _)) in k.nodes.iter().enumerate() {
+        uniform[id] = match *node {
+            Node::Input(j) => uniform_inputs[j],
+            Node::Scalar(_) | Node::RowReduce(..) | Node::Arg => true,
+            Node::Index | Node::Random(..) | Node::RandomAt(..) | Node::SegmentSum { .. } => false,
+            _ => node_operands(node).iter().all(|&o| uniform[o]),
+        };
+    }
+    uniform
+}
+
+/// The nodes a node reads.
+pub(crate) fn node_operands(node: &Node) -> Vec<usize> {
+    match *node {
+        Node::Input(_) | Node::Scalar(_) | Node::Index | Node::Random(..) | Node::Arg | Node::SegmentSum { .. } => {
+            Vec::new()
+        }
+        Node::Unary(_, a) | Node::Cast(a) | Node::RowReduce(_, a) | Node::Gather(_, a) => vec![a],
+        Node::Binary(_, a, b) | Node::Compare(_, a, b) | Node::RandomAt(_, a, b) => vec![a, b],
+        Node::Select(c, a, b) => vec![c, a, b],
+    }
 }
 
 /// The element type, identity and combine of a reduction.
@@ -511,9 +709,21 @@ fn index_expr(access: Access, base: usize) -> String {
     match access {
         Access::Linear => format!("p({base}u) + i"),
         Access::Strided => format!("strided({base}u, i)"),
+        Access::Planar => planar_index(base, "i"),
         Access::Broadcast => format!("p({base}u)"),
         Access::Gathered => unreachable!("gathered bindings are read by Gather and SegmentSum nodes"),
     }
+}
+
+/// The element offset of index `index` in an [`Access::Planar`] view.
+fn planar_index(base: usize, index: &str) -> String {
+    format!(
+        "p({base}u) + ({index} / p({}u)) * p({}u) + ({index} % p({}u)) * p({}u)",
+        base + 3,
+        base + 1,
+        base + 3,
+        base + 2
+    )
 }
 
 fn scalar_expr(dtype: DType, word: usize) -> String {

@@ -19,6 +19,12 @@ pub(crate) enum Access {
     /// Every element reads the same one (a broadcast scalar: all strides
     /// 0), at the view's offset: no index arithmetic per element.
     Broadcast,
+    /// A view whose dims merge into two evenly strided runs (a transpose,
+    /// a row or column broadcast, a slice of rows): element `i` is at
+    /// `offset + (i / n) * outer + (i % n) * inner`, words 1..3 of the view
+    /// holding `outer`, `inner` and `n`. No loop over the rank, which
+    /// [`Access::Strided`] pays per read.
+    Planar,
     /// Read at computed element offsets ([`Node::Gather`], [`Node::SegmentSum`]),
     /// not at the current index: the binding keeps its own contiguous view
     /// instead of being broadcast to the kernel's shape.
@@ -69,6 +75,12 @@ pub(crate) enum Node {
         starts: usize,
         positions: usize,
     },
+    /// The reduction of the operand over the current row: only in a row
+    /// kernel ([`crate::exec::codegen::render_rows`]), where an invocation
+    /// owns a row, evaluates the operand at every element of it, and reads
+    /// the result anywhere after (softmax's max and sum, layer_norm's mean
+    /// and variance).
+    RowReduce(crate::exec::ReduceKind, NodeId),
 }
 
 impl Node {
@@ -96,6 +108,7 @@ impl Node {
             Node::SegmentSum { values, starts, positions } => {
                 Node::SegmentSum { values: binding(values), starts: binding(starts), positions: binding(positions) }
             }
+            Node::RowReduce(kind, a) => Node::RowReduce(kind, id(a)),
         }
     }
 }
@@ -181,6 +194,9 @@ impl MapKernel {
                 Node::Cast(_) => Some("cast"),
                 Node::Gather(..) => Some("gather"),
                 Node::SegmentSum { .. } => Some("segment_sum"),
+                Node::RowReduce(crate::exec::ReduceKind::Sum, _) => Some("row sum"),
+                Node::RowReduce(crate::exec::ReduceKind::Max, _) => Some("row max"),
+                Node::RowReduce(crate::exec::ReduceKind::Min, _) => Some("row min"),
             })
             .collect();
         names.join(", ")

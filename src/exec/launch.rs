@@ -23,6 +23,9 @@ pub(crate) enum Template {
     Map { kernel: MapKernel, x4: bool },
     /// The first pass of a reduction.
     Reduce { kernel: MapKernel, kind: ReduceKind, x4: bool },
+    /// A row kernel ([`codegen::render_rows`]); `uniform_io[j]` when the
+    /// view of operand `j` (inputs, then outputs) does not move along the row.
+    Rows { kernel: MapKernel, uniform_io: Vec<bool>, form: codegen::RowForm },
     /// A matmul with its epilogue.
     Matmul { epilogue: MapKernel, dtype: DType, template: codegen::MatmulTemplate },
 }
@@ -57,6 +60,7 @@ impl Launch {
             Template::Map { kernel, x4: true } => codegen::render_x4(kernel, binds),
             Template::Reduce { kernel, kind, x4: false } => codegen::render_reduce(kernel, *kind, binds),
             Template::Reduce { kernel, kind, x4: true } => codegen::render_reduce_x4(kernel, *kind, binds),
+            Template::Rows { kernel, uniform_io, form } => codegen::render_rows(kernel, uniform_io, *form, binds),
             Template::Matmul { epilogue, dtype, template } => {
                 codegen::render_matmul(epilogue, *dtype, *template, binds)
             }
@@ -121,6 +125,28 @@ fn map_name(kernel: &MapKernel) -> String {
     if ops.is_empty() { "copy".into() } else { ops }
 }
 
+/// A view's dims merged into at most two evenly strided runs, outer and
+/// inner: `(outer stride, inner stride, inner length)`; `None` when it
+/// takes more (see [`Access::Planar`]).
+pub(crate) fn planar(view: &Layout) -> Option<(usize, usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new(); // (length, stride), innermost first
+    for (&d, &s) in view.shape.dims().iter().zip(&view.strides).rev() {
+        if d == 1 {
+            continue;
+        }
+        match runs.last_mut() {
+            Some((len, stride)) if s == *stride * *len => *len *= d,
+            _ => runs.push((d, s)),
+        }
+    }
+    match runs.as_slice() {
+        [] => Some((0, 0, 1)),
+        [(n, s)] => Some((0, *s, (*n).max(1))),
+        [(n, s), (_, outer)] => Some((*outer, *s, *n)),
+        _ => None,
+    }
+}
+
 fn push_view(words: &mut Vec<u32>, layout: &Layout) {
     words.push(layout.offset as u32);
     let mut strides = [0u32; MAX_RANK];
@@ -164,11 +190,20 @@ pub(crate) fn map_words(
                 Access::Linear
             } else if view.strides.iter().all(|&s| s == 0) {
                 Access::Broadcast
+            } else if planar(view).is_some() {
+                Access::Planar
             } else {
                 Access::Strided
             };
         }
-        push_view(&mut words, view);
+        match (kernel.inputs[slot].1, planar(view)) {
+            (Access::Planar, Some((outer, inner, n))) => {
+                let mut w = [0u32; 1 + MAX_RANK];
+                w[..4].copy_from_slice(&[view.offset as u32, outer as u32, inner as u32, n as u32]);
+                words.extend_from_slice(&w);
+            }
+            _ => push_view(&mut words, view),
+        }
     }
     for (o, view) in outputs.iter().enumerate() {
         kernel.outputs[o].1 = if view.is_contiguous() { Access::Linear } else { Access::Strided };
@@ -344,6 +379,43 @@ pub(crate) fn reduce_launch(
     let (dtypes, written, offset_words) = map_operands(&kernel);
     let template = Template::Reduce { kernel, kind, x4 };
     Ok(Launch { label: "reduce", template, words, grid, info, dtypes, written, offset_words, in_place: Vec::new() })
+}
+
+/// A row kernel over `a` rows of `k` elements: `inputs` and `outputs` are
+/// two-dimensional [a, k] views (a row stride and an element stride; a
+/// row-uniform value has element stride 0), `passes` loops of `k` per row.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rows_launch(
+    device: &Device,
+    mut kernel: MapKernel,
+    a: usize,
+    k: usize,
+    passes: usize,
+    inputs: &[Layout],
+    outputs: &[Layout],
+    scalars: &[f64],
+) -> Result<Launch> {
+    let shape = Shape::new([a, k]);
+    let words = map_words("rows", &mut kernel, &shape, inputs, outputs, scalars)?;
+    let uniform_io = inputs.iter().chain(outputs).map(|l| l.strides.get(1) == Some(&0) || k == 1).collect::<Vec<_>>();
+    let bytes = |views: &[Layout], dtypes: &mut dyn Iterator<Item = DType>| -> u64 {
+        views
+            .iter()
+            .zip(dtypes)
+            .map(|(l, d)| (if l.strides.get(1) == Some(&0) { a } else { a * k } * d.size_in_bytes()) as u64)
+            .sum()
+    };
+    let read = bytes(inputs, &mut kernel.inputs.iter().map(|(d, _)| *d));
+    let written = bytes(outputs, &mut kernel.outputs.iter().map(|(n, _)| kernel.dtype(*n)));
+    let info = KernelInfo::new("rows", format!("{} ({passes} passes)", map_name(&kernel)), read + written, 0);
+    let form = device.row_form();
+    let grid = match form {
+        codegen::RowForm::PerInvocation => device.grid_of(a as u64, codegen::ROWS_PER_GROUP)?,
+        codegen::RowForm::Workgroup(n) => device.grid_of(a as u64 * n as u64, n)?,
+    };
+    let (dtypes, written, offset_words) = map_operands(&kernel);
+    let template = Template::Rows { kernel, uniform_io, form };
+    Ok(Launch { label: "rows", template, words, grid, info, dtypes, written, offset_words, in_place: Vec::new() })
 }
 
 /// Reduces `x` over `axes` (sorted, distinct, in range).

@@ -230,7 +230,7 @@ impl PendingMaps {
             match nodes[id].0 {
                 Node::Input(b) => bindings_used[b] = true,
                 Node::Scalar(_) | Node::Index | Node::Random(..) | Node::Arg => {}
-                Node::Unary(_, a) | Node::Cast(a) => need(a),
+                Node::Unary(_, a) | Node::Cast(a) | Node::RowReduce(_, a) => need(a),
                 Node::Binary(_, x, y) | Node::Compare(_, x, y) | Node::RandomAt(_, x, y) => {
                     need(x);
                     need(y);

@@ -301,3 +301,40 @@ fn templates_validate() {
         }
     }
 }
+
+#[test]
+fn row_kernels_validate() {
+    use crate::exec::codegen::RowForm;
+    for dtype in DTYPES {
+        for kind in [ReduceKind::Sum, ReduceKind::Max, ReduceKind::Min] {
+            // softmax-like: x - max(x), then exp / sum of it; a row-uniform
+            // input (a per-row statistic) and a per-row output too.
+            let mut k = MapKernel::default();
+            let x = k.input(dtype);
+            let per_row = k.input(dtype);
+            let m = k.push(Node::RowReduce(kind, x), dtype);
+            let d = k.push(Node::Binary(BinaryOp::Sub, x, m), dtype);
+            let s = k.push(Node::RowReduce(ReduceKind::Sum, d), dtype);
+            let scaled = k.push(Node::Binary(BinaryOp::Mul, s, per_row), dtype);
+            let y = k.push(Node::Binary(BinaryOp::Div, d, scaled), dtype);
+            k.output(y);
+            k.output(scaled);
+            for form in [RowForm::PerInvocation, RowForm::Workgroup(64)] {
+                let io = [false, true, false, true];
+                let source = rendered(&k, &[], |b| codegen::render_rows(&k, &io, form, b));
+                validate(&format!("rows {kind:?} {dtype:?} {form:?}"), &source);
+            }
+        }
+    }
+}
+
+#[test]
+fn planar_reads_validate() {
+    let mut k = MapKernel::default();
+    let x = k.input(DType::F32);
+    let y = k.input(DType::F32);
+    let z = k.push(Node::Binary(BinaryOp::Add, x, y), DType::F32);
+    k.output(z);
+    validate("planar", &render(&with_access(k.clone(), Access::Planar)));
+    validate("planar reduce", &render_reduce(&with_access(k, Access::Planar), ReduceKind::Sum));
+}
