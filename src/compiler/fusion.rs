@@ -34,9 +34,13 @@ pub(crate) enum Step {
         stores: Vec<ValueId>,
         inlined: Vec<ValueId>,
     },
-    /// `kernel` (one output) over the [a, k] iteration `shape`, reduced over k.
+    /// `kernel`'s first output over the [a, k] iteration `shape`, reduced
+    /// over k; its other outputs are the elementwise values `stores`, stored
+    /// at each element as it is read (the iteration walks their shape
+    /// element for element).
     Reduce {
         value: ValueId,
+        stores: Vec<ValueId>,
         kind: ReduceKind,
         kernel: MapKernel,
         reads: Vec<Use>,
@@ -126,10 +130,8 @@ impl Step {
         match self {
             Step::Elementwise { stores, .. } => stores.clone(),
             Step::Rows { stores, .. } => stores.iter().map(|(v, _)| *v).collect(),
-            Step::Reduce { value, .. }
-            | Step::Matmul { value, .. }
-            | Step::Assemble { value, .. }
-            | Step::Hook { value, .. } => vec![*value],
+            Step::Reduce { value, stores, .. } => [*value].into_iter().chain(stores.iter().copied()).collect(),
+            Step::Matmul { value, .. } | Step::Assemble { value, .. } | Step::Hook { value, .. } => vec![*value],
         }
     }
 }
@@ -147,6 +149,11 @@ enum Unit {
     /// The row kernel of row group `group`, storing `stores`.
     Rows {
         group: usize,
+        stores: Vec<ValueId>,
+    },
+    /// A reduction, storing the elementwise `stores` of its iteration's shape.
+    Reduce {
+        value: ValueId,
         stores: Vec<ValueId>,
     },
     Other {
@@ -320,6 +327,9 @@ impl Planner<'_> {
         // Join the most recent compatible elementwise kernel, if any.
         let candidates: Vec<usize> = (0..self.units.len()).rev().take(16).collect();
         for g in candidates {
+            if self.join_reduction(v, g)? {
+                return Ok(());
+            }
             let Unit::Elementwise { members } = &self.units[g] else { continue };
             if &self.values[members[0]].meta.shape != shape {
                 continue;
@@ -360,6 +370,108 @@ impl Planner<'_> {
         self.link(&producers, unit);
         self.note_reads(&reads, unit);
         Ok(())
+    }
+}
+
+impl Planner<'_> {
+    /// Turns the most recent elementwise kernel that the reduction `r`
+    /// walks element for element into `r`'s kernel: the kernel's values
+    /// become the reduction's registers (stored where read elsewhere), so
+    /// a loss is summed as its terms are computed, not read back.
+    fn absorb_elementwise(&mut self, r: ValueId) -> Result<bool, Blocked> {
+        let IrOp::Reduce { src, axes, .. } = &self.values[r].op else { return Ok(false) };
+        let (it, _, _) = reduce_iteration(src, axes);
+        let candidates: Vec<usize> = (0..self.units.len()).rev().take(16).collect();
+        for g in candidates {
+            let Unit::Elementwise { members } = &self.units[g] else { continue };
+            if !it.layout.is_identity_of(&self.values[members[0]].meta.shape) || self.mixes_rows(r, members) {
+                continue;
+            }
+            let members = members.clone();
+            let mut e = Emitter::new(self.values, self.inline);
+            if group_emit(&mut e, &members).is_err() {
+                continue;
+            }
+            let own = {
+                let mut alone = Emitter::new(self.values, self.inline);
+                for (i, &m) in members.iter().enumerate() {
+                    alone.members.insert(m, usize::MAX - i);
+                }
+                alone.emit(&it)
+            };
+            let Ok(_) = own else { continue };
+            if e.emit(&it).is_err() {
+                continue;
+            }
+            // Members read other than element for element need them stored first.
+            if e.reads.iter().any(|u| members.contains(&u.value)) {
+                continue;
+            }
+            let reads = e.read_values();
+            let stores = 1 + members.iter().filter(|m| self.outputs[**m] || self.external.contains(m)).count();
+            if reads.len() + stores > self.budget {
+                continue;
+            }
+            drop(e);
+            let producers = self.producers(&reads, Some(g));
+            if producers.iter().any(|&p| self.reaches(g, p)) {
+                continue;
+            }
+            self.units[g] = Unit::Reduce { value: r, stores: members };
+            self.assign(r, g);
+            self.link(&producers, g);
+            self.note_reads(&reads, g);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Joins `v` to reduction unit `g` as a value stored as the reduction
+    /// reads each element (a loss summed while its gradient is stored),
+    /// when the reduction walks `v`'s shape element for element, `v` reads
+    /// neither the reduction nor what follows it, and the kernel stays
+    /// within the binding budget.
+    fn join_reduction(&mut self, v: ValueId, g: usize) -> Result<bool, Blocked> {
+        let Unit::Reduce { value: r, stores } = &self.units[g] else { return Ok(false) };
+        let (r, stores) = (*r, stores.clone());
+        let IrOp::Reduce { src, axes, .. } = &self.values[r].op else { return Ok(false) };
+        let (it, _, _) = reduce_iteration(src, axes);
+        if !it.layout.is_identity_of(&self.values[v].meta.shape) {
+            return Ok(false);
+        }
+        let mut members = stores.clone();
+        members.push(r);
+        if self.mixes_rows(v, &members) {
+            return Ok(false);
+        }
+        let joint = self.probe(v, &stores, None)?;
+        let joint_reads = joint.read_values();
+        let reads_members = joint.reads.iter().any(|u| members.contains(&u.value));
+        drop(joint);
+        let producers = self.producers(&joint_reads, Some(g));
+        if reads_members || producers.iter().any(|&p| self.reaches(g, p)) {
+            return Ok(false);
+        }
+        let mut all = stores.clone();
+        all.push(v);
+        let mut e = Emitter::new(self.values, self.inline);
+        if group_emit(&mut e, &all).is_err() || e.emit(&it).is_err() {
+            return Ok(false);
+        }
+        // Bindings: its reads, its result, v and the members stored for others.
+        let kept = stores.iter().filter(|m| self.outputs[**m] || self.external.contains(m)).count();
+        let width = e.read_values().len() + 2 + kept;
+        if width > self.budget || e.reads.iter().any(|u| u.value == r) {
+            return Ok(false);
+        }
+        drop(e);
+        if let Unit::Reduce { stores, .. } = &mut self.units[g] {
+            stores.push(v);
+        }
+        self.assign(v, g);
+        self.link(&producers, g);
+        self.note_reads(&joint_reads, g);
+        Ok(true)
     }
 }
 
@@ -535,7 +647,9 @@ fn too_wide(g: &CapturedGraph, step: &Step, limits: BindingLimits) -> bool {
             reads.iter().map(|u| u.value).chain(stores.iter().copied()).collect()
         }
         Step::Rows { reads, stores, .. } => reads.iter().map(|u| u.value).chain(stores.iter().map(|s| s.0)).collect(),
-        Step::Reduce { value, reads, .. } => reads.iter().map(|u| u.value).chain([*value]).collect(),
+        Step::Reduce { value, reads, stores, .. } => {
+            reads.iter().map(|u| u.value).chain([*value]).chain(stores.iter().copied()).collect()
+        }
         Step::Matmul { value, a, b, reads, .. } => {
             reads.iter().map(|u| u.value).chain([*value, a.value, b.value]).collect()
         }
@@ -691,7 +805,13 @@ fn try_schedule(
                 let mut e = Emitter::new(&g.values, inline);
                 e.emit(&it)?;
                 p.too_wide(&e, 1)?;
-                let unit = p.new_unit(Unit::Other { value: id }, &[id]);
+                drop(e);
+                if p.absorb_elementwise(id)? {
+                    continue;
+                }
+                let mut e = Emitter::new(&g.values, inline);
+                e.emit(&it)?;
+                let unit = p.new_unit(Unit::Reduce { value: id, stores: Vec::new() }, &[id]);
                 let producers = p.producers(&e.read_values(), Some(unit));
                 p.link(&producers, unit);
                 p.note_reads(&e.read_values(), unit);
@@ -793,6 +913,15 @@ fn drop_unread_stores(steps: &mut [Step], outputs: &[bool]) {
                 kernel.outputs = (0..keep.len()).filter(kept).map(|i| kernel.outputs[i]).collect();
                 *stores = (0..keep.len()).filter(kept).map(|i| stores[i]).collect();
             }
+            Step::Reduce { kernel, stores, .. } => {
+                // Output 0 is the reduction's own.
+                let keep: Vec<bool> = stores.iter().map(|&v| outputs[v] || read.contains(&v)).collect();
+                let kept = |i: &usize| keep[*i];
+                let own = kernel.outputs[0];
+                let side: Vec<_> = (0..keep.len()).filter(kept).map(|i| kernel.outputs[i + 1]).collect();
+                kernel.outputs = [own].into_iter().chain(side).collect();
+                *stores = (0..keep.len()).filter(kept).map(|i| stores[i]).collect();
+            }
             Step::Rows { kernel, stores, .. } => {
                 let keep: Vec<bool> = stores.iter().map(|&(v, _)| outputs[v] || read.contains(&v)).collect();
                 let kept = |i: &usize| keep[*i];
@@ -885,29 +1014,39 @@ fn build_step(g: &CapturedGraph, inline: &[bool], rows: &[RowGroup], unit: &Unit
                 inlined: e.inlined,
             }
         }
-        Unit::Other { value } => match &g.values[*value].op {
-            IrOp::Reduce { kind, src, axes } => {
-                let (it, a, k) = reduce_iteration(src, axes);
-                let node = e.emit(&it)?;
-                e.kernel.output(node);
-                let shape = it.layout.shape.clone();
-                Step::Reduce {
-                    value: *value,
-                    kind: *kind,
-                    kernel: e.kernel,
-                    reads: e.reads,
-                    scalars: e.scalars,
-                    shape,
-                    a,
-                    k,
-                    inlined: e.inlined,
-                }
+        Unit::Reduce { value, stores } => {
+            let IrOp::Reduce { kind, src, axes } = &g.values[*value].op else {
+                unreachable!("a reduce unit holds a reduction")
+            };
+            let (it, a, k) = reduce_iteration(src, axes);
+            let nodes = group_emit(&mut e, stores)?;
+            let node = e.emit(&it)?;
+            e.kernel.output(node);
+            for n in nodes {
+                e.kernel.output(n);
             }
+            let shape = it.layout.shape.clone();
+            Step::Reduce {
+                value: *value,
+                stores: stores.clone(),
+                kind: *kind,
+                kernel: e.kernel,
+                reads: e.reads,
+                scalars: e.scalars,
+                shape,
+                a,
+                k,
+                inlined: e.inlined,
+            }
+        }
+        Unit::Other { value } => match &g.values[*value].op {
             IrOp::Assemble { pieces, zero_fill } => {
                 Step::Assemble { value: *value, pieces: pieces.clone(), zero_fill: *zero_fill }
             }
             IrOp::Hook { src, point } => Step::Hook { value: *value, src: src.clone(), point: *point },
-            IrOp::Input { .. } | IrOp::Map { .. } | IrOp::Matmul { .. } => unreachable!("not an `Other` unit"),
+            IrOp::Input { .. } | IrOp::Map { .. } | IrOp::Matmul { .. } | IrOp::Reduce { .. } => {
+                unreachable!("not an `Other` unit")
+            }
         },
     })
 }

@@ -132,7 +132,7 @@ impl Lowering<'_> {
                 }
                 self.push(launch, bufs)
             }
-            Step::Reduce { value, kind, kernel, reads, scalars, shape, a, k, .. } => {
+            Step::Reduce { value, stores, kind, kernel, reads, scalars, shape, a, k, .. } => {
                 let (a, k) = (*a, *k);
                 if a == 0 {
                     return Ok(());
@@ -148,6 +148,7 @@ impl Lowering<'_> {
                     exec::reduce_launch(device, *kind, kernel.clone(), shape, &layouts, scalars, a, k, chunks)?;
                 let mut bufs: Vec<Buf> = reads.iter().map(|u| self.buf(u.value)).collect();
                 bufs.push(dst);
+                bufs.extend(stores.iter().map(|&v| self.buf(v)));
                 self.push(launch, bufs)?;
                 while chunks > 1 {
                     let next = exec::reduce_chunks(a, chunks, &MapKernel::copy(dtype));

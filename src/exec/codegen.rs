@@ -150,29 +150,33 @@ impl<'a> Names<'a> {
 /// The uniform struct (with room for `template_words` after the
 /// elementwise words), the storage bindings and the shared helpers.
 fn declarations<'a>(k: &MapKernel, template_words: usize, binds: &'a Binds) -> (String, Names<'a>) {
-    declarations_as(k, false, false, template_words, binds)
+    declarations_as(k, false, &|_| false, template_words, binds)
 }
 
 /// Bindings as `array<T>`; those of contiguous inputs as `array<vec4<T>>`
-/// when `vec4`, of contiguous outputs too when `vec4_outputs`. The uniform
+/// when `vec4`, of contiguous outputs `o` too when `vec4_outputs(o)`. The uniform
 /// is declared as large as every word the kernel reads, so no read indexes
 /// past it (which WGSL leaves to the bounds-check policy of each backend).
 fn declarations_as<'a>(
     k: &MapKernel,
     vec4: bool,
-    vec4_outputs: bool,
+    vec4_outputs: &dyn Fn(usize) -> bool,
     template_words: usize,
     binds: &'a Binds,
 ) -> (String, Names<'a>) {
     let n_in = k.inputs.len();
     let linear_inputs = k.inputs.iter().enumerate().filter(|(_, (_, a))| vec4 && *a == Access::Linear).map(|(j, _)| j);
-    let linear_outputs =
-        k.outputs.iter().enumerate().filter(|(_, (_, a))| vec4_outputs && *a == Access::Linear).map(|(o, _)| n_in + o);
+    let linear_outputs = k
+        .outputs
+        .iter()
+        .enumerate()
+        .filter(|(o, (_, a))| vec4_outputs(*o) && *a == Access::Linear)
+        .map(|(o, _)| n_in + o);
     let scalar_outputs = k
         .outputs
         .iter()
         .enumerate()
-        .filter(|(_, (_, a))| !(vec4_outputs && *a == Access::Linear))
+        .filter(|(o, (_, a))| !(vec4_outputs(*o) && *a == Access::Linear))
         .map(|(o, _)| n_in + o);
     let names = Names::new(binds, linear_inputs.chain(linear_outputs).collect::<Vec<_>>(), scalar_outputs);
     let mut s = String::new();
@@ -317,7 +321,7 @@ pub(crate) fn vectorisable(k: &MapKernel, numel: usize, views: &[Layout]) -> boo
 /// in a loop; a vec4 load shares that loop four ways (about 2x faster for
 /// memory-bound kernels on lavapipe). Same bindings and words as `render`.
 pub(crate) fn render_x4(k: &MapKernel, binds: &Binds) -> String {
-    let (mut s, names) = declarations_as(k, true, true, 0, binds);
+    let (mut s, names) = declarations_as(k, true, &|_| true, 0, binds);
     s.push_str(
         "\n@compute @workgroup_size(256)\n\
          fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {\n\
@@ -356,14 +360,16 @@ fn body_x4(k: &MapKernel, names: &Names<'_>) -> String {
 pub(crate) fn render_reduce_x4(k: &MapKernel, kind: ReduceKind, binds: &Binds) -> String {
     let (node, _) = k.outputs[0];
     let dtype = k.dtype(node);
-    let (mut s, names) = declarations_as(k, true, false, REDUCE_WORDS, binds);
+    // The side outputs are stored a vec4 at a time, the results one by one.
+    let (mut s, names) = declarations_as(k, true, &|o| o > 0, REDUCE_WORDS, binds);
     let t = dtype.wgsl();
     s.push_str(&reduce_functions(dtype, kind, param_words(k)));
     s.push_str(&store_out(k, &names));
     let _ = writeln!(
         s,
-        "fn value4(q: u32) -> vec4<T> {{\n{}    return vec4<{t}>(v{node}_0, v{node}_1, v{node}_2, v{node}_3);\n}}",
-        body_x4(k, &names)
+        "fn value4(q: u32) -> vec4<T> {{\n{}{}    return vec4<{t}>(v{node}_0, v{node}_1, v{node}_2, v{node}_3);\n}}",
+        body_x4(k, &names),
+        side_stores(k, &names, true)
     );
     s.push_str(
         "fn fold(acc: T, q: u32) -> T {\n    let v = value4(q);\n    \
@@ -412,15 +418,13 @@ pub(crate) fn render_rows(k: &MapKernel, uniform_io: &[bool], form: RowForm, bin
     let names = Names::new(binds, [], 0..k.inputs.len() + k.outputs.len());
     let (mut s, _) = declarations(k, 0, binds);
     let uniform = row_uniform_nodes(k, uniform_inputs);
-    let at = |j: usize, uniform: bool| {
-        let b = view_base(j);
-        match uniform {
-            true => format!("p({b}u) + a * p({}u)", b + 1),
-            false => format!("p({b}u) + a * p({}u) + k * p({}u)", b + 1, b + 2),
-        }
+    // Each operand's row starts at `row{j}` (computed once per row).
+    let at = |j: usize, uniform: bool| match uniform {
+        true => format!("row{j}"),
+        false => format!("row{j} + k * p({}u)", view_base(j) + 2),
     };
     let read = |j: usize| names.at(j, &at(j, uniform_inputs[j]));
-    // The element-varying nodes each loop needs: the cone of its value.
+    // The element-varying nodes each loop needs: the cone of its values.
     let cone = |roots: &[usize]| {
         let mut need = vec![false; k.nodes.len()];
         for &r in roots {
@@ -435,6 +439,13 @@ pub(crate) fn render_rows(k: &MapKernel, uniform_io: &[bool], form: RowForm, bin
         }
         need
     };
+    // Row reductions that depend on none of each other share a loop: the
+    // level of a node is the number of row reductions it waits for.
+    let mut level = vec![0usize; k.nodes.len()];
+    for (id, (node, _)) in k.nodes.iter().enumerate() {
+        let below = node_operands(node).iter().map(|&o| level[o]).max().unwrap_or(0);
+        level[id] = below + usize::from(matches!(node, Node::RowReduce(..)));
+    }
     let loop_head = match form {
         RowForm::PerInvocation => {
             let _ = writeln!(
@@ -466,41 +477,75 @@ pub(crate) fn render_rows(k: &MapKernel, uniform_io: &[bool], form: RowForm, bin
         }
     };
     s.push_str("    if (a >= p(2u)) { return; }\n    let row_len = p(3u);\n");
+    for (j, &(_, access)) in k.inputs.iter().enumerate() {
+        if access != Access::Gathered {
+            let _ = writeln!(s, "    let row{j} = p({}u) + a * p({}u);", view_base(j), view_base(j) + 1);
+        }
+    }
+    for o in k.inputs.len()..k.inputs.len() + k.outputs.len() {
+        let _ = writeln!(s, "    let row{o} = p({}u) + a * p({}u);", view_base(o), view_base(o) + 1);
+    }
     let indent = |body: String| body.lines().map(|l| format!("    {l}\n")).collect::<String>();
-    for (id, &is_uniform) in uniform.iter().enumerate() {
-        if let Node::RowReduce(kind, src) = k.nodes[id].0 {
-            let dtype = k.dtype(id);
-            let t = dtype.wgsl();
-            let combine = |acc: &str, v: &str| match kind {
-                ReduceKind::Sum => format!("{acc} + {v}"),
-                ReduceKind::Max => nan_propagating("max", acc, v, dtype),
-                ReduceKind::Min => nan_propagating("min", acc, v, dtype),
-            };
-            let identity = match kind {
-                ReduceKind::Sum => format!("{t}(0)"),
-                ReduceKind::Max => extreme_literal(dtype, false),
-                ReduceKind::Min => extreme_literal(dtype, true),
-            };
-            let _ = writeln!(s, "    var r{id}: {t} = {identity};");
-            s.push_str(&loop_head);
-            let need = cone(&[src]);
-            for n in (0..id).filter(|&n| need[n]) {
-                s.push_str(&indent(node_line(k, &names, n, "i", "", &read)));
+    let mut emitted = vec![false; k.nodes.len()];
+    let levels = level.iter().copied().max().unwrap_or(0);
+    for l in 1..=levels + 1 {
+        // Row-uniform values the next loop (or the stores) may read.
+        for id in 0..k.nodes.len() {
+            if uniform[id] && level[id] < l && !emitted[id] && !matches!(k.nodes[id].0, Node::RowReduce(..)) {
+                s.push_str(&node_line(k, &names, id, "a", "", &read));
+                emitted[id] = true;
             }
-            let _ = writeln!(s, "        r{id} = {};\n    }}", combine(&format!("r{id}"), &format!("v{src}")));
-            if let RowForm::Workgroup(n) = form {
-                // Every invocation folds the partials in the same order, so
-                // all hold the same result.
+        }
+        let reductions: Vec<(usize, ReduceKind, usize)> = (0..k.nodes.len())
+            .filter_map(|id| match k.nodes[id].0 {
+                Node::RowReduce(kind, src) if level[id] == l => Some((id, kind, src)),
+                _ => None,
+            })
+            .collect();
+        if reductions.is_empty() {
+            continue;
+        }
+        let fold = |kind: ReduceKind, dtype: DType, acc: &str, v: &str| match kind {
+            ReduceKind::Sum => format!("{acc} + {v}"),
+            ReduceKind::Max => nan_propagating("max", acc, v, dtype),
+            ReduceKind::Min => nan_propagating("min", acc, v, dtype),
+        };
+        let identity = |kind: ReduceKind, dtype: DType| match kind {
+            ReduceKind::Sum => format!("{}(0)", dtype.wgsl()),
+            ReduceKind::Max => extreme_literal(dtype, false),
+            ReduceKind::Min => extreme_literal(dtype, true),
+        };
+        for &(id, kind, _) in &reductions {
+            let dtype = k.dtype(id);
+            let _ = writeln!(s, "    var r{id}: {} = {};", dtype.wgsl(), identity(kind, dtype));
+        }
+        s.push_str(&loop_head);
+        let need = cone(&reductions.iter().map(|r| r.2).collect::<Vec<_>>());
+        for n in (0..k.nodes.len()).filter(|&n| need[n]) {
+            s.push_str(&indent(node_line(k, &names, n, "i", "", &read)));
+        }
+        for &(id, kind, src) in &reductions {
+            let _ = writeln!(s, "        r{id} = {};", fold(kind, k.dtype(id), &format!("r{id}"), &format!("v{src}")));
+        }
+        s.push_str("    }\n");
+        if let RowForm::Workgroup(n) = form {
+            // Every invocation folds the partials in the same order, so all
+            // hold the same result.
+            for &(id, kind, _) in &reductions {
+                let dtype = k.dtype(id);
+                let t = dtype.wgsl();
                 let _ = writeln!(
                     s,
-                    "    part_{t}[lid] = r{id};\n    workgroupBarrier();\n    r{id} = {identity};\n    \
+                    "    part_{t}[lid] = r{id};\n    workgroupBarrier();\n    r{id} = {};\n    \
                      for (var j = 0u; j < {n}u; j = j + 1u) {{ r{id} = {}; }}\n    workgroupBarrier();",
-                    combine(&format!("r{id}"), &format!("part_{t}[j]"))
+                    identity(kind, dtype),
+                    fold(kind, dtype, &format!("r{id}"), &format!("part_{t}[j]"))
                 );
             }
+        }
+        for &(id, _, _) in &reductions {
             s.push_str(&node_line(k, &names, id, "i", "", &read));
-        } else if is_uniform {
-            s.push_str(&node_line(k, &names, id, "a", "", &read));
+            emitted[id] = true;
         }
     }
     let n_in = k.inputs.len();
@@ -555,6 +600,24 @@ pub(crate) fn node_operands(node: &Node) -> Vec<usize> {
     }
 }
 
+/// The stores of a reduction's outputs after the first (elementwise values
+/// stored at the element being folded: `i`, or the vec4 at `q`).
+fn side_stores(k: &MapKernel, names: &Names<'_>, x4: bool) -> String {
+    let mut s = String::new();
+    for (o, (node, access)) in k.outputs.iter().enumerate().skip(1) {
+        let slot = k.inputs.len() + o;
+        let _ = match x4 {
+            true => {
+                let t = k.dtype(*node).wgsl();
+                let value = format!("vec4<{t}>(v{node}_0, v{node}_1, v{node}_2, v{node}_3)");
+                writeln!(s, "    {}", names.vec_store(slot, &format!("p({}u) / 4u + q", view_base(slot)), &value))
+            }
+            false => writeln!(s, "    {} = v{node};", names.at(slot, &index_expr(*access, view_base(slot)))),
+        };
+    }
+    s
+}
+
 /// The element type, identity and combine of a reduction.
 fn reduce_functions(dtype: DType, kind: ReduceKind, words: usize) -> String {
     let mut s = String::new();
@@ -582,7 +645,12 @@ pub(crate) fn render_reduce(k: &MapKernel, kind: ReduceKind, binds: &Binds) -> S
     let (mut s, names) = declarations(k, REDUCE_WORDS, binds);
     s.push_str(&reduce_functions(dtype, kind, param_words(k)));
     s.push_str(&store_out(k, &names));
-    let _ = writeln!(s, "fn value(i: u32) -> T {{\n{}    return v{node};\n}}", body(k, &names));
+    let _ = writeln!(
+        s,
+        "fn value(i: u32) -> T {{\n{}{}    return v{node};\n}}",
+        body(k, &names),
+        side_stores(k, &names, false)
+    );
     s.push_str("fn fold(acc: T, i: u32) -> T { return combine(acc, value(i)); }\n");
     s.push_str(REDUCE_TEMPLATE);
     s

@@ -327,10 +327,18 @@ pub(crate) fn assemble(
 pub(crate) fn reduce_chunks(a: usize, k: usize, kernel: &MapKernel) -> usize {
     const TARGET_THREADS: usize = 1 << 14;
     const MIN_CHUNK: usize = 64;
-    let parallel = if a >= TARGET_THREADS || k <= MIN_CHUNK || a == 0 {
+    // A short reduction is one pass: a second kernel costs more than an
+    // invocation folding a few hundred elements (a column sum over a
+    // batch, a loss summed over rows), unless each element is much work
+    // (a fused step's whole forward and backward) and few invocations run.
+    const ONE_PASS: usize = 256;
+    let cost = kernel.nodes.len().max(1);
+    let min_chunk = (MIN_CHUNK * 8 / cost).clamp(4, MIN_CHUNK);
+    let one_pass = k <= ONE_PASS && (a >= 64 || cost <= 16);
+    let parallel = if a >= TARGET_THREADS || k <= min_chunk || one_pass || a == 0 {
         1
     } else {
-        k.div_ceil(MIN_CHUNK).min(TARGET_THREADS.div_ceil(a)).max(1)
+        k.div_ceil(min_chunk).min(TARGET_THREADS.div_ceil(a)).max(1)
     };
     let segments = kernel.nodes.iter().filter(|(n, _)| matches!(n, Node::SegmentSum { .. })).count();
     let per_step = 1 + kernel.inputs.len() * MAX_RANK + segments * (super::SEGMENT_CHUNK + 1);
@@ -367,13 +375,18 @@ pub(crate) fn reduce_launch(
     k: usize,
     n_chunks: usize,
 ) -> Result<Launch> {
-    let out = Layout::contiguous(shape.clone());
-    let mut words = map_words("reduce", &mut kernel, shape, inputs, std::slice::from_ref(&out), scalars)?;
+    // Output 0 is the reduction's (partial) results; any others are values
+    // of the iteration's shape stored as it walks them.
+    let outs = vec![Layout::contiguous(shape.clone()); kernel.outputs.len()];
+    let mut words = map_words("reduce", &mut kernel, shape, inputs, &outs, scalars)?;
     let grid = device.grid_1d((a * n_chunks) as u64)?;
-    let views: Vec<Layout> = inputs.iter().chain([&out]).cloned().collect();
-    // Reads every element of the [a, k] iteration, writes a * n_chunks.
+    let views: Vec<Layout> = inputs.iter().chain(&outs).cloned().collect();
+    // Reads every element of the [a, k] iteration, writes a * n_chunks
+    // results (and each side output whole).
     let fused = format!("{:?} of {}", kind, map_name(&kernel)).to_lowercase();
-    let info = KernelInfo::new("reduce", fused, input_bytes(&kernel, a * k) + output_bytes(&kernel, a * n_chunks), 0);
+    let own = kernel.dtype(kernel.outputs[0].0).size_in_bytes() as u64 * (a * n_chunks) as u64;
+    let side = output_bytes(&kernel, a * k) - kernel.dtype(kernel.outputs[0].0).size_in_bytes() as u64 * (a * k) as u64;
+    let info = KernelInfo::new("reduce", fused, input_bytes(&kernel, a * k) + own + side, 0);
     let x4 = k.is_multiple_of(4) && codegen::vectorisable(&kernel, a * k, &views);
     words.extend_from_slice(&codegen::reduce_words(a, if x4 { k / 4 } else { k }, n_chunks));
     let (dtypes, written, offset_words) = map_operands(&kernel);
