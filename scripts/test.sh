@@ -20,7 +20,9 @@ cargo test --lib --bins --tests --examples "$@" -- --test-threads 2
 cargo test --benches "$@"
 # lavapipe picks the direct matmul; run the matmul-heavy tests on the
 # tiled (GPU) template as well, so both are exercised on the CI device.
-WGRAD_MATMUL=tiled cargo test "$@" --test ops_forward --test gradcheck --test compiled -- --test-threads 2
+# (The compiled step's matmul epilogues, off with the direct template, run
+# here too.)
+WGRAD_MATMUL=tiled cargo test "$@" --test ops_forward --test gradcheck --test compiled --test step --test compiled_differential -- --test-threads 2
 # The whole suite again on exactly WebGPU's default limits (8 storage
 # bindings per kernel, 128 MiB per binding, no shader-f16): what a browser
 # allows. Same binaries, so this costs run time, not build time.
@@ -30,8 +32,10 @@ WGRAD_LIMITS=webgpu cargo test --lib --bins --tests "$@" -- --test-threads 2
 WGRAD_ARENAS=always cargo test --lib --bins --tests "$@" -- --test-threads 2
 cargo test --doc
 # The compiled tests with row kernels on small shapes too (min-rows=1; by
-# default only 32 rows and more get one), in both row forms, and with the
-# row pass off: each optional pass on and off against eager mode.
-WGRAD_PASSES=min-rows=1 cargo test "$@" --test compiled_differential --test compiled --test step --test hostile --test cnn_digits -- --test-threads 2
-WGRAD_PASSES=min-rows=1 WGRAD_ROWS=workgroup cargo test "$@" --test compiled_differential --test step -- --test-threads 2
-WGRAD_PASSES=-rows cargo test "$@" --test compiled_differential --test compiled --test step -- --test-threads 2
+# default only 32 rows and more get one), in both row forms, and with each
+# optional pass off: every pass on and off against eager mode.
+COMPILED="--test compiled_differential --test compiled --test step --test row_kernels"
+WGRAD_PASSES=min-rows=1 cargo test "$@" $COMPILED --test hostile --test cnn_digits -- --test-threads 2
+WGRAD_PASSES=min-rows=1 WGRAD_ROWS=workgroup cargo test "$@" --test compiled_differential --test step --test row_kernels -- --test-threads 2
+WGRAD_PASSES=min-rows=1,-remat cargo test "$@" --test compiled_differential --test row_kernels -- --test-threads 2
+WGRAD_PASSES=-rows,-reduce-stores,-epilogues cargo test "$@" $COMPILED -- --test-threads 2

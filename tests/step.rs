@@ -751,3 +751,70 @@ fn empty_zero_d_and_nan_match_eager() {
     }
     assert_eq!((step.stats().traces, step.stats().graph_breaks), (1, 0));
 }
+
+/// A workload's step (zero the `.grad`s, the loss, backward) compiled,
+/// against the same eagerly: the kernels a replay runs, and the loss and
+/// `.grad`s agreeing within `tol` (relative to the largest magnitude).
+fn workload_step_kernels(
+    params: &[Tensor],
+    data: &[Tensor],
+    loss: fn(&[Tensor], &[Tensor]) -> Result<Tensor>,
+    tol: f32,
+) -> usize {
+    let d = device();
+    let copies = |ts: &[Tensor]| -> Vec<Tensor> {
+        ts.iter().map(|t| Tensor::from_slice(&t.to_vec::<f32>().unwrap(), t.dims().to_vec(), &d).unwrap()).collect()
+    };
+    let eager: Vec<Tensor> = copies(params).into_iter().map(|t| t.requires_grad(true).unwrap()).collect();
+    let compiled: Vec<Tensor> = copies(params).into_iter().map(|t| t.requires_grad(true).unwrap()).collect();
+    let (ps, ds) = (compiled.clone(), data.to_vec());
+    let mut step = compile_step(&d, move |_: &[Tensor]| {
+        ps.iter().for_each(Tensor::zero_grad);
+        let l = loss(&ps, &ds)?;
+        l.backward()?;
+        Ok(vec![l])
+    });
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        got = step.call(&[]).unwrap();
+    }
+    let want = loss(&eager, data).unwrap();
+    want.backward().unwrap();
+    let scale = |v: &[f32]| v.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+    let close = |what: &str, g: &[f32], w: &[f32]| {
+        let s = scale(w);
+        for (i, (a, b)) in g.iter().zip(w).enumerate() {
+            assert!((a - b).abs() <= tol * s, "{what}[{i}]: compiled {a} vs eager {b} (scale {s})");
+        }
+    };
+    close("loss", &got[0].to_vec::<f32>().unwrap(), &want.to_vec::<f32>().unwrap());
+    for (c, e) in compiled.iter().zip(&eager) {
+        close("grad", &c.grad().unwrap().to_vec::<f32>().unwrap(), &e.grad().unwrap().to_vec::<f32>().unwrap());
+    }
+    assert_eq!(step.stats().kernels_last_replay as usize, step.kernel_count().unwrap());
+    step.kernel_count().unwrap()
+}
+
+/// Issue 15's kernel budgets: W2 (a fused elementwise chain and its loss)
+/// and W4 (layer_norm, affine, softmax, a weighted sum) in at most 4
+/// kernels per step, at the benchmark's sizes.
+#[test]
+fn w2_and_w4_steps_are_at_most_four_kernels() {
+    let d = device();
+    let u = |dims: &[usize], seed: u64| wgrad::nn::uniform(dims.to_vec(), 1.0, seed, &d).unwrap().detach();
+    let w2 = |p: &[Tensor], _: &[Tensor]| -> Result<Tensor> {
+        let (x, a, b) = (&p[0], &p[1], &p[2]);
+        x.mul(a)?.add(b)?.tanh()?.mul(&x.sigmoid()?)?.add(&x.mul(x)?.neg()?.exp()?)?.sum_all()
+    };
+    let n = 1 << 20;
+    let kernels = workload_step_kernels(&[u(&[n], 1), u(&[n], 2), u(&[n], 3)], &[], w2, 1e-5);
+    assert!(kernels <= 4 || !wgrad::Passes::from_env().reduce_stores, "W2: {kernels} kernels");
+    let w4 = |p: &[Tensor], t: &[Tensor]| -> Result<Tensor> {
+        let y = p[0].layer_norm(&[1024], None, None, 1e-5)?.mul(&p[1])?.add(&p[2])?;
+        y.softmax(-1)?.mul(&t[0])?.sum_all()
+    };
+    let params = [u(&[256, 1024], 4), u(&[1024], 5), u(&[1024], 6)];
+    let kernels = workload_step_kernels(&params, &[u(&[256, 1024], 7)], w4, 1e-4);
+    // Without row kernels (WGRAD_PASSES=-rows) only the results are checked.
+    assert!(kernels <= 4 || !wgrad::Passes::from_env().rows, "W4: {kernels} kernels");
+}

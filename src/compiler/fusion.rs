@@ -50,9 +50,13 @@ pub(crate) enum Step {
         k: usize,
         inlined: Vec<ValueId>,
     },
-    /// `a @ b` through `epilogue` into `value` (the matmul's own value or its fused reader).
+    /// `a @ b` through `epilogue` into `value` (the matmul's own value or its
+    /// fused reader); the epilogue's other outputs are the elementwise
+    /// values `stores` of the product's shape (a forward activation beside
+    /// its pre-activation, a parameter update beside its gradient).
     Matmul {
         value: ValueId,
+        stores: Vec<ValueId>,
         a: Use,
         b: Use,
         epilogue: MapKernel,
@@ -131,7 +135,8 @@ impl Step {
             Step::Elementwise { stores, .. } => stores.clone(),
             Step::Rows { stores, .. } => stores.iter().map(|(v, _)| *v).collect(),
             Step::Reduce { value, stores, .. } => [*value].into_iter().chain(stores.iter().copied()).collect(),
-            Step::Matmul { value, .. } | Step::Assemble { value, .. } | Step::Hook { value, .. } => vec![*value],
+            Step::Matmul { value, stores, .. } => [*value].into_iter().chain(stores.iter().copied()).collect(),
+            Step::Assemble { value, .. } | Step::Hook { value, .. } => vec![*value],
         }
     }
 }
@@ -145,6 +150,7 @@ enum Unit {
     Matmul {
         value: ValueId,
         epilogue: Option<ValueId>,
+        side: Vec<ValueId>,
     },
     /// The row kernel of row group `group`, storing `stores`.
     Rows {
@@ -199,6 +205,10 @@ struct Planner<'a> {
     feeds_rows: Vec<bool>,
     /// Row kernels waiting for the kernel of a value they read.
     waiting: HashMap<ValueId, Vec<usize>>,
+    /// Whether reductions take elementwise values in ([`Passes::reduce_stores`]).
+    reduce_stores: bool,
+    /// Whether matmul epilogues store more than one value ([`Passes::epilogues`]).
+    epilogues: bool,
 }
 
 impl Planner<'_> {
@@ -296,9 +306,12 @@ impl Planner<'_> {
         let shape = &self.values[v].meta.shape;
 
         // A matmul read once, element for element, takes v as its epilogue.
-        for &r in &reads {
+        for &r in reads.iter().filter(|_| self.epilogues) {
             let Some(&unit) = self.unit_of.get(&r) else { continue };
-            let Unit::Matmul { value, epilogue: None } = self.units[unit] else { continue };
+            let Unit::Matmul { value, epilogue: None, ref side } = self.units[unit] else { continue };
+            if !side.is_empty() {
+                continue;
+            }
             let rv = &self.values[r];
             let direct =
                 !alone.gathers(r) && alone.reads.iter().filter(|u| u.value == r).all(|u| u.is_identity(&rv.meta));
@@ -317,7 +330,7 @@ impl Planner<'_> {
             if width > self.budget || others.iter().any(|&p| self.reaches(unit, p)) || self.mixes_rows(v, &[r]) {
                 continue;
             }
-            self.units[unit] = Unit::Matmul { value: r, epilogue: Some(v) };
+            self.units[unit] = Unit::Matmul { value: r, epilogue: Some(v), side: Vec::new() };
             self.assign(v, unit);
             self.link(&others, unit);
             self.note_reads(&e_reads, unit);
@@ -327,7 +340,7 @@ impl Planner<'_> {
         // Join the most recent compatible elementwise kernel, if any.
         let candidates: Vec<usize> = (0..self.units.len()).rev().take(16).collect();
         for g in candidates {
-            if self.join_reduction(v, g)? {
+            if self.join_reduction(v, g)? || self.join_matmul(v, g)? {
                 return Ok(());
             }
             let Unit::Elementwise { members } = &self.units[g] else { continue };
@@ -379,6 +392,9 @@ impl Planner<'_> {
     /// become the reduction's registers (stored where read elsewhere), so
     /// a loss is summed as its terms are computed, not read back.
     fn absorb_elementwise(&mut self, r: ValueId) -> Result<bool, Blocked> {
+        if !self.reduce_stores {
+            return Ok(false);
+        }
         let IrOp::Reduce { src, axes, .. } = &self.values[r].op else { return Ok(false) };
         let (it, _, _) = reduce_iteration(src, axes);
         let candidates: Vec<usize> = (0..self.units.len()).rev().take(16).collect();
@@ -426,12 +442,72 @@ impl Planner<'_> {
         Ok(false)
     }
 
+    /// Joins `v` to matmul unit `g` as another output of its epilogue, when
+    /// `v` has the product's shape and dtype and reads the product (or its
+    /// epilogue's values) only element for element: `relu(x @ w + b)` beside
+    /// `x @ w + b`, `p - lr * g` beside the gradient `g` it is computed from.
+    fn join_matmul(&mut self, v: ValueId, g: usize) -> Result<bool, Blocked> {
+        if !self.epilogues {
+            return Ok(false);
+        }
+        let Unit::Matmul { value: r, epilogue, side } = &self.units[g] else { return Ok(false) };
+        let (r, epilogue, side) = (*r, *epilogue, side.clone());
+        let (rv, vv) = (&self.values[r].meta, &self.values[v].meta);
+        if rv.shape != vv.shape || rv.dtype != vv.dtype {
+            return Ok(false);
+        }
+        let members: Vec<ValueId> = epilogue.into_iter().chain(side.iter().copied()).collect();
+        let mut all = members.clone();
+        all.push(r);
+        if self.mixes_rows(v, &all) {
+            return Ok(false);
+        }
+        let joint = self.probe(v, &members, Some(r))?;
+        let joint_reads = joint.read_values();
+        let reads_members = joint.reads.iter().any(|u| all.contains(&u.value)) || joint.gathers(r);
+        drop(joint);
+        if reads_members {
+            return Ok(false);
+        }
+        let producers = self.producers(&joint_reads, Some(g));
+        if producers.iter().any(|&p| self.reaches(g, p)) {
+            return Ok(false);
+        }
+        // Bindings: the epilogue's reads, a, b, the product, v, and members
+        // stored for others.
+        let mut e = Emitter::new(self.values, self.inline);
+        e.arg = Some(r);
+        for (i, &m) in side.iter().enumerate() {
+            e.members.insert(m, usize::MAX - i);
+        }
+        if let Some(ep) = epilogue {
+            e.root(ep)?;
+        }
+        let kept = side.iter().filter(|m| self.outputs[**m] || self.external.contains(m)).count();
+        let mut reads = e.read_values();
+        reads.extend(joint_reads.iter().copied());
+        drop(e);
+        if reads.len() + 4 + kept > self.budget {
+            return Ok(false);
+        }
+        if let Unit::Matmul { side, .. } = &mut self.units[g] {
+            side.push(v);
+        }
+        self.assign(v, g);
+        self.link(&producers, g);
+        self.note_reads(&joint_reads, g);
+        Ok(true)
+    }
+
     /// Joins `v` to reduction unit `g` as a value stored as the reduction
     /// reads each element (a loss summed while its gradient is stored),
     /// when the reduction walks `v`'s shape element for element, `v` reads
     /// neither the reduction nor what follows it, and the kernel stays
     /// within the binding budget.
     fn join_reduction(&mut self, v: ValueId, g: usize) -> Result<bool, Blocked> {
+        if !self.reduce_stores {
+            return Ok(false);
+        }
         let Unit::Reduce { value: r, stores } = &self.units[g] else { return Ok(false) };
         let (r, stores) = (*r, stores.clone());
         let IrOp::Reduce { src, axes, .. } = &self.values[r].op else { return Ok(false) };
@@ -499,7 +575,7 @@ fn readers_of(g: &CapturedGraph) -> Vec<Vec<ValueId>> {
 /// recomputed by every reader outside its row kernel (rematerialized: a
 /// few operations on what that reader reads anyway, against a store and a
 /// load of the whole tensor).
-fn initial_inline(g: &CapturedGraph, uses: &[usize], outputs: &[bool], rows: &[RowGroup]) -> Vec<bool> {
+fn initial_inline(g: &CapturedGraph, uses: &[usize], outputs: &[bool], rows: &[RowGroup], remat: bool) -> Vec<bool> {
     let readers = readers_of(g);
     let fusable_reader = |r: &ValueId| matches!(g.values[*r].op, IrOp::Map { .. } | IrOp::Reduce { .. });
     let mut inline: Vec<bool> = g
@@ -522,7 +598,7 @@ fn initial_inline(g: &CapturedGraph, uses: &[usize], outputs: &[bool], rows: &[R
             let nested: usize =
                 args.iter().filter(|u| group.role(u.value).is_some() && inline[u.value]).map(|u| cost[u.value]).sum();
             cost[m] = own + nested;
-            if role == RowRole::Varying && !outputs[m] && readers[m].iter().all(fusable_reader) {
+            if remat && role == RowRole::Varying && !outputs[m] && readers[m].iter().all(fusable_reader) {
                 inline[m] = cost[m] <= REMAT_COST;
             }
         }
@@ -573,17 +649,36 @@ pub struct Passes {
     /// template (which splits long rows) is faster. Tests set 1, to put
     /// small shapes through row kernels too.
     pub min_rows: usize,
+    /// Rematerialization: an element-varying value of a row kernel that a
+    /// kernel outside reads is recomputed there when cheap, not stored.
+    pub remat: bool,
+    /// A reduction stores the elementwise values of the shape it walks as
+    /// it reads them (a loss and its gradients in one kernel).
+    pub reduce_stores: bool,
+    /// A matmul's epilogue computes the elementwise values of its shape that
+    /// read it element for element: the bias add, and, stored beside it, a
+    /// forward activation or an optimizer update of the gradient it
+    /// computes. Off for the direct matmul template (CPU adapters), whose
+    /// epilogue pass costs more there than separate kernels do.
+    pub epilogues: bool,
 }
 
 impl Default for Passes {
     fn default() -> Passes {
-        Passes { rows: true, min_rows: crate::compiler::rows::MIN_ROWS }
+        Passes {
+            rows: true,
+            min_rows: crate::compiler::rows::MIN_ROWS,
+            remat: true,
+            reduce_stores: true,
+            epilogues: true,
+        }
     }
 }
 
 impl Passes {
-    /// The default passes changed by `WGRAD_PASSES`: a pass named with a
-    /// minus is off (`-rows`), `min-rows=N` sets [`Passes::min_rows`].
+    /// The default passes changed by `WGRAD_PASSES`, a list: a pass named
+    /// with a minus is off (`-rows`, `-remat`, `-reduce-stores`, `-epilogues`),
+    /// `min-rows=N` sets [`Passes::min_rows`].
     pub fn from_env() -> Passes {
         let mut p = Passes::default();
         if let Ok(spec) = std::env::var("WGRAD_PASSES") {
@@ -591,6 +686,9 @@ impl Passes {
                 match item.split_once('=') {
                     Some(("min-rows", n)) => p.min_rows = n.parse().unwrap_or(p.min_rows),
                     _ if item == "-rows" => p.rows = false,
+                    _ if item == "-remat" => p.remat = false,
+                    _ if item == "-reduce-stores" => p.reduce_stores = false,
+                    _ if item == "-epilogues" => p.epilogues = false,
                     _ => {}
                 }
             }
@@ -613,14 +711,14 @@ pub(crate) fn schedule(g: &CapturedGraph, limits: BindingLimits, passes: Passes)
     let mut store_all = false;
     let mut budget = max_bindings;
     loop {
-        let mut inline = initial_inline(g, &uses, &outputs, &rows);
+        let mut inline = initial_inline(g, &uses, &outputs, &rows, passes.remat);
         for &v in &stored {
             inline[v] = false;
         }
         if store_all {
             inline.iter_mut().for_each(|i| *i = false);
         }
-        match try_schedule(g, &inline, &uses, &outputs, &rows, max_bindings, budget) {
+        match try_schedule(g, &inline, &uses, &outputs, &rows, passes, max_bindings, budget) {
             Ok(steps) if budget > 2 && steps.iter().any(|s| too_wide(g, s, limits)) => budget -= 2,
             Ok(steps) => {
                 let computed =
@@ -628,9 +726,10 @@ pub(crate) fn schedule(g: &CapturedGraph, limits: BindingLimits, passes: Passes)
                 let kernels = steps.iter().filter(|s| !matches!(s, Step::Hook { .. })).count();
                 return (steps, computed.saturating_sub(kernels));
             }
-            Err(Retry::Rows(group)) => {
+            Err(Retry::Rows(group)) if group < rows.len() => {
                 rows.remove(group);
             }
+            Err(Retry::Rows(_)) => store_all = true,
             // Each retry stores one more value; should a value already stored
             // block again, inline nothing (always schedulable).
             Err(Retry::Store(v)) if inline[v] => stored.push(v),
@@ -650,8 +749,8 @@ fn too_wide(g: &CapturedGraph, step: &Step, limits: BindingLimits) -> bool {
         Step::Reduce { value, reads, stores, .. } => {
             reads.iter().map(|u| u.value).chain([*value]).chain(stores.iter().copied()).collect()
         }
-        Step::Matmul { value, a, b, reads, .. } => {
-            reads.iter().map(|u| u.value).chain([*value, a.value, b.value]).collect()
+        Step::Matmul { value, stores, a, b, reads, .. } => {
+            reads.iter().map(|u| u.value).chain([*value, a.value, b.value]).chain(stores.iter().copied()).collect()
         }
         Step::Assemble { .. } | Step::Hook { .. } => return false,
     };
@@ -743,6 +842,7 @@ fn try_schedule(
     uses: &[usize],
     outputs: &[bool],
     rows: &[RowGroup],
+    passes: Passes,
     max_bindings: usize,
     budget: usize,
 ) -> Result<Vec<Step>, Retry> {
@@ -768,6 +868,8 @@ fn try_schedule(
         after_rows,
         feeds_rows,
         waiting: HashMap::new(),
+        reduce_stores: passes.reduce_stores,
+        epilogues: passes.epilogues,
     };
     let mut last_hook: Option<usize> = None;
     let mut row_unit: Vec<Option<usize>> = vec![None; rows.len()];
@@ -777,7 +879,7 @@ fn try_schedule(
                 // The whole group becomes one unit at its first member; what
                 // it reads from kernels not placed yet links when they are.
                 let stores = row_stores(g, &rows[gi], inline, outputs);
-                let step = build_rows(g, inline, &rows[gi], gi, &stores)?;
+                let step = build_rows(g, inline, &rows[gi], gi, &stores, budget)?;
                 let members: Vec<ValueId> = rows[gi].members.iter().map(|m| m.0).collect();
                 let unit = p.new_unit(Unit::Rows { group: gi, stores }, &members);
                 row_unit[gi] = Some(unit);
@@ -817,7 +919,7 @@ fn try_schedule(
                 p.note_reads(&e.read_values(), unit);
             }
             IrOp::Matmul { a, b } => {
-                let unit = p.new_unit(Unit::Matmul { value: id, epilogue: None }, &[id]);
+                let unit = p.new_unit(Unit::Matmul { value: id, epilogue: None, side: Vec::new() }, &[id]);
                 let reads = [a.value, b.value].into();
                 let producers = p.producers(&reads, Some(unit));
                 p.link(&producers, unit);
@@ -855,7 +957,7 @@ fn try_schedule(
         (0..n).filter(|&u| indegree[u] == 0).map(std::cmp::Reverse).collect();
     let mut steps = Vec::with_capacity(n);
     while let Some(std::cmp::Reverse(u)) = ready.pop() {
-        steps.push(build_step(g, inline, rows, &p.units[u])?);
+        steps.push(build_step(g, inline, rows, budget, &p.units[u])?);
         for &t in &p.succ[u] {
             indegree[t] -= 1;
             if indegree[t] == 0 {
@@ -871,7 +973,7 @@ fn try_schedule(
             _ => None,
         });
         debug_assert!(stuck.is_some(), "only row kernels can close a cycle");
-        return Err(Retry::Rows(stuck.unwrap_or(0)));
+        return Err(Retry::Rows(stuck.unwrap_or(usize::MAX)));
     }
     drop_unread_stores(&mut steps, outputs);
     check_every_read_stored(g, &steps, rows)?;
@@ -913,8 +1015,8 @@ fn drop_unread_stores(steps: &mut [Step], outputs: &[bool]) {
                 kernel.outputs = (0..keep.len()).filter(kept).map(|i| kernel.outputs[i]).collect();
                 *stores = (0..keep.len()).filter(kept).map(|i| stores[i]).collect();
             }
-            Step::Reduce { kernel, stores, .. } => {
-                // Output 0 is the reduction's own.
+            Step::Reduce { kernel, stores, .. } | Step::Matmul { epilogue: kernel, stores, .. } => {
+                // Output 0 is the reduction's or the product's own.
                 let keep: Vec<bool> = stores.iter().map(|&v| outputs[v] || read.contains(&v)).collect();
                 let kept = |i: &usize| keep[*i];
                 let own = kernel.outputs[0];
@@ -940,6 +1042,7 @@ fn build_rows(
     group: &RowGroup,
     index: usize,
     stores: &[ValueId],
+    budget: usize,
 ) -> Result<Step, Retry> {
     let mut e = Emitter::new(&g.values, inline);
     e.rows = Some(group);
@@ -953,6 +1056,14 @@ fn build_rows(
         let node = e.emit(&Use { value: m, layout }).map_err(blocked)?;
         e.kernel.output(node);
         stored.push((m, uniform));
+    }
+    // Too many buffers: store an inlined outside value instead, else give
+    // the group up.
+    if e.read_values().len() + stored.len() > budget {
+        return Err(match e.inlined.iter().find(|&&v| group.role(v).is_none()) {
+            Some(&v) => Retry::Store(v),
+            None => Retry::Rows(index),
+        });
     }
     let mut reads = Vec::with_capacity(e.reads.len());
     for (u, (_, access)) in e.reads.iter().zip(&e.kernel.inputs) {
@@ -975,10 +1086,16 @@ fn build_rows(
     })
 }
 
-fn build_step(g: &CapturedGraph, inline: &[bool], rows: &[RowGroup], unit: &Unit) -> Result<Step, Retry> {
+fn build_step(
+    g: &CapturedGraph,
+    inline: &[bool],
+    rows: &[RowGroup],
+    budget: usize,
+    unit: &Unit,
+) -> Result<Step, Retry> {
     let mut e = Emitter::new(&g.values, inline);
     Ok(match unit {
-        Unit::Rows { group, stores } => build_rows(g, inline, &rows[*group], *group, stores)?,
+        Unit::Rows { group, stores } => build_rows(g, inline, &rows[*group], *group, stores, budget)?,
         Unit::Elementwise { members } => {
             let nodes = group_emit(&mut e, members)?;
             for n in nodes {
@@ -994,18 +1111,21 @@ fn build_step(g: &CapturedGraph, inline: &[bool], rows: &[RowGroup], unit: &Unit
                 inlined: e.inlined,
             }
         }
-        Unit::Matmul { value, epilogue } => {
+        Unit::Matmul { value, epilogue, side } => {
             let IrOp::Matmul { a, b } = &g.values[*value].op else { unreachable!("matmul unit holds a matmul") };
+            e.arg = Some(*value);
             let (stored, node) = match epilogue {
-                Some(v) => {
-                    e.arg = Some(*value);
-                    (*v, e.root(*v)?)
-                }
+                Some(v) => (*v, e.root(*v)?),
                 None => (*value, e.kernel.push(Node::Arg, g.values[*value].meta.dtype)),
             };
+            e.members.insert(stored, node);
             e.kernel.output(node);
+            for n in group_emit(&mut e, side)? {
+                e.kernel.output(n);
+            }
             Step::Matmul {
                 value: stored,
+                stores: side.clone(),
                 a: a.clone(),
                 b: b.clone(),
                 epilogue: e.kernel,

@@ -17,37 +17,102 @@ use crate::exec::{self, Launch};
 use crate::layout::Layout;
 use crate::metadata::{DType, Shape};
 
-/// Intermediate buffers shared by liveness: a value takes the smallest
-/// free buffer of its dtype that fits (growing one if none does) and frees
-/// it after the last step that reads it. (Storage is typed: it lives in
-/// its dtype's arena.)
-#[derive(Default)]
-struct SlotPlan {
-    sizes: Vec<(u64, DType)>,
-    free: Vec<usize>,
+/// What the plan places: a stored intermediate, or the partial results of
+/// pass `p` of the chunked reduction at step `s`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Need {
+    Value(ValueId),
+    Partial(usize, usize),
 }
 
-impl SlotPlan {
-    fn take(&mut self, bytes: u64, dtype: DType) -> usize {
-        let bytes = size_class(bytes);
-        let free = self.free.iter().copied().filter(|&s| self.sizes[s].1 == dtype);
-        let fit = free.clone().filter(|&s| self.sizes[s].0 >= bytes).min_by_key(|&s| self.sizes[s].0);
-        match fit.or_else(|| free.max_by_key(|&s| self.sizes[s].0)) {
-            Some(s) => {
-                self.free.retain(|&f| f != s);
-                self.sizes[s].0 = self.sizes[s].0.max(bytes);
-                s
-            }
-            None => {
-                self.sizes.push((bytes, dtype));
-                self.sizes.len() - 1
-            }
+/// Buffers for the program's intermediates, planned for the whole program
+/// at once from each one's interval of steps (stored at `start`, last read
+/// at `end`), largest first: an intermediate borrows the buffer of an
+/// output that is written only after it is dead (and that no other borrower
+/// holds meanwhile), or gets the lowest offset in its dtype's arena where
+/// it overlaps no intermediate live at the same time. Each dtype's arena is
+/// one buffer of the program; offsets are 256-byte aligned.
+#[derive(Default)]
+struct BufferPlan {
+    /// Per arena: its dtype and size in bytes.
+    arenas: Vec<(DType, u64)>,
+    /// Per slot: arena, byte offset, bytes, and its interval of steps.
+    places: Vec<(usize, u64, u64, usize, usize)>,
+    /// Per output buffer: size, dtype, the step that first writes it, shape.
+    outputs: Vec<(u64, DType, usize)>,
+    output_shapes: Vec<Shape>,
+    borrowers: Vec<Vec<(usize, usize)>>,
+}
+
+/// Which outputs an intermediate may borrow. Which operands share a buffer
+/// decides a kernel's bindings, and so its pipeline: borrowing must not
+/// come and go with sizes (a new batch size would compile pipelines). A
+/// value borrows an output of its own shape; a reduction's partial results
+/// (at most a few hundred KiB) an output of at least [`LARGE_OUTPUT`].
+enum Lend<'a> {
+    Shape(&'a Shape),
+    Large,
+}
+
+const LARGE_OUTPUT: u64 = 1 << 20;
+
+fn overlaps(busy: &[(usize, usize)], start: usize, end: usize) -> bool {
+    busy.iter().any(|&(s, e)| s <= end && start <= e)
+}
+
+impl BufferPlan {
+    fn place(&mut self, bytes: u64, dtype: DType, start: usize, end: usize, lend: Lend<'_>) -> Buf {
+        let lendable = (0..self.outputs.len()).filter(|&f| {
+            let (size, d, first) = self.outputs[f];
+            let fits = match lend {
+                Lend::Shape(shape) => self.output_shapes[f] == *shape,
+                Lend::Large => size >= LARGE_OUTPUT,
+            };
+            first > end && d == dtype && size >= bytes && fits && !overlaps(&self.borrowers[f], start, end)
+        });
+        if let Some(f) = lendable.min_by_key(|&f| (self.outputs[f].0, f)) {
+            self.borrowers[f].push((start, end));
+            return Buf::Fresh(f);
         }
+        self.slot(bytes, dtype, start, end)
     }
 
-    fn give_back(&mut self, slot: usize) {
-        self.free.push(slot);
+    fn slot(&mut self, bytes: u64, dtype: DType, start: usize, end: usize) -> Buf {
+        let arena = match self.arenas.iter().position(|a| a.0 == dtype) {
+            Some(a) => a,
+            None => {
+                self.arenas.push((dtype, 0));
+                self.arenas.len() - 1
+            }
+        };
+        let len = bytes.max(1).next_multiple_of(256);
+        let mut taken: Vec<(u64, u64)> =
+            self.places.iter().filter(|p| p.0 == arena && p.3 <= end && start <= p.4).map(|p| (p.1, p.2)).collect();
+        taken.sort_unstable();
+        let mut offset = 0;
+        for (o, l) in taken {
+            if offset + len <= o {
+                break;
+            }
+            offset = offset.max(o + l);
+        }
+        self.arenas[arena].1 = self.arenas[arena].1.max(offset + len);
+        self.places.push((arena, offset, len, start, end));
+        Buf::Slot(self.places.len() - 1)
     }
+}
+
+/// The partial-result buffers a chunked reduction of `a` results over `k`
+/// needs, pass by pass: (elements, dtype) of each pass's output that is
+/// not the reduction's own value.
+fn reduce_partials(a: usize, k: usize, kernel: &MapKernel, dtype: DType) -> Vec<usize> {
+    let mut sizes = Vec::new();
+    let mut chunks = exec::reduce_chunks(a, k, kernel);
+    while chunks > 1 {
+        sizes.push(a * chunks);
+        chunks = exec::reduce_chunks(a, chunks, &MapKernel::copy(dtype));
+    }
+    sizes
 }
 
 fn bytes_of(g: &CapturedGraph, v: ValueId) -> u64 {
@@ -59,15 +124,30 @@ struct Lowering<'a> {
     device: &'a Device,
     g: &'a CapturedGraph,
     bufs: HashMap<ValueId, Buf>,
-    slots: SlotPlan,
+    plan: BufferPlan,
+    partials: HashMap<Need, Buf>,
     fresh_bytes: Vec<(u64, DType)>,
     uniform: Vec<u8>,
     actions: Vec<Action>,
     sources: Vec<String>,
     hooks: usize,
+    /// The step being lowered.
+    at: usize,
 }
 
 impl Lowering<'_> {
+    /// The planned buffer of pass `pass`'s partial results at this step
+    /// (a buffer of its own should the plan not have foreseen it).
+    fn partial(&mut self, pass: usize, bytes: u64, dtype: DType) -> Buf {
+        match self.partials.get(&Need::Partial(self.at, pass)) {
+            Some(&buf) => buf,
+            None => {
+                let at = self.at;
+                self.plan.slot(bytes, dtype, at, at)
+            }
+        }
+    }
+
     fn fresh(&mut self, bytes: u64, dtype: DType) -> Buf {
         self.fresh_bytes.push((bytes, dtype));
         Buf::Fresh(self.fresh_bytes.len() - 1)
@@ -88,7 +168,15 @@ impl Lowering<'_> {
         let source = if self.device.dedicated_bytes() > 0 {
             launch.typical_source()
         } else {
-            launch.source(&crate::exec::bind::Binds::grouped(&bufs, &launch.dtypes, &launch.written))
+            // Slots in one arena are one buffer.
+            let keys: Vec<Buf> = bufs
+                .iter()
+                .map(|b| match *b {
+                    Buf::Slot(i) => Buf::Slot(usize::MAX - self.plan.places[i].0),
+                    other => other,
+                })
+                .collect();
+            launch.source(&crate::exec::bind::Binds::grouped(&keys, &launch.dtypes, &launch.written))
         };
         self.device.pipeline(launch.label, &source)?;
         let align = self.device.uniform_alignment();
@@ -142,8 +230,8 @@ impl Lowering<'_> {
                 let dtype = self.g.values[*value].meta.dtype;
                 let target = self.buf(*value);
                 let elem = dtype.size_in_bytes() as u64;
-                let mut dst =
-                    if chunks == 1 { target } else { Buf::Slot(self.slots.take((a * chunks) as u64 * elem, dtype)) };
+                let mut pass = 0;
+                let mut dst = if chunks == 1 { target } else { self.partial(pass, (a * chunks) as u64 * elem, dtype) };
                 let launch =
                     exec::reduce_launch(device, *kind, kernel.clone(), shape, &layouts, scalars, a, k, chunks)?;
                 let mut bufs: Vec<Buf> = reads.iter().map(|u| self.buf(u.value)).collect();
@@ -153,7 +241,8 @@ impl Lowering<'_> {
                 while chunks > 1 {
                     let next = exec::reduce_chunks(a, chunks, &MapKernel::copy(dtype));
                     let src = dst;
-                    dst = if next == 1 { target } else { Buf::Slot(self.slots.take((a * next) as u64 * elem, dtype)) };
+                    pass += 1;
+                    dst = if next == 1 { target } else { self.partial(pass, (a * next) as u64 * elem, dtype) };
                     let partials = Layout::contiguous(Shape::new([a, chunks]));
                     let launch = exec::reduce_launch(
                         device,
@@ -167,9 +256,6 @@ impl Lowering<'_> {
                         next,
                     )?;
                     self.push(launch, vec![src, dst])?;
-                    if let Buf::Slot(s) = src {
-                        self.slots.give_back(s);
-                    }
                     chunks = next;
                 }
                 Ok(())
@@ -191,7 +277,7 @@ impl Lowering<'_> {
                 bufs.extend(stores.iter().map(|&(v, _)| self.buf(v)));
                 self.push(launch, bufs)
             }
-            Step::Matmul { value, a, b, epilogue, reads, scalars, .. } => {
+            Step::Matmul { value, stores, a, b, epilogue, reads, scalars, .. } => {
                 let shape = &self.g.values[*value].meta.shape;
                 if shape.numel() == 0 {
                     return Ok(());
@@ -199,9 +285,18 @@ impl Lowering<'_> {
                 let layouts: Vec<Layout> = reads.iter().map(|u| u.layout.clone()).collect();
                 let launches =
                     exec::matmul_launches(device, epilogue.clone(), &layouts, scalars, &a.layout, &b.layout, shape)?;
-                for launch in launches {
+                for mut launch in launches {
                     let mut bufs: Vec<Buf> = reads.iter().map(|u| self.buf(u.value)).collect();
-                    bufs.extend([self.buf(*value), self.buf(a.value), self.buf(b.value)]);
+                    bufs.push(self.buf(*value));
+                    bufs.extend(stores.iter().map(|&v| self.buf(v)));
+                    // An update stored into its parameter reads it only at
+                    // the element it writes (see `in_place_updates`).
+                    for w in reads.len()..bufs.len() {
+                        if let Buf::Input(_) = bufs[w] {
+                            launch.in_place.extend((0..reads.len()).filter(|&j| bufs[j] == bufs[w]).map(|j| (j, w)));
+                        }
+                    }
+                    bufs.extend([self.buf(a.value), self.buf(b.value)]);
                     self.push(launch, bufs)?;
                 }
                 Ok(())
@@ -272,7 +367,17 @@ fn in_place_updates(g: &CapturedGraph, steps: &[Step], escapes: &[bool]) -> Hash
             continue;
         };
         let Some(at) = steps.iter().position(|s| s.stores().contains(v)) else { continue };
-        let Step::Elementwise { shape, kernel, reads, .. } = &steps[at] else { continue };
+        let (shape, kernel, reads) = match &steps[at] {
+            Step::Elementwise { shape, kernel, reads, .. } => (shape, kernel, reads),
+            // A matmul epilogue's other output, when the product's operands
+            // are not the parameter (and it is split into no more than one launch).
+            Step::Matmul { value, stores, epilogue, reads, a, b, .. }
+                if stores.contains(v) && a.value != input && b.value != input =>
+            {
+                (&g.values[*value].meta.shape, epilogue, reads)
+            }
+            _ => continue,
+        };
         let whole = Layout::contiguous(shape.clone());
         // In the storing kernel, every read of the old contents is at the
         // element being written: the whole view, and not a gathered binding
@@ -325,40 +430,78 @@ pub(crate) fn lower(device: &Device, g: &CapturedGraph, steps: &[Step], mut repo
         device,
         g,
         bufs: HashMap::new(),
-        slots: SlotPlan::default(),
+        plan: BufferPlan::default(),
+        partials: HashMap::new(),
         fresh_bytes: Vec::new(),
         uniform: Vec::new(),
         actions: Vec::new(),
         sources: Vec::new(),
         hooks: 0,
+        at: 0,
     };
-    let mut unplanned = 0;
-    let mut live: Vec<(ValueId, usize)> = Vec::new();
+    // Every output the program hands back gets its buffer up front, with the
+    // kernel that first writes it: until then an intermediate that is dead
+    // by that kernel may borrow it (W3's forward product lives in a
+    // gradient's buffer until the gradient is computed), so the program
+    // holds no buffer of its own for it between calls.
+    let mut fresh_of: HashMap<ValueId, Buf> = HashMap::new();
+    let mut needs: Vec<(Need, usize, usize, u64, DType)> = Vec::new();
     for (i, step) in steps.iter().enumerate() {
-        // Buffers whose last reader has run can be reused from this step on.
-        live.retain(|&(v, slot)| {
-            if last_read[v] < i {
-                l.slots.give_back(slot);
-                false
-            } else {
-                true
+        if matches!(step, Step::Hook { .. }) {
+            continue;
+        }
+        for v in step.stores() {
+            let (bytes, dtype) = (bytes_of(g, v), g.values[v].meta.dtype);
+            if in_place.contains_key(&v) || fresh_of.contains_key(&v) {
+                continue;
             }
-        });
+            if escapes[v] {
+                fresh_of.insert(v, l.fresh(bytes, dtype));
+                l.plan.outputs.push((bytes, dtype, i));
+                l.plan.output_shapes.push(g.values[v].meta.shape.clone());
+                l.plan.borrowers.push(Vec::new());
+            } else {
+                needs.push((Need::Value(v), i, last_read[v].max(i), bytes, dtype));
+            }
+        }
+        if let Step::Reduce { value, kernel, a, k, .. } = step {
+            let dtype = g.values[*value].meta.dtype;
+            if *a > 0 {
+                for (pass, n) in reduce_partials(*a, *k, kernel, dtype).into_iter().enumerate() {
+                    needs.push((Need::Partial(i, pass), i, i, (n * dtype.size_in_bytes()) as u64, dtype));
+                }
+            }
+        }
+    }
+    // The liveness bound: the most bytes live across any one step.
+    let mut bound = 0u64;
+    for i in 0..steps.len() {
+        // (Intermediates at the 256-byte alignment any placement keeps.)
+        let live: u64 = needs.iter().filter(|n| n.1 <= i && i <= n.2).map(|n| n.3.max(1).next_multiple_of(256)).sum();
+        let escaped: u64 = l.plan.outputs.iter().filter(|o| o.2 <= i).map(|o| o.0).sum();
+        bound = bound.max(live + escaped);
+    }
+    let unplanned: u64 = needs.iter().map(|n| size_class(n.3)).sum();
+    needs.sort_by_key(|n| (std::cmp::Reverse(n.3), n.1));
+    let mut placed: HashMap<Need, Buf> = HashMap::new();
+    for &(need, start, end, bytes, dtype) in &needs {
+        let lend = match need {
+            Need::Value(v) => Lend::Shape(&g.values[v].meta.shape),
+            Need::Partial(..) => Lend::Large,
+        };
+        placed.insert(need, l.plan.place(bytes, dtype, start, end, lend));
+    }
+    l.partials = placed.clone();
+    for (i, step) in steps.iter().enumerate() {
+        l.at = i;
         for v in step.stores() {
             if matches!(step, Step::Hook { .. }) {
                 continue;
             }
-            let bytes = bytes_of(g, v);
-            let dtype = g.values[v].meta.dtype;
-            let buf = if let Some(&slot) = in_place.get(&v) {
-                Buf::Input(slot)
-            } else if escapes[v] {
-                l.fresh(bytes, dtype)
-            } else {
-                unplanned += size_class(bytes);
-                let slot = l.slots.take(bytes, dtype);
-                live.push((v, slot));
-                Buf::Slot(slot)
+            let buf = match (in_place.get(&v), fresh_of.get(&v), placed.get(&Need::Value(v))) {
+                (Some(&slot), _, _) => Buf::Input(slot),
+                (_, Some(&buf), _) | (_, _, Some(&buf)) => buf,
+                (None, None, None) => unreachable!("every stored value is planned"),
             };
             l.bufs.insert(v, buf);
         }
@@ -389,14 +532,17 @@ pub(crate) fn lower(device: &Device, g: &CapturedGraph, steps: &[Step], mut repo
     let roles = returned.map(|(_, r)| *r).collect();
     report.kernels = l.sources;
     report.unplanned_bytes = unplanned;
-    report.planned_bytes = l.slots.sizes.iter().map(|(b, _)| b).sum();
+    report.planned_bytes = l.plan.arenas.iter().map(|(_, b)| b).sum();
+    report.program_bytes = report.planned_bytes + l.fresh_bytes.iter().map(|(b, _)| b).sum::<u64>();
+    report.liveness_bound_bytes = bound;
     let uniform = device.create_uniform(&l.uniform);
     Ok(Program {
         device: device.clone(),
         actions: l.actions,
         uniform,
         inputs: g.inputs,
-        slot_bytes: l.slots.sizes,
+        slot_arenas: l.plan.arenas.iter().map(|&(d, b)| (b, d)).collect(),
+        slot_places: l.plan.places.iter().map(|p| (p.0, p.1, p.2)).collect(),
         slots: Mutex::new(Vec::new()),
         fresh_bytes: l.fresh_bytes,
         outputs,

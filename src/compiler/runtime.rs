@@ -23,7 +23,8 @@ use crate::tensor::{Storage, Tensor};
 pub(crate) enum Buf {
     /// The tensor bound to input slot `i`.
     Input(usize),
-    /// Intermediate buffer `i` of the memory plan, owned by the program.
+    /// Intermediate `i` of the memory plan: a range of one of the
+    /// program's own buffers (one per dtype).
     Slot(usize),
     /// Buffer `i` allocated fresh for each replay: outputs and what hooks see.
     Fresh(usize),
@@ -73,7 +74,10 @@ pub struct Program {
     pub(crate) actions: Vec<Action>,
     pub(crate) uniform: wgpu::Buffer,
     pub(crate) inputs: usize,
-    pub(crate) slot_bytes: Vec<(u64, DType)>,
+    /// The program's intermediate buffers (bytes, dtype), and each slot's
+    /// place in them: (buffer, byte offset, bytes).
+    pub(crate) slot_arenas: Vec<(u64, DType)>,
+    pub(crate) slot_places: Vec<(usize, u64, u64)>,
     pub(crate) slots: Mutex<Vec<Arc<PooledBuffer>>>,
     pub(crate) fresh_bytes: Vec<(u64, DType)>,
     pub(crate) outputs: Vec<(Buf, InputMetadata)>,
@@ -109,6 +113,16 @@ pub struct ProgramReport {
     pub unplanned_bytes: u64,
     /// Bytes of the intermediate buffers after sharing by liveness.
     pub planned_bytes: u64,
+    /// Bytes of the buffers the program owns while it runs: the shared
+    /// intermediates plus the outputs it hands back (`.grad`s, returned
+    /// tensors), each allocated once.
+    pub program_bytes: u64,
+    /// The least any plan could hold at once: the largest total, over the
+    /// kernels, of the sizes of the values live across that kernel (stored
+    /// before it and read at or after it; outputs from their kernel on;
+    /// intermediates at 256-byte alignment). `program_bytes /
+    /// liveness_bound_bytes` is the plan's overhead.
+    pub liveness_bound_bytes: u64,
     /// Graphviz DOT of the optimised graph, kernels as clusters.
     pub dot: String,
 }
@@ -213,8 +227,8 @@ impl Program {
     ) -> Result<Option<Vec<Tensor>>> {
         let device = &self.device;
         let mut slots = self.slots.lock();
-        if slots.is_empty() && !self.slot_bytes.is_empty() {
-            *slots = self.slot_bytes.iter().map(|&(b, d)| device.alloc(b, d)).collect::<Result<Vec<_>>>()?;
+        if slots.is_empty() && !self.slot_arenas.is_empty() {
+            *slots = self.slot_arenas.iter().map(|&(b, d)| device.alloc(b, d)).collect::<Result<Vec<_>>>()?;
         }
         let fresh = self
             .fresh_bytes
@@ -232,7 +246,12 @@ impl Program {
         let resolve = |b: Buf, dtype: DType, hooked: &[Option<Tensor>]| -> Result<Operand> {
             Ok(match b {
                 Buf::Input(i) => inputs[i].operand()?,
-                Buf::Slot(i) => slots[i].operand(dtype),
+                Buf::Slot(i) => {
+                    let (arena, offset, bytes) = self.slot_places[i];
+                    let whole = slots[arena].operand(dtype);
+                    let start = whole.range.start + offset;
+                    Operand { range: start..start + bytes, ..whole }
+                }
                 Buf::Fresh(i) => fresh[i].operand(dtype),
                 Buf::Hooked(i) => hooked[i].as_ref().expect("hook ran before its readers").operand()?,
             })

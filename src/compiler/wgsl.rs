@@ -157,6 +157,8 @@ impl CompilerInterface for WgslCompiler {
 pub(crate) fn build_program(device: &Device, graph: CapturedGraph, log: bool, passes: Passes) -> Result<Program> {
     let ir_before = graph.to_string();
     let (graph, pass_stats) = passes::optimize(graph);
+    let direct = device.matmul_template() == crate::exec::codegen::MatmulTemplate::Direct;
+    let passes = Passes { epilogues: passes.epilogues && !direct, ..passes };
     let (graph, split) =
         if passes.rows { crate::compiler::rows::split_reductions(graph, passes.min_rows) } else { (graph, 0) };
     let ir_after = graph.to_string();

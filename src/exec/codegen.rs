@@ -664,17 +664,25 @@ pub(crate) fn render_matmul(epilogue: &MapKernel, dtype: DType, template: Matmul
     let (node, _) = epilogue.outputs[0];
     let (mut s, names) = declarations(epilogue, MATMUL_WORDS, binds);
     let t = dtype.wgsl();
-    let (a, b) = (epilogue.inputs.len() + 1, epilogue.inputs.len() + 2);
+    let operands = epilogue.inputs.len() + epilogue.outputs.len();
+    let (a, b) = (operands, operands + 1);
     let _ = writeln!(s, "alias T = {t};\nconst M: u32 = {}u;", param_words(epilogue));
     let _ = writeln!(s, "fn load_a(i: u32) -> T {{ return {}; }}", names.at(a, "i"));
     let _ = writeln!(s, "fn load_b(i: u32) -> T {{ return {}; }}", names.at(b, "i"));
     let out = names.at(epilogue.inputs.len(), &format!("p({}u) + i", view_base(epilogue.inputs.len())));
     let _ = writeln!(s, "fn load_out(i: u32) -> T {{ return {out}; }}");
     s.push_str(&store_out(epilogue, &names));
-    let _ = writeln!(s, "fn epilogue(acc: T, i: u32) -> T {{\n{}    return v{node};\n}}", body(epilogue, &names));
+    // The epilogue stores its other outputs itself (at the product's index).
+    let _ = writeln!(
+        s,
+        "fn epilogue(acc: T, i: u32) -> T {{\n{}{}    return v{node};\n}}",
+        body(epilogue, &names),
+        side_stores(epilogue, &names, false)
+    );
+    let fused = !matches!(epilogue.nodes[node].0, Node::Arg) || epilogue.outputs.len() > 1;
     s.push_str(match template {
         MatmulTemplate::Tiled => MATMUL_TEMPLATE,
-        MatmulTemplate::Direct => direct_template(!matches!(epilogue.nodes[node].0, Node::Arg)),
+        MatmulTemplate::Direct => direct_template(fused),
     });
     s
 }

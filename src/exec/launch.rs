@@ -409,7 +409,16 @@ pub(crate) fn rows_launch(
     scalars: &[f64],
 ) -> Result<Launch> {
     let shape = Shape::new([a, k]);
-    let words = map_words("rows", &mut kernel, &shape, inputs, outputs, scalars)?;
+    let mut words = map_words("rows", &mut kernel, &shape, inputs, outputs, scalars)?;
+    // The row template reads every (non-gathered) view as offset, row
+    // stride, element stride, whatever access `map_words` chose.
+    for (o, view) in inputs.iter().chain(outputs).enumerate() {
+        let gathered = kernel.inputs.get(o).is_some_and(|(_, a)| *a == Access::Gathered);
+        if !gathered {
+            let b = view_base(o);
+            words[b..b + 3].copy_from_slice(&[view.offset as u32, view.strides[0] as u32, view.strides[1] as u32]);
+        }
+    }
     let uniform_io = inputs.iter().chain(outputs).map(|l| l.strides.get(1) == Some(&0) || k == 1).collect::<Vec<_>>();
     let bytes = |views: &[Layout], dtypes: &mut dyn Iterator<Item = DType>| -> u64 {
         views
@@ -535,8 +544,10 @@ pub(crate) fn matmul_launches(
         }
     };
     let dtype = epilogue.dtype(epilogue.outputs[0].0);
-    let out = Layout::contiguous(out_shape.clone());
-    let words = map_words("matmul", &mut epilogue, out_shape, epilogue_inputs, &[out], scalars)?;
+    // The product (through the epilogue's first output), then any other
+    // values the epilogue stores, each contiguous of the product's shape.
+    let outs = vec![Layout::contiguous(out_shape.clone()); epilogue.outputs.len()];
+    let words = map_words("matmul", &mut epilogue, out_shape, epilogue_inputs, &outs, scalars)?;
     let template = device.matmul_template();
     let (mut dtypes, mut written, mut offset_words) = map_operands(&epilogue);
     let m_base = codegen::param_words(&epilogue);

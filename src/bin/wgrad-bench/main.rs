@@ -158,6 +158,8 @@ struct Row {
     peak_mb: f64,
     roofline: Option<(f64, &'static str)>,
     loss: f32,
+    /// A compiled step's program bytes and its plan's liveness bound.
+    plan: Option<(u64, u64)>,
 }
 
 /// One mode's side of a workload: its own copy of the workload and, when
@@ -168,6 +170,7 @@ struct Runner {
     compiler: Option<Arc<WgslCompiler>>,
     /// The compiled step of `step` mode.
     compiled_step: Option<Box<dyn FnMut() -> wgrad::Result<f32>>>,
+    plan: Option<workloads::PlanBytes>,
     first_ms: f64,
     /// Live bytes the workload holds between steps (weights, data,
     /// gradients, a compiled program's buffers).
@@ -185,12 +188,19 @@ impl Runner {
         let live = device.memory_stats().live_bytes;
         let compiler = (mode == Mode::Compiled).then(|| Arc::new(WgslCompiler::new(device)));
         let mut w = Workload::new(id, device, o.small)?;
-        let compiled_step = (mode == Mode::Step).then(|| w.compiled_step(device));
+        let (compiled_step, plan) = match mode {
+            Mode::Step => {
+                let (step, plan) = w.compiled_step(device);
+                (Some(step), Some(plan))
+            }
+            _ => (None, None),
+        };
         let mut r = Runner {
             mode,
             w,
             compiler,
             compiled_step,
+            plan,
             first_ms: 0.0,
             resident: 0,
             times: Vec::with_capacity(o.steps),
@@ -258,6 +268,7 @@ impl Runner {
             peak_mb: (self.resident + self.step_peak) as f64 / (1 << 20) as f64,
             roofline,
             loss: self.loss,
+            plan: self.plan.as_ref().map(|p| p.get()),
         }
     }
 }
@@ -365,6 +376,30 @@ fn table(rows: &[Row]) -> String {
             r.new_buffers,
             r.peak_mb
         );
+    }
+    let plans: Vec<&Row> = rows.iter().filter(|r| r.plan.is_some()).collect();
+    if !plans.is_empty() {
+        s.push_str(
+            "\nCompiled step memory: the program's own buffers against the liveness bound of its plan, and the step's peak against eager's\n\n\
+             | workload | program MiB | liveness bound MiB | program / bound | step peak MiB | eager peak MiB |\n\
+             |---|---:|---:|---:|---:|---:|\n",
+        );
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        for r in plans {
+            let (program, bound) = r.plan.unwrap_or((0, 0));
+            let eager =
+                rows.iter().find(|e| e.id == r.id && e.mode == Mode::Eager).map(|e| format!("{:.1}", e.peak_mb));
+            let _ = writeln!(
+                s,
+                "| {} | {:.2} | {:.2} | {:.2} | {:.1} | {} |",
+                r.id.name(),
+                mib(program),
+                mib(bound),
+                program as f64 / bound.max(1) as f64,
+                r.peak_mb,
+                eager.unwrap_or_else(|| "-".into())
+            );
+        }
     }
     s
 }

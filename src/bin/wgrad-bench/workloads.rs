@@ -177,7 +177,9 @@ impl Workload {
     /// The same step (zero_grad, forward, backward, update) as a compiled
     /// step (`wgrad::compile_step`), its data passed as arguments; each call
     /// replays it and reads the loss back once. Takes the optimizer.
-    pub fn compiled_step(&mut self, device: &Device) -> Box<dyn FnMut() -> wgrad::Result<f32>> {
+    /// The step compiled, and where each call leaves the bytes its program
+    /// owns and the liveness bound of its plan (see `ProgramReport`).
+    pub fn compiled_step(&mut self, device: &Device) -> (Box<dyn FnMut() -> wgrad::Result<f32>>, PlanBytes) {
         let (id, leaves, data, model) = (self.id, self.leaves.clone(), self.data.clone(), self.model.clone());
         let mut optimizer = self.optimizer.take();
         let mut step = wgrad::compile_step(device, move |args: &[Tensor]| {
@@ -191,9 +193,21 @@ impl Workload {
             }
             Ok(vec![loss])
         });
-        Box::new(move || step.call(&data)?[0].to_scalar::<f32>())
+        let plan = PlanBytes::default();
+        let seen = plan.clone();
+        let run = move || {
+            let loss = step.call(&data)?[0].to_scalar::<f32>();
+            if let Some(r) = step.reports().last() {
+                seen.set((r.program_bytes, r.liveness_bound_bytes));
+            }
+            loss
+        };
+        (Box::new(run), plan)
     }
 }
+
+/// A compiled step's program bytes and liveness bound, after its last call.
+pub type PlanBytes = std::rc::Rc<std::cell::Cell<(u64, u64)>>;
 
 /// The loss of workload `id` on parameters `p` and data `data` (the CNN's
 /// parameters are its model's).

@@ -1,0 +1,423 @@
+//! Row kernels and reductions with side stores (issue 15) against eager
+//! mode: strided and stepped views as row operands, row groups wider than
+//! the binding limit, NaN and infinities in rows, integer and f16 rows,
+//! long and single rows, transposed and broadcast operands, reductions of
+//! values constant along the row, and a reduction storing its elementwise
+//! values while chunked into several passes. Run by `scripts/test.sh` also
+//! with `WGRAD_PASSES=min-rows=1` (every small shape a row kernel) and with
+//! `WGRAD_ROWS=workgroup`.
+
+mod common;
+use std::sync::{Mutex, MutexGuard};
+use wgrad::{DType, Result, Tensor, WgslCompiler, compile_step};
+
+static LOCK: Mutex<()> = Mutex::new(());
+fn serial() -> MutexGuard<'static, ()> {
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn close(name: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{name}: len");
+    let mut bad = 0;
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let ok = (g.is_nan() && w.is_nan()) || g == w || (g - w).abs() <= 1e-4 * w.abs().max(1.0);
+        if !ok {
+            if bad < 5 {
+                eprintln!("{name}[{i}]: compiled {g} vs eager {w}");
+            }
+            bad += 1;
+        }
+    }
+    assert_eq!(bad, 0, "{name}: {bad} of {} elements differ", got.len());
+}
+
+/// Forward through compile_step vs eager.
+fn fwd(name: &str, args: &[Tensor], f: fn(&[Tensor]) -> Result<Vec<Tensor>>) {
+    let want: Vec<Vec<f32>> = f(args).unwrap().iter().map(|t| t.to_vec::<f32>().unwrap()).collect();
+    let mut step = compile_step(&common::device(), f);
+    let got: Vec<Vec<f32>> = step.call(args).unwrap().iter().map(|t| t.to_vec::<f32>().unwrap()).collect();
+    eprintln!("{name}: stats {:?}", step.stats());
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        close(&format!("{name} out {i}"), g, w);
+    }
+}
+
+/// Backward compiled vs eager.
+fn bwd(name: &str, leaves: &[Tensor], loss: impl Fn(&[Tensor]) -> Result<Tensor>) {
+    loss(leaves).unwrap().backward().unwrap();
+    let want: Vec<Vec<f32>> = leaves.iter().map(|l| l.grad().unwrap().to_vec::<f32>().unwrap()).collect();
+    leaves.iter().for_each(Tensor::zero_grad);
+    let guard = WgslCompiler::install(&common::device()).unwrap();
+    loss(leaves).unwrap().backward().unwrap();
+    eprintln!("{name}: {:?}", guard.stats());
+    drop(guard);
+    let got: Vec<Vec<f32>> = leaves.iter().map(|l| l.grad().unwrap().to_vec::<f32>().unwrap()).collect();
+    leaves.iter().for_each(Tensor::zero_grad);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        close(&format!("{name} grad {i}"), g, w);
+    }
+}
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    Tensor::randn(shape.to_vec(), seed, &common::device()).unwrap()
+}
+
+#[test]
+fn planar_strided_rows_forward() {
+    let _l = serial();
+    // [64, 32] sliced every other column: a [64, 16] view with strides [32, 2].
+    fwd("softmax of slice_step", &[randn(&[64, 32], 1)], |a| Ok(vec![a[0].slice_step(1, None, None, 2)?.softmax(-1)?]));
+}
+
+#[test]
+fn planar_strided_rows_sum() {
+    let _l = serial();
+    fwd("row sum of slice_step", &[randn(&[64, 32], 2)], |a| {
+        Ok(vec![a[0].slice_step(1, None, None, 2)?.sum(&[-1], false)?])
+    });
+}
+
+#[test]
+fn planar_strided_rows_backward() {
+    let _l = serial();
+    let x = randn(&[64, 16], 3).requires_grad(true).unwrap();
+    let w = randn(&[64, 32], 4);
+    bwd("softmax backward, strided upstream", &[x], move |l| {
+        l[0].softmax(-1)?.mul(&w.slice_step(1, None, None, 2)?)?.sum_all()
+    });
+}
+
+#[test]
+fn wide_row_kernel() {
+    let _l = serial();
+    let args: Vec<Tensor> = (0..40).map(|i| randn(&[64, 8], 100 + i)).collect();
+    fwd("row sum of 40 inputs", &args, |a| {
+        let mut s = a[0].clone();
+        for t in &a[1..] {
+            s = s.add(t)?;
+        }
+        Ok(vec![s.sum(&[-1], false)?])
+    });
+}
+
+#[test]
+fn wide_row_kernel_webgpu_sized() {
+    let _l = serial();
+    // 10 inputs [64, 8]: fine on lavapipe's own limits, more than 8 bindings under webgpu?
+    let args: Vec<Tensor> = (0..10).map(|i| randn(&[64, 8], 200 + i)).collect();
+    fwd("row sum of 10 inputs", &args, |a| {
+        let mut s = a[0].clone();
+        for t in &a[1..] {
+            s = s.mul(t)?.add(t)?;
+        }
+        Ok(vec![s.softmax(-1)?])
+    });
+}
+
+#[test]
+fn wide_row_kernel_large_webgpu() {
+    let _l = serial();
+    // 9 inputs of 5 MiB (each a dedicated buffer under WGRAD_LIMITS=webgpu) + 1 output > 8 bindings.
+    let args: Vec<Tensor> = (0..9).map(|i| randn(&[160, 8192], 300 + i)).collect();
+    fwd("row sum of 9 large inputs", &args, |a| {
+        let mut s = a[0].clone();
+        for t in &a[1..] {
+            s = s.add(t)?;
+        }
+        Ok(vec![s.sum(&[-1], false)?])
+    });
+}
+
+fn t(data: &[f32], shape: &[usize]) -> Tensor {
+    Tensor::from_slice(data, shape.to_vec(), &common::device()).unwrap()
+}
+
+fn nan_rows() -> Tensor {
+    let (a, k) = (40, 5);
+    let mut d: Vec<f32> = (0..a * k).map(|i| ((i * 37 % 11) as f32) - 5.0).collect();
+    d[3] = f32::NAN;
+    d[k] = f32::NAN;
+    d[2 * k + 4] = f32::NAN; // NaN last, first, middle
+    for j in 0..k {
+        d[3 * k + j] = f32::NEG_INFINITY;
+    } // an all -inf row
+    d[4 * k + 1] = f32::INFINITY;
+    t(&d, &[a, k])
+}
+
+#[test]
+fn nan_rows_forward() {
+    let _l = serial();
+    fwd("max/min/softmax with NaN", &[nan_rows()], |a| {
+        Ok(vec![
+            a[0].max(&[-1], false)?,
+            a[0].min(&[-1], false)?,
+            a[0].softmax(-1)?,
+            a[0].log_softmax(-1)?,
+            a[0].logsumexp(-1, false)?,
+        ])
+    });
+}
+
+#[test]
+fn int_rows_forward() {
+    let _l = serial();
+    fwd("i32/u32 row reductions", &[randn(&[40, 7], 9).mul(10.0).unwrap()], |a| {
+        let i = a[0].to_dtype(DType::I32)?;
+        let u = a[0].abs()?.to_dtype(DType::U32)?;
+        Ok(vec![
+            i.sum(&[-1], false)?.to_dtype(DType::F32)?,
+            i.max(&[-1], false)?.to_dtype(DType::F32)?,
+            i.min(&[-1], false)?.to_dtype(DType::F32)?,
+            u.max(&[-1], false)?.to_dtype(DType::F32)?,
+            u.min(&[-1], false)?.to_dtype(DType::F32)?,
+            u.sum(&[-1], false)?.to_dtype(DType::F32)?,
+            i.sub(&i.max(&[-1], true)?)?.to_dtype(DType::F32)?,
+        ])
+    });
+}
+
+#[test]
+fn f16_rows_forward() {
+    let _l = serial();
+    if !common::device().supports_f16() {
+        eprintln!("no f16");
+        return;
+    }
+    fwd("f16 softmax/max", &[randn(&[40, 9], 10)], |a| {
+        let h = a[0].to_dtype(DType::F16)?;
+        Ok(vec![
+            h.softmax(-1)?.to_dtype(DType::F32)?,
+            h.max(&[-1], false)?.to_dtype(DType::F32)?,
+            h.sum(&[-1], false)?.to_dtype(DType::F32)?,
+        ])
+    });
+}
+
+#[test]
+fn layer_norm_rows_forward_and_long() {
+    let _l = serial();
+    for (a, k) in [(33, 2), (40, 16384), (64, 3)] {
+        fwd(&format!("layer_norm {a}x{k}"), &[randn(&[a, k], 11)], |x| {
+            Ok(vec![x[0].layer_norm(&[x[0].dims()[1]], None, None, 1e-5)?, x[0].softmax(-1)?])
+        });
+    }
+}
+
+#[test]
+fn transposed_and_broadcast_rows() {
+    let _l = serial();
+    fwd("softmax of transpose", &[randn(&[24, 48], 12)], |a| Ok(vec![a[0].t()?.softmax(-1)?]));
+    fwd("softmax of 3-d permute", &[randn(&[6, 8, 10], 13)], |a| Ok(vec![a[0].permute(&[2, 0, 1])?.softmax(-1)?]));
+    fwd("softmax of row broadcast", &[randn(&[1, 16], 14)], |a| Ok(vec![a[0].expand([64, 16])?.softmax(-1)?]));
+    fwd("softmax of col broadcast", &[randn(&[64, 1], 15)], |a| {
+        Ok(vec![a[0].expand([64, 16])?.softmax(-1)?.add(&a[0])?])
+    });
+    fwd("softmax of size-1 dims", &[randn(&[4, 1, 16, 1, 5], 16)], |a| {
+        Ok(vec![a[0].softmax(-1)?.sum(&[0, 2, 4], false)?])
+    });
+}
+
+type Body = fn(&[Tensor], &[Tensor]) -> Result<Tensor>;
+
+fn step_vs_eager(name: &str, params: impl Fn() -> Vec<Tensor>, args: &[Tensor], body: Body) {
+    let run = |p: &[Tensor], a: &[Tensor]| -> Result<Vec<Tensor>> {
+        p.iter().for_each(Tensor::zero_grad);
+        let loss = body(p, a)?;
+        loss.backward()?;
+        let mut out = vec![loss];
+        out.extend(p.iter().map(|t| t.grad().unwrap()));
+        Ok(out)
+    };
+    let pe = params();
+    let want: Vec<Vec<f32>> = run(&pe, args).unwrap().iter().map(|t| t.to_vec::<f32>().unwrap()).collect();
+    let pc = params();
+    let pc2 = pc.clone();
+    let mut step = compile_step(&common::device(), move |a: &[Tensor]| run(&pc2, a));
+    let got: Vec<Vec<f32>> = step.call(args).unwrap().iter().map(|t| t.to_vec::<f32>().unwrap()).collect();
+    eprintln!("{name}: {:?} kernels {:?}", step.stats(), step.kernel_count());
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        close(&format!("{name} out {i}"), g, w);
+    }
+}
+
+fn w2body(p: &[Tensor], a: &[Tensor]) -> Result<Tensor> {
+    let x = &a[0];
+    let left = x.mul(&p[0])?.add(&p[1])?.tanh()?.mul(&x.sigmoid()?)?;
+    left.add(&x.mul(x)?.neg()?.exp()?)?.sum_all()
+}
+
+#[test]
+fn side_stores_chunked() {
+    let _l = serial();
+    for n in [5usize, 300, 4096, (1 << 20) + 3, 1 << 20, 3_000_001] {
+        let x = randn(&[n], 20).mul(0.5).unwrap();
+        step_vs_eager(
+            &format!("w2 n={n}"),
+            || vec![randn(&[n], 21).requires_grad(true).unwrap(), randn(&[n], 22).requires_grad(true).unwrap()],
+            &[x],
+            w2body,
+        );
+    }
+}
+
+#[test]
+fn side_stores_permuted_and_rows() {
+    let _l = serial();
+    for (a, k) in [(3usize, 100_000usize), (100_000, 3), (37, 1000), (1, 70_000)] {
+        let x = randn(&[k, a], 30);
+        step_vs_eager(
+            &format!("colsum {k}x{a}"),
+            || vec![randn(&[k, a], 31).requires_grad(true).unwrap()],
+            std::slice::from_ref(&x),
+            |p, a| {
+                // reduction over dim 0 (a permuted iteration) and over dim 1.
+                let y = p[0].mul(&a[0])?.tanh()?;
+                y.sum(&[0], false)?.square()?.sum_all()?.add(&y.max(&[1], false)?.sum_all()?)
+            },
+        );
+        step_vs_eager(
+            &format!("rowmax {k}x{a}"),
+            || vec![randn(&[k, a], 32).requires_grad(true).unwrap()],
+            &[x],
+            |p, a| {
+                let y = p[0].mul(&a[0])?;
+                y.max_all()?.add(&y.mul(&y)?.mean_all()?)
+            },
+        );
+    }
+}
+
+#[test]
+fn uniform_operand_reductions() {
+    let _l = serial();
+    fwd("sum/max of a column broadcast", &[randn(&[48, 1], 40), randn(&[48, 6], 41)], |a| {
+        let e = a[0].expand([48, 6])?;
+        Ok(vec![
+            e.sum(&[-1], false)?,
+            e.max(&[-1], false)?,
+            e.add(&a[1])?.softmax(-1)?,
+            e.mul(&a[1])?.sum(&[-1], true)?.add(&e)?,
+        ])
+    });
+    fwd("softmax of a scalar broadcast", &[randn(&[], 42), randn(&[40, 7], 43)], |a| {
+        let e = a[0].expand([40, 7])?;
+        Ok(vec![e.softmax(-1)?, e.mul(&a[1])?.softmax(-1)?])
+    });
+}
+
+#[test]
+fn single_row_and_short_rows() {
+    let _l = serial();
+    for (a, k) in [(1usize, 2usize), (1, 1000), (2, 3), (33, 2)] {
+        let x = randn(&[a, k], 50);
+        step_vs_eager(
+            &format!("layer_norm step {a}x{k}"),
+            || vec![randn(&[k], 51).requires_grad(true).unwrap(), randn(&[k], 52).requires_grad(true).unwrap()],
+            &[x],
+            |p, a| {
+                let k = a[0].dims()[1];
+                let y = a[0].layer_norm(&[k], Some(&p[0]), Some(&p[1]), 1e-5)?;
+                y.softmax(-1)?.mul(&y)?.sum_all()
+            },
+        );
+    }
+}
+
+#[test]
+fn rows_nan_step() {
+    let _l = serial();
+    let x = nan_rows();
+    step_vs_eager(
+        "nan rows step",
+        || vec![randn(&[5], 53).requires_grad(true).unwrap()],
+        &[x],
+        |p, a| {
+            let y = a[0].mul(&p[0])?;
+            y.log_softmax(-1)?.sum_all()?.add(&y.max(&[-1], false)?.sum_all()?)
+        },
+    );
+}
+
+#[test]
+fn empty_side_stores() {
+    let _l = serial();
+    let x = randn(&[0], 60);
+    step_vs_eager(
+        "w2 n=0",
+        || vec![randn(&[0], 61).requires_grad(true).unwrap(), randn(&[0], 62).requires_grad(true).unwrap()],
+        &[x],
+        w2body,
+    );
+    let x = randn(&[3, 0], 63);
+    step_vs_eager(
+        "rows k=0",
+        || vec![randn(&[3, 0], 64).requires_grad(true).unwrap()],
+        &[x],
+        |p, a| p[0].mul(&a[0])?.tanh()?.sum(&[-1], false)?.square()?.sum_all(),
+    );
+}
+
+#[test]
+fn many_rows_workgroup_grid() {
+    let _l = serial();
+    fwd("softmax 100000 rows", &[randn(&[100_000, 4], 70)], |a| Ok(vec![a[0].softmax(-1)?]));
+}
+
+#[test]
+fn planar_eager_views_match_host() {
+    let _l = serial();
+    let d = common::device();
+    let data: Vec<f32> = (0..2 * 3 * 4 * 5).map(|i| i as f32).collect();
+    let x = Tensor::from_slice(&data, [2, 3, 4, 5], &d).unwrap();
+    let host = |i: [usize; 4]| data[((i[0] * 3 + i[1]) * 4 + i[2]) * 5 + i[3]];
+    // (view, host index map) pairs
+    let v1 = x.permute(&[0, 1, 3, 2]).unwrap(); // [2,3,5,4]
+    let got = v1.add(0.0).unwrap().to_vec::<f32>().unwrap();
+    let mut want = vec![];
+    for a in 0..2 {
+        for b in 0..3 {
+            for c in 0..5 {
+                for e in 0..4 {
+                    want.push(host([a, b, e, c]));
+                }
+            }
+        }
+    }
+    close("permute last two", &got, &want);
+    let v2 = x.narrow(1, 1, 1).unwrap().slice_step(3, None, None, 2).unwrap(); // [2,1,4,3]
+    let got = v2.add(0.0).unwrap().to_vec::<f32>().unwrap();
+    let mut want = vec![];
+    for a in 0..2 {
+        for c in 0..4 {
+            for e in 0..3 {
+                want.push(host([a, 1, c, 2 * e]));
+            }
+        }
+    }
+    close("narrow+step", &got, &want);
+    let v3 = x.narrow(0, 1, 1).unwrap().permute(&[2, 0, 3, 1]).unwrap(); // [4,1,5,3]
+    let got = v3.add(0.0).unwrap().to_vec::<f32>().unwrap();
+    let mut want = vec![];
+    for c in 0..4 {
+        for e in 0..5 {
+            for b in 0..3 {
+                want.push(host([1, b, c, e]));
+            }
+        }
+    }
+    close("permute with size 1", &got, &want);
+    let v4 = x.narrow(3, 0, 1).unwrap().expand([2, 3, 4, 6]).unwrap(); // zero stride inner
+    let got = v4.add(0.0).unwrap().to_vec::<f32>().unwrap();
+    let mut want = vec![];
+    for a in 0..2 {
+        for b in 0..3 {
+            for c in 0..4 {
+                for _ in 0..6 {
+                    want.push(host([a, b, c, 0]));
+                }
+            }
+        }
+    }
+    close("expand inner", &got, &want);
+}
