@@ -818,3 +818,39 @@ fn w2_and_w4_steps_are_at_most_four_kernels() {
     // Without row kernels (WGRAD_PASSES=-rows) only the results are checked.
     assert!(kernels <= 4 || !wgrad::Passes::from_env().rows, "W4: {kernels} kernels");
 }
+
+/// With `zero_grad()` after `step()` the step leaves no `.grad`, so a
+/// gradient consumed only by the update is an intermediate: computed where
+/// the update reads it (elementwise, or in a matmul's epilogue with the
+/// tiled template) or held in a slot shared with other intermediates. The
+/// program owns less memory than the same step with `zero_grad()` first
+/// (which leaves every `.grad`).
+#[test]
+fn gradients_left_to_none_are_never_stored() {
+    let d = device();
+    let program_bytes = |zero_grad_last: bool| -> u64 {
+        let m = Mlp::new(41);
+        let params = m.params();
+        let mut opt = Sgd::new(&params, 0.1, 0.0, 0.0).unwrap();
+        let mut step = compile_step(&d, move |args: &[Tensor]| {
+            if !zero_grad_last {
+                opt.zero_grad();
+            }
+            let loss = m.loss(&args[0], &args[1])?;
+            loss.backward()?;
+            opt.step()?;
+            if zero_grad_last {
+                opt.zero_grad();
+            }
+            Ok(vec![loss])
+        });
+        for i in 0..2 {
+            let (x, y) = batch(i);
+            step.call(&[x, y]).unwrap();
+        }
+        assert_eq!(params.iter().all(|p| p.grad().is_none()), zero_grad_last);
+        step.reports().last().unwrap().program_bytes
+    };
+    let (first, last) = (program_bytes(false), program_bytes(true));
+    assert!(last < first, "zero_grad last {last} B, first {first} B");
+}

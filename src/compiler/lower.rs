@@ -30,12 +30,15 @@ enum Need {
 /// at `end`), largest first: an intermediate borrows the buffer of an
 /// output that is written only after it is dead (and that no other borrower
 /// holds meanwhile), or gets the lowest offset in its dtype's arena where
-/// it overlaps no intermediate live at the same time. Each dtype's arena is
-/// one buffer of the program; offsets are 256-byte aligned.
+/// it overlaps no intermediate live at the same time. A dtype's values
+/// share one buffer of the program, or several where one would exceed what
+/// a binding may span; offsets are 256-byte aligned.
 #[derive(Default)]
 struct BufferPlan {
-    /// Per arena: its dtype and size in bytes.
+    /// Per program buffer: its dtype and size in bytes, at most
+    /// `max_bytes` (what one binding may span) unless one value is larger.
     arenas: Vec<(DType, u64)>,
+    max_bytes: u64,
     /// Per slot: arena, byte offset, bytes, and its interval of steps.
     places: Vec<(usize, u64, u64, usize, usize)>,
     /// Per output buffer: size, dtype, the step that first writes it, shape.
@@ -78,24 +81,30 @@ impl BufferPlan {
     }
 
     fn slot(&mut self, bytes: u64, dtype: DType, start: usize, end: usize) -> Buf {
-        let arena = match self.arenas.iter().position(|a| a.0 == dtype) {
-            Some(a) => a,
-            None => {
-                self.arenas.push((dtype, 0));
-                self.arenas.len() - 1
-            }
-        };
         let len = bytes.max(1).next_multiple_of(256);
-        let mut taken: Vec<(u64, u64)> =
-            self.places.iter().filter(|p| p.0 == arena && p.3 <= end && start <= p.4).map(|p| (p.1, p.2)).collect();
-        taken.sort_unstable();
-        let mut offset = 0;
-        for (o, l) in taken {
-            if offset + len <= o {
+        // The lowest free offset in the first of the dtype's buffers where
+        // the value fits within the largest buffer one binding may span.
+        let mut found = None;
+        for arena in (0..self.arenas.len()).filter(|&a| self.arenas[a].0 == dtype) {
+            let mut taken: Vec<(u64, u64)> =
+                self.places.iter().filter(|p| p.0 == arena && p.3 <= end && start <= p.4).map(|p| (p.1, p.2)).collect();
+            taken.sort_unstable();
+            let mut offset = 0;
+            for (o, l) in taken {
+                if offset + len <= o {
+                    break;
+                }
+                offset = offset.max(o + l);
+            }
+            if offset + len <= self.max_bytes || offset == 0 {
+                found = Some((arena, offset));
                 break;
             }
-            offset = offset.max(o + l);
         }
+        let (arena, offset) = found.unwrap_or_else(|| {
+            self.arenas.push((dtype, 0));
+            (self.arenas.len() - 1, 0)
+        });
         self.arenas[arena].1 = self.arenas[arena].1.max(offset + len);
         self.places.push((arena, offset, len, start, end));
         Buf::Slot(self.places.len() - 1)
@@ -370,7 +379,8 @@ fn in_place_updates(g: &CapturedGraph, steps: &[Step], escapes: &[bool]) -> Hash
         let (shape, kernel, reads) = match &steps[at] {
             Step::Elementwise { shape, kernel, reads, .. } => (shape, kernel, reads),
             // A matmul epilogue's other output, when the product's operands
-            // are not the parameter (and it is split into no more than one launch).
+            // are not the parameter (each element is read and written by
+            // one invocation, in whichever launch of a split grid).
             Step::Matmul { value, stores, epilogue, reads, a, b, .. }
                 if stores.contains(v) && a.value != input && b.value != input =>
             {
@@ -430,7 +440,7 @@ pub(crate) fn lower(device: &Device, g: &CapturedGraph, steps: &[Step], mut repo
         device,
         g,
         bufs: HashMap::new(),
-        plan: BufferPlan::default(),
+        plan: BufferPlan { max_bytes: device.max_tensor_bytes(), ..BufferPlan::default() },
         partials: HashMap::new(),
         fresh_bytes: Vec::new(),
         uniform: Vec::new(),
