@@ -40,6 +40,8 @@ pub(crate) enum Step {
     /// element for element).
     Reduce {
         value: ValueId,
+        /// Further sums over the same iteration, in one pass (outputs 1..).
+        siblings: Vec<ValueId>,
         stores: Vec<ValueId>,
         kind: ReduceKind,
         kernel: MapKernel,
@@ -134,7 +136,9 @@ impl Step {
         match self {
             Step::Elementwise { stores, .. } => stores.clone(),
             Step::Rows { stores, .. } => stores.iter().map(|(v, _)| *v).collect(),
-            Step::Reduce { value, stores, .. } => [*value].into_iter().chain(stores.iter().copied()).collect(),
+            Step::Reduce { value, siblings, stores, .. } => {
+                [*value].into_iter().chain(siblings.iter().copied()).chain(stores.iter().copied()).collect()
+            }
             Step::Matmul { value, stores, .. } => [*value].into_iter().chain(stores.iter().copied()).collect(),
             Step::Assemble { value, .. } | Step::Hook { value, .. } => vec![*value],
         }
@@ -157,9 +161,11 @@ enum Unit {
         group: usize,
         stores: Vec<ValueId>,
     },
-    /// A reduction, storing the elementwise `stores` of its iteration's shape.
+    /// A reduction (and sibling sums over the same iteration), storing the
+    /// elementwise `stores` of its iteration's shape.
     Reduce {
         value: ValueId,
+        siblings: Vec<ValueId>,
         stores: Vec<ValueId>,
     },
     Other {
@@ -433,7 +439,69 @@ impl Planner<'_> {
             if producers.iter().any(|&p| self.reaches(g, p)) {
                 continue;
             }
-            self.units[g] = Unit::Reduce { value: r, stores: members };
+            self.units[g] = Unit::Reduce { value: r, siblings: Vec::new(), stores: members };
+            self.assign(r, g);
+            self.link(&producers, g);
+            self.note_reads(&reads, g);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Joins the sum `r` to a recent reduction unit over the same iteration
+    /// (same [a, k] walk, one pass, float sums, no side stores) as a
+    /// sibling: both fold in one kernel, sharing its loads and the values
+    /// their prologues recompute (the column sums of an affine layer's
+    /// weight and bias gradients).
+    fn join_sibling(&mut self, r: ValueId) -> Result<bool, Blocked> {
+        if !self.reduce_stores {
+            return Ok(false);
+        }
+        let IrOp::Reduce { kind: ReduceKind::Sum, src, axes } = &self.values[r].op else { return Ok(false) };
+        let dtype = self.values[r].meta.dtype;
+        if !dtype.is_float() {
+            return Ok(false);
+        }
+        let (it, a, k) = reduce_iteration(src, axes);
+        let candidates: Vec<usize> = (0..self.units.len()).rev().take(16).collect();
+        for g in candidates {
+            let Unit::Reduce { value: r0, siblings, stores } = &self.units[g] else { continue };
+            let (r0, siblings) = (*r0, siblings.clone());
+            if !stores.is_empty() || siblings.len() >= 3 || self.values[r0].meta.dtype != dtype {
+                continue;
+            }
+            let IrOp::Reduce { kind: ReduceKind::Sum, src: src0, axes: axes0 } = &self.values[r0].op else { continue };
+            let (it0, a0, k0) = reduce_iteration(src0, axes0);
+            if (a0, k0) != (a, k) || it0.layout.shape != it.layout.shape {
+                continue;
+            }
+            let mut group: Vec<ValueId> = vec![r0];
+            group.extend(&siblings);
+            if self.mixes_rows(r, &group) {
+                continue;
+            }
+            let mut e = Emitter::new(self.values, self.inline);
+            e.emit(&it0)?;
+            for &s in &siblings {
+                let IrOp::Reduce { src, axes, .. } = &self.values[s].op else { continue };
+                e.emit(&reduce_iteration(src, axes).0)?;
+            }
+            e.emit(&it)?;
+            let reads = e.read_values();
+            if reads.iter().any(|v| group.contains(v)) || reads.len() + group.len() + 1 > self.budget {
+                continue;
+            }
+            if crate::exec::reduce_chunks(a, k, &e.kernel) != 1 {
+                continue;
+            }
+            drop(e);
+            let producers = self.producers(&reads, Some(g));
+            if producers.iter().any(|&p| self.reaches(g, p)) {
+                continue;
+            }
+            if let Unit::Reduce { siblings, .. } = &mut self.units[g] {
+                siblings.push(r);
+            }
             self.assign(r, g);
             self.link(&producers, g);
             self.note_reads(&reads, g);
@@ -508,7 +576,11 @@ impl Planner<'_> {
         if !self.reduce_stores {
             return Ok(false);
         }
-        let Unit::Reduce { value: r, stores } = &self.units[g] else { return Ok(false) };
+        // (Not beside sibling sums: they must stay one pass.)
+        let Unit::Reduce { value: r, stores, siblings } = &self.units[g] else { return Ok(false) };
+        if !siblings.is_empty() {
+            return Ok(false);
+        }
         let (r, stores) = (*r, stores.clone());
         let IrOp::Reduce { src, axes, .. } = &self.values[r].op else { return Ok(false) };
         let (it, _, _) = reduce_iteration(src, axes);
@@ -746,9 +818,13 @@ fn too_wide(g: &CapturedGraph, step: &Step, limits: BindingLimits) -> bool {
             reads.iter().map(|u| u.value).chain(stores.iter().copied()).collect()
         }
         Step::Rows { reads, stores, .. } => reads.iter().map(|u| u.value).chain(stores.iter().map(|s| s.0)).collect(),
-        Step::Reduce { value, reads, stores, .. } => {
-            reads.iter().map(|u| u.value).chain([*value]).chain(stores.iter().copied()).collect()
-        }
+        Step::Reduce { value, reads, siblings, stores, .. } => reads
+            .iter()
+            .map(|u| u.value)
+            .chain([*value])
+            .chain(siblings.iter().copied())
+            .chain(stores.iter().copied())
+            .collect(),
         Step::Matmul { value, stores, a, b, reads, .. } => {
             reads.iter().map(|u| u.value).chain([*value, a.value, b.value]).chain(stores.iter().copied()).collect()
         }
@@ -908,12 +984,12 @@ fn try_schedule(
                 e.emit(&it)?;
                 p.too_wide(&e, 1)?;
                 drop(e);
-                if p.absorb_elementwise(id)? {
+                if p.absorb_elementwise(id)? || p.join_sibling(id)? {
                     continue;
                 }
                 let mut e = Emitter::new(&g.values, inline);
                 e.emit(&it)?;
-                let unit = p.new_unit(Unit::Reduce { value: id, stores: Vec::new() }, &[id]);
+                let unit = p.new_unit(Unit::Reduce { value: id, siblings: Vec::new(), stores: Vec::new() }, &[id]);
                 let producers = p.producers(&e.read_values(), Some(unit));
                 p.link(&producers, unit);
                 p.note_reads(&e.read_values(), unit);
@@ -1015,15 +1091,12 @@ fn drop_unread_stores(steps: &mut [Step], outputs: &[bool]) {
                 kernel.outputs = (0..keep.len()).filter(kept).map(|i| kernel.outputs[i]).collect();
                 *stores = (0..keep.len()).filter(kept).map(|i| stores[i]).collect();
             }
-            Step::Reduce { kernel, stores, .. } | Step::Matmul { epilogue: kernel, stores, .. } => {
-                // Output 0 is the reduction's or the product's own.
-                let keep: Vec<bool> = stores.iter().map(|&v| outputs[v] || read.contains(&v)).collect();
-                let kept = |i: &usize| keep[*i];
-                let own = kernel.outputs[0];
-                let side: Vec<_> = (0..keep.len()).filter(kept).map(|i| kernel.outputs[i + 1]).collect();
-                kernel.outputs = [own].into_iter().chain(side).collect();
-                *stores = (0..keep.len()).filter(kept).map(|i| stores[i]).collect();
+            Step::Reduce { kernel, siblings, stores, .. } => {
+                // Outputs 0..=siblings are the reductions' own.
+                let own = 1 + siblings.len();
+                drop_unread_side(kernel, stores, own, outputs, &read);
             }
+            Step::Matmul { epilogue, stores, .. } => drop_unread_side(epilogue, stores, 1, outputs, &read),
             Step::Rows { kernel, stores, .. } => {
                 let keep: Vec<bool> = stores.iter().map(|&(v, _)| outputs[v] || read.contains(&v)).collect();
                 let kept = |i: &usize| keep[*i];
@@ -1033,6 +1106,22 @@ fn drop_unread_stores(steps: &mut [Step], outputs: &[bool]) {
             _ => {}
         }
     }
+}
+
+/// Drops the side outputs (after the first `own`) nothing reads.
+fn drop_unread_side(
+    kernel: &mut MapKernel,
+    stores: &mut Vec<ValueId>,
+    own: usize,
+    outputs: &[bool],
+    read: &std::collections::HashSet<ValueId>,
+) {
+    let keep: Vec<bool> = stores.iter().map(|&v| outputs[v] || read.contains(&v)).collect();
+    let kept = |i: &usize| keep[*i];
+    let side: Vec<_> = (0..keep.len()).filter(kept).map(|i| kernel.outputs[i + own]).collect();
+    kernel.outputs.truncate(own);
+    kernel.outputs.extend(side);
+    *stores = (0..keep.len()).filter(kept).map(|i| stores[i]).collect();
 }
 
 /// The row kernel of `group`, storing `stores`.
@@ -1134,7 +1223,7 @@ fn build_step(
                 inlined: e.inlined,
             }
         }
-        Unit::Reduce { value, stores } => {
+        Unit::Reduce { value, siblings, stores } => {
             let IrOp::Reduce { kind, src, axes } = &g.values[*value].op else {
                 unreachable!("a reduce unit holds a reduction")
             };
@@ -1142,12 +1231,19 @@ fn build_step(
             let nodes = group_emit(&mut e, stores)?;
             let node = e.emit(&it)?;
             e.kernel.output(node);
+            for &sib in siblings {
+                let IrOp::Reduce { src, axes, .. } = &g.values[sib].op else { unreachable!("siblings are reductions") };
+                let (it, _, _) = reduce_iteration(src, axes);
+                let n = e.emit(&it)?;
+                e.kernel.output(n);
+            }
             for n in nodes {
                 e.kernel.output(n);
             }
             let shape = it.layout.shape.clone();
             Step::Reduce {
                 value: *value,
+                siblings: siblings.clone(),
                 stores: stores.clone(),
                 kind: *kind,
                 kernel: e.kernel,

@@ -229,7 +229,7 @@ impl Lowering<'_> {
                 }
                 self.push(launch, bufs)
             }
-            Step::Reduce { value, stores, kind, kernel, reads, scalars, shape, a, k, .. } => {
+            Step::Reduce { value, siblings, stores, kind, kernel, reads, scalars, shape, a, k, .. } => {
                 let (a, k) = (*a, *k);
                 if a == 0 {
                     return Ok(());
@@ -241,10 +241,29 @@ impl Lowering<'_> {
                 let elem = dtype.size_in_bytes() as u64;
                 let mut pass = 0;
                 let mut dst = if chunks == 1 { target } else { self.partial(pass, (a * chunks) as u64 * elem, dtype) };
-                let launch =
-                    exec::reduce_launch(device, *kind, kernel.clone(), shape, &layouts, scalars, a, k, chunks)?;
+                if !siblings.is_empty() && chunks != 1 {
+                    return Err(crate::Error::InvalidArgument {
+                        op: "compiled backward",
+                        message: "internal: sibling reductions need one pass; this is a wgrad bug, please report it"
+                            .into(),
+                    });
+                }
+                let reduced = 1 + siblings.len();
+                let launch = exec::reduce_launch(
+                    device,
+                    *kind,
+                    kernel.clone(),
+                    shape,
+                    &layouts,
+                    scalars,
+                    a,
+                    k,
+                    chunks,
+                    reduced,
+                )?;
                 let mut bufs: Vec<Buf> = reads.iter().map(|u| self.buf(u.value)).collect();
                 bufs.push(dst);
+                bufs.extend(siblings.iter().map(|&v| self.buf(v)));
                 bufs.extend(stores.iter().map(|&v| self.buf(v)));
                 self.push(launch, bufs)?;
                 while chunks > 1 {
@@ -263,6 +282,7 @@ impl Lowering<'_> {
                         a,
                         chunks,
                         next,
+                        1,
                     )?;
                     self.push(launch, vec![src, dst])?;
                     chunks = next;

@@ -369,7 +369,7 @@ pub(crate) fn render_reduce_x4(k: &MapKernel, kind: ReduceKind, binds: &Binds) -
         s,
         "fn value4(q: u32) -> vec4<T> {{\n{}{}    return vec4<{t}>(v{node}_0, v{node}_1, v{node}_2, v{node}_3);\n}}",
         body_x4(k, &names),
-        side_stores(k, &names, true)
+        side_stores(k, &names, 1, true)
     );
     s.push_str(
         "fn fold(acc: T, q: u32) -> T {\n    let v = value4(q);\n    \
@@ -600,11 +600,12 @@ pub(crate) fn node_operands(node: &Node) -> Vec<usize> {
     }
 }
 
-/// The stores of a reduction's outputs after the first (elementwise values
-/// stored at the element being folded: `i`, or the vec4 at `q`).
-fn side_stores(k: &MapKernel, names: &Names<'_>, x4: bool) -> String {
+/// The stores of a reduction's (or an epilogue's) outputs after the first
+/// `own` (elementwise values stored at the element being folded: `i`, or
+/// the vec4 at `q`).
+fn side_stores(k: &MapKernel, names: &Names<'_>, own: usize, x4: bool) -> String {
     let mut s = String::new();
-    for (o, (node, access)) in k.outputs.iter().enumerate().skip(1) {
+    for (o, (node, access)) in k.outputs.iter().enumerate().skip(own) {
         let slot = k.inputs.len() + o;
         let _ = match x4 {
             true => {
@@ -639,17 +640,45 @@ fn reduce_functions(dtype: DType, kind: ReduceKind, words: usize) -> String {
 /// the input through a permuted view); a fused one computes an elementwise
 /// prologue on the fly and never stores it. The template's own words start
 /// at `R`, after the elementwise words.
-pub(crate) fn render_reduce(k: &MapKernel, kind: ReduceKind, binds: &Binds) -> String {
+///
+/// With `reduced` > 1 the first `reduced` outputs are sums over the same
+/// iteration (sibling reductions: two column sums of one backward), folded
+/// together as one vector (`T` is `vecN`) in one pass.
+pub(crate) fn render_reduce(k: &MapKernel, kind: ReduceKind, reduced: usize, binds: &Binds) -> String {
     let (node, _) = k.outputs[0];
     let dtype = k.dtype(node);
     let (mut s, names) = declarations(k, REDUCE_WORDS, binds);
+    if reduced > 1 {
+        let t = dtype.wgsl();
+        let _ = writeln!(s, "\nalias T = vec{reduced}<{t}>;\nconst R: u32 = {}u;", param_words(k));
+        s.push_str("fn identity() -> T { return T(); }\nfn combine(a: T, b: T) -> T { return a + b; }\n");
+        let mut store = String::from("fn store_out(i: u32, v: T) {");
+        for o in 0..reduced {
+            let slot = k.inputs.len() + o;
+            let at = names.at(slot, &format!("p({}u) + i", view_base(slot)));
+            let _ = write!(store, " {at} = v[{o}];");
+        }
+        s.push_str(&store);
+        s.push_str(" }\n");
+        let parts: Vec<String> = k.outputs[..reduced].iter().map(|(n, _)| format!("v{n}")).collect();
+        let _ = writeln!(
+            s,
+            "fn value(i: u32) -> T {{\n{}{}    return T({});\n}}",
+            body(k, &names),
+            side_stores(k, &names, reduced, false),
+            parts.join(", ")
+        );
+        s.push_str("fn fold(acc: T, i: u32) -> T { return combine(acc, value(i)); }\n");
+        s.push_str(REDUCE_TEMPLATE);
+        return s;
+    }
     s.push_str(&reduce_functions(dtype, kind, param_words(k)));
     s.push_str(&store_out(k, &names));
     let _ = writeln!(
         s,
         "fn value(i: u32) -> T {{\n{}{}    return v{node};\n}}",
         body(k, &names),
-        side_stores(k, &names, false)
+        side_stores(k, &names, 1, false)
     );
     s.push_str("fn fold(acc: T, i: u32) -> T { return combine(acc, value(i)); }\n");
     s.push_str(REDUCE_TEMPLATE);
@@ -677,7 +706,7 @@ pub(crate) fn render_matmul(epilogue: &MapKernel, dtype: DType, template: Matmul
         s,
         "fn epilogue(acc: T, i: u32) -> T {{\n{}{}    return v{node};\n}}",
         body(epilogue, &names),
-        side_stores(epilogue, &names, false)
+        side_stores(epilogue, &names, 1, false)
     );
     let fused = !matches!(epilogue.nodes[node].0, Node::Arg) || epilogue.outputs.len() > 1;
     s.push_str(match template {

@@ -21,8 +21,9 @@ use crate::tensor::Tensor;
 pub(crate) enum Template {
     /// An elementwise kernel, four elements per invocation when `x4`.
     Map { kernel: MapKernel, x4: bool },
-    /// The first pass of a reduction.
-    Reduce { kernel: MapKernel, kind: ReduceKind, x4: bool },
+    /// The first pass of a reduction; its first `reduced` outputs are
+    /// reduced (sibling sums folded as one vector), the rest stored as read.
+    Reduce { kernel: MapKernel, kind: ReduceKind, x4: bool, reduced: usize },
     /// A row kernel ([`codegen::render_rows`]); `uniform_io[j]` when the
     /// view of operand `j` (inputs, then outputs) does not move along the row.
     Rows { kernel: MapKernel, uniform_io: Vec<bool>, form: codegen::RowForm },
@@ -58,8 +59,10 @@ impl Launch {
         match &self.template {
             Template::Map { kernel, x4: false } => codegen::render(kernel, binds),
             Template::Map { kernel, x4: true } => codegen::render_x4(kernel, binds),
-            Template::Reduce { kernel, kind, x4: false } => codegen::render_reduce(kernel, *kind, binds),
-            Template::Reduce { kernel, kind, x4: true } => codegen::render_reduce_x4(kernel, *kind, binds),
+            Template::Reduce { kernel, kind, x4: false, reduced } => {
+                codegen::render_reduce(kernel, *kind, *reduced, binds)
+            }
+            Template::Reduce { kernel, kind, x4: true, .. } => codegen::render_reduce_x4(kernel, *kind, binds),
             Template::Rows { kernel, uniform_io, form } => codegen::render_rows(kernel, uniform_io, *form, binds),
             Template::Matmul { epilogue, dtype, template } => {
                 codegen::render_matmul(epilogue, *dtype, *template, binds)
@@ -374,9 +377,10 @@ pub(crate) fn reduce_launch(
     a: usize,
     k: usize,
     n_chunks: usize,
+    reduced: usize,
 ) -> Result<Launch> {
-    // Output 0 is the reduction's (partial) results; any others are values
-    // of the iteration's shape stored as it walks them.
+    // Outputs 0..reduced are the reductions' (partial) results; any others
+    // are values of the iteration's shape stored as it walks them.
     let outs = vec![Layout::contiguous(shape.clone()); kernel.outputs.len()];
     let mut words = map_words("reduce", &mut kernel, shape, inputs, &outs, scalars)?;
     let grid = device.grid_1d((a * n_chunks) as u64)?;
@@ -384,13 +388,18 @@ pub(crate) fn reduce_launch(
     // Reads every element of the [a, k] iteration, writes a * n_chunks
     // results (and each side output whole).
     let fused = format!("{:?} of {}", kind, map_name(&kernel)).to_lowercase();
-    let own = kernel.dtype(kernel.outputs[0].0).size_in_bytes() as u64 * (a * n_chunks) as u64;
-    let side = output_bytes(&kernel, a * k) - kernel.dtype(kernel.outputs[0].0).size_in_bytes() as u64 * (a * k) as u64;
+    let per: Vec<u64> = kernel.outputs.iter().map(|(n, _)| kernel.dtype(*n).size_in_bytes() as u64).collect();
+    let own: u64 = per[..reduced].iter().map(|b| b * (a * n_chunks) as u64).sum();
+    let side: u64 = per[reduced..].iter().map(|b| b * (a * k) as u64).sum();
+    let fused = match reduced {
+        1 => fused,
+        n => format!("{n} {fused}"),
+    };
     let info = KernelInfo::new("reduce", fused, input_bytes(&kernel, a * k) + own + side, 0);
-    let x4 = k.is_multiple_of(4) && codegen::vectorisable(&kernel, a * k, &views);
+    let x4 = reduced == 1 && k.is_multiple_of(4) && codegen::vectorisable(&kernel, a * k, &views);
     words.extend_from_slice(&codegen::reduce_words(a, if x4 { k / 4 } else { k }, n_chunks));
     let (dtypes, written, offset_words) = map_operands(&kernel);
-    let template = Template::Reduce { kernel, kind, x4 };
+    let template = Template::Reduce { kernel, kind, x4, reduced };
     Ok(Launch { label: "reduce", template, words, grid, info, dtypes, written, offset_words, in_place: Vec::new() })
 }
 
@@ -473,7 +482,7 @@ fn reduce_pass(
     let out = Tensor::empty(Shape::new([a * n_chunks]), dtype, device)?;
     if a * n_chunks > 0 {
         let layouts = vec![view.clone(); inputs.len()];
-        let launch = reduce_launch(device, kind, kernel, &view.shape, &layouts, scalars, a, k, n_chunks)?;
+        let launch = reduce_launch(device, kind, kernel, &view.shape, &layouts, scalars, a, k, n_chunks, 1)?;
         let mut operands = inputs.iter().map(|t| t.operand()).collect::<Result<Vec<_>>>()?;
         operands.push(out.operand()?);
         launch.dispatch(device, &operands)?;

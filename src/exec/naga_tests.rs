@@ -53,7 +53,7 @@ fn render_x4(k: &MapKernel) -> Rendered {
 }
 
 fn render_reduce(k: &MapKernel, kind: ReduceKind) -> Rendered {
-    rendered(k, &[], |b| codegen::render_reduce(k, kind, b))
+    rendered(k, &[], |b| codegen::render_reduce(k, kind, 1, b))
 }
 
 fn render_reduce_x4(k: &MapKernel, kind: ReduceKind) -> Rendered {
@@ -337,4 +337,20 @@ fn planar_reads_validate() {
     k.output(z);
     validate("planar", &render(&with_access(k.clone(), Access::Planar)));
     validate("planar reduce", &render_reduce(&with_access(k, Access::Planar), ReduceKind::Sum));
+}
+
+#[test]
+fn sibling_reductions_validate() {
+    // Two sums over one iteration, folded as a vec2, and a side output.
+    for dtype in [DType::F32, DType::F16] {
+        let mut k = MapKernel::default();
+        let x = k.input(dtype);
+        let y = k.input(dtype);
+        let xy = k.push(Node::Binary(BinaryOp::Mul, x, y), dtype);
+        k.output(x);
+        k.output(xy);
+        k.output(xy);
+        let source = rendered(&k, &[], |b| codegen::render_reduce(&k, ReduceKind::Sum, 2, b));
+        validate(&format!("sibling reductions {dtype:?}"), &source);
+    }
 }
