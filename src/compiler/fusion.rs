@@ -238,6 +238,20 @@ impl Planner<'_> {
         }
     }
 
+    /// Puts `v` in kernel `g`, after the kernels producing what it reads
+    /// (`producers`), noting which of `reads` are other kernels' members.
+    fn admit(&mut self, v: ValueId, g: usize, producers: &BTreeSet<usize>, reads: &BTreeSet<ValueId>) {
+        self.assign(v, g);
+        self.link(producers, g);
+        self.note_reads(reads, g);
+    }
+
+    /// How many of a kernel's `members` it must store for other kernels or
+    /// as graph outputs (each a binding).
+    fn stored_for_others(&self, members: &[ValueId]) -> usize {
+        members.iter().filter(|m| self.outputs[**m] || self.external.contains(m)).count()
+    }
+
     /// Whether `v` may share a kernel with `members` (see `feeds_rows`).
     fn mixes_rows(&self, v: ValueId, members: &[ValueId]) -> bool {
         (self.after_rows[v] && members.iter().any(|&m| self.feeds_rows[m]))
@@ -337,9 +351,7 @@ impl Planner<'_> {
                 continue;
             }
             self.units[unit] = Unit::Matmul { value: r, epilogue: Some(v), side: Vec::new() };
-            self.assign(v, unit);
-            self.link(&others, unit);
-            self.note_reads(&e_reads, unit);
+            self.admit(v, unit, &others, &e_reads);
             return Ok(());
         }
 
@@ -372,16 +384,14 @@ impl Planner<'_> {
             let mut all = members.clone();
             all.push(v);
             // Stores: members already read elsewhere or outputs, and v.
-            let stores = 1 + members.iter().filter(|m| self.outputs[**m] || self.external.contains(m)).count();
+            let stores = 1 + self.stored_for_others(&members);
             if group_emit(&mut group, &all).is_err() || group.reads.len() + stores > self.budget {
                 continue;
             }
             if let Unit::Elementwise { members } = &mut self.units[g] {
                 members.push(v);
             }
-            self.assign(v, g);
-            self.link(&producers, g);
-            self.note_reads(&joint_reads, g);
+            self.admit(v, g, &producers, &joint_reads);
             return Ok(());
         }
         let unit = self.new_unit(Unit::Elementwise { members: vec![v] }, &[v]);
@@ -430,7 +440,7 @@ impl Planner<'_> {
                 continue;
             }
             let reads = e.read_values();
-            let stores = 1 + members.iter().filter(|m| self.outputs[**m] || self.external.contains(m)).count();
+            let stores = 1 + self.stored_for_others(&members);
             if reads.len() + stores > self.budget {
                 continue;
             }
@@ -440,9 +450,7 @@ impl Planner<'_> {
                 continue;
             }
             self.units[g] = Unit::Reduce { value: r, siblings: Vec::new(), stores: members };
-            self.assign(r, g);
-            self.link(&producers, g);
-            self.note_reads(&reads, g);
+            self.admit(r, g, &producers, &reads);
             return Ok(true);
         }
         Ok(false)
@@ -502,9 +510,7 @@ impl Planner<'_> {
             if let Unit::Reduce { siblings, .. } = &mut self.units[g] {
                 siblings.push(r);
             }
-            self.assign(r, g);
-            self.link(&producers, g);
-            self.note_reads(&reads, g);
+            self.admit(r, g, &producers, &reads);
             return Ok(true);
         }
         Ok(false)
@@ -551,7 +557,7 @@ impl Planner<'_> {
         if let Some(ep) = epilogue {
             e.root(ep)?;
         }
-        let kept = side.iter().filter(|m| self.outputs[**m] || self.external.contains(m)).count();
+        let kept = self.stored_for_others(&side);
         let mut reads = e.read_values();
         reads.extend(joint_reads.iter().copied());
         drop(e);
@@ -561,9 +567,7 @@ impl Planner<'_> {
         if let Unit::Matmul { side, .. } = &mut self.units[g] {
             side.push(v);
         }
-        self.assign(v, g);
-        self.link(&producers, g);
-        self.note_reads(&joint_reads, g);
+        self.admit(v, g, &producers, &joint_reads);
         Ok(true)
     }
 
@@ -607,7 +611,7 @@ impl Planner<'_> {
             return Ok(false);
         }
         // Bindings: its reads, its result, v and the members stored for others.
-        let kept = stores.iter().filter(|m| self.outputs[**m] || self.external.contains(m)).count();
+        let kept = self.stored_for_others(&stores);
         let width = e.read_values().len() + 2 + kept;
         if width > self.budget || e.reads.iter().any(|u| u.value == r) {
             return Ok(false);
@@ -616,9 +620,7 @@ impl Planner<'_> {
         if let Unit::Reduce { stores, .. } = &mut self.units[g] {
             stores.push(v);
         }
-        self.assign(v, g);
-        self.link(&producers, g);
-        self.note_reads(&joint_reads, g);
+        self.admit(v, g, &producers, &joint_reads);
         Ok(true)
     }
 }
