@@ -1,10 +1,11 @@
 
 // Reduction main. The generator defines above: `T`, `identity()`,
 // `combine(a, b)`, `store_out(t, v)`, which stores result t, and
-// `fold(acc, i)`, which combines step i of an [A, K] iteration space whose
-// last axis is reduced into acc: element i (`value(i)`), or for a
-// vectorised reduction the vec4 of elements 4i .. 4i + 3 (`value4(i)`,
-// K then counting vec4s). Template words from R: A, K, n_chunks, j_count
+// `fold(acc, a, kk)`, which combines step (a, kk) of an [A, K] iteration
+// space whose last axis is reduced into acc: element i = a * K + kk
+// (`value(a, kk)`), or for a vectorised reduction the vec4 of elements
+// 4i .. 4i + 3 (`value4(a, kk)`, K then counting vec4s). Passing a and kk,
+// not i, lets views that are affine in them read without dividing. Template words from R: A, K, n_chunks, j_count
 // (= ceil(K / n_chunks)), n_out (= A * n_chunks).
 //
 // Invocation t produces partial result (a, c) of [A, n_chunks]: chunk c
@@ -28,7 +29,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         if (kk >= k) {
             break;
         }
-        acc = fold(acc, a * k + kk);
+        acc = fold(acc, a, kk);
     }
     store_out(t, acc);
 }

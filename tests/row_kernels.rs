@@ -421,3 +421,29 @@ fn planar_eager_views_match_host() {
     }
     close("expand inner", &got, &want);
 }
+
+/// The vec4 row form (rows of a multiple of 4, contiguous along the row,
+/// each row starting at a multiple of 4 elements) and its scalar fallback
+/// on views that are not: a row offset of 1, a row stride of 66, rows of 62.
+#[test]
+fn vec4_and_scalar_row_forms() {
+    let _l = serial();
+    type View = fn(&Tensor) -> Result<Tensor>;
+    let views: [(&str, [usize; 2], View); 5] = [
+        ("contiguous [32, 64]", [32, 64], |x| Ok(x.clone())),
+        ("rows from 1 of [33, 64]", [33, 64], |x| x.narrow(0, 1, 32)),
+        ("columns from 1 of [32, 65]", [32, 65], |x| x.narrow(1, 1, 64)),
+        ("64 of [32, 66]", [32, 66], |x| x.narrow(1, 0, 64)),
+        ("rows of 62", [32, 62], |x| Ok(x.clone())),
+    ];
+    for (i, (name, dims, view)) in views.into_iter().enumerate() {
+        let x = randn(&dims, 500 + i as u64).requires_grad(true).unwrap();
+        let cols = view(&x).unwrap().dims()[1];
+        let t = randn(&[32, cols], 600 + i as u64);
+        let g = randn(&[cols], 700 + i as u64).requires_grad(true).unwrap();
+        bwd(name, &[x, g], move |l| {
+            let y = view(&l[0])?.layer_norm(&[cols], None, None, 1e-5)?.mul(&l[1])?;
+            y.softmax(-1)?.mul(&t)?.add(&y.log_softmax(-1)?)?.sum_all()
+        });
+    }
+}

@@ -179,6 +179,13 @@ fn declarations_as<'a>(
         .filter(|(o, (_, a))| !(vec4_outputs(*o) && *a == Access::Linear))
         .map(|(o, _)| n_in + o);
     let names = Names::new(binds, linear_inputs.chain(linear_outputs).collect::<Vec<_>>(), scalar_outputs);
+    (declare(k, &names, template_words), names)
+}
+
+/// The uniform struct (with room for `template_words` after the
+/// elementwise words), `names`' storage bindings and the shared helpers.
+fn declare(k: &MapKernel, names: &Names<'_>, template_words: usize) -> String {
+    let binds = names.binds;
     let mut s = String::new();
     if k.uses_f16() || binds.bindings.iter().any(|(d, _)| *d == DType::F16) {
         s.push_str("enable f16;\n\n");
@@ -189,7 +196,7 @@ fn declarations_as<'a>(
     names.declare(&mut s);
     s.push('\n');
     s.push_str(HELPERS);
-    (s, names)
+    s
 }
 
 /// One `let` per node, evaluated at linear index `i` of the iteration shape.
@@ -210,13 +217,15 @@ fn body_of_lane(k: &MapKernel, names: &Names<'_>, lane: Option<usize>) -> String
         (Some(c), Access::Linear) => format!("in{j}_q.{}", ["x", "y", "z", "w"][c]),
         (Some(_), Access::Strided) => names.at(j, &format!("strided({}u, {index})", view_base(j))),
         (Some(_), Access::Planar) => names.at(j, &planar_index(view_base(j), &index)),
+        (Some(c), Access::Split) => names.at(j, &split_index(view_base(j), &format!("(kk * 4u + {c}u)"))),
         (_, access) => names.at(j, &index_expr(access, view_base(j))),
     };
-    (0..k.nodes.len()).map(|id| node_line(k, names, id, &index, &suffix, &read)).collect()
+    let name = |n: usize| format!("v{n}{suffix}");
+    (0..k.nodes.len()).map(|id| node_line(k, names, id, &index, &name, &read)).collect()
 }
 
 /// The `let` of node `id` (with any lines it needs first), at element
-/// `index`, its value named `v{id}{suffix}`; `read(j)` is the read of input
+/// `index`, node `n`'s value named `name(n)`; `read(j)` is the read of input
 /// `j` at that element. A [`Node::RowReduce`] names the accumulator of the
 /// row kernel's loop (`r{id}`), which only [`render_rows`] declares.
 fn node_line(
@@ -224,13 +233,13 @@ fn node_line(
     names: &Names<'_>,
     id: usize,
     index: &str,
-    suffix: &str,
+    name: &dyn Fn(usize) -> String,
     read: &dyn Fn(usize) -> String,
 ) -> String {
     let mut s = String::new();
     let (node, dtype) = &k.nodes[id];
     let t = dtype.wgsl();
-    let v = |n: usize| format!("v{n}{suffix}");
+    let v = name;
     let scalar_base = view_base(k.inputs.len() + k.outputs.len());
     let expr = match *node {
         Node::Input(j) => read(j),
@@ -277,7 +286,7 @@ fn node_line(
         }
         Node::RowReduce(..) => format!("r{id}"),
     };
-    let _ = writeln!(s, "    let v{id}{suffix}: {t} = {expr};");
+    let _ = writeln!(s, "    let {}: {t} = {expr};", name(id));
     s
 }
 
@@ -367,12 +376,12 @@ pub(crate) fn render_reduce_x4(k: &MapKernel, kind: ReduceKind, binds: &Binds) -
     s.push_str(&store_out(k, &names));
     let _ = writeln!(
         s,
-        "fn value4(q: u32) -> vec4<T> {{\n{}{}    return vec4<{t}>(v{node}_0, v{node}_1, v{node}_2, v{node}_3);\n}}",
+        "fn value4(a: u32, kk: u32) -> vec4<T> {{\n    let q = a * p(R + 1u) + kk;\n{}{}    return vec4<{t}>(v{node}_0, v{node}_1, v{node}_2, v{node}_3);\n}}",
         body_x4(k, &names),
         side_stores(k, &names, 1, true)
     );
     s.push_str(
-        "fn fold(acc: T, q: u32) -> T {\n    let v = value4(q);\n    \
+        "fn fold(acc: T, a: u32, kk: u32) -> T {\n    let v = value4(a, kk);\n    \
          return combine(combine(acc, v.x), combine(v.y, combine(v.z, v.w)));\n}\n",
     );
     s.push_str(REDUCE_TEMPLATE);
@@ -383,12 +392,21 @@ pub(crate) fn render_reduce_x4(k: &MapKernel, kind: ReduceKind, binds: &Binds) -
 /// a few hundred rows still spread over every core of a CPU adapter.
 pub(crate) const ROWS_PER_GROUP: u32 = 16;
 
+/// The name of each node's value in one lane of a kernel.
+type NodeName<'a> = &'a dyn Fn(usize) -> String;
+
 /// How a row kernel spreads a row over invocations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum RowForm {
     /// One invocation per row, looping over all of it: no barriers, but
     /// neighbouring invocations read a row apart.
     PerInvocation,
+    /// [`RowForm::PerInvocation`] four elements per step: every
+    /// element-varying operand is read and written as vec4s (rows of a
+    /// multiple of 4 elements, contiguous along the row, vec4-aligned).
+    /// llvmpipe loads storage one scalar per SIMD lane in a loop, which a
+    /// vec4 shares four ways: W4's row kernel 5.4 -> 2.6 ms on lavapipe.
+    PerInvocationVec4,
     /// A workgroup of this many invocations per row, each taking every
     /// n-th element, combining partial results through workgroup memory
     /// (two barriers per row reduction): neighbouring invocations read
@@ -415,8 +433,21 @@ pub(crate) enum RowForm {
 pub(crate) fn render_rows(k: &MapKernel, uniform_io: &[bool], form: RowForm, binds: &Binds) -> String {
     let uniform_inputs = &uniform_io[..k.inputs.len()];
     let uniform_outputs = &uniform_io[k.inputs.len()..];
-    let names = Names::new(binds, [], 0..k.inputs.len() + k.outputs.len());
-    let (mut s, _) = declarations(k, 0, binds);
+    let n_in = k.inputs.len();
+    let x4 = form == RowForm::PerInvocationVec4;
+    // In the vec4 form the element-varying operands are vec4 bindings
+    // (unless a per-row output shares one, see `Names`).
+    let varying_io =
+        (0..uniform_io.len()).filter(|&o| !uniform_io[o] && k.inputs.get(o).is_none_or(|i| i.1 != Access::Gathered));
+    let names = match x4 {
+        true => Names::new(
+            binds,
+            varying_io.collect::<Vec<_>>(),
+            (0..k.outputs.len()).filter(|&o| uniform_outputs[o]).map(|o| n_in + o),
+        ),
+        false => Names::new(binds, [], 0..n_in + k.outputs.len()),
+    };
+    let mut s = declare(k, &names, 0);
     let uniform = row_uniform_nodes(k, uniform_inputs);
     // Each operand's row starts at `row{j}` (computed once per row).
     let at = |j: usize, uniform: bool| match uniform {
@@ -424,6 +455,24 @@ pub(crate) fn render_rows(k: &MapKernel, uniform_io: &[bool], form: RowForm, bin
         false => format!("row{j} + k * p({}u)", view_base(j) + 2),
     };
     let read = |j: usize| names.at(j, &at(j, uniform_inputs[j]));
+    // The vec4 form evaluates the varying nodes once per lane (`v{n}_{c}`,
+    // inputs from the vec4 loaded as `in{j}_q`); row-uniform ones once.
+    let lanes: Vec<Option<usize>> = if x4 { (0..4).map(Some).collect() } else { vec![None] };
+    let lane_name = |c: Option<usize>| {
+        let uniform = &uniform;
+        move |n: usize| match c {
+            Some(c) if !uniform[n] => format!("v{n}_{c}"),
+            _ => format!("v{n}"),
+        }
+    };
+    let lane_read = |c: Option<usize>| {
+        let read = &read;
+        move |j: usize| match c {
+            Some(c) if !uniform_inputs[j] => format!("in{j}_q.{}", ["x", "y", "z", "w"][c]),
+            _ => read(j),
+        }
+    };
+    let lane_index = |c: Option<usize>| c.map(|c| format!("(i + {c}u)")).unwrap_or_else(|| "i".into());
     // The element-varying nodes each loop needs: the cone of its values.
     let cone = |roots: &[usize]| {
         let mut need = vec![false; k.nodes.len()];
@@ -439,6 +488,48 @@ pub(crate) fn render_rows(k: &MapKernel, uniform_io: &[bool], form: RowForm, bin
         }
         need
     };
+    let indent = |body: String| body.lines().map(|l| format!("    {l}\n")).collect::<String>();
+    // A loop over the row evaluating the `need`ed nodes at each element
+    // (each lane of each vec4 in the vec4 form), then `per_element` for
+    // each, given the lane's naming of nodes.
+    let row_loop = |need: &[bool], per_element: &dyn Fn(NodeName<'_>) -> String| {
+        let mut s = String::new();
+        match form {
+            RowForm::PerInvocation => {
+                s.push_str("    for (var k = 0u; k < row_len; k = k + 1u) {\n        let i = a * row_len + k;\n")
+            }
+            RowForm::PerInvocationVec4 => {
+                s.push_str(
+                    "    for (var k = 0u; k < row_len / 4u; k = k + 1u) {\n        let i = a * row_len + k * 4u;\n",
+                );
+                let mut loaded = vec![false; n_in];
+                for n in (0..k.nodes.len()).filter(|&n| need[n]) {
+                    if let Node::Input(j) = k.nodes[n].0
+                        && !uniform_inputs[j]
+                        && !std::mem::replace(&mut loaded[j], true)
+                    {
+                        let _ =
+                            writeln!(s, "        let in{j}_q = {};", names.vec_load(j, &format!("row{j} / 4u + k")));
+                    }
+                }
+            }
+            RowForm::Workgroup(n) => {
+                let _ = write!(
+                    s,
+                    "    for (var k = lid; k < row_len; k = k + {n}u) {{\n        let i = a * row_len + k;\n"
+                );
+            }
+        }
+        for &c in &lanes {
+            let (name, read) = (lane_name(c), lane_read(c));
+            for n in (0..k.nodes.len()).filter(|&n| need[n]) {
+                s.push_str(&indent(node_line(k, &names, n, &lane_index(c), &name, &read)));
+            }
+            s.push_str(&per_element(&name));
+        }
+        s.push_str("    }\n");
+        s
+    };
     // Row reductions that depend on none of each other share a loop: the
     // level of a node is the number of row reductions it waits for.
     let mut level = vec![0usize; k.nodes.len()];
@@ -446,15 +537,14 @@ pub(crate) fn render_rows(k: &MapKernel, uniform_io: &[bool], form: RowForm, bin
         let below = node_operands(node).iter().map(|&o| level[o]).max().unwrap_or(0);
         level[id] = below + usize::from(matches!(node, Node::RowReduce(..)));
     }
-    let loop_head = match form {
-        RowForm::PerInvocation => {
+    match form {
+        RowForm::PerInvocation | RowForm::PerInvocationVec4 => {
             let _ = writeln!(
                 s,
                 "\n@compute @workgroup_size({ROWS_PER_GROUP})\n\
                  fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {{\n\
                  \x20   let a = gid.x + gid.y * nwg.x * {ROWS_PER_GROUP}u;"
             );
-            "    for (var k = 0u; k < row_len; k = k + 1u) {\n        let i = a * row_len + k;\n".to_string()
         }
         RowForm::Workgroup(n) => {
             let mut dtypes: Vec<DType> = Vec::new();
@@ -463,17 +553,17 @@ pub(crate) fn render_rows(k: &MapKernel, uniform_io: &[bool], form: RowForm, bin
                     dtypes.push(*dtype);
                 }
             }
+            let mut head = String::new();
             for d in dtypes {
-                let _ = writeln!(s, "var<workgroup> part_{0}: array<{0}, {n}>;", d.wgsl());
+                let _ = writeln!(head, "var<workgroup> part_{0}: array<{0}, {n}>;", d.wgsl());
             }
             let _ = writeln!(
                 s,
-                "\n@compute @workgroup_size({n})\n\
+                "{head}\n@compute @workgroup_size({n})\n\
                  fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, \
                  @builtin(local_invocation_index) lid: u32) {{\n\
                  \x20   let a = wid.x + wid.y * nwg.x;"
             );
-            format!("    for (var k = lid; k < row_len; k = k + {n}u) {{\n        let i = a * row_len + k;\n")
         }
     };
     s.push_str("    if (a >= p(2u)) { return; }\n    let row_len = p(3u);\n");
@@ -482,17 +572,17 @@ pub(crate) fn render_rows(k: &MapKernel, uniform_io: &[bool], form: RowForm, bin
             let _ = writeln!(s, "    let row{j} = p({}u) + a * p({}u);", view_base(j), view_base(j) + 1);
         }
     }
-    for o in k.inputs.len()..k.inputs.len() + k.outputs.len() {
+    for o in n_in..n_in + k.outputs.len() {
         let _ = writeln!(s, "    let row{o} = p({}u) + a * p({}u);", view_base(o), view_base(o) + 1);
     }
-    let indent = |body: String| body.lines().map(|l| format!("    {l}\n")).collect::<String>();
+    let plain = lane_name(None);
     let mut emitted = vec![false; k.nodes.len()];
     let levels = level.iter().copied().max().unwrap_or(0);
     for l in 1..=levels + 1 {
         // Row-uniform values the next loop (or the stores) may read.
         for id in 0..k.nodes.len() {
             if uniform[id] && level[id] < l && !emitted[id] && !matches!(k.nodes[id].0, Node::RowReduce(..)) {
-                s.push_str(&node_line(k, &names, id, "a", "", &read));
+                s.push_str(&node_line(k, &names, id, "a", &plain, &read));
                 emitted[id] = true;
             }
         }
@@ -519,15 +609,15 @@ pub(crate) fn render_rows(k: &MapKernel, uniform_io: &[bool], form: RowForm, bin
             let dtype = k.dtype(id);
             let _ = writeln!(s, "    var r{id}: {} = {};", dtype.wgsl(), identity(kind, dtype));
         }
-        s.push_str(&loop_head);
         let need = cone(&reductions.iter().map(|r| r.2).collect::<Vec<_>>());
-        for n in (0..k.nodes.len()).filter(|&n| need[n]) {
-            s.push_str(&indent(node_line(k, &names, n, "i", "", &read)));
-        }
-        for &(id, kind, src) in &reductions {
-            let _ = writeln!(s, "        r{id} = {};", fold(kind, k.dtype(id), &format!("r{id}"), &format!("v{src}")));
-        }
-        s.push_str("    }\n");
+        // Lanes fold in element order, so both forms sum a row alike.
+        s.push_str(&row_loop(&need, &|name| {
+            let mut s = String::new();
+            for &(id, kind, src) in &reductions {
+                let _ = writeln!(s, "        r{id} = {};", fold(kind, k.dtype(id), &format!("r{id}"), &name(src)));
+            }
+            s
+        }));
         if let RowForm::Workgroup(n) = form {
             // Every invocation folds the partials in the same order, so all
             // hold the same result.
@@ -544,27 +634,44 @@ pub(crate) fn render_rows(k: &MapKernel, uniform_io: &[bool], form: RowForm, bin
             }
         }
         for &(id, _, _) in &reductions {
-            s.push_str(&node_line(k, &names, id, "i", "", &read));
+            s.push_str(&node_line(k, &names, id, "i", &plain, &read));
             emitted[id] = true;
         }
     }
-    let n_in = k.inputs.len();
     // Stored per element or once per row as the output's view says, not as
     // its node is: a value of a row's shape may be the same along the row.
     let varying: Vec<usize> = (0..k.outputs.len()).filter(|&o| !uniform_outputs[o]).collect();
     if !varying.is_empty() {
-        s.push_str(&loop_head);
         let need = cone(&varying.iter().map(|&o| k.outputs[o].0).collect::<Vec<_>>());
-        for n in (0..k.nodes.len()).filter(|&n| need[n]) {
-            s.push_str(&indent(node_line(k, &names, n, "i", "", &read)));
+        match x4 {
+            false => s.push_str(&row_loop(&need, &|name| {
+                let mut s = String::new();
+                for &o in &varying {
+                    let _ =
+                        writeln!(s, "        {} = {};", names.at(n_in + o, &at(n_in + o, false)), name(k.outputs[o].0));
+                }
+                s
+            })),
+            true => {
+                // Every lane's values first, then one vec4 store per output.
+                let body = row_loop(&need, &|_| String::new());
+                s.push_str(body.strip_suffix("    }\n").expect("a row loop ends with its brace"));
+                for &o in &varying {
+                    let node = k.outputs[o].0;
+                    let value: Vec<String> = (0..4).map(|c| lane_name(Some(c))(node)).collect();
+                    let value = format!("vec4<{}>({})", k.dtype(node).wgsl(), value.join(", "));
+                    let _ = writeln!(
+                        s,
+                        "        {}",
+                        names.vec_store(n_in + o, &format!("row{} / 4u + k", n_in + o), &value)
+                    );
+                }
+                s.push_str("    }\n");
+            }
         }
-        for &o in &varying {
-            let _ = writeln!(s, "        {} = v{};", names.at(n_in + o, &at(n_in + o, false)), k.outputs[o].0);
-        }
-        s.push_str("    }\n");
     }
     let once = match form {
-        RowForm::PerInvocation => "",
+        RowForm::PerInvocation | RowForm::PerInvocationVec4 => "",
         RowForm::Workgroup(_) => "if (lid == 0u) ",
     };
     for (o, (node, _)) in k.outputs.iter().enumerate().filter(|(o, _)| uniform_outputs[*o]) {
@@ -663,12 +770,12 @@ pub(crate) fn render_reduce(k: &MapKernel, kind: ReduceKind, reduced: usize, bin
         let parts: Vec<String> = k.outputs[..reduced].iter().map(|(n, _)| format!("v{n}")).collect();
         let _ = writeln!(
             s,
-            "fn value(i: u32) -> T {{\n{}{}    return T({});\n}}",
+            "fn value(a: u32, kk: u32) -> T {{\n    let i = a * p(R + 1u) + kk;\n{}{}    return T({});\n}}",
             body(k, &names),
             side_stores(k, &names, reduced, false),
             parts.join(", ")
         );
-        s.push_str("fn fold(acc: T, i: u32) -> T { return combine(acc, value(i)); }\n");
+        s.push_str("fn fold(acc: T, a: u32, kk: u32) -> T { return combine(acc, value(a, kk)); }\n");
         s.push_str(REDUCE_TEMPLATE);
         return s;
     }
@@ -676,11 +783,11 @@ pub(crate) fn render_reduce(k: &MapKernel, kind: ReduceKind, reduced: usize, bin
     s.push_str(&store_out(k, &names));
     let _ = writeln!(
         s,
-        "fn value(i: u32) -> T {{\n{}{}    return v{node};\n}}",
+        "fn value(a: u32, kk: u32) -> T {{\n    let i = a * p(R + 1u) + kk;\n{}{}    return v{node};\n}}",
         body(k, &names),
         side_stores(k, &names, 1, false)
     );
-    s.push_str("fn fold(acc: T, i: u32) -> T { return combine(acc, value(i)); }\n");
+    s.push_str("fn fold(acc: T, a: u32, kk: u32) -> T { return combine(acc, value(a, kk)); }\n");
     s.push_str(REDUCE_TEMPLATE);
     s
 }
@@ -816,6 +923,7 @@ fn index_expr(access: Access, base: usize) -> String {
         Access::Strided => format!("strided({base}u, i)"),
         Access::Planar => planar_index(base, "i"),
         Access::Broadcast => format!("p({base}u)"),
+        Access::Split => split_index(base, "kk"),
         Access::Gathered => unreachable!("gathered bindings are read by Gather and SegmentSum nodes"),
     }
 }
@@ -829,6 +937,12 @@ fn planar_index(base: usize, index: &str) -> String {
         base + 3,
         base + 2
     )
+}
+
+/// The element offset of step (`a`, `kk`) of a reduction in an
+/// [`Access::Split`] view.
+fn split_index(base: usize, kk: &str) -> String {
+    format!("p({base}u) + a * p({}u) + {kk} * p({}u)", base + 1, base + 2)
 }
 
 fn scalar_expr(dtype: DType, word: usize) -> String {

@@ -383,6 +383,7 @@ pub(crate) fn reduce_launch(
     // are values of the iteration's shape stored as it walks them.
     let outs = vec![Layout::contiguous(shape.clone()); kernel.outputs.len()];
     let mut words = map_words("reduce", &mut kernel, shape, inputs, &outs, scalars)?;
+    split_planar_reads(&mut kernel, &mut words, inputs, a, k);
     let grid = device.grid_1d((a * n_chunks) as u64)?;
     let views: Vec<Layout> = inputs.iter().chain(&outs).cloned().collect();
     // Reads every element of the [a, k] iteration, writes a * n_chunks
@@ -401,6 +402,27 @@ pub(crate) fn reduce_launch(
     let (dtypes, written, offset_words) = map_operands(&kernel);
     let template = Template::Reduce { kernel, kind, x4, reduced };
     Ok(Launch { label: "reduce", template, words, grid, info, dtypes, written, offset_words, in_place: Vec::new() })
+}
+
+/// Reads a reduction's [`Access::Planar`] inputs as [`Access::Split`]
+/// where the view is affine in (a, kk) over the [a, k] iteration: its
+/// inner run is a row (`n == k`), or one run spans the whole iteration.
+fn split_planar_reads(kernel: &mut MapKernel, words: &mut [u32], inputs: &[Layout], a: usize, k: usize) {
+    for (j, view) in inputs.iter().enumerate() {
+        if kernel.inputs[j].1 != Access::Planar {
+            continue;
+        }
+        let split = match planar(view) {
+            Some((outer, inner, n)) if n == k => Some((outer, inner)),
+            Some((_, inner, n)) if n >= a * k => Some((k * inner, inner)),
+            _ => None,
+        };
+        if let Some((sa, sk)) = split {
+            let b = view_base(j);
+            words[b + 1..b + 4].copy_from_slice(&[sa as u32, sk as u32, 0]);
+            kernel.inputs[j].1 = Access::Split;
+        }
+    }
 }
 
 /// A row kernel over `a` rows of `k` elements: `inputs` and `outputs` are
@@ -439,14 +461,44 @@ pub(crate) fn rows_launch(
     let read = bytes(inputs, &mut kernel.inputs.iter().map(|(d, _)| *d));
     let written = bytes(outputs, &mut kernel.outputs.iter().map(|(n, _)| kernel.dtype(*n)));
     let info = KernelInfo::new("rows", format!("{} ({passes} passes)", map_name(&kernel)), read + written, 0);
-    let form = device.row_form();
+    let form = match device.row_form() {
+        codegen::RowForm::PerInvocation if rows_of_vec4s(&kernel, &uniform_io, a, k, inputs, outputs) => {
+            codegen::RowForm::PerInvocationVec4
+        }
+        form => form,
+    };
     let grid = match form {
-        codegen::RowForm::PerInvocation => device.grid_of(a as u64, codegen::ROWS_PER_GROUP)?,
+        codegen::RowForm::PerInvocation | codegen::RowForm::PerInvocationVec4 => {
+            device.grid_of(a as u64, codegen::ROWS_PER_GROUP)?
+        }
         codegen::RowForm::Workgroup(n) => device.grid_of(a as u64 * n as u64, n)?,
     };
     let (dtypes, written, offset_words) = map_operands(&kernel);
     let template = Template::Rows { kernel, uniform_io, form };
     Ok(Launch { label: "rows", template, words, grid, info, dtypes, written, offset_words, in_place: Vec::new() })
+}
+
+/// Whether a row kernel can step four elements at a time
+/// ([`codegen::RowForm::PerInvocationVec4`]): rows of a multiple of 4, and
+/// every element-varying view contiguous along the row with each row's
+/// start a multiple of 4 elements (allocations start at multiples of 4).
+fn rows_of_vec4s(
+    kernel: &MapKernel,
+    uniform_io: &[bool],
+    a: usize,
+    k: usize,
+    inputs: &[Layout],
+    outputs: &[Layout],
+) -> bool {
+    let aligned = |view: &Layout| {
+        view.strides[1] == 1 && view.offset.is_multiple_of(4) && (a == 1 || view.strides[0].is_multiple_of(4))
+    };
+    k.is_multiple_of(4)
+        && !kernel.nodes.iter().any(|(n, _)| matches!(n, Node::SegmentSum { .. }))
+        && inputs.iter().chain(outputs).enumerate().all(|(o, view)| {
+            let gathered = kernel.inputs.get(o).is_some_and(|(_, a)| *a == Access::Gathered);
+            gathered || uniform_io[o] || aligned(view)
+        })
 }
 
 /// Reduces `x` over `axes` (sorted, distinct, in range).

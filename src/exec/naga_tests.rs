@@ -319,7 +319,7 @@ fn row_kernels_validate() {
             let y = k.push(Node::Binary(BinaryOp::Div, d, scaled), dtype);
             k.output(y);
             k.output(scaled);
-            for form in [RowForm::PerInvocation, RowForm::Workgroup(64)] {
+            for form in [RowForm::PerInvocation, RowForm::PerInvocationVec4, RowForm::Workgroup(64)] {
                 let io = [false, true, false, true];
                 let source = rendered(&k, &[], |b| codegen::render_rows(&k, &io, form, b));
                 validate(&format!("rows {kind:?} {dtype:?} {form:?}"), &source);
@@ -336,7 +336,14 @@ fn planar_reads_validate() {
     let z = k.push(Node::Binary(BinaryOp::Add, x, y), DType::F32);
     k.output(z);
     validate("planar", &render(&with_access(k.clone(), Access::Planar)));
-    validate("planar reduce", &render_reduce(&with_access(k, Access::Planar), ReduceKind::Sum));
+    validate("planar reduce", &render_reduce(&with_access(k.clone(), Access::Planar), ReduceKind::Sum));
+    // Affine in (a, kk): read without dividing, one element or a vec4's
+    // four at a time.
+    let split = with_access(k, Access::Split);
+    validate("split reduce", &render_reduce(&split, ReduceKind::Sum));
+    validate("split reduce x4", &render_reduce_x4(&split, ReduceKind::Max));
+    let siblings = rendered(&split, &[], |b| codegen::render_reduce(&split, ReduceKind::Sum, 1, b));
+    validate("split reduce siblings", &siblings);
 }
 
 #[test]
