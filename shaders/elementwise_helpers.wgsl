@@ -28,6 +28,14 @@ fn wgrad_isnan(x: f32) -> bool {
     return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u;
 }
 
+// The logistic function with one exp: e = exp(-|x|) never overflows, and
+// each branch is the accurate one for its sign (e / (1 + e) keeps the
+// subnormal results of very negative x). NaN stays NaN.
+fn wgrad_sigmoid(x: f32) -> f32 {
+    let e = exp(-abs(x));
+    return select(e / (1.0 + e), 1.0 / (1.0 + e), x >= 0.0);
+}
+
 // erf, Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7).
 fn wgrad_erf(x: f32) -> f32 {
     let t = 1.0 / (1.0 + 0.3275911 * abs(x));

@@ -447,3 +447,54 @@ fn vec4_and_scalar_row_forms() {
         });
     }
 }
+
+/// Reductions over the outer axis run four results per invocation where
+/// four neighbouring results read neighbouring, vec4-aligned elements:
+/// sums, maxima and minima over axis 0 against a host reference, for
+/// column counts that are and are not multiples of 4, column slices that
+/// start aligned and not (read per result), long columns (several passes)
+/// and a NaN in one column; and a fused column sum of a product with a
+/// per-row factor (read once per step for the four).
+#[test]
+fn column_reductions_match_the_host() {
+    let _l = serial();
+    let d = common::device();
+    for (rows, cols, start, width) in
+        [(3, 8, 0, 8), (256, 1024, 0, 1024), (5, 12, 4, 8), (7, 13, 1, 12), (70_000, 8, 0, 8)]
+    {
+        let full = randn(&[rows, cols], (rows * cols + start) as u64);
+        let mut host = full.to_vec::<f32>().unwrap();
+        if rows == 7 {
+            host[3 * cols + 2] = f32::NAN; // column 1 of the slice
+        }
+        let full = Tensor::from_slice(&host, vec![rows, cols], &d).unwrap();
+        let x = full.narrow(1, start, width).unwrap();
+        let column = |c: usize| (0..rows).map(|r| host[r * cols + start + c]).collect::<Vec<f32>>().into_iter();
+        let sum: Vec<f32> = (0..width).map(|c| column(c).map(f64::from).sum::<f64>() as f32).collect();
+        let fold = |c: usize, f: fn(f32, f32) -> f32, init: f32| {
+            column(c).fold(init, |m, v| if m.is_nan() || v.is_nan() { f32::NAN } else { f(m, v) })
+        };
+        let max: Vec<f32> = (0..width).map(|c| fold(c, f32::max, f32::NEG_INFINITY)).collect();
+        let min: Vec<f32> = (0..width).map(|c| fold(c, f32::min, f32::INFINITY)).collect();
+        let name = format!("[{rows}, {cols}] columns {start}..{}", start + width);
+        let tol = |want: &[f32], got: &[f32], what: &str| {
+            for (c, (g, w)) in got.iter().zip(want).enumerate() {
+                let ok = (g.is_nan() && w.is_nan()) || (g - w).abs() <= 1e-3 * w.abs().max(1.0) * (rows as f32).sqrt();
+                assert!(ok, "{name} {what}[{c}]: {g} vs {w}");
+            }
+        };
+        tol(&sum, &x.sum(&[0], false).unwrap().to_vec::<f32>().unwrap(), "sum");
+        tol(&max, &x.max(&[0], false).unwrap().to_vec::<f32>().unwrap(), "max");
+        tol(&min, &x.min(&[0], false).unwrap().to_vec::<f32>().unwrap(), "min");
+        // A fused column sum of x * (per-row factor), compiled.
+        let f = randn(&[rows, 1], 900);
+        let fh = f.to_vec::<f32>().unwrap();
+        let want: Vec<f32> = (0..width)
+            .map(|c| column(c).zip(&fh).map(|(v, s)| f64::from(v) * f64::from(*s)).sum::<f64>() as f32)
+            .collect();
+        let mut step =
+            compile_step(&d, move |a: &[Tensor]| Ok(vec![a[0].narrow(1, start, width)?.mul(&a[1])?.sum(&[0], false)?]));
+        let got = step.call(&[full.clone(), f]).unwrap()[0].to_vec::<f32>().unwrap();
+        tol(&want, &got, "compiled sum of x * factor");
+    }
+}

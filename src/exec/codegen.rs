@@ -57,6 +57,9 @@ impl MatmulTemplate {
         }
     }
 }
+mod columns;
+pub(crate) use columns::{ColumnRead, render_reduce_columns};
+
 const REDUCE_TEMPLATE: &str = include_str!("../../shaders/reduce.wgsl");
 
 /// How a kernel names its operands' storage: operand `o` (inputs, then
@@ -217,7 +220,7 @@ fn body_of_lane(k: &MapKernel, names: &Names<'_>, lane: Option<usize>) -> String
         (Some(c), Access::Linear) => format!("in{j}_q.{}", ["x", "y", "z", "w"][c]),
         (Some(_), Access::Strided) => names.at(j, &format!("strided({}u, {index})", view_base(j))),
         (Some(_), Access::Planar) => names.at(j, &planar_index(view_base(j), &index)),
-        (Some(c), Access::Split) => names.at(j, &split_index(view_base(j), &format!("(kk * 4u + {c}u)"))),
+        (Some(c), Access::Split) => names.at(j, &split_index(view_base(j), "a", &format!("(kk * 4u + {c}u)"))),
         (_, access) => names.at(j, &index_expr(access, view_base(j))),
     };
     let name = |n: usize| format!("v{n}{suffix}");
@@ -752,43 +755,38 @@ fn reduce_functions(dtype: DType, kind: ReduceKind, words: usize) -> String {
 /// iteration (sibling reductions: two column sums of one backward), folded
 /// together as one vector (`T` is `vecN`) in one pass.
 pub(crate) fn render_reduce(k: &MapKernel, kind: ReduceKind, reduced: usize, binds: &Binds) -> String {
-    let (node, _) = k.outputs[0];
-    let dtype = k.dtype(node);
     let (mut s, names) = declarations(k, REDUCE_WORDS, binds);
-    if reduced > 1 {
-        let t = dtype.wgsl();
-        let _ = writeln!(s, "\nalias T = vec{reduced}<{t}>;\nconst R: u32 = {}u;", param_words(k));
-        s.push_str("fn identity() -> T { return T(); }\nfn combine(a: T, b: T) -> T { return a + b; }\n");
-        let mut store = String::from("fn store_out(i: u32, v: T) {");
-        for o in 0..reduced {
-            let slot = k.inputs.len() + o;
-            let at = names.at(slot, &format!("p({}u) + i", view_base(slot)));
-            let _ = write!(store, " {at} = v[{o}];");
-        }
-        s.push_str(&store);
-        s.push_str(" }\n");
-        let parts: Vec<String> = k.outputs[..reduced].iter().map(|(n, _)| format!("v{n}")).collect();
-        let _ = writeln!(
-            s,
-            "fn value(a: u32, kk: u32) -> T {{\n    let i = a * p(R + 1u) + kk;\n{}{}    return T({});\n}}",
-            body(k, &names),
-            side_stores(k, &names, reduced, false),
-            parts.join(", ")
-        );
-        s.push_str("fn fold(acc: T, a: u32, kk: u32) -> T { return combine(acc, value(a, kk)); }\n");
-        s.push_str(REDUCE_TEMPLATE);
-        return s;
-    }
-    s.push_str(&reduce_functions(dtype, kind, param_words(k)));
-    s.push_str(&store_out(k, &names));
+    s.push_str(&reduce_head(k, kind, reduced, &names));
+    let parts: Vec<String> = k.outputs[..reduced].iter().map(|(n, _)| format!("v{n}")).collect();
     let _ = writeln!(
         s,
-        "fn value(a: u32, kk: u32) -> T {{\n    let i = a * p(R + 1u) + kk;\n{}{}    return v{node};\n}}",
+        "fn value(a: u32, kk: u32) -> T {{\n    let i = a * p(R + 1u) + kk;\n{}{}    return T({});\n}}",
         body(k, &names),
-        side_stores(k, &names, 1, false)
+        side_stores(k, &names, reduced, false),
+        parts.join(", ")
     );
     s.push_str("fn fold(acc: T, a: u32, kk: u32) -> T { return combine(acc, value(a, kk)); }\n");
     s.push_str(REDUCE_TEMPLATE);
+    s
+}
+
+/// A reduction's `T`, `R`, `identity()`, `combine(a, b)` and
+/// `store_out(t, v)`; with `reduced` > 1 sibling sums as one `vecN`.
+fn reduce_head(k: &MapKernel, kind: ReduceKind, reduced: usize, names: &Names<'_>) -> String {
+    let dtype = k.dtype(k.outputs[0].0);
+    if reduced == 1 {
+        return reduce_functions(dtype, kind, param_words(k)) + &store_out(k, names);
+    }
+    let mut s = String::new();
+    let _ = writeln!(s, "\nalias T = vec{reduced}<{}>;\nconst R: u32 = {}u;", dtype.wgsl(), param_words(k));
+    s.push_str("fn identity() -> T { return T(); }\nfn combine(a: T, b: T) -> T { return a + b; }\n");
+    s.push_str("fn store_out(i: u32, v: T) {");
+    for o in 0..reduced {
+        let slot = k.inputs.len() + o;
+        let at = names.at(slot, &format!("p({}u) + i", view_base(slot)));
+        let _ = write!(s, " {at} = v[{o}];");
+    }
+    s.push_str(" }\n");
     s
 }
 
@@ -918,12 +916,18 @@ fn extreme_literal(dtype: DType, highest: bool) -> String {
 }
 
 fn index_expr(access: Access, base: usize) -> String {
+    index_at(access, base, "i")
+}
+
+/// The element offset of element `i` (step (`a`, `kk`) of a reduction) of
+/// the view at `base` read as `access`.
+fn index_at(access: Access, base: usize, i: &str) -> String {
     match access {
-        Access::Linear => format!("p({base}u) + i"),
-        Access::Strided => format!("strided({base}u, i)"),
-        Access::Planar => planar_index(base, "i"),
+        Access::Linear => format!("p({base}u) + {i}"),
+        Access::Strided => format!("strided({base}u, {i})"),
+        Access::Planar => planar_index(base, i),
         Access::Broadcast => format!("p({base}u)"),
-        Access::Split => split_index(base, "kk"),
+        Access::Split => split_index(base, "a", "kk"),
         Access::Gathered => unreachable!("gathered bindings are read by Gather and SegmentSum nodes"),
     }
 }
@@ -941,8 +945,8 @@ fn planar_index(base: usize, index: &str) -> String {
 
 /// The element offset of step (`a`, `kk`) of a reduction in an
 /// [`Access::Split`] view.
-fn split_index(base: usize, kk: &str) -> String {
-    format!("p({base}u) + a * p({}u) + {kk} * p({}u)", base + 1, base + 2)
+fn split_index(base: usize, a: &str, kk: &str) -> String {
+    format!("p({base}u) + {a} * p({}u) + {kk} * p({}u)", base + 1, base + 2)
 }
 
 fn scalar_expr(dtype: DType, word: usize) -> String {

@@ -23,12 +23,25 @@ pub(crate) enum Template {
     Map { kernel: MapKernel, x4: bool },
     /// The first pass of a reduction; its first `reduced` outputs are
     /// reduced (sibling sums folded as one vector), the rest stored as read.
-    Reduce { kernel: MapKernel, kind: ReduceKind, x4: bool, reduced: usize },
+    Reduce { kernel: MapKernel, kind: ReduceKind, form: ReduceForm, reduced: usize },
     /// A row kernel ([`codegen::render_rows`]); `uniform_io[j]` when the
     /// view of operand `j` (inputs, then outputs) does not move along the row.
     Rows { kernel: MapKernel, uniform_io: Vec<bool>, form: codegen::RowForm },
     /// A matmul with its epilogue.
     Matmul { epilogue: MapKernel, dtype: DType, template: codegen::MatmulTemplate },
+}
+
+/// How the first pass of a reduction walks its [A, K] iteration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ReduceForm {
+    /// An element per step, a result per invocation.
+    Elements,
+    /// Four neighbouring elements of the reduced axis per step (contiguous
+    /// inputs as vec4s; [`codegen::render_reduce_x4`]).
+    Vec4,
+    /// Four neighbouring results per invocation, each input read as its
+    /// [`codegen::ColumnRead`] says ([`codegen::render_reduce_columns`]).
+    Columns(Vec<codegen::ColumnRead>),
 }
 
 /// One kernel dispatch, independent of the buffers it will be bound to:
@@ -59,10 +72,11 @@ impl Launch {
         match &self.template {
             Template::Map { kernel, x4: false } => codegen::render(kernel, binds),
             Template::Map { kernel, x4: true } => codegen::render_x4(kernel, binds),
-            Template::Reduce { kernel, kind, x4: false, reduced } => {
-                codegen::render_reduce(kernel, *kind, *reduced, binds)
-            }
-            Template::Reduce { kernel, kind, x4: true, .. } => codegen::render_reduce_x4(kernel, *kind, binds),
+            Template::Reduce { kernel, kind, form, reduced } => match form {
+                ReduceForm::Elements => codegen::render_reduce(kernel, *kind, *reduced, binds),
+                ReduceForm::Vec4 => codegen::render_reduce_x4(kernel, *kind, binds),
+                ReduceForm::Columns(reads) => codegen::render_reduce_columns(kernel, *kind, *reduced, reads, binds),
+            },
             Template::Rows { kernel, uniform_io, form } => codegen::render_rows(kernel, uniform_io, *form, binds),
             Template::Matmul { epilogue, dtype, template } => {
                 codegen::render_matmul(epilogue, *dtype, *template, binds)
@@ -384,7 +398,6 @@ pub(crate) fn reduce_launch(
     let outs = vec![Layout::contiguous(shape.clone()); kernel.outputs.len()];
     let mut words = map_words("reduce", &mut kernel, shape, inputs, &outs, scalars)?;
     split_planar_reads(&mut kernel, &mut words, inputs, a, k);
-    let grid = device.grid_1d((a * n_chunks) as u64)?;
     let views: Vec<Layout> = inputs.iter().chain(&outs).cloned().collect();
     // Reads every element of the [a, k] iteration, writes a * n_chunks
     // results (and each side output whole).
@@ -397,10 +410,21 @@ pub(crate) fn reduce_launch(
         n => format!("{n} {fused}"),
     };
     let info = KernelInfo::new("reduce", fused, input_bytes(&kernel, a * k) + own + side, 0);
-    let x4 = reduced == 1 && k.is_multiple_of(4) && codegen::vectorisable(&kernel, a * k, &views);
-    words.extend_from_slice(&codegen::reduce_words(a, if x4 { k / 4 } else { k }, n_chunks));
+    let form = if reduced == 1 && k.is_multiple_of(4) && codegen::vectorisable(&kernel, a * k, &views) {
+        ReduceForm::Vec4
+    } else {
+        column_reads(&kernel, &words, a).map_or(ReduceForm::Elements, ReduceForm::Columns)
+    };
+    let (grid, template_words) = match form {
+        ReduceForm::Elements => (device.grid_1d((a * n_chunks) as u64)?, codegen::reduce_words(a, k, n_chunks)),
+        ReduceForm::Vec4 => (device.grid_1d((a * n_chunks) as u64)?, codegen::reduce_words(a, k / 4, n_chunks)),
+        ReduceForm::Columns(_) => {
+            (device.grid_of((a / 4 * n_chunks) as u64, 64)?, codegen::reduce_words(a / 4, k, n_chunks))
+        }
+    };
+    words.extend_from_slice(&template_words);
     let (dtypes, written, offset_words) = map_operands(&kernel);
-    let template = Template::Reduce { kernel, kind, x4, reduced };
+    let template = Template::Reduce { kernel, kind, form, reduced };
     Ok(Launch { label: "reduce", template, words, grid, info, dtypes, written, offset_words, in_place: Vec::new() })
 }
 
@@ -423,6 +447,32 @@ fn split_planar_reads(kernel: &mut MapKernel, words: &mut [u32], inputs: &[Layou
             kernel.inputs[j].1 = Access::Split;
         }
     }
+}
+
+/// How a reduction over `a` results reads each input four results at a
+/// time ([`ReduceForm::Columns`]), or `None` when no input has four
+/// neighbouring results reading neighbouring, vec4-aligned elements (the
+/// form would only cut parallelism). `words` are the elementwise words, with
+/// [`Access::Split`] views as (offset, sa, sk).
+fn column_reads(kernel: &MapKernel, words: &[u32], a: usize) -> Option<Vec<codegen::ColumnRead>> {
+    use codegen::ColumnRead;
+    if !a.is_multiple_of(4) || kernel.nodes.iter().any(|(n, _)| matches!(n, Node::SegmentSum { .. })) {
+        return None;
+    }
+    let reads: Vec<ColumnRead> = (0..kernel.inputs.len())
+        .map(|j| {
+            let b = view_base(j);
+            match kernel.inputs[j].1 {
+                Access::Broadcast => ColumnRead::Once,
+                Access::Split if words[b + 1] == 0 => ColumnRead::Once,
+                Access::Split if words[b + 1] == 1 && words[b].is_multiple_of(4) && words[b + 2].is_multiple_of(4) => {
+                    ColumnRead::Vec4
+                }
+                _ => ColumnRead::PerResult,
+            }
+        })
+        .collect();
+    reads.contains(&ColumnRead::Vec4).then_some(reads)
 }
 
 /// A row kernel over `a` rows of `k` elements: `inputs` and `outputs` are

@@ -361,3 +361,41 @@ fn sibling_reductions_validate() {
         validate(&format!("sibling reductions {dtype:?}"), &source);
     }
 }
+
+#[test]
+fn column_reductions_validate() {
+    use codegen::ColumnRead;
+    for dtype in DTYPES {
+        for kind in [ReduceKind::Sum, ReduceKind::Max, ReduceKind::Min] {
+            // x (four results' neighbouring elements) * s (one per step,
+            // shared) + y (strided, per result), and the product stored as
+            // it is walked.
+            let mut k = MapKernel::default();
+            let x = k.input(dtype);
+            let s = k.input(dtype);
+            let y = k.input(dtype);
+            let xs = k.push(Node::Binary(BinaryOp::Mul, x, s), dtype);
+            let z = k.push(Node::Binary(BinaryOp::Add, xs, y), dtype);
+            k.output(z);
+            k.output(xs);
+            k.inputs[0].1 = Access::Split;
+            k.inputs[1].1 = Access::Split;
+            k.inputs[2].1 = Access::Strided;
+            let reads = [ColumnRead::Vec4, ColumnRead::Once, ColumnRead::PerResult];
+            let source = rendered(&k, &[], |b| codegen::render_reduce_columns(&k, kind, 1, &reads, b));
+            validate(&format!("column reduce {kind:?} {dtype:?}"), &source);
+        }
+    }
+    // Sibling sums (a vec2 per result) over a broadcast and a split input.
+    let mut k = MapKernel::default();
+    let x = k.input(DType::F32);
+    let c = k.input(DType::F32);
+    let xc = k.push(Node::Binary(BinaryOp::Mul, x, c), DType::F32);
+    k.output(x);
+    k.output(xc);
+    k.inputs[0].1 = Access::Split;
+    k.inputs[1].1 = Access::Broadcast;
+    let reads = [ColumnRead::Vec4, ColumnRead::Once];
+    let source = rendered(&k, &[], |b| codegen::render_reduce_columns(&k, ReduceKind::Sum, 2, &reads, b));
+    validate("column sibling sums", &source);
+}

@@ -70,10 +70,11 @@ impl UnaryOp {
             // tanh(±15) is ±1 in f32; clamping avoids inf/inf in drivers
             // that compute tanh through exp.
             UnaryOp::Tanh => keep_nan(format!("tanh(clamp({x}, {t}(-15), {t}(15)))")),
-            // Both branches are finite where selected: stable for any x.
-            UnaryOp::Sigmoid => {
-                format!("select(exp({x}) / ({t}(1) + exp({x})), {t}(1) / ({t}(1) + exp(-{x})), {x} >= {t}(0))")
-            }
+            // One exp, stable for any x (f16 computed in f32).
+            UnaryOp::Sigmoid => match dtype {
+                DType::F32 => format!("wgrad_sigmoid({x})"),
+                _ => format!("{t}(wgrad_sigmoid(f32({x})))"),
+            },
             UnaryOp::Relu => keep_nan(format!("max({x}, {t}(0))")),
             UnaryOp::Sin => format!("sin({x})"),
             UnaryOp::Cos => format!("cos({x})"),
