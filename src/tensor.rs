@@ -87,12 +87,15 @@ impl Tensor {
 
     /// The same data seen through another layout, with no autograd history.
     pub(crate) fn with_layout(&self, layout: Layout) -> Tensor {
-        // A reshape of the whole contiguous data keeps the element order.
-        let same_order = layout.is_contiguous() && layout.offset == 0 && layout.numel() == self.numel();
-        let host_ints = if same_order && self.0.layout.offset == 0 && self.is_contiguous() {
-            self.0.host_ints.clone()
-        } else {
-            None
+        // A reshape of the whole contiguous data keeps the element order,
+        // and a prefix of it (the first rows) keeps the first values.
+        let prefix = layout.is_contiguous() && layout.offset == 0 && layout.numel() <= self.numel();
+        let host_ints = match &self.0.host_ints {
+            Some(v) if prefix && self.0.layout.offset == 0 && self.is_contiguous() => match layout.numel() == v.len() {
+                true => Some(v.clone()),
+                false => Some(v[..layout.numel().min(v.len())].into()),
+            },
+            _ => None,
         };
         let mut t = Tensor::from_parts(self.0.storage.clone(), layout, self.0.dtype, self.0.device.clone());
         Arc::get_mut(&mut t.0).expect("a new tensor has one handle").host_ints = host_ints;

@@ -854,3 +854,59 @@ fn gradients_left_to_none_are_never_stored() {
     let (first, last) = (program_bytes(false), program_bytes(true));
     assert!(last < first, "zero_grad last {last} B, first {first} B");
 }
+
+/// Batch `i` of `n` rows: inputs and labels.
+fn batch_of(n: usize, i: u64) -> (Tensor, Tensor) {
+    let d = device();
+    let x = wgrad::nn::uniform([n, 12], 1.0, 2000 + i, &d).unwrap().detach();
+    let labels: Vec<i32> = (0..n as i32).map(|j| (j * 3 + i as i32 * 7) % 5).collect();
+    (x, Tensor::from_slice(&labels, [n], &d).unwrap())
+}
+
+/// Issue 16: a step traced at one batch size runs at others without
+/// tracing again (its graph instantiated at the new size and lowered), and
+/// matches eager mode at each, through Adam (host inputs) and a mean over
+/// the batch (a scalar 1 / B baked into a kernel). Nine sizes from 10 to
+/// 90, then sizes seen before (cache hits), a last partial batch of 3,
+/// and 2 (the smallest a family covers).
+#[test]
+fn new_batch_sizes_replay_without_tracing_and_match_eager() {
+    let (eager_model, compiled_model) = (Mlp::new(61), Mlp::new(61));
+    let mut eager_opt = Adam::new(&eager_model.params(), 1e-2).unwrap();
+    let opt = Rc::new(std::cell::RefCell::new(Adam::new(&compiled_model.params(), 1e-2).unwrap()));
+    let body = |model: &Mlp, opt: &mut dyn Optimizer, x: &Tensor, y: &Tensor| -> Result<Vec<Tensor>> {
+        opt.zero_grad();
+        let h = model.l1.forward(x)?.relu()?;
+        // A mean over the batch besides the loss's own.
+        let penalty = h.square()?.mean(&[0], false)?.sum_all()?.mul(1e-3)?;
+        let loss = model.l2.forward(&h)?.cross_entropy(y, ClassLoss::default())?.add(&penalty)?;
+        loss.backward()?;
+        opt.step()?;
+        Ok(vec![loss])
+    };
+    let (opt_in, model) = (opt.clone(), &compiled_model);
+    let mut step =
+        compile_step(&device(), move |args: &[Tensor]| body(model, &mut *opt_in.borrow_mut(), &args[0], &args[1]));
+    let pipelines = || device().counters().pipelines_created;
+    let mut new_pipelines_after_first = 0;
+    let sizes = [10, 20, 30, 40, 50, 60, 70, 80, 90, 30, 90, 3, 2];
+    for (i, &n) in sizes.iter().enumerate() {
+        let (x, y) = batch_of(n, i as u64);
+        let want = body(&eager_model, &mut eager_opt, &x, &y).unwrap();
+        let before = pipelines();
+        let got = step.call(&[x, y]).unwrap();
+        if i > 0 {
+            new_pipelines_after_first += pipelines() - before;
+        }
+        let what = |s: &str| format!("batch {n} (call {i}): {s}");
+        assert_close(&what("loss"), &got[0].to_vec::<f32>().unwrap(), &want[0].to_vec::<f32>().unwrap());
+        for (k, (g, w)) in values(&compiled_model.params()).iter().zip(values(&eager_model.params())).enumerate() {
+            assert_close(&what(&format!("parameter {k}")), g, &w);
+        }
+    }
+    let stats = step.stats();
+    assert_eq!(stats.traces, 1, "one trace for every batch size: {stats:?}");
+    assert_eq!(stats.replans, 10, "each new size lowered once: {stats:?}");
+    assert_eq!((stats.replays, stats.eager_calls), (sizes.len() as u64, 0), "{stats:?}");
+    eprintln!("new pipelines after the first call: {new_pipelines_after_first}");
+}

@@ -8,6 +8,7 @@
 //! `fusion` (kernels and their order) → `lower` (memory plan, launches)
 //! → `runtime` (replay). [`WgslCompiler`] ties them together.
 
+mod batch;
 mod dot;
 mod emit;
 mod fusion;

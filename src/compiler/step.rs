@@ -25,6 +25,7 @@ use parking_lot::Mutex;
 use crate::alloc::PooledBuffer;
 use crate::autograd::LeafState;
 use crate::compiler::ValueId;
+use crate::compiler::batch::BatchModel;
 use crate::compiler::ir::{CapturedGraph, OutputRole};
 use crate::compiler::runtime::Program;
 use crate::compiler::trace::{self, ArgCheck, Commit, GradGuard, HostValues, Source, StepState, TraceScope};
@@ -50,9 +51,14 @@ pub struct StepStats {
     pub eager_calls: u64,
     /// Kernels the last replay dispatched.
     pub kernels_last_replay: u64,
+    /// Calls with a new batch size that instantiated a traced step's
+    /// graph at that size and lowered it, without running the closure
+    /// (see [`compile_step`]).
+    pub replans: u64,
 }
 
 /// What becomes of a `.grad` the step changed.
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum GradEffect {
     /// Cleared (`zero_grad()` and no backward after it).
     Clear,
@@ -68,6 +74,7 @@ type GradEffects = Vec<(Arc<LeafState>, GradEffect)>;
 
 /// A returned tensor: a program output (every returned tensor is one, so
 /// an argument or a `.grad` returned is this call's, not the trace's).
+#[derive(Clone)]
 enum Returned {
     Output(usize),
 }
@@ -97,10 +104,13 @@ struct Entry {
     /// `.grad`s the trace read before changing them, as they were.
     guards: Vec<GradGuard>,
     sources: Vec<Source>,
-    host: Vec<(HostValues, usize, DType)>,
+    /// How to compute each host input, and its dtype; its length is
+    /// `host_sizes` (it may grow with the batch size).
+    host: Arc<Vec<(HostValues, usize, DType)>>,
+    host_sizes: Vec<usize>,
     /// Program-owned buffers of the host inputs, made on the first replay.
     host_buffers: Mutex<Vec<Arc<PooledBuffer>>>,
-    commits: Vec<Commit>,
+    commits: Arc<Vec<Commit>>,
     checks: Vec<(usize, ArgCheck)>,
     grads: GradEffects,
     /// Tensors updated in place, with the input slot of each.
@@ -109,9 +119,84 @@ struct Entry {
     program: Program,
     /// The captured IR and where its inputs come from, for `debug_retrace`.
     fingerprint: String,
+    /// The step as a function of its batch size, when it is one.
+    batch: Option<Arc<BatchFamily>>,
+}
+
+/// A traced step's graph as a function of the batch size, and which
+/// arguments carry the batch (their leading dim).
+struct BatchFamily {
+    model: BatchModel,
+    args: Vec<bool>,
+    uploads: std::collections::HashMap<usize, u64>,
 }
 
 impl Entry {
+    /// The batch size of a call with arguments `key` whose batch this
+    /// entry can change: the same arguments but for the leading dim of
+    /// the batch arguments, which they share.
+    fn batch_size_of(&self, key: &ArgKey) -> Option<usize> {
+        let family = self.batch.as_ref()?;
+        if key.grad_mode != self.key.grad_mode || key.args.len() != self.key.args.len() {
+            return None;
+        }
+        let mut batch = None;
+        for ((new, old), &is_batch) in key.args.iter().zip(&self.key.args).zip(&family.args) {
+            let (dims, old_dims) = (new.1.shape.dims(), old.1.shape.dims());
+            let same_view =
+                new.0 == old.0 && new.2 == old.2 && new.1.strides == old.1.strides && new.1.offset == old.1.offset;
+            if !same_view || dims.len() != old_dims.len() || dims.get(1..) != old_dims.get(1..) {
+                return None;
+            }
+            match (is_batch, dims.first()) {
+                (true, Some(&b)) if batch.is_none_or(|x| x == b) => batch = Some(b),
+                (false, _) if dims == old_dims => {}
+                _ => return None,
+            }
+        }
+        batch
+    }
+
+    /// This entry's step at batch size `b`: its graph instantiated at `b`
+    /// and lowered (no trace), for arguments `key`.
+    fn at_batch(
+        &self,
+        b: usize,
+        key: ArgKey,
+        device: &Device,
+        log: bool,
+        passes: crate::compiler::Passes,
+    ) -> Result<Option<Entry>> {
+        let family = self.batch.as_ref().expect("a batch family");
+        let Some(graph) = family.model.at(b) else { return Ok(None) };
+        let mut host_sizes = self.host_sizes.clone();
+        for v in &graph.values {
+            if let crate::compiler::ir::IrOp::Input { slot } = v.op
+                && let Source::Host(k) = self.sources[slot]
+            {
+                host_sizes[k] = v.meta.shape.numel();
+            }
+        }
+        let fingerprint = fingerprint(&graph, &self.sources, &family.uploads);
+        let program = crate::compiler::wgsl::build_program(device, graph, log, passes)?;
+        Ok(Some(Entry {
+            key,
+            guards: self.guards.clone(),
+            sources: self.sources.clone(),
+            host: self.host.clone(),
+            host_sizes,
+            host_buffers: Mutex::new(Vec::new()),
+            commits: self.commits.clone(),
+            checks: self.checks.clone(),
+            grads: self.grads.clone(),
+            assigned: self.assigned.clone(),
+            returns: self.returns.clone(),
+            program,
+            fingerprint,
+            batch: self.batch.clone(),
+        }))
+    }
+
     /// Whether this call's state matches what the trace saw.
     fn guards_pass(&self) -> bool {
         self.guards.iter().all(|(leaf, seen)| {
@@ -243,6 +328,11 @@ where
         let hit = self.cache.iter().position(|e| e.key == key && e.guards_pass());
         let index = match hit {
             Some(i) if !self.debug_retrace => i,
+            None if !self.debug_retrace
+                && let Some(i) = self.replan(&key)? =>
+            {
+                i
+            }
             hit => match self.trace(args, key)? {
                 Traced::Broke => return self.run_eagerly(args),
                 Traced::Entry(entry) => self.keep(hit, *entry),
@@ -297,6 +387,32 @@ where
         (self.f)(args)
     }
 
+    /// A cached step at this call's batch size, made from an entry traced
+    /// at another (instantiated and lowered, not traced), added to the
+    /// cache; `None` when no entry's batch family covers the call.
+    fn replan(&mut self, key: &ArgKey) -> Result<Option<usize>> {
+        let found = self.cache.iter().find_map(|e| {
+            let b = e.batch_size_of(key).filter(|&b| b >= 2)?;
+            e.guards_pass().then_some((e, b))
+        });
+        let Some((base, b)) = found else { return Ok(None) };
+        let traced_at = base.batch.as_ref().map_or(0, |f| f.model.base());
+        let Some(entry) = base.at_batch(b, key.clone(), &self.device, self.log, self.passes)? else {
+            if self.log {
+                eprintln!("[wgrad compiled] batch size {b}: a size of the step would be negative there; tracing");
+            }
+            return Ok(None);
+        };
+        if self.log {
+            eprintln!(
+                "[wgrad compiled] batch size {b}: the step traced at batch size {traced_at}, lowered at {b} (no trace)"
+            );
+        }
+        self.stats.replans += 1;
+        self.cache.push(entry);
+        Ok(Some(self.cache.len() - 1))
+    }
+
     /// Keeps a new entry: in place of the one it re-traced, or added.
     fn keep(&mut self, replaced: Option<usize>, entry: Entry) -> usize {
         match replaced {
@@ -333,54 +449,90 @@ where
             };
             eprintln!("[wgrad compiled] tracing the step: {reason}");
         }
-        let scope = TraceScope::start_step(&self.device, args)?;
-        let returned = match (self.f)(args) {
-            Ok(returned) => returned,
-            Err(Error::GraphBreak { op, reason }) => {
-                drop(scope);
-                return Ok(self.broke(key, format!("{op}: {reason}")));
-            }
-            Err(e) => return Err(e),
+        let c = match capture(&mut self.f, &self.device, args)? {
+            Captured::Broke(reason) => return Ok(self.broke(key, reason)),
+            Captured::Step(c) => *c,
         };
-        let (mut outputs, returns) = outputs_of(&returned)?;
-        let (grads, assigned) = effects(&mut outputs)?;
-        let (values, inputs, state) = scope.finish_step();
-        if let Some(reason) = state.aliased {
+        if let Some(reason) = c.aliased {
             return Ok(self.broke(key, reason.to_string()));
         }
-        let StepState { sources, guards, host, commits, checks, uploads, .. } = state;
-        let graph = CapturedGraph { values, inputs, outputs };
-        let fingerprint = fingerprint(&graph, &sources, &uploads);
         if self.log {
-            let in_place = graph.outputs.iter().filter(|(_, r)| matches!(r, OutputRole::Assign(_))).count();
+            let in_place = c.graph.outputs.iter().filter(|(_, r)| matches!(r, OutputRole::Assign(_))).count();
             eprintln!(
                 "[wgrad compiled] step: {} inputs ({} arguments, {} host inputs), effects: {} .grad(s) set, {} \
                  tensor(s) updated in place, {} label check(s) per call; inputs:\n{}",
-                sources.len(),
-                sources.iter().filter(|s| matches!(s, Source::Arg(_))).count(),
-                sources.iter().filter(|s| matches!(s, Source::Host(_))).count(),
-                grads.len(),
+                c.sources.len(),
+                c.sources.iter().filter(|s| matches!(s, Source::Arg(_))).count(),
+                c.sources.iter().filter(|s| matches!(s, Source::Host(_))).count(),
+                c.grads.len(),
                 in_place,
-                checks.len(),
-                fingerprint.lines().filter(|l| l.starts_with("input ")).collect::<Vec<_>>().join("\n")
+                c.checks.len(),
+                c.fingerprint.lines().filter(|l| l.starts_with("input ")).collect::<Vec<_>>().join("\n")
             );
         }
-        let program = crate::compiler::wgsl::build_program(&self.device, graph, self.log, self.passes)?;
+        let batch = self.batch_family(args, &c);
+        let host_sizes = c.host.iter().map(|(_, n, _)| *n).collect();
+        let program = crate::compiler::wgsl::build_program(&self.device, c.graph, self.log, self.passes)?;
         let entry = Entry {
             key,
-            guards,
-            sources,
-            host,
+            guards: c.guards,
+            sources: c.sources,
+            host: Arc::new(c.host),
+            host_sizes,
             host_buffers: Mutex::new(Vec::new()),
-            commits,
-            checks,
-            grads,
-            assigned,
-            returns,
+            commits: Arc::new(c.commits),
+            checks: c.checks,
+            grads: c.grads,
+            assigned: c.assigned,
+            returns: c.returns,
             program,
-            fingerprint,
+            fingerprint: c.fingerprint,
+            batch,
         };
         Ok(Traced::Entry(Box::new(entry)))
+    }
+
+    /// The step as a function of the batch size, from two more traces at
+    /// batch sizes one and two smaller (the batch arguments narrowed), or
+    /// `None` (logged) when the traces do not fit one ([`BatchModel`]).
+    /// The batch size is the leading dim of the first argument that has
+    /// one; every argument with that leading dim carries the batch.
+    fn batch_family(&mut self, args: &[Tensor], first: &Capture) -> Option<Arc<BatchFamily>> {
+        let b = *args.iter().find_map(|a| a.dims().first())?;
+        let is_batch: Vec<bool> = args.iter().map(|a| a.dims().first() == Some(&b)).collect();
+        if b < 3 {
+            return None;
+        }
+        let log = self.log;
+        let not = |reason: String| {
+            if log {
+                eprintln!(
+                    "[wgrad compiled] the step is not batch-polymorphic ({reason}): a new batch size traces again"
+                );
+            }
+            None
+        };
+        let mut graphs = Vec::new();
+        for smaller in [b - 1, b - 2] {
+            let narrowed: Result<Vec<Tensor>> = args
+                .iter()
+                .zip(&is_batch)
+                .map(|(a, &t)| if t { a.narrow(0, 0, smaller) } else { Ok(a.clone()) })
+                .collect();
+            let c = match narrowed.and_then(|n| capture(&mut self.f, &self.device, &n)) {
+                Ok(Captured::Step(c)) => c,
+                Ok(Captured::Broke(reason)) => return not(format!("at batch size {smaller}: {reason}")),
+                Err(e) => return not(format!("at batch size {smaller}: {e}")),
+            };
+            if let Some(what) = first.differs(&c) {
+                return not(format!("at batch size {smaller} {what}"));
+            }
+            graphs.push(c.graph);
+        }
+        match BatchModel::fit([&first.graph, &graphs[0], &graphs[1]], b) {
+            Ok(model) => Some(Arc::new(BatchFamily { model, args: is_batch, uploads: first.uploads.clone() })),
+            Err(reason) => not(reason),
+        }
     }
 
     /// Records a graph break of signature `key`: it runs eagerly from now on.
@@ -405,7 +557,8 @@ where
             *host_buffers = entry
                 .host
                 .iter()
-                .map(|(_, n, dtype)| self.device.alloc(4 * *n as u64, *dtype))
+                .zip(&entry.host_sizes)
+                .map(|((_, _, dtype), n)| self.device.alloc(4 * *n as u64, *dtype))
                 .collect::<Result<_>>()?;
         }
         let mut inputs = Vec::with_capacity(entry.sources.len());
@@ -418,7 +571,8 @@ where
                     message: "internal: a guarded .grad is gone".into(),
                 })?,
                 Source::Host(k) => {
-                    let (values, n, dtype) = &entry.host[*k];
+                    let (values, _, dtype) = &entry.host[*k];
+                    let n = &entry.host_sizes[*k];
                     let words = values(args)?;
                     if words.len() != *n {
                         drop(host_buffers);
@@ -478,7 +632,7 @@ where
         for (t, _) in &entry.assigned {
             t.pooled()?.bump_version();
         }
-        for commit in &entry.commits {
+        for commit in entry.commits.iter() {
             commit();
         }
         self.stats.replays += 1;
@@ -490,6 +644,101 @@ where
 enum Traced {
     Entry(Box<Entry>),
     Broke,
+}
+
+/// What one trace of the step recorded.
+struct Capture {
+    graph: CapturedGraph,
+    sources: Vec<Source>,
+    guards: Vec<GradGuard>,
+    host: Vec<(HostValues, usize, DType)>,
+    commits: Vec<Commit>,
+    checks: Vec<(usize, ArgCheck)>,
+    uploads: std::collections::HashMap<usize, u64>,
+    aliased: Option<&'static str>,
+    grads: GradEffects,
+    assigned: Vec<(Tensor, usize)>,
+    returns: Vec<Returned>,
+    fingerprint: String,
+}
+
+enum Captured {
+    Step(Box<Capture>),
+    /// A graph break, with its op and reason.
+    Broke(String),
+}
+
+/// Runs `f` on `args` under a step trace. Leaves every tensor and
+/// `.grad` as it was, whatever happens (nothing is committed).
+fn capture<F>(f: &mut F, device: &Device, args: &[Tensor]) -> Result<Captured>
+where
+    F: FnMut(&[Tensor]) -> Result<Vec<Tensor>>,
+{
+    let scope = TraceScope::start_step(device, args)?;
+    let returned = match f(args) {
+        Ok(returned) => returned,
+        Err(Error::GraphBreak { op, reason }) => {
+            drop(scope);
+            return Ok(Captured::Broke(format!("{op}: {reason}")));
+        }
+        Err(e) => return Err(e),
+    };
+    let (mut outputs, returns) = outputs_of(&returned)?;
+    let (grads, assigned) = effects(&mut outputs)?;
+    let (values, inputs, state) = scope.finish_step();
+    let StepState { sources, guards, host, commits, checks, uploads, aliased, .. } = state;
+    let graph = CapturedGraph { values, inputs, outputs };
+    let fingerprint = fingerprint(&graph, &sources, &uploads);
+    let c = Capture {
+        graph,
+        sources,
+        guards,
+        host,
+        commits,
+        checks,
+        uploads,
+        aliased,
+        grads,
+        assigned,
+        returns,
+        fingerprint,
+    };
+    Ok(Captured::Step(Box::new(c)))
+}
+
+impl Capture {
+    /// What `other` (a trace at another batch size) reads or changes that
+    /// this trace does not, if anything: the two must bind the same
+    /// tensors and have the same effects to be one step.
+    fn differs(&self, other: &Capture) -> Option<&'static str> {
+        let same_source = |a: &Source, b: &Source| match (a, b) {
+            (Source::Arg(i), Source::Arg(j)) => i == j,
+            (Source::State(t), Source::State(u)) => t.shares_storage(u) && t.layout() == u.layout(),
+            (Source::Grad(l), Source::Grad(m)) => Arc::ptr_eq(l, m),
+            (Source::Host(i), Source::Host(j)) => i == j,
+            _ => false,
+        };
+        let same_grads = self.grads.len() == other.grads.len()
+            && self.grads.iter().zip(&other.grads).all(|((l, e), (m, f))| Arc::ptr_eq(l, m) && e == f);
+        let same_assigns = self.assigned.len() == other.assigned.len()
+            && self.assigned.iter().zip(&other.assigned).all(|((t, i), (u, j))| t.shares_storage(u) && i == j);
+        if self.sources.len() != other.sources.len()
+            || !self.sources.iter().zip(&other.sources).all(|(a, b)| same_source(a, b))
+        {
+            Some("reads other tensors (a constant made in the step from host data?)")
+        } else if !same_grads || !same_assigns || self.guards.len() != other.guards.len() {
+            Some("changes other state")
+        } else if self.host.len() != other.host.len()
+            || self.commits.len() != other.commits.len()
+            || self.checks.len() != other.checks.len()
+            || self.returns.len() != other.returns.len()
+            || other.aliased.is_some()
+        {
+            Some("has other host inputs, checks or results")
+        } else {
+            None
+        }
+    }
 }
 
 /// The program outputs for the returned tensors, and how to return each.
