@@ -59,13 +59,21 @@ where
             .ok_or(wgrad::Error::InvalidArgument { op: "training step", message: "the step returned no loss".into() })
     }
 
+    /// What the compiled step did (`None` when eager).
+    pub fn stats(&self) -> Option<wgrad::StepStats> {
+        match self {
+            Trainer::Step(s) => Some(s.stats()),
+            Trainer::Eager(_) => None,
+        }
+    }
+
     /// Prints what the compiled step did (nothing when eager).
     pub fn report(&self) {
-        if let Trainer::Step(s) = self {
-            let s = s.stats();
+        if let Some(s) = self.stats() {
             println!(
-                "compiled step: {} traces, {} replays, {} graph breaks, {} kernels per replay",
-                s.traces, s.replays, s.graph_breaks, s.kernels_last_replay
+                "compiled step: {} traces, {} replays ({} at a new batch size, not traced), {} graph breaks, {} \
+                 kernels per replay",
+                s.traces, s.replays, s.replans, s.graph_breaks, s.kernels_last_replay
             );
         }
     }

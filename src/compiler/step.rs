@@ -129,6 +129,10 @@ struct BatchFamily {
     model: BatchModel,
     args: Vec<bool>,
     uploads: std::collections::HashMap<usize, u64>,
+    /// The passes every size is lowered with: the same kernel choices at
+    /// every size where they do not depend on it. (A row kernel is made
+    /// for any number of rows, as the rows grow with the batch.)
+    passes: crate::compiler::Passes,
 }
 
 impl Entry {
@@ -159,14 +163,7 @@ impl Entry {
 
     /// This entry's step at batch size `b`: its graph instantiated at `b`
     /// and lowered (no trace), for arguments `key`.
-    fn at_batch(
-        &self,
-        b: usize,
-        key: ArgKey,
-        device: &Device,
-        log: bool,
-        passes: crate::compiler::Passes,
-    ) -> Result<Option<Entry>> {
+    fn at_batch(&self, b: usize, key: ArgKey, device: &Device, log: bool) -> Result<Option<Entry>> {
         let family = self.batch.as_ref().expect("a batch family");
         let Some(graph) = family.model.at(b) else { return Ok(None) };
         let mut host_sizes = self.host_sizes.clone();
@@ -178,7 +175,7 @@ impl Entry {
             }
         }
         let fingerprint = fingerprint(&graph, &self.sources, &family.uploads);
-        let program = crate::compiler::wgsl::build_program(device, graph, log, passes)?;
+        let program = crate::compiler::wgsl::build_program(device, graph, log, family.passes)?;
         Ok(Some(Entry {
             key,
             guards: self.guards.clone(),
@@ -397,7 +394,7 @@ where
         });
         let Some((base, b)) = found else { return Ok(None) };
         let traced_at = base.batch.as_ref().map_or(0, |f| f.model.base());
-        let Some(entry) = base.at_batch(b, key.clone(), &self.device, self.log, self.passes)? else {
+        let Some(entry) = base.at_batch(b, key.clone(), &self.device, self.log)? else {
             if self.log {
                 eprintln!("[wgrad compiled] batch size {b}: a size of the step would be negative there; tracing");
             }
@@ -471,8 +468,9 @@ where
             );
         }
         let batch = self.batch_family(args, &c);
+        let passes = batch.as_ref().map_or(self.passes, |f| f.passes);
         let host_sizes = c.host.iter().map(|(_, n, _)| *n).collect();
-        let program = crate::compiler::wgsl::build_program(&self.device, c.graph, self.log, self.passes)?;
+        let program = crate::compiler::wgsl::build_program(&self.device, c.graph, self.log, passes)?;
         let entry = Entry {
             key,
             guards: c.guards,
@@ -530,7 +528,10 @@ where
             graphs.push(c.graph);
         }
         match BatchModel::fit([&first.graph, &graphs[0], &graphs[1]], b) {
-            Ok(model) => Some(Arc::new(BatchFamily { model, args: is_batch, uploads: first.uploads.clone() })),
+            Ok(model) => {
+                let passes = crate::compiler::Passes { min_rows: 1, ..self.passes };
+                Some(Arc::new(BatchFamily { model, args: is_batch, uploads: first.uploads.clone(), passes }))
+            }
             Err(reason) => not(reason),
         }
     }
