@@ -353,6 +353,16 @@ fn conv2d_gradcheck() {
             |r| conv2d_ref(&r[0], &r[1], r.get(2), o),
         );
     }
+    // Padding so wide that each image's padding element is read by more
+    // than 4,096 taps: its scatter-add is cut into runs (per image, as the
+    // map is one image's for the whole batch).
+    let o = opts([1, 1], [35, 35], [1, 1]);
+    gradcheck(
+        "conv2d padding 35",
+        &[r32(488, &[2, 1, 3, 3], -1.0, 1.0), r32(489, &[1, 1, 3, 3], -1.0, 1.0)],
+        |t| t[0].conv2d(&t[1], None, o),
+        |r| conv2d_ref(&r[0], &r[1], None, o),
+    );
     // 1x1 kernel, one input channel; and a non-contiguous (permuted) input.
     let x = r32(490, &[2, 1, 3, 4], -1.0, 1.0);
     let w = r32(491, &[3, 1, 1, 1], -1.0, 1.0);

@@ -189,9 +189,12 @@ impl<'a> Emitter<'a> {
                     continue;
                 }
                 Node::Gather(j, off) => Node::Gather(binding(j), map[off]),
-                Node::SegmentSum { values, starts, positions } => {
-                    Node::SegmentSum { values: binding(values), starts: binding(starts), positions: binding(positions) }
-                }
+                Node::SegmentSum { values, starts, positions, batched } => Node::SegmentSum {
+                    values: binding(values),
+                    starts: binding(starts),
+                    positions: binding(positions),
+                    batched,
+                },
                 Node::Scalar(j) => Node::Scalar(self.slot(k, scalars, j)),
                 Node::Random(kind, j) => {
                     let first = self.slot(k, scalars, j);

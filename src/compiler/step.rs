@@ -446,6 +446,9 @@ where
             };
             eprintln!("[wgrad compiled] tracing the step: {reason}");
         }
+        // The smaller batch sizes first, so that the closure's last run
+        // (whose Rust-side effects stay) is on this call's arguments.
+        let smaller = self.smaller_batches(args);
         let c = match capture(&mut self.f, &self.device, args)? {
             Captured::Broke(reason) => return Ok(self.broke(key, reason)),
             Captured::Step(c) => *c,
@@ -467,7 +470,7 @@ where
                 c.fingerprint.lines().filter(|l| l.starts_with("input ")).collect::<Vec<_>>().join("\n")
             );
         }
-        let batch = self.batch_family(args, &c);
+        let batch = smaller.and_then(|s| self.batch_family(s, &c));
         let passes = batch.as_ref().map_or(self.passes, |f| f.passes);
         let host_sizes = c.host.iter().map(|(_, n, _)| *n).collect();
         let program = crate::compiler::wgsl::build_program(&self.device, c.graph, self.log, passes)?;
@@ -490,49 +493,58 @@ where
         Ok(Traced::Entry(Box::new(entry)))
     }
 
-    /// The step as a function of the batch size, from two more traces at
-    /// batch sizes one and two smaller (the batch arguments narrowed), or
-    /// `None` (logged) when the traces do not fit one ([`BatchModel`]).
-    /// The batch size is the leading dim of the first argument that has
-    /// one; every argument with that leading dim carries the batch.
-    fn batch_family(&mut self, args: &[Tensor], first: &Capture) -> Option<Arc<BatchFamily>> {
+    /// The step traced at batch sizes two and one smaller than this call's
+    /// (the batch arguments narrowed to their first rows), for
+    /// [`CompiledStep::batch_family`]; `None` (logged) when the call has no
+    /// batch of 3 or more, or a smaller trace fails or breaks. The batch
+    /// size is the leading dim of the first argument that has one; every
+    /// argument with that leading dim carries the batch.
+    fn smaller_batches(&mut self, args: &[Tensor]) -> Option<Smaller> {
         let b = *args.iter().find_map(|a| a.dims().first())?;
         let is_batch: Vec<bool> = args.iter().map(|a| a.dims().first() == Some(&b)).collect();
         if b < 3 {
             return None;
         }
-        let log = self.log;
-        let not = |reason: String| {
-            if log {
-                eprintln!(
-                    "[wgrad compiled] the step is not batch-polymorphic ({reason}): a new batch size traces again"
-                );
-            }
-            None
-        };
-        let mut graphs = Vec::new();
-        for smaller in [b - 1, b - 2] {
+        let mut captures = Vec::new();
+        for smaller in [b - 2, b - 1] {
             let narrowed: Result<Vec<Tensor>> = args
                 .iter()
                 .zip(&is_batch)
                 .map(|(a, &t)| if t { a.narrow(0, 0, smaller) } else { Ok(a.clone()) })
                 .collect();
-            let c = match narrowed.and_then(|n| capture(&mut self.f, &self.device, &n)) {
-                Ok(Captured::Step(c)) => c,
-                Ok(Captured::Broke(reason)) => return not(format!("at batch size {smaller}: {reason}")),
-                Err(e) => return not(format!("at batch size {smaller}: {e}")),
-            };
-            if let Some(what) = first.differs(&c) {
-                return not(format!("at batch size {smaller} {what}"));
+            match narrowed.and_then(|n| capture(&mut self.f, &self.device, &n)) {
+                Ok(Captured::Step(c)) => captures.push(*c),
+                Ok(Captured::Broke(reason)) => return self.not_batched(format!("at batch size {smaller}: {reason}")),
+                Err(e) => return self.not_batched(format!("at batch size {smaller}: {e}")),
             }
-            graphs.push(c.graph);
         }
-        match BatchModel::fit([&first.graph, &graphs[0], &graphs[1]], b) {
+        let [two, one] = <[Capture; 2]>::try_from(captures).ok()?;
+        Some(Smaller { b, is_batch, one, two })
+    }
+
+    fn not_batched<T>(&self, reason: String) -> Option<T> {
+        if self.log {
+            eprintln!("[wgrad compiled] the step is not batch-polymorphic ({reason}): a new batch size traces again");
+        }
+        None
+    }
+
+    /// The step as a function of the batch size ([`BatchModel`]), from
+    /// this call's trace and the smaller ones, or `None` (logged) when the
+    /// traces do not fit one.
+    fn batch_family(&self, smaller: Smaller, first: &Capture) -> Option<Arc<BatchFamily>> {
+        let Smaller { b, is_batch, one, two } = smaller;
+        for (size, c) in [(b - 1, &one), (b - 2, &two)] {
+            if let Some(what) = first.differs(c) {
+                return self.not_batched(format!("at batch size {size} the step {what}"));
+            }
+        }
+        match BatchModel::fit([&first.graph, &one.graph, &two.graph], b) {
             Ok(model) => {
                 let passes = crate::compiler::Passes { min_rows: 1, ..self.passes };
                 Some(Arc::new(BatchFamily { model, args: is_batch, uploads: first.uploads.clone(), passes }))
             }
-            Err(reason) => not(reason),
+            Err(reason) => self.not_batched(reason),
         }
     }
 
@@ -647,6 +659,14 @@ enum Traced {
     Broke,
 }
 
+/// The step traced at batch sizes `b - 1` (`one`) and `b - 2` (`two`).
+struct Smaller {
+    b: usize,
+    is_batch: Vec<bool>,
+    one: Capture,
+    two: Capture,
+}
+
 /// What one trace of the step recorded.
 struct Capture {
     graph: CapturedGraph,
@@ -714,7 +734,9 @@ impl Capture {
     fn differs(&self, other: &Capture) -> Option<&'static str> {
         let same_source = |a: &Source, b: &Source| match (a, b) {
             (Source::Arg(i), Source::Arg(j)) => i == j,
-            (Source::State(t), Source::State(u)) => t.shares_storage(u) && t.layout() == u.layout(),
+            // The same buffer: how the program reads it (a view that grows
+            // with the batch) is in the graph's numbers.
+            (Source::State(t), Source::State(u)) => t.shares_storage(u),
             (Source::Grad(l), Source::Grad(m)) => Arc::ptr_eq(l, m),
             (Source::Host(i), Source::Host(j)) => i == j,
             _ => false,

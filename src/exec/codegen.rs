@@ -276,14 +276,29 @@ fn node_line(
         Node::Cast(a) => format!("{t}({})", v(a)),
         Node::Arg => "acc".to_string(),
         Node::Gather(j, off) => names.at(j, &format!("p({}u) + {}", view_base(j), v(off))),
-        Node::SegmentSum { values, starts, positions } => {
+        Node::SegmentSum { values, starts, positions, batched } => {
             let (bv, bs, bp) = (view_base(values), view_base(starts), view_base(positions));
             let _ = writeln!(s, "    var acc{id}: {t} = {t}(0);");
-            let (first, last) =
-                (names.at(starts, &format!("p({bs}u) + i")), names.at(starts, &format!("p({bs}u) + i + 1u")));
+            // Batched: segment `i % S` of one image's map, over the values
+            // of image `i / S` (S and E lead the starts).
+            let (segment, values_at) = match batched {
+                false => ("i".to_string(), format!("p({bv}u)")),
+                true => {
+                    let (segments, per_image) =
+                        (names.at(starts, &format!("p({bs}u)")), names.at(starts, &format!("p({bs}u) + 1u")));
+                    let _ = writeln!(s, "    let seg{id} = i % {segments} + 2u;");
+                    let _ = writeln!(s, "    let vals{id} = p({bv}u) + (i / {segments}) * {per_image};");
+                    (format!("seg{id}"), format!("vals{id}"))
+                }
+            };
+            let (first, last) = (
+                names.at(starts, &format!("p({bs}u) + {segment}")),
+                names.at(starts, &format!("p({bs}u) + {segment} + 1u")),
+            );
             let _ = writeln!(s, "    for (var k = {first}; k < {last}; k = k + 1u) {{");
             let position = names.at(positions, &format!("p({bp}u) + k"));
-            let _ = writeln!(s, "        acc{id} = acc{id} + {};", names.at(values, &format!("p({bv}u) + {position}")));
+            let _ =
+                writeln!(s, "        acc{id} = acc{id} + {};", names.at(values, &format!("{values_at} + {position}")));
             s.push_str("    }\n");
             format!("acc{id}")
         }

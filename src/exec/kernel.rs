@@ -78,10 +78,15 @@ pub(crate) enum Node {
     /// The sum of `values[positions[k]]` for k in `starts[i] .. starts[i + 1]`
     /// (bindings, all gathered; `i` is the current index): a deterministic
     /// scatter-add, each output summing its sources in a fixed order.
+    /// `batched`: one map for every image of a batch, `starts` beginning
+    /// with two words, the segments S and values E per image; output `i`
+    /// is segment `i % S` of image `i / S`, whose values start at
+    /// `(i / S) * E` (see `ops::index::batched_index_map`).
     SegmentSum {
         values: usize,
         starts: usize,
         positions: usize,
+        batched: bool,
     },
     /// The reduction of the operand over the current row: only in a row
     /// kernel ([`crate::exec::codegen::render_rows`]), where an invocation
@@ -113,9 +118,12 @@ impl Node {
             Node::Cast(a) => Node::Cast(id(a)),
             Node::Arg => Node::Arg,
             Node::Gather(b, offset) => Node::Gather(binding(b), id(offset)),
-            Node::SegmentSum { values, starts, positions } => {
-                Node::SegmentSum { values: binding(values), starts: binding(starts), positions: binding(positions) }
-            }
+            Node::SegmentSum { values, starts, positions, batched } => Node::SegmentSum {
+                values: binding(values),
+                starts: binding(starts),
+                positions: binding(positions),
+                batched,
+            },
             Node::RowReduce(kind, a) => Node::RowReduce(kind, id(a)),
         }
     }

@@ -244,7 +244,7 @@ impl PendingMaps {
                     bindings_used[b] = true;
                     need(offset);
                 }
-                Node::SegmentSum { values, starts, positions } => {
+                Node::SegmentSum { values, starts, positions, .. } => {
                     bindings_used[values] = true;
                     bindings_used[starts] = true;
                     bindings_used[positions] = true;

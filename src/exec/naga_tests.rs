@@ -363,6 +363,21 @@ fn sibling_reductions_validate() {
 }
 
 #[test]
+fn batched_segment_sums_validate() {
+    // A batched scatter-add (one image's map for every image), and the
+    // batched gather that it is the transpose of.
+    for dtype in [DType::F32, DType::F16] {
+        let mut k = MapKernel::default();
+        let values = k.gathered(dtype);
+        let starts = k.gathered(DType::U32);
+        let positions = k.gathered(DType::U32);
+        let v = k.push(Node::SegmentSum { values, starts, positions, batched: true }, dtype);
+        k.output(v);
+        validate(&format!("batched segment sum {dtype:?}"), &render(&k));
+    }
+}
+
+#[test]
 fn column_reductions_validate() {
     use codegen::ColumnRead;
     for dtype in DTYPES {

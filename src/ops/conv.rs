@@ -5,11 +5,13 @@
 //! and every gradient, col2im included, is the transpose of a primitive.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 
+use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::metadata::DeviceId;
 use crate::metadata::Shape;
-use crate::ops::index::{gather_flat, index_map};
+use crate::ops::index::{IndexMap, batched_index_map, gather_batched};
 use crate::tensor::Tensor;
 
 /// Stride, padding and dilation of a convolution, per spatial dim (h, w),
@@ -136,10 +138,12 @@ impl Windows {
         }
         // The gather map addresses the padded input and the windows with u32
         // offsets, and is built on the host: refuse sizes it cannot hold.
+        // (Each image with its own padding element: n (c h w + 1) in all.)
         let [n, c, h, w] = self.input;
         let taps = [n, c, out[0], out[1], self.kernel[0], self.kernel[1]];
         let windows = taps.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
-        let padded = [n, c, h, w].iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).and_then(|x| x.checked_add(1));
+        let image = [c, h, w].iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).and_then(|x| x.checked_add(1));
+        let padded = image.and_then(|i| i.checked_mul(n));
         match (windows, padded) {
             (Some(windows), Some(padded)) if windows <= u32::MAX as usize && padded <= u32::MAX as usize => Ok(out),
             _ => Err(Error::InvalidArgument {
@@ -197,12 +201,25 @@ impl Windows {
     }
 }
 
-/// Window offsets by geometry: a training loop asks for the same ones every step.
-fn cached_offsets(windows: Windows, out: [usize; 2]) -> Arc<Vec<u32>> {
-    static CACHE: OnceLock<Mutex<HashMap<Windows, Arc<Vec<u32>>>>> = OnceLock::new();
+/// One image's window map by geometry (`windows` of one image), on the
+/// device: a training loop asks for the same one every step, at every batch
+/// size, and a compiled step then binds the same tensors at every size.
+fn cached_map(device: &Device, windows: Windows, out: [usize; 2]) -> Result<IndexMap> {
+    static CACHE: OnceLock<Mutex<HashMap<(DeviceId, Windows), IndexMap>>> = OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
-    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
-    cache.entry(windows).or_insert_with(|| Arc::new(windows.offsets(out))).clone()
+    let key = (device.id(), windows);
+    if let Some(map) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return Ok(map.clone());
+    }
+    let [_, c, h, w] = windows.input;
+    let [kh, kw] = windows.kernel;
+    let dims = match windows.channel_major {
+        true => [c, out[0], out[1], kh, kw],
+        false => [out[0], out[1], c, kh, kw],
+    };
+    let map = batched_index_map(device, c * h * w + 1, &Shape::new(dims), &windows.offsets(out))?;
+    cache.lock().unwrap_or_else(|e| e.into_inner()).insert(key, map.clone());
+    Ok(map)
 }
 
 impl Tensor {
@@ -226,16 +243,13 @@ impl Tensor {
         let d = self.dims();
         let w = Windows { input: [d[0], d[1], d[2], d[3]], kernel, options, channel_major, ceil_mode };
         let out = w.output(op)?;
-        let offsets = cached_offsets(w, out);
-        let extended =
-            crate::ops::cat(&[&self.flatten_all()?, &Tensor::full([1], pad, self.dtype(), self.device())?], 0)?;
-        let dims = if channel_major {
-            [d[0], d[1], out[0], out[1], kernel[0], kernel[1]]
-        } else {
-            [d[0], out[0], out[1], d[1], kernel[0], kernel[1]]
-        };
-        let map = index_map(self.device(), extended.numel(), &Shape::new(dims), &offsets)?;
-        Ok((gather_flat(&extended, &map)?, out))
+        // One image's map, for every image: each image [c h w] followed by
+        // its padding element.
+        let map = cached_map(self.device(), Windows { input: [1, d[1], d[2], d[3]], ..w }, out)?;
+        let (n, image) = (d[0], d[1] * d[2] * d[3]);
+        let pad = Tensor::full([n, 1], pad, self.dtype(), self.device())?;
+        let extended = crate::ops::cat(&[&self.reshape([n, image])?, &pad], 1)?;
+        Ok((gather_batched(&extended, &map)?, out))
     }
 
     /// 2-D convolution (cross-correlation, as in PyTorch) of this

@@ -100,7 +100,7 @@ pub(crate) fn gather_flat(source: &Tensor, map: &IndexMap) -> Result<Tensor> {
     k.output(v);
     let out_shape = map[0].shape().clone();
     let out = crate::exec::map("gather", k, &[&src, &map[0]], &[], &out_shape, src.device())?.remove(0);
-    let op = Op::Gather { source: source.shape().clone() };
+    let op = Op::Gather { source: source.shape().clone(), batched: false };
     Ok(record(op, &[source], map.to_vec(), out))
 }
 
@@ -112,7 +112,7 @@ pub(crate) fn scatter_add_flat(g: &Tensor, map: &IndexMap, target: &Shape) -> Re
     let values = k.gathered(g_c.dtype());
     let starts = k.gathered(DType::U32);
     let positions = k.gathered(DType::U32);
-    let v = k.push(Node::SegmentSum { values, starts, positions }, g_c.dtype());
+    let v = k.push(Node::SegmentSum { values, starts, positions, batched: false }, g_c.dtype());
     k.output(v);
     // Runs per target element (see `index_map`): 1 unless a segment is long.
     let runs = if target.numel() == 0 { 1 } else { (map[1].numel() - 1) / target.numel() };
@@ -126,7 +126,79 @@ pub(crate) fn scatter_add_flat(g: &Tensor, map: &IndexMap, target: &Shape) -> Re
                 .remove(0);
         crate::exec::reduce(crate::exec::ReduceKind::Sum, &run_sums, &[target.rank()], false)?
     };
-    let op = Op::ScatterAdd { target: target.clone() };
+    let op = Op::ScatterAdd { target: target.clone(), batched: false };
+    Ok(record(op, &[g], map.to_vec(), out))
+}
+
+/// A gather map for every image of a batch (convolution windows): offsets
+/// (u32, one image's output shape) into one image of `image_numel`
+/// elements; `starts` begins with the segments per image (`image_numel`
+/// times the runs) and the outputs per image, then one image's inverse
+/// map. Nothing in it depends on the batch size, so a compiled step reads
+/// the same map at every batch size.
+pub(crate) fn batched_index_map(
+    device: &Device,
+    image_numel: usize,
+    image_out: &Shape,
+    offsets: &[u32],
+) -> Result<IndexMap> {
+    let (starts, positions) = inverse_map(image_numel, offsets);
+    let segments = (starts.len() - 1) as u32;
+    let header = [segments, offsets.len() as u32];
+    Ok([
+        Tensor::from_slice(offsets, image_out.clone(), device)?,
+        Tensor::from_slice(&[&header[..], &starts].concat(), [starts.len() + 2], device)?,
+        Tensor::from_slice(&positions, [offsets.len()], device)?,
+    ])
+}
+
+/// `out[b, e] = source[b, offsets[e]]` for a `[n, S]` source and a
+/// [`batched_index_map`]: `[n]` followed by the map's output shape.
+pub(crate) fn gather_batched(source: &Tensor, map: &IndexMap) -> Result<Tensor> {
+    let src = source.contiguous()?;
+    let (n, s, e) = (src.dims()[0], src.dims()[1], map[0].numel());
+    let mut k = MapKernel::default();
+    let values = k.gathered(src.dtype());
+    let offset = k.input(DType::U32);
+    let index = k.push(Node::Index, DType::U32);
+    let (per_image, image) = (k.scalar(DType::U32), k.scalar(DType::U32));
+    let b = k.push(Node::Binary(crate::ops::binary::BinaryOp::Div, index, per_image), DType::U32);
+    let start = k.push(Node::Binary(crate::ops::binary::BinaryOp::Mul, b, image), DType::U32);
+    let at = k.push(Node::Binary(crate::ops::binary::BinaryOp::Add, offset, start), DType::U32);
+    let v = k.push(Node::Gather(values, at), src.dtype());
+    k.output(v);
+    let offsets = map[0].reshape([1, e])?.expand([n, e])?;
+    let flat = Shape::new([n, e]);
+    let out = crate::exec::map("gather", k, &[&src, &offsets], &[e as f64, s as f64], &flat, src.device())?.remove(0);
+    let mut dims = vec![n];
+    dims.extend_from_slice(map[0].dims());
+    let out = out.reshape(Shape::new(dims))?;
+    let op = Op::Gather { source: source.shape().clone(), batched: true };
+    Ok(record(op, &[source], map.to_vec(), out))
+}
+
+/// The transpose of [`gather_batched`]: a `target` (`[n, S]`) tensor whose
+/// element (b, t) sums the elements of image b of `g` that the map read
+/// from t.
+pub(crate) fn scatter_add_batched(g: &Tensor, map: &IndexMap, target: &Shape) -> Result<Tensor> {
+    let (n, s) = (target.dims()[0], target.dims()[1]);
+    let g_c = g.contiguous()?;
+    let mut k = MapKernel::default();
+    let values = k.gathered(g_c.dtype());
+    let starts = k.gathered(DType::U32);
+    let positions = k.gathered(DType::U32);
+    let v = k.push(Node::SegmentSum { values, starts, positions, batched: true }, g_c.dtype());
+    k.output(v);
+    let runs = (map[1].numel() - 3).checked_div(s).unwrap_or(1);
+    let inputs = [&g_c, &map[1], &map[2]];
+    let out = if runs == 1 {
+        crate::exec::map("scatter_add", k, &inputs, &[], target, g.device())?.remove(0)
+    } else {
+        let run_sums =
+            crate::exec::map("scatter_add", k, &inputs, &[], &Shape::new([n, s, runs]), g.device())?.remove(0);
+        crate::exec::reduce(crate::exec::ReduceKind::Sum, &run_sums, &[2], false)?
+    };
+    let op = Op::ScatterAdd { target: target.clone(), batched: true };
     Ok(record(op, &[g], map.to_vec(), out))
 }
 

@@ -147,13 +147,16 @@ pub(crate) enum Op {
         sizes: Vec<usize>,
     },
     Copy,
-    /// A gather from a source of shape `source`; saved: its index map.
+    /// A gather from a source of shape `source`; saved: its index map
+    /// (one image's, for every image of the leading dim, when `batched`).
     Gather {
         source: Shape,
+        batched: bool,
     },
     /// The transpose of a gather, into `target`; saved: the index map.
     ScatterAdd {
         target: Shape,
+        batched: bool,
     },
 }
 
@@ -199,13 +202,21 @@ impl Op {
             Op::Pad { dim, start, len } => Ok(vec![Some(g.narrow(*dim as isize, *start, *len)?)]),
             Op::Cat { dim, sizes } => movement::cat_backward(g, *dim, sizes, needs),
             Op::Copy => Ok(vec![Some(g.clone())]),
-            Op::Gather { source } => Ok(vec![Some(index::scatter_add_flat(
+            Op::Gather { source, batched: false } => Ok(vec![Some(index::scatter_add_flat(
                 g,
                 &[saved[0].clone(), saved[1].clone(), saved[2].clone()],
                 source,
             )?)]),
-            Op::ScatterAdd { .. } => {
+            Op::Gather { source, batched: true } => Ok(vec![Some(index::scatter_add_batched(
+                g,
+                &[saved[0].clone(), saved[1].clone(), saved[2].clone()],
+                source,
+            )?)]),
+            Op::ScatterAdd { batched: false, .. } => {
                 Ok(vec![Some(index::gather_flat(g, &[saved[0].clone(), saved[1].clone(), saved[2].clone()])?)])
+            }
+            Op::ScatterAdd { batched: true, .. } => {
+                Ok(vec![Some(index::gather_batched(g, &[saved[0].clone(), saved[1].clone(), saved[2].clone()])?)])
             }
         }
     }
