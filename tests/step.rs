@@ -910,3 +910,58 @@ fn new_batch_sizes_replay_without_tracing_and_match_eager() {
     assert_eq!((stats.replays, stats.eager_calls), (sizes.len() as u64, 0), "{stats:?}");
     eprintln!("new pipelines after the first call: {new_pipelines_after_first}");
 }
+
+/// Issue 16: a gradient penalty (a gradient taken with `create_graph`
+/// inside the step, then differentiated again by `backward()`) and a
+/// Hessian-vector product are compiled into the step's one program and
+/// match eager mode.
+#[test]
+fn higher_order_gradients_inside_a_step_match_eager() {
+    use wgrad::BackwardOptions;
+    let d = device();
+    let make = |seed: u64| wgrad::nn::uniform([3, 4], 0.5, seed, &d).unwrap().detach().requires_grad(true).unwrap();
+    let (w_eager, w_step) = (make(71), make(71));
+    let body = |w: &Tensor, x: &Tensor, opt: &mut dyn Optimizer| -> Result<Vec<Tensor>> {
+        opt.zero_grad();
+        let y = x.matmul(w)?.tanh()?.sum_all()?;
+        let create = BackwardOptions { create_graph: true, ..Default::default() };
+        let g = wgrad::grad(&[&y], &[w], None, create)?[0].clone().expect("w reaches y");
+        // A Hessian-vector product of y with v = 1, through g.
+        let hv = wgrad::grad(&[&g.sum_all()?], &[w], None, create)?[0].clone().expect("g depends on w");
+        let loss = y.add(&g.square()?.sum_all()?.mul(0.1)?)?.add(&hv.sum_all()?.mul(0.01)?)?;
+        loss.backward()?;
+        opt.step()?;
+        Ok(vec![loss, hv])
+    };
+    let mut eager_opt = Sgd::new(std::slice::from_ref(&w_eager), 0.1, 0.0, 0.0).unwrap();
+    let mut opt = Sgd::new(std::slice::from_ref(&w_step), 0.1, 0.0, 0.0).unwrap();
+    let w_in = w_step.clone();
+    let mut step = compile_step(&d, move |args: &[Tensor]| body(&w_in, &args[0], &mut opt));
+    for i in 0..4 {
+        let x = wgrad::nn::uniform([5, 3], 1.0, 300 + i, &d).unwrap().detach();
+        // The Hessian-vector product in f64 on the host: with t = tanh(x w),
+        // hv[k][j] = sum_i -2 t (1 - t^2) x[i][k] (sum_k' x[i][k']).
+        let (xh, wh) = (x.to_vec::<f32>().unwrap(), w_eager.to_vec::<f32>().unwrap());
+        let mut hv_ref = vec![0.0f64; 12];
+        for r in 0..5 {
+            let row_sum: f64 = (0..3).map(|k| xh[r * 3 + k] as f64).sum();
+            for j in 0..4 {
+                let t = (0..3).map(|k| xh[r * 3 + k] as f64 * wh[k * 4 + j] as f64).sum::<f64>().tanh();
+                for k in 0..3 {
+                    hv_ref[k * 4 + j] += -2.0 * t * (1.0 - t * t) * xh[r * 3 + k] as f64 * row_sum;
+                }
+            }
+        }
+        let want = body(&w_eager, &x, &mut eager_opt).unwrap();
+        let got = step.call(&[x]).unwrap();
+        for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_close(&format!("step {i} output {k}"), &g.to_vec::<f32>().unwrap(), &w.to_vec::<f32>().unwrap());
+        }
+        assert_close(&format!("step {i} w"), &w_step.to_vec::<f32>().unwrap(), &w_eager.to_vec::<f32>().unwrap());
+        for (k, (g, r)) in got[1].to_vec::<f32>().unwrap().iter().zip(&hv_ref).enumerate() {
+            assert!((*g as f64 - r).abs() <= 1e-5 * r.abs().max(1.0), "step {i} hv[{k}]: compiled {g} vs f64 {r}");
+        }
+    }
+    let stats = step.stats();
+    assert_eq!((stats.traces, stats.graph_breaks, stats.eager_calls), (1, 0, 0), "{stats:?}");
+}
