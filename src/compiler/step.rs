@@ -401,8 +401,18 @@ where
             return Ok(None);
         };
         if self.log {
+            // Kernel choices that depend on sizes (four-wide kernels from
+            // 4,096 elements, chunked reductions' passes) may differ here.
+            let (was, now) = (&base.program.report().kernels, &entry.program.report().kernels);
+            let changed = match was.len() == now.len() {
+                true => {
+                    format!("{} of {} kernels differ", was.iter().zip(now).filter(|(a, b)| a != b).count(), now.len())
+                }
+                false => format!("{} kernels instead of {}", now.len(), was.len()),
+            };
             eprintln!(
-                "[wgrad compiled] batch size {b}: the step traced at batch size {traced_at}, lowered at {b} (no trace)"
+                "[wgrad compiled] batch size {b}: the step traced at batch size {traced_at}, lowered at {b} (no \
+                 trace); {changed} from the traced size's"
             );
         }
         self.stats.replans += 1;
