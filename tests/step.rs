@@ -1053,3 +1053,42 @@ fn random_programs_at_random_batch_sizes_match_eager() {
         assert!(stats.traces <= allowed && stats.eager_calls == 0, "program {program} sizes {sizes:?}: {stats:?}");
     }
 }
+
+/// A step that slices a fixed tensor by the batch size: lowered at a
+/// larger batch it would read past that tensor, so the call runs eagerly
+/// and returns eager mode's error; at a batch that fits it replays. A
+/// gather whose indices are an argument builds its map from the traced
+/// sizes, so such a step traces per batch size (and stays right).
+#[test]
+fn batch_sizes_the_program_cannot_cover_run_eagerly_or_trace() {
+    let d = device();
+    let table = wgrad::nn::uniform([40, 3], 1.0, 77, &d).unwrap().detach();
+    let t_in = table.clone();
+    let mut step = compile_step(&d, move |a: &[Tensor]| {
+        let n = a[0].dims()[0];
+        Ok(vec![a[0].mul(&t_in.narrow(0, 0, n)?)?.sum_all()?])
+    });
+    let x = |n: usize| wgrad::nn::uniform([n, 3], 1.0, 78 + n as u64, &d).unwrap().detach();
+    let want =
+        |n: usize| x(n).mul(table.narrow(0, 0, n).unwrap()).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    for n in [10, 30, 40] {
+        let got = step.call(&[x(n)]).unwrap()[0].to_scalar::<f32>().unwrap();
+        assert!((got - want(n)).abs() <= 1e-5 * want(n).abs().max(1.0), "batch {n}: {got} vs {}", want(n));
+    }
+    let err = step.call(&[x(50)]).unwrap_err().to_string();
+    assert!(err.contains("narrow"), "{err}");
+    let s = step.stats();
+    assert_eq!((s.traces, s.replans, s.eager_calls), (1, 3, 1), "{s:?}");
+
+    // Indices passed in: a map per call, built from the traced sizes.
+    let w = wgrad::nn::uniform([50, 4], 1.0, 79, &d).unwrap().detach();
+    let w_in = w.clone();
+    let mut step = compile_step(&d, move |a: &[Tensor]| Ok(vec![w_in.index_select(0, &a[0])?.square()?.sum_all()?]));
+    for n in [5, 9, 40] {
+        let idx = Tensor::from_slice(&(0..n as i32).map(|i| (i * 7) % 50).collect::<Vec<_>>(), [n], &d).unwrap();
+        let want = w.index_select(0, &idx).unwrap().square().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let got = step.call(&[idx]).unwrap()[0].to_scalar::<f32>().unwrap();
+        assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "{n} indices: {got} vs {want}");
+    }
+    assert_eq!((step.stats().traces, step.stats().replans), (3, 0), "{:?}", step.stats());
+}

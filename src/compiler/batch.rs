@@ -1,8 +1,8 @@
 //! A compiled step's graph as a function of the batch size (issue 16).
 //!
 //! The step is traced at the call's batch size B and twice more, at B - 1
-//! and B - 2 (the batch arguments narrowed to their first rows: no data is
-//! made and nothing runs). If the three graphs are the same but for their
+//! and B - 2 (the batch arguments narrowed to their first rows: no kernel
+//! runs and nothing is committed). If the three graphs are the same but for their
 //! numbers, every number is fitted as a function of the batch size: an
 //! integer (a dim, a stride, an offset) as `a * B + c`, a scalar baked into
 //! a kernel as a constant, `a * B + c` or `1 / (a * B + c)` (a mean's
@@ -190,8 +190,10 @@ impl BatchModel {
 }
 
 /// A scalar seen at batch sizes `b`, `b - 1`, `b - 2` as a function of
-/// the batch size. Bit-exact: the fitted form gives the same f64 at the
-/// three sizes, so it gives what eager mode computes at the others.
+/// the batch size, one that gives the same f64 at the three sizes. At
+/// other sizes it gives what eager mode computes for integer forms (a
+/// mean's `1 / (B K)`), and may differ in the last bits of an f64 for a
+/// fractional slope (`0.1 B`), which the f32 the kernel reads hides.
 fn fit_scalar(s: [f64; 3], b: usize) -> Option<Scalar> {
     let sizes = [b as f64, (b - 1) as f64, (b - 2) as f64];
     if s[0].to_bits() == s[1].to_bits() && s[1].to_bits() == s[2].to_bits() {

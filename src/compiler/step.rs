@@ -121,6 +121,11 @@ struct Entry {
     fingerprint: String,
     /// The step as a function of its batch size, when it is one.
     batch: Option<Arc<BatchFamily>>,
+    /// Per input slot, the elements its reads span from its allocation's
+    /// start: a step lowered at a larger batch size may read further into
+    /// a tensor that did not grow (a table sliced by the batch size), so
+    /// every call checks its inputs hold that much.
+    extents: Vec<usize>,
 }
 
 /// A traced step's graph as a function of the batch size, and which
@@ -175,6 +180,7 @@ impl Entry {
             }
         }
         let fingerprint = fingerprint(&graph, &self.sources, &family.uploads);
+        let extents = input_extents(&graph);
         let program = crate::compiler::wgsl::build_program(device, graph, log, family.passes)?;
         Ok(Some(Entry {
             key,
@@ -191,6 +197,7 @@ impl Entry {
             program,
             fingerprint,
             batch: self.batch.clone(),
+            extents,
         }))
     }
 
@@ -483,6 +490,7 @@ where
         let batch = smaller.and_then(|s| self.batch_family(s, &c));
         let passes = batch.as_ref().map_or(self.passes, |f| f.passes);
         let host_sizes = c.host.iter().map(|(_, n, _)| *n).collect();
+        let extents = input_extents(&c.graph);
         let program = crate::compiler::wgsl::build_program(&self.device, c.graph, self.log, passes)?;
         let entry = Entry {
             key,
@@ -499,6 +507,7 @@ where
             program,
             fingerprint: c.fingerprint,
             batch,
+            extents,
         };
         Ok(Traced::Entry(Box::new(entry)))
     }
@@ -544,6 +553,11 @@ where
     /// traces do not fit one.
     fn batch_family(&self, smaller: Smaller, first: &Capture) -> Option<Arc<BatchFamily>> {
         let Smaller { b, is_batch, one, two } = smaller;
+        if first.arg_maps {
+            // Its bounds and strides are the traced sizes' (a gather whose
+            // indices are an argument).
+            return self.not_batched("a gather map built from an argument's indices".into());
+        }
         for (size, c) in [(b - 1, &one), (b - 2, &two)] {
             if let Some(what) = first.differs(c) {
                 return self.not_batched(format!("at batch size {size} the step {what}"));
@@ -642,6 +656,13 @@ where
             }
             into[*k] = reusable;
         }
+        for (t, &extent) in inputs.iter().zip(&entry.extents) {
+            let o = t.operand()?;
+            if ((o.range.end - o.range.start) / t.dtype().size_in_bytes() as u64) < extent as u64 {
+                return self
+                    .eager(args, "the step at this batch size would read past a tensor that did not grow with it");
+            }
+        }
         let Some(outputs) = entry.program.run_into(&inputs, no_hooks, into)? else {
             return self.eager(args, "this call's tensors span more buffers than a kernel of the program may bind");
         };
@@ -677,6 +698,33 @@ struct Smaller {
     two: Capture,
 }
 
+/// Per input slot of `graph`, how many elements from its allocation's
+/// start its reads span (the furthest element read, plus one).
+fn input_extents(graph: &CapturedGraph) -> Vec<usize> {
+    let mut extents = vec![0; graph.inputs];
+    let slot_of = |v: ValueId| match graph.values[v].op {
+        crate::compiler::ir::IrOp::Input { slot } => Some(slot),
+        _ => None,
+    };
+    let span = |l: &Layout| match l.shape.numel() {
+        0 => 0,
+        _ => l.offset + l.shape.dims().iter().zip(&l.strides).map(|(&d, &s)| (d - 1) * s).sum::<usize>() + 1,
+    };
+    for v in &graph.values {
+        for u in v.op.uses() {
+            if let Some(slot) = slot_of(u.value) {
+                extents[slot] = extents[slot].max(span(&u.layout));
+            }
+        }
+    }
+    for &(v, _) in &graph.outputs {
+        if let Some(slot) = slot_of(v) {
+            extents[slot] = extents[slot].max(graph.values[v].meta.shape.numel());
+        }
+    }
+    extents
+}
+
 /// What one trace of the step recorded.
 struct Capture {
     graph: CapturedGraph,
@@ -687,6 +735,7 @@ struct Capture {
     checks: Vec<(usize, ArgCheck)>,
     uploads: std::collections::HashMap<usize, u64>,
     aliased: Option<&'static str>,
+    arg_maps: bool,
     grads: GradEffects,
     assigned: Vec<(Tensor, usize)>,
     returns: Vec<Returned>,
@@ -717,7 +766,7 @@ where
     let (mut outputs, returns) = outputs_of(&returned)?;
     let (grads, assigned) = effects(&mut outputs)?;
     let (values, inputs, state) = scope.finish_step();
-    let StepState { sources, guards, host, commits, checks, uploads, aliased, .. } = state;
+    let StepState { sources, guards, host, commits, checks, uploads, aliased, arg_maps, .. } = state;
     let graph = CapturedGraph { values, inputs, outputs };
     let fingerprint = fingerprint(&graph, &sources, &uploads);
     let c = Capture {
@@ -729,6 +778,7 @@ where
         checks,
         uploads,
         aliased,
+        arg_maps,
         grads,
         assigned,
         returns,

@@ -110,6 +110,10 @@ pub(crate) struct StepState {
     /// Tensors uploaded while tracing (constants the step makes), by
     /// storage identity: a hash of their bytes.
     pub uploads: HashMap<usize, u64>,
+    /// Whether a host input is a gather map built from an argument's
+    /// indices: it knows the traced sizes, so the step is not one program
+    /// over batch sizes.
+    pub arg_maps: bool,
 }
 
 fn storage_key(t: &Tensor) -> Option<usize> {
@@ -378,6 +382,12 @@ pub(crate) fn note_upload(t: &Tensor, bytes: &[u8]) {
     with_step(|step| {
         step.uploads.insert(key, hash);
     });
+}
+
+/// In a step trace: notes that a host input is a map built from an
+/// argument's indices (see [`StepState::arg_maps`]).
+pub(crate) fn note_arg_map() {
+    with_step(|step| step.arg_maps = true);
 }
 
 /// In a step trace: runs `commit` when the program has been recorded.

@@ -456,7 +456,10 @@ fn split_planar_reads(kernel: &mut MapKernel, words: &mut [u32], inputs: &[Layou
 /// [`Access::Split`] views as (offset, sa, sk).
 fn column_reads(kernel: &MapKernel, words: &[u32], a: usize) -> Option<Vec<codegen::ColumnRead>> {
     use codegen::ColumnRead;
-    if !a.is_multiple_of(4) || kernel.nodes.iter().any(|(n, _)| matches!(n, Node::SegmentSum { .. })) {
+    // (A strided read loops over the rank, four times a step here, which
+    // `reduce_chunks` budgets once.)
+    let strided = kernel.inputs.iter().any(|(_, access)| *access == Access::Strided);
+    if !a.is_multiple_of(4) || strided || kernel.nodes.iter().any(|(n, _)| matches!(n, Node::SegmentSum { .. })) {
         return None;
     }
     let reads: Vec<ColumnRead> = (0..kernel.inputs.len())

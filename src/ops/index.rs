@@ -56,6 +56,7 @@ fn per_call_map(
         let (starts, positions) = inverse_map(source_numel, &offsets);
         Ok([offsets, starts, positions].concat())
     };
+    crate::compiler::trace::note_arg_map();
     let map = crate::compiler::trace::host_input(Box::new(words), DType::U32, device)?;
     let n = out_shape.numel();
     let starts = map.numel() - 2 * n;
