@@ -1092,3 +1092,51 @@ fn batch_sizes_the_program_cannot_cover_run_eagerly_or_trace() {
     }
     assert_eq!((step.stats().traces, step.stats().replans), (3, 0), "{:?}", step.stats());
 }
+
+/// W1's step (784 -> 512 -> 512 -> 10, SGD) at batch sizes 10, 20, ...,
+/// 90: one trace, equal to eager at every size.
+#[test]
+fn w1_at_nine_batch_sizes_is_one_trace() {
+    let d = device();
+    let layer = |i: usize, o: usize, seed: u64| {
+        let l = Linear::new(i, o, true, seed, &d).unwrap();
+        let req = |t: Tensor| t.requires_grad(true).unwrap();
+        Linear { weight: req(l.weight), bias: l.bias.map(req) }
+    };
+    let make = || [layer(784, 512, 1), layer(512, 512, 2), layer(512, 10, 3)];
+    let (eager, model) = (make(), make());
+    let params = |m: &[Linear; 3]| m.iter().flat_map(|l| l.parameters()).collect::<Vec<_>>();
+    let body = |m: &[Linear; 3], opt: &mut Sgd, x: &Tensor, y: &Tensor| -> Result<Vec<Tensor>> {
+        opt.zero_grad();
+        let h = m[1].forward(&m[0].forward(x)?.relu()?)?.relu()?;
+        let loss = m[2].forward(&h)?.cross_entropy(y, ClassLoss::default())?;
+        loss.backward()?;
+        opt.step()?;
+        Ok(vec![loss])
+    };
+    let mut eager_opt = Sgd::new(&params(&eager), 0.01, 0.0, 0.0).unwrap();
+    let mut opt = Sgd::new(&params(&model), 0.01, 0.0, 0.0).unwrap();
+    let model_in = &model;
+    let mut step = compile_step(&d, move |a: &[Tensor]| body(model_in, &mut opt, &a[0], &a[1]));
+    let mut new_pipelines = 0;
+    for (i, n) in (10..=90).step_by(10).enumerate() {
+        let x = wgrad::nn::uniform([n, 784], 1.0, 900 + i as u64, &d).unwrap().detach();
+        let y =
+            Tensor::from_slice(&(0..n as i32).map(|j| (j * 3 + i as i32) % 10).collect::<Vec<_>>(), [n], &d).unwrap();
+        let want = body(&eager, &mut eager_opt, &x, &y).unwrap();
+        let before = d.counters().pipelines_created;
+        let got = step.call(&[x, y]).unwrap();
+        if i > 0 {
+            new_pipelines += d.counters().pipelines_created - before;
+        }
+        assert_close(&format!("batch {n} loss"), &got[0].to_vec::<f32>().unwrap(), &want[0].to_vec::<f32>().unwrap());
+    }
+    for (k, (g, w)) in values(&params(&model)).iter().zip(values(&params(&eager))).enumerate() {
+        assert_close(&format!("parameter {k}"), g, &w);
+    }
+    let s = step.stats();
+    assert_eq!((s.traces, s.replans, s.eager_calls), (1, 8, 0), "{s:?}");
+    // Not yet zero: lowered at 20 and up, one kernel more than at 10 (a
+    // size-dependent choice not yet held over the family; issue 16).
+    eprintln!("W1 at batch sizes 10..90: {new_pipelines} new pipelines after the first call");
+}
