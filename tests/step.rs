@@ -1136,8 +1136,8 @@ fn w1_at_nine_batch_sizes_is_one_trace() {
     }
     let s = step.stats();
     assert_eq!((s.traces, s.replans, s.eager_calls), (1, 8, 0), "{s:?}");
-    // Not yet zero: from batch 20 an elementwise kernel reaches 4,096
-    // elements and runs four-wide, a kernel of its own (26 -> 27 kernels):
-    // a size-dependent choice not yet held over the family (issue 16).
+    // Not yet zero: from batch 20 one elementwise kernel of the batch-10
+    // program is two (26 -> 27 kernels), a size-dependent fusion choice
+    // not yet held over the family (issue 16).
     eprintln!("W1 at batch sizes 10..90: {new_pipelines} new pipelines after the first call");
 }
