@@ -1136,8 +1136,9 @@ fn w1_at_nine_batch_sizes_is_one_trace() {
     }
     let s = step.stats();
     assert_eq!((s.traces, s.replans, s.eager_calls), (1, 8, 0), "{s:?}");
-    // Not yet zero: from batch 20 one elementwise kernel of the batch-10
-    // program is two (26 -> 27 kernels), a size-dependent fusion choice
-    // not yet held over the family (issue 16).
+    // Not zero: at batch 10 (W1's class count) the relu mask [10, 512] and
+    // W3's update [512, 10] fuse through a transposed view, which no other
+    // size allows (26 -> 27 kernels from batch 20 on; 20..100 give no new
+    // pipeline). Fusion does not know which dims follow the batch (issue 16).
     eprintln!("W1 at batch sizes 10..90: {new_pipelines} new pipelines after the first call");
 }
