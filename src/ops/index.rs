@@ -108,26 +108,37 @@ pub(crate) fn gather_flat(source: &Tensor, map: &IndexMap) -> Result<Tensor> {
 /// The transpose of [`gather_flat`]: a tensor of `target` shape whose
 /// element t sums the elements of `g` that the map read from t.
 pub(crate) fn scatter_add_flat(g: &Tensor, map: &IndexMap, target: &Shape) -> Result<Tensor> {
+    scatter_add(g, map, target, false)
+}
+
+/// [`scatter_add_flat`] or, `batched`, [`scatter_add_batched`]: one
+/// segment sum per target element, cut into runs when a segment is long
+/// (see `index_map`), the runs summed after.
+fn scatter_add(g: &Tensor, map: &IndexMap, target: &Shape, batched: bool) -> Result<Tensor> {
     let g_c = g.contiguous()?;
     let mut k = MapKernel::default();
     let values = k.gathered(g_c.dtype());
     let starts = k.gathered(DType::U32);
     let positions = k.gathered(DType::U32);
-    let v = k.push(Node::SegmentSum { values, starts, positions, batched: false }, g_c.dtype());
+    let v = k.push(Node::SegmentSum { values, starts, positions, batched }, g_c.dtype());
     k.output(v);
-    // Runs per target element (see `index_map`): 1 unless a segment is long.
-    let runs = if target.numel() == 0 { 1 } else { (map[1].numel() - 1) / target.numel() };
+    // Segments per map (one image's when batched, after a two-word header)
+    // and runs per segment: 1 unless a segment is long.
+    let (header, segments) = match batched {
+        true => (3, target.dims()[1]),
+        false => (1, target.numel()),
+    };
+    let runs = (map[1].numel() - header).checked_div(segments).unwrap_or(1);
+    let inputs = [&g_c, &map[1], &map[2]];
     let out = if runs == 1 {
-        crate::exec::map("scatter_add", k, &[&g_c, &map[1], &map[2]], &[], target, g.device())?.remove(0)
+        crate::exec::map("scatter_add", k, &inputs, &[], target, g.device())?.remove(0)
     } else {
         let mut dims = target.dims().to_vec();
         dims.push(runs);
-        let run_sums =
-            crate::exec::map("scatter_add", k, &[&g_c, &map[1], &map[2]], &[], &Shape::new(dims), g.device())?
-                .remove(0);
+        let run_sums = crate::exec::map("scatter_add", k, &inputs, &[], &Shape::new(dims), g.device())?.remove(0);
         crate::exec::reduce(crate::exec::ReduceKind::Sum, &run_sums, &[target.rank()], false)?
     };
-    let op = Op::ScatterAdd { target: target.clone(), batched: false };
+    let op = Op::ScatterAdd { target: target.clone(), batched };
     Ok(record(op, &[g], map.to_vec(), out))
 }
 
@@ -182,25 +193,7 @@ pub(crate) fn gather_batched(source: &Tensor, map: &IndexMap) -> Result<Tensor> 
 /// element (b, t) sums the elements of image b of `g` that the map read
 /// from t.
 pub(crate) fn scatter_add_batched(g: &Tensor, map: &IndexMap, target: &Shape) -> Result<Tensor> {
-    let (n, s) = (target.dims()[0], target.dims()[1]);
-    let g_c = g.contiguous()?;
-    let mut k = MapKernel::default();
-    let values = k.gathered(g_c.dtype());
-    let starts = k.gathered(DType::U32);
-    let positions = k.gathered(DType::U32);
-    let v = k.push(Node::SegmentSum { values, starts, positions, batched: true }, g_c.dtype());
-    k.output(v);
-    let runs = (map[1].numel() - 3).checked_div(s).unwrap_or(1);
-    let inputs = [&g_c, &map[1], &map[2]];
-    let out = if runs == 1 {
-        crate::exec::map("scatter_add", k, &inputs, &[], target, g.device())?.remove(0)
-    } else {
-        let run_sums =
-            crate::exec::map("scatter_add", k, &inputs, &[], &Shape::new([n, s, runs]), g.device())?.remove(0);
-        crate::exec::reduce(crate::exec::ReduceKind::Sum, &run_sums, &[2], false)?
-    };
-    let op = Op::ScatterAdd { target: target.clone(), batched: true };
-    Ok(record(op, &[g], map.to_vec(), out))
+    scatter_add(g, map, target, true)
 }
 
 /// The indices of an integer tensor, checked to lie in `0..size`: known on
