@@ -208,8 +208,76 @@ fn new_batch_sizes_recapture_but_create_no_pipelines() -> wgrad::Result<()> {
     }
     let s = compiler.stats();
     assert_eq!(s.cache_misses, 9, "each new batch size is a new signature: {s:?}");
+    assert_eq!(s.new_sizes, 8, "sizes after the first are the first's graph at another size: {s:?}");
     let reason = compiler.last_miss_reason().unwrap_or_default();
     assert!(reason.starts_with("changed shape"), "{reason}");
+    Ok(())
+}
+
+/// W1's backward (784-512-512-10, cross-entropy) compiled at batch sizes
+/// 10 to 90 against eager mode, with the kernels the sizes after the first
+/// share: from the second size on, each is fused against the first, so a
+/// size equal to a model dim (batch 10 beside 10 classes) fuses no kernel
+/// that other sizes cannot have.
+#[test]
+fn w1_backward_at_nine_batch_sizes_shares_its_kernels() -> wgrad::Result<()> {
+    use wgrad::ClassLoss;
+    use wgrad::nn::{Linear, Module};
+    let _l = serial();
+    let device = common::device();
+    let compiler = Arc::new(WgslCompiler::new(&device));
+    let layer = |i: usize, o: usize, seed: u64| -> wgrad::Result<Linear> {
+        let l = Linear::new(i, o, true, seed, &device)?;
+        Ok(Linear { weight: l.weight.requires_grad(true)?, bias: l.bias.map(|b| b.requires_grad(true)).transpose()? })
+    };
+    let model = [layer(784, 512, 1)?, layer(512, 512, 2)?, layer(512, 10, 3)?];
+    let params: Vec<Tensor> = model.iter().flat_map(|l| l.parameters()).collect();
+    let loss_of = |x: &Tensor, y: &Tensor| -> wgrad::Result<Tensor> {
+        let h = model[1].forward(&model[0].forward(x)?.relu()?)?.relu()?;
+        model[2].forward(&h)?.cross_entropy(y, ClassLoss::default())
+    };
+    let mut kernels_from_second: Option<Vec<String>> = None;
+    let mut pipelines_from_third = 0;
+    for (i, n) in (10..=90).step_by(10).enumerate() {
+        let pipelines_before = device.counters().pipelines_created;
+        let x = wgrad::nn::uniform([n, 784], 1.0, 700 + i as u64, &device)?.detach();
+        let labels: Vec<i32> = (0..n as i32).map(|j| (j * 7 + i as i32) % 10).collect();
+        let y = Tensor::from_slice(&labels, [n], &device)?;
+        params.iter().for_each(Tensor::zero_grad);
+        loss_of(&x, &y)?.backward()?;
+        let eager: Vec<Vec<f32>> = params.iter().map(|p| vec(&p.grad().expect("grad"))).collect();
+        params.iter().for_each(Tensor::zero_grad);
+        let guard = CompilerGuard::install_arc(compiler.clone())?;
+        loss_of(&x, &y)?.backward()?;
+        drop(guard);
+        for (k, (p, want)) in params.iter().zip(&eager).enumerate() {
+            assert_close(&format!("batch {n} parameter {k}"), &vec(&p.grad().expect("grad")), want);
+        }
+        if i == 1 {
+            let program = compiler.programs().into_iter().find(|p| p.report().ir_before.contains("[20, 784]"));
+            kernels_from_second = program.map(|p| p.report().kernels.clone());
+        } else if i > 1 {
+            let sizes = compiler.programs();
+            let program = sizes.iter().find(|p| p.report().ir_before.contains(&format!("[{n}, 784]")));
+            let kernels = program.map(|p| p.report().kernels.clone());
+            let (now, then) = (kernels.unwrap_or_default(), kernels_from_second.clone().unwrap_or_default());
+            let differing: Vec<usize> = (0..now.len().max(then.len())).filter(|&k| now.get(k) != then.get(k)).collect();
+            let first_diff = differing.first().map(|&k| {
+                let (a, b) = (now.get(k).map_or("", String::as_str), then.get(k).map_or("", String::as_str));
+                a.lines().zip(b.lines()).find(|(x, y)| x != y).map(|(x, y)| format!("{y} -> {x}"))
+            });
+            assert!(
+                differing.is_empty() && !now.is_empty(),
+                "batch {n}: kernels {differing:?} of {} differ from batch 20's ({} kernels): {first_diff:?}",
+                now.len(),
+                then.len()
+            );
+            pipelines_from_third += device.counters().pipelines_created - pipelines_before;
+        }
+    }
+    assert_eq!(pipelines_from_third, 0, "batch sizes 30..90 (eager and compiled) create no pipeline");
+    let s = compiler.stats();
+    assert_eq!((s.cache_misses, s.new_sizes, s.fallbacks), (9, 8, 0), "{s:?}");
     Ok(())
 }
 

@@ -118,6 +118,12 @@ fn walk(
     }
 }
 
+/// Whether two graphs are the same but for their numbers (dims, strides,
+/// offsets, scalars).
+pub(crate) fn same_but_numbers(a: &CapturedGraph, b: &CapturedGraph) -> bool {
+    numbers(a).shape == numbers(b).shape
+}
+
 fn numbers(graph: &CapturedGraph) -> Numbers {
     let mut g = graph.clone();
     let (mut ints, mut scalars, mut shape) = (Vec::new(), Vec::new(), String::new());

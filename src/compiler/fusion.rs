@@ -189,6 +189,13 @@ impl From<Blocked> for Retry {
 
 struct Planner<'a> {
     values: &'a [Value],
+    /// The same graph at another batch size, when the program serves a
+    /// family of batch sizes: every fusion decided by sizes must hold at
+    /// both, and so holds at every size (sizes are affine in the batch, so
+    /// two that are equal at two sizes are equal at all). Without it, a
+    /// batch of 10 beside 10 classes fuses a [B, 512] kernel with a
+    /// [512, 10] one read transposed, which no other batch size allows.
+    twin: Option<&'a [Value]>,
     inline: &'a [bool],
     uses: &'a [usize],
     outputs: &'a [bool],
@@ -310,17 +317,20 @@ impl Planner<'_> {
 
     /// Dry run of a stored elementwise value: its buffer reads.
     fn probe(&self, value: ValueId, members: &[ValueId], arg: Option<ValueId>) -> Result<Emitter<'_>, Blocked> {
-        let mut e = Emitter::new(self.values, self.inline);
-        for (i, &m) in members.iter().enumerate() {
-            e.members.insert(m, usize::MAX - i);
-        }
-        e.arg = arg;
-        e.root(value)?;
-        Ok(e)
+        probe_in(self.values, self.inline, value, members, arg)
+    }
+
+    /// Whether `check` holds at the twin size too (true without a twin).
+    fn at_twin(&self, check: impl FnOnce(&[Value]) -> bool) -> bool {
+        self.twin.is_none_or(check)
     }
 
     fn place_elementwise(&mut self, v: ValueId) -> Result<(), Blocked> {
         let alone = self.probe(v, &[], None)?;
+        if let Some(t) = self.twin {
+            // What must be stored at the twin size is stored at this one too.
+            probe_in(t, self.inline, v, &[], None)?;
+        }
         self.too_wide(&alone, 1)?;
         let reads = alone.read_values();
         let shape = &self.values[v].meta.shape;
@@ -333,8 +343,14 @@ impl Planner<'_> {
                 continue;
             }
             let rv = &self.values[r];
-            let direct =
-                !alone.gathers(r) && alone.reads.iter().filter(|u| u.value == r).all(|u| u.is_identity(&rv.meta));
+            let direct_in = |e: &Emitter<'_>, values: &[Value]| {
+                !e.gathers(r) && e.reads.iter().filter(|u| u.value == r).all(|u| u.is_identity(&values[r].meta))
+            };
+            let direct = direct_in(&alone, self.values)
+                && self.at_twin(|t| {
+                    probe_in(t, self.inline, v, &[], None).is_ok_and(|e| direct_in(&e, t))
+                        && probe_in(t, self.inline, v, &[], Some(r)).is_ok()
+                });
             if value != r
                 || self.uses[r] != 1
                 || self.outputs[r]
@@ -366,12 +382,21 @@ impl Planner<'_> {
                 continue;
             }
             let members = members.clone();
-            if self.mixes_rows(v, &members) {
+            let reads_members = |j: &Emitter<'_>| j.reads.iter().any(|u| members.contains(&u.value));
+            let mut all = members.clone();
+            all.push(v);
+            let generic = self.at_twin(|t| {
+                let mut group = Emitter::new(t, self.inline);
+                t[members[0]].meta.shape == t[v].meta.shape
+                    && probe_in(t, self.inline, v, &members, None).is_ok_and(|j| !reads_members(&j))
+                    && group_emit(&mut group, &all).is_ok()
+            });
+            if !generic || self.mixes_rows(v, &members) {
                 continue;
             }
             let joint = self.probe(v, &members, None)?;
             // A member read other than element for element needs the member finished: another kernel.
-            if joint.reads.iter().any(|u| members.contains(&u.value)) {
+            if reads_members(&joint) {
                 continue;
             }
             let joint_reads = joint.read_values();
@@ -381,8 +406,6 @@ impl Planner<'_> {
                 continue;
             }
             let mut group = Emitter::new(self.values, self.inline);
-            let mut all = members.clone();
-            all.push(v);
             // Stores: members already read elsewhere or outputs, and v.
             let stores = 1 + self.stored_for_others(&members);
             if group_emit(&mut group, &all).is_err() || group.reads.len() + stores > self.budget {
@@ -420,8 +443,17 @@ impl Planner<'_> {
                 continue;
             }
             let members = members.clone();
+            let generic = self.at_twin(|t| {
+                let IrOp::Reduce { src, axes, .. } = &t[r].op else { return false };
+                let (it, _, _) = reduce_iteration(src, axes);
+                let mut e = Emitter::new(t, self.inline);
+                it.layout.is_identity_of(&t[members[0]].meta.shape)
+                    && group_emit(&mut e, &members).is_ok()
+                    && e.emit(&it).is_ok()
+                    && !e.reads.iter().any(|u| members.contains(&u.value))
+            });
             let mut e = Emitter::new(self.values, self.inline);
-            if group_emit(&mut e, &members).is_err() {
+            if !generic || group_emit(&mut e, &members).is_err() {
                 continue;
             }
             let own = {
@@ -480,7 +512,16 @@ impl Planner<'_> {
             }
             let IrOp::Reduce { kind: ReduceKind::Sum, src: src0, axes: axes0 } = &self.values[r0].op else { continue };
             let (it0, a0, k0) = reduce_iteration(src0, axes0);
-            if (a0, k0) != (a, k) || it0.layout.shape != it.layout.shape {
+            let generic = self.at_twin(|t| {
+                let (IrOp::Reduce { src, axes, .. }, IrOp::Reduce { src: src0, axes: axes0, .. }) =
+                    (&t[r].op, &t[r0].op)
+                else {
+                    return false;
+                };
+                let ((it, a, k), (it0, a0, k0)) = (reduce_iteration(src, axes), reduce_iteration(src0, axes0));
+                (a0, k0) == (a, k) && it0.layout.shape == it.layout.shape
+            });
+            if !generic || (a0, k0) != (a, k) || it0.layout.shape != it.layout.shape {
                 continue;
             }
             let mut group: Vec<ValueId> = vec![r0];
@@ -499,7 +540,19 @@ impl Planner<'_> {
             if reads.iter().any(|v| group.contains(v)) || reads.len() + group.len() + 1 > self.budget {
                 continue;
             }
-            if crate::exec::reduce_chunks(a, k, &e.kernel) != 1 {
+            let one_pass = |e: &Emitter<'_>, a: usize, k: usize| crate::exec::reduce_chunks(a, k, &e.kernel) == 1;
+            let generic = self.at_twin(|t| {
+                let mut te = Emitter::new(t, self.inline);
+                let mut ok = true;
+                for &m in group.iter().chain([&r]) {
+                    let IrOp::Reduce { src, axes, .. } = &t[m].op else { return false };
+                    ok &= te.emit(&reduce_iteration(src, axes).0).is_ok();
+                }
+                let IrOp::Reduce { src, axes, .. } = &t[r].op else { return false };
+                let (_, ta, tk) = reduce_iteration(src, axes);
+                ok && !te.read_values().iter().any(|v| group.contains(v)) && one_pass(&te, ta, tk)
+            });
+            if !generic || !one_pass(&e, a, k) {
                 continue;
             }
             drop(e);
@@ -527,7 +580,7 @@ impl Planner<'_> {
         let Unit::Matmul { value: r, epilogue, side } = &self.units[g] else { return Ok(false) };
         let (r, epilogue, side) = (*r, *epilogue, side.clone());
         let (rv, vv) = (&self.values[r].meta, &self.values[v].meta);
-        if rv.shape != vv.shape || rv.dtype != vv.dtype {
+        if rv.shape != vv.shape || rv.dtype != vv.dtype || !self.at_twin(|t| t[r].meta.shape == t[v].meta.shape) {
             return Ok(false);
         }
         let members: Vec<ValueId> = epilogue.into_iter().chain(side.iter().copied()).collect();
@@ -536,11 +589,14 @@ impl Planner<'_> {
         if self.mixes_rows(v, &all) {
             return Ok(false);
         }
+        let reads_members = |j: &Emitter<'_>| j.reads.iter().any(|u| all.contains(&u.value)) || j.gathers(r);
         let joint = self.probe(v, &members, Some(r))?;
         let joint_reads = joint.read_values();
-        let reads_members = joint.reads.iter().any(|u| all.contains(&u.value)) || joint.gathers(r);
+        let blocked = reads_members(&joint);
         drop(joint);
-        if reads_members {
+        if blocked
+            || !self.at_twin(|t| probe_in(t, self.inline, v, &members, Some(r)).is_ok_and(|j| !reads_members(&j)))
+        {
             return Ok(false);
         }
         let producers = self.producers(&joint_reads, Some(g));
@@ -588,11 +644,24 @@ impl Planner<'_> {
         let (r, stores) = (*r, stores.clone());
         let IrOp::Reduce { src, axes, .. } = &self.values[r].op else { return Ok(false) };
         let (it, _, _) = reduce_iteration(src, axes);
-        if !it.layout.is_identity_of(&self.values[v].meta.shape) {
-            return Ok(false);
-        }
         let mut members = stores.clone();
         members.push(r);
+        let mut all = stores.clone();
+        all.push(v);
+        let generic = self.at_twin(|t| {
+            let IrOp::Reduce { src, axes, .. } = &t[r].op else { return false };
+            let (it, _, _) = reduce_iteration(src, axes);
+            let mut e = Emitter::new(t, self.inline);
+            it.layout.is_identity_of(&t[v].meta.shape)
+                && probe_in(t, self.inline, v, &stores, None)
+                    .is_ok_and(|j| !j.reads.iter().any(|u| members.contains(&u.value)))
+                && group_emit(&mut e, &all).is_ok()
+                && e.emit(&it).is_ok()
+                && !e.reads.iter().any(|u| u.value == r)
+        });
+        if !generic || !it.layout.is_identity_of(&self.values[v].meta.shape) {
+            return Ok(false);
+        }
         if self.mixes_rows(v, &members) {
             return Ok(false);
         }
@@ -604,8 +673,6 @@ impl Planner<'_> {
         if reads_members || producers.iter().any(|&p| self.reaches(g, p)) {
             return Ok(false);
         }
-        let mut all = stores.clone();
-        all.push(v);
         let mut e = Emitter::new(self.values, self.inline);
         if group_emit(&mut e, &all).is_err() || e.emit(&it).is_err() {
             return Ok(false);
@@ -623,6 +690,24 @@ impl Planner<'_> {
         self.admit(v, g, &producers, &joint_reads);
         Ok(true)
     }
+}
+
+/// Dry run of the stored elementwise value `value` in `values`, beside
+/// `members` (and as the epilogue of `arg`): its buffer reads.
+fn probe_in<'a>(
+    values: &'a [Value],
+    inline: &'a [bool],
+    value: ValueId,
+    members: &[ValueId],
+    arg: Option<ValueId>,
+) -> Result<Emitter<'a>, Blocked> {
+    let mut e = Emitter::new(values, inline);
+    for (i, &m) in members.iter().enumerate() {
+        e.members.insert(m, usize::MAX - i);
+    }
+    e.arg = arg;
+    e.root(value)?;
+    Ok(e)
 }
 
 /// The iteration view and sizes of a reduction of `src` over `axes`.
@@ -773,7 +858,14 @@ impl Passes {
 
 /// The kernels of `g` in execution order, and how many IR values were
 /// fused into another value's kernel.
-pub(crate) fn schedule(g: &CapturedGraph, limits: BindingLimits, passes: Passes) -> (Vec<Step>, usize) {
+/// With `twin` (the same graph at another batch size), a fusion that
+/// depends on sizes is made only where it holds at both sizes.
+pub(crate) fn schedule(
+    g: &CapturedGraph,
+    twin: Option<&CapturedGraph>,
+    limits: BindingLimits,
+    passes: Passes,
+) -> (Vec<Step>, usize) {
     let max_bindings = limits.operands;
     let uses = g.use_counts();
     let mut outputs = vec![false; g.values.len()];
@@ -781,6 +873,12 @@ pub(crate) fn schedule(g: &CapturedGraph, limits: BindingLimits, passes: Passes)
         outputs[*v] = true;
     }
     let mut rows = if passes.rows { crate::compiler::rows::row_groups(g, passes.min_rows) } else { Vec::new() };
+    if let Some(t) = twin {
+        // Row kernels the twin size makes too.
+        let at_twin = crate::compiler::rows::row_groups(t, passes.min_rows);
+        rows.retain(|r| at_twin.iter().any(|t| t.members == r.members));
+    }
+    let twin = twin.map(|t| t.values.as_slice());
     let mut stored: Vec<ValueId> = Vec::new();
     let mut store_all = false;
     let mut budget = max_bindings;
@@ -792,7 +890,7 @@ pub(crate) fn schedule(g: &CapturedGraph, limits: BindingLimits, passes: Passes)
         if store_all {
             inline.iter_mut().for_each(|i| *i = false);
         }
-        match try_schedule(g, &inline, &uses, &outputs, &rows, passes, max_bindings, budget) {
+        match try_schedule(g, twin, &inline, &uses, &outputs, &rows, passes, max_bindings, budget) {
             Ok(steps) if budget > 2 && steps.iter().any(|s| too_wide(g, s, limits)) => budget -= 2,
             Ok(steps) => {
                 let computed =
@@ -916,6 +1014,7 @@ fn row_stores(g: &CapturedGraph, group: &RowGroup, inline: &[bool], outputs: &[b
 #[allow(clippy::too_many_arguments)]
 fn try_schedule(
     g: &CapturedGraph,
+    twin: Option<&[Value]>,
     inline: &[bool],
     uses: &[usize],
     outputs: &[bool],
@@ -933,6 +1032,7 @@ fn try_schedule(
     let (after_rows, feeds_rows) = row_sides(g, &group_of);
     let mut p = Planner {
         values: &g.values,
+        twin,
         inline,
         uses,
         outputs,

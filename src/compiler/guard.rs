@@ -22,6 +22,11 @@ pub struct CompilerStats {
     pub cache_hits: u64,
     /// Captures that traced, optimised and lowered a new program.
     pub cache_misses: u64,
+    /// Cache misses that were a graph compiled before at another batch size
+    /// (the same graph but for its numbers): fused to the same kernels as
+    /// that size, so a new batch size creates no pipeline (see
+    /// [`crate::WgslCompiler`]).
+    pub new_sizes: u64,
     /// Backward calls that ran eagerly although the compiler was installed
     /// (e.g. `create_graph`); the log says why.
     pub fallbacks: u64,

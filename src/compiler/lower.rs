@@ -43,17 +43,21 @@ struct BufferPlan {
     places: Vec<(usize, u64, u64, usize, usize)>,
     /// Per output buffer: size, dtype, the step that first writes it, shape.
     outputs: Vec<(u64, DType, usize)>,
-    output_shapes: Vec<Shape>,
+    /// Per output buffer: its shape, and at the twin batch size.
+    output_shapes: Vec<(Shape, Option<Shape>)>,
     borrowers: Vec<Vec<(usize, usize)>>,
 }
 
 /// Which outputs an intermediate may borrow. Which operands share a buffer
 /// decides a kernel's bindings, and so its pipeline: borrowing must not
 /// come and go with sizes (a new batch size would compile pipelines). A
-/// value borrows an output of its own shape; a reduction's partial results
-/// (at most a few hundred KiB) an output of at least [`LARGE_OUTPUT`].
+/// value borrows an output of its own shape (at the twin batch size too,
+/// for a program that serves a family of batch sizes: a [B, 512]
+/// intermediate and a [10, 512] gradient have one shape only at B = 10);
+/// a reduction's partial results (at most a few hundred KiB) an output of
+/// at least [`LARGE_OUTPUT`].
 enum Lend<'a> {
-    Shape(&'a Shape),
+    Shape(&'a Shape, Option<&'a Shape>),
     Large,
 }
 
@@ -68,7 +72,9 @@ impl BufferPlan {
         let lendable = (0..self.outputs.len()).filter(|&f| {
             let (size, d, first) = self.outputs[f];
             let fits = match lend {
-                Lend::Shape(shape) => self.output_shapes[f] == *shape,
+                Lend::Shape(shape, twin) => {
+                    self.output_shapes[f].0 == *shape && self.output_shapes[f].1.as_ref() == twin
+                }
                 Lend::Large => size >= LARGE_OUTPUT,
             };
             first > end && d == dtype && size >= bytes && fits && !overlaps(&self.borrowers[f], start, end)
@@ -132,6 +138,8 @@ fn bytes_of(g: &CapturedGraph, v: ValueId) -> u64 {
 struct Lowering<'a> {
     device: &'a Device,
     g: &'a CapturedGraph,
+    /// The graph at the family's other batch size (see [`lower`]).
+    twin: Option<&'a CapturedGraph>,
     bufs: HashMap<ValueId, Buf>,
     plan: BufferPlan,
     partials: HashMap<Need, Buf>,
@@ -216,7 +224,9 @@ impl Lowering<'_> {
                 }
                 let layouts: Vec<Layout> = reads.iter().map(|u| u.layout.clone()).collect();
                 let outs = vec![stored_layout(shape); stores.len()];
-                let mut launch = exec::map_launch(device, "fused", kernel.clone(), shape, &layouts, &outs, scalars)?;
+                let twin = self.twin.map(|t| stores.first().map_or(0, |&v| t.values[v].meta.shape.numel()));
+                let mut launch =
+                    exec::map_launch_sized(device, "fused", kernel.clone(), shape, &layouts, &outs, scalars, twin)?;
                 let mut bufs: Vec<Buf> = reads.iter().map(|u| self.buf(u.value)).collect();
                 bufs.extend(stores.iter().map(|&v| self.buf(v)));
                 // A store into an input's buffer is an in-place update whose
@@ -249,6 +259,14 @@ impl Lowering<'_> {
                     });
                 }
                 let reduced = 1 + siblings.len();
+                // The same reduction at the twin size: four-wide forms hold for both.
+                let twin = self.twin.map(|t| match &t.values[*value].op {
+                    IrOp::Reduce { src, axes, .. } => {
+                        let (_, a, k) = crate::compiler::fusion::reduce_iteration(src, axes);
+                        (a, k)
+                    }
+                    _ => (1, 1),
+                });
                 let launch = exec::reduce_launch(
                     device,
                     *kind,
@@ -260,6 +278,7 @@ impl Lowering<'_> {
                     k,
                     chunks,
                     reduced,
+                    twin,
                 )?;
                 let mut bufs: Vec<Buf> = reads.iter().map(|u| self.buf(u.value)).collect();
                 bufs.push(dst);
@@ -283,6 +302,8 @@ impl Lowering<'_> {
                         chunks,
                         next,
                         1,
+                        // (Partial results: one element at a time in a family.)
+                        self.twin.map(|_| (1, 1)),
                     )?;
                     self.push(launch, vec![src, dst])?;
                     chunks = next;
@@ -427,7 +448,15 @@ fn in_place_updates(g: &CapturedGraph, steps: &[Step], escapes: &[bool]) -> Hash
 }
 
 /// Plans memory for `steps` and builds the replayable program.
-pub(crate) fn lower(device: &Device, g: &CapturedGraph, steps: &[Step], mut report: ProgramReport) -> Result<Program> {
+/// `twin` is the graph at another batch size when the program serves a
+/// family of them (see [`Lend`]).
+pub(crate) fn lower(
+    device: &Device,
+    g: &CapturedGraph,
+    twin: Option<&CapturedGraph>,
+    steps: &[Step],
+    mut report: ProgramReport,
+) -> Result<Program> {
     // Which values escape the program: outputs, and what hooks see. The
     // new contents of an input written back in place stay in program-owned
     // buffers until the write-back at the end.
@@ -459,6 +488,7 @@ pub(crate) fn lower(device: &Device, g: &CapturedGraph, steps: &[Step], mut repo
     let mut l = Lowering {
         device,
         g,
+        twin,
         bufs: HashMap::new(),
         plan: BufferPlan { max_bytes: device.max_tensor_bytes(), ..BufferPlan::default() },
         partials: HashMap::new(),
@@ -488,7 +518,8 @@ pub(crate) fn lower(device: &Device, g: &CapturedGraph, steps: &[Step], mut repo
             if escapes[v] {
                 fresh_of.insert(v, l.fresh(bytes, dtype));
                 l.plan.outputs.push((bytes, dtype, i));
-                l.plan.output_shapes.push(g.values[v].meta.shape.clone());
+                let at_twin = twin.map(|t| t.values[v].meta.shape.clone());
+                l.plan.output_shapes.push((g.values[v].meta.shape.clone(), at_twin));
                 l.plan.borrowers.push(Vec::new());
             } else {
                 needs.push((Need::Value(v), i, last_read[v].max(i), bytes, dtype));
@@ -516,7 +547,7 @@ pub(crate) fn lower(device: &Device, g: &CapturedGraph, steps: &[Step], mut repo
     let mut placed: HashMap<Need, Buf> = HashMap::new();
     for &(need, start, end, bytes, dtype) in &needs {
         let lend = match need {
-            Need::Value(v) => Lend::Shape(&g.values[v].meta.shape),
+            Need::Value(v) => Lend::Shape(&g.values[v].meta.shape, twin.map(|t| &t.values[v].meta.shape)),
             Need::Partial(..) => Lend::Large,
         };
         placed.insert(need, l.plan.place(bytes, dtype, start, end, lend));

@@ -88,6 +88,12 @@ impl Signature {
         Signature { lines }
     }
 
+    /// The signature without its numbers (dims, strides, offsets, scalars):
+    /// the same for a graph at every batch size.
+    pub(crate) fn without_numbers(&self) -> String {
+        self.text().chars().filter(|c| !c.is_ascii_digit()).collect()
+    }
+
     /// A stable text of the whole signature (the cache key).
     pub fn text(&self) -> String {
         self.lines.iter().map(|(_, l)| l.as_str()).collect::<Vec<_>>().join("\n")

@@ -55,6 +55,13 @@ pub struct StepStats {
     /// graph at that size and lowered it, without running the closure
     /// (see [`compile_step`]).
     pub replans: u64,
+    /// Replans whose kernels differ from those of the size the step was
+    /// traced at: the new size is across the boundary of a kernel choice
+    /// that depends on sizes (four-wide kernels from 4,096 elements, a
+    /// column reduction's four results, a chunked reduction's passes), so
+    /// it may create pipelines; `WGRAD_LOG=compiled` says how many kernels
+    /// differ. Sizes on the same side of every boundary share kernels.
+    pub replans_across_boundaries: u64,
 }
 
 /// What becomes of a `.grad` the step changed.
@@ -140,6 +147,14 @@ struct BatchFamily {
     passes: crate::compiler::Passes,
 }
 
+impl BatchFamily {
+    /// The graph at batch size `b + 1`: what the program at `b` is fused
+    /// against, so that every size gets the same kernels.
+    fn twin(&self, b: usize) -> Option<CapturedGraph> {
+        self.model.at(b + 1)
+    }
+}
+
 impl Entry {
     /// The batch size of a call with arguments `key` whose batch this
     /// entry can change: the same arguments but for the leading dim of
@@ -181,7 +196,7 @@ impl Entry {
         }
         let fingerprint = fingerprint(&graph, &self.sources, &family.uploads);
         let extents = input_extents(&graph);
-        let program = crate::compiler::wgsl::build_program(device, graph, log, family.passes)?;
+        let program = crate::compiler::wgsl::build_program(device, graph, family.twin(b), log, family.passes)?;
         Ok(Some(Entry {
             key,
             guards: self.guards.clone(),
@@ -407,14 +422,16 @@ where
             }
             return Ok(None);
         };
+        // Kernel choices that depend on sizes (four-wide kernels from 4,096
+        // elements, chunked reductions' passes) may differ here.
+        let (was, now) = (&base.program.report().kernels, &entry.program.report().kernels);
+        let differing = was.iter().zip(now).filter(|(a, b)| a != b).count();
+        if differing > 0 || was.len() != now.len() {
+            self.stats.replans_across_boundaries += 1;
+        }
         if self.log {
-            // Kernel choices that depend on sizes (four-wide kernels from
-            // 4,096 elements, chunked reductions' passes) may differ here.
-            let (was, now) = (&base.program.report().kernels, &entry.program.report().kernels);
             let changed = match was.len() == now.len() {
-                true => {
-                    format!("{} of {} kernels differ", was.iter().zip(now).filter(|(a, b)| a != b).count(), now.len())
-                }
+                true => format!("{differing} of {} kernels differ", now.len()),
                 false => format!("{} kernels instead of {}", now.len(), was.len()),
             };
             eprintln!(
@@ -491,7 +508,8 @@ where
         let passes = batch.as_ref().map_or(self.passes, |f| f.passes);
         let host_sizes = c.host.iter().map(|(_, n, _)| *n).collect();
         let extents = input_extents(&c.graph);
-        let program = crate::compiler::wgsl::build_program(&self.device, c.graph, self.log, passes)?;
+        let twin = batch.as_ref().and_then(|f| f.twin(f.model.base()));
+        let program = crate::compiler::wgsl::build_program(&self.device, c.graph, twin, self.log, passes)?;
         let entry = Entry {
             key,
             guards: c.guards,

@@ -36,6 +36,9 @@ const MAX_BINDINGS: usize = 32;
 pub struct WgslCompiler {
     device: Device,
     cache: Mutex<HashMap<Signature, Arc<Program>>>,
+    /// Per signature without its numbers, the first graph compiled with
+    /// it: a later size of that graph is fused against it.
+    families: Mutex<HashMap<String, CapturedGraph>>,
     last_signature: Mutex<Option<Signature>>,
     last_miss: Mutex<Option<String>>,
     stats: Mutex<CompilerStats>,
@@ -50,6 +53,7 @@ impl WgslCompiler {
         WgslCompiler {
             device: device.clone(),
             cache: Mutex::new(HashMap::new()),
+            families: Mutex::new(HashMap::new()),
             last_signature: Mutex::new(None),
             last_miss: Mutex::new(None),
             stats: Mutex::new(CompilerStats::default()),
@@ -92,6 +96,7 @@ impl WgslCompiler {
     /// Forgets every cached program (and the buffers they hold).
     pub fn clear_cache(&self) {
         self.cache.lock().clear();
+        self.families.lock().clear();
     }
 }
 
@@ -123,10 +128,28 @@ impl CompilerInterface for WgslCompiler {
 
     fn compile(&self, signature: &Signature, graph: CapturedGraph) -> Result<Arc<Program>> {
         let pipelines_before = self.device.counters().pipelines_created;
-        let program = Arc::new(build_program(&self.device, graph, self.log, self.passes)?);
+        // A graph compiled before at another batch size (the same graph but
+        // for its numbers) is fused against that size, making only the
+        // choices that hold at both: the same kernels at every size from
+        // the second on. (A backward has no forward to trace at a smaller
+        // size, so its first size is fused for itself alone.)
+        let family = signature.without_numbers();
+        let twin =
+            self.families.lock().get(&family).filter(|t| crate::compiler::batch::same_but_numbers(t, &graph)).cloned();
+        if twin.is_none() {
+            self.families.lock().entry(family).or_insert_with(|| graph.clone());
+        } else if self.log {
+            eprintln!("[wgrad compiled] a graph compiled before at other sizes: fused as those sizes are");
+        }
+        let new_size = twin.is_some();
+        // Row kernels for any number of rows, as the rows grow with the
+        // batch (as a compiled step's batch sizes are lowered).
+        let passes = if new_size { Passes { min_rows: 1, ..self.passes } } else { self.passes };
+        let program = Arc::new(build_program(&self.device, graph, twin, self.log, passes)?);
         let ops_fused = program.report().ops_fused;
         let mut stats = self.stats.lock();
         stats.ops_fused += ops_fused as u64;
+        stats.new_sizes += u64::from(new_size);
         stats.pipelines_created += self.device.counters().pipelines_created - pipelines_before;
         drop(stats);
         self.cache.lock().insert(signature.clone(), program.clone());
@@ -154,20 +177,48 @@ impl CompilerInterface for WgslCompiler {
 /// Runs the graph passes, fusion and lowering: the program of a captured
 /// graph (a backward's or a whole step's). With `log`, prints the IR
 /// before and after the passes and every kernel.
-pub(crate) fn build_program(device: &Device, graph: CapturedGraph, log: bool, passes: Passes) -> Result<Program> {
+///
+/// `twin` is the same graph at another batch size, for a program that is
+/// one of a family of batch sizes: fusion then makes only the choices that
+/// hold at both sizes, so every size of the family gets the same kernels
+/// (see `fusion::schedule`). A twin whose passes end in another graph is
+/// not used (logged).
+pub(crate) fn build_program(
+    device: &Device,
+    graph: CapturedGraph,
+    twin: Option<CapturedGraph>,
+    log: bool,
+    passes: Passes,
+) -> Result<Program> {
+    let started = std::time::Instant::now();
     let ir_before = graph.to_string();
-    let (graph, pass_stats) = passes::optimize(graph);
     let direct = device.matmul_template() == crate::exec::codegen::MatmulTemplate::Direct;
     let passes = Passes { epilogues: passes.epilogues && !direct, ..passes };
-    let (graph, split) =
-        if passes.rows { crate::compiler::rows::split_reductions(graph, passes.min_rows) } else { (graph, 0) };
+    let optimize = |graph: CapturedGraph| {
+        let (graph, pass_stats) = passes::optimize(graph);
+        let (graph, split) =
+            if passes.rows { crate::compiler::rows::split_reductions(graph, passes.min_rows) } else { (graph, 0) };
+        (graph, pass_stats, split)
+    };
+    let (graph, pass_stats, split) = optimize(graph);
+    let twin = twin.map(|t| optimize(t).0).filter(|t| {
+        let same = crate::compiler::batch::same_but_numbers(&graph, t);
+        if !same && log {
+            eprintln!(
+                "[wgrad compiled] the passes give another graph at the twin batch size: fused for this size only"
+            );
+        }
+        same
+    });
     let ir_after = graph.to_string();
     let limits = fusion::BindingLimits {
         operands: MAX_BINDINGS,
         buffers: device.max_storage_bindings(),
         dedicated_bytes: device.dedicated_bytes(),
     };
-    let (steps, ops_fused) = fusion::schedule(&graph, limits, passes);
+    let passes_done = started.elapsed();
+    let (steps, ops_fused) = fusion::schedule(&graph, twin.as_ref(), limits, passes);
+    let fused = started.elapsed();
     let report = ProgramReport {
         ir_before,
         ir_after,
@@ -178,8 +229,15 @@ pub(crate) fn build_program(device: &Device, graph: CapturedGraph, log: bool, pa
         dot: dot::render(&graph, &steps),
         ..ProgramReport::default()
     };
-    let program = lower::lower(device, &graph, &steps, report)?;
+    let program = lower::lower(device, &graph, twin.as_ref(), &steps, report)?;
     if log {
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        eprintln!(
+            "[wgrad compiled] passes {:.2} ms, fusion {:.2} ms, lowering {:.2} ms",
+            ms(passes_done),
+            ms(fused - passes_done),
+            ms(started.elapsed() - fused)
+        );
         let r = program.report();
         eprintln!("[wgrad compiled] captured IR:\n{}", r.ir_before);
         eprintln!(

@@ -237,16 +237,33 @@ pub(crate) fn map_words(
 pub(crate) fn map_launch(
     device: &Device,
     op: &'static str,
-    mut kernel: MapKernel,
+    kernel: MapKernel,
     shape: &Shape,
     inputs: &[Layout],
     outputs: &[Layout],
     scalars: &[f64],
 ) -> Result<Launch> {
+    map_launch_sized(device, op, kernel, shape, inputs, outputs, scalars, None)
+}
+
+/// [`map_launch`] for one of a program's family of batch sizes: `twin` is
+/// the element count at the family's other size, and the four-wide form
+/// (a multiple of 4 elements) is taken only where it is one too.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn map_launch_sized(
+    device: &Device,
+    op: &'static str,
+    mut kernel: MapKernel,
+    shape: &Shape,
+    inputs: &[Layout],
+    outputs: &[Layout],
+    scalars: &[f64],
+    twin: Option<usize>,
+) -> Result<Launch> {
     let words = map_words(op, &mut kernel, shape, inputs, outputs, scalars)?;
     let views: Vec<Layout> = inputs.iter().chain(outputs).cloned().collect();
     let info = KernelInfo::new("map", map_name(&kernel), map_bytes(&kernel, shape.numel()), 0);
-    let x4 = codegen::vectorisable(&kernel, shape.numel(), &views);
+    let x4 = codegen::vectorisable(&kernel, shape.numel(), &views) && twin.is_none_or(|n| n.is_multiple_of(4));
     let grid = device.grid_1d(if x4 { shape.numel() as u64 / 4 } else { shape.numel() as u64 })?;
     let (dtypes, written, offset_words) = map_operands(&kernel);
     let template = Template::Map { kernel, x4 };
@@ -379,7 +396,10 @@ pub(crate) fn reduce_view(layout: &Layout, axes: &[usize]) -> (Layout, usize, us
 
 /// The first pass of a reduction: `kernel` (one output node, the value
 /// reduced) evaluated over the [a, k] iteration `shape`, reduced into
-/// `a * n_chunks` partial results.
+/// `a * n_chunks` partial results. `twin` is the [a, k] of the same
+/// reduction at another batch size of a program's family: a four-wide
+/// form that needs a multiple of 4 is taken only where both sizes are one,
+/// so the family's sizes share one kernel (a compiled program).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn reduce_launch(
     device: &Device,
@@ -392,6 +412,7 @@ pub(crate) fn reduce_launch(
     k: usize,
     n_chunks: usize,
     reduced: usize,
+    twin: Option<(usize, usize)>,
 ) -> Result<Launch> {
     // Outputs 0..reduced are the reductions' (partial) results; any others
     // are values of the iteration's shape stored as it walks them.
@@ -410,10 +431,14 @@ pub(crate) fn reduce_launch(
         n => format!("{n} {fused}"),
     };
     let info = KernelInfo::new("reduce", fused, input_bytes(&kernel, a * k) + own + side, 0);
-    let form = if reduced == 1 && k.is_multiple_of(4) && codegen::vectorisable(&kernel, a * k, &views) {
+    let k4 = k.is_multiple_of(4) && twin.is_none_or(|(_, tk)| tk.is_multiple_of(4));
+    let a4 = twin.is_none_or(|(ta, _)| ta.is_multiple_of(4));
+    let form = if reduced == 1 && k4 && codegen::vectorisable(&kernel, a * k, &views) {
         ReduceForm::Vec4
-    } else {
+    } else if a4 {
         column_reads(&kernel, &words, a).map_or(ReduceForm::Elements, ReduceForm::Columns)
+    } else {
+        ReduceForm::Elements
     };
     let (grid, template_words) = match form {
         ReduceForm::Elements => (device.grid_1d((a * n_chunks) as u64)?, codegen::reduce_words(a, k, n_chunks)),
@@ -587,7 +612,7 @@ fn reduce_pass(
     let out = Tensor::empty(Shape::new([a * n_chunks]), dtype, device)?;
     if a * n_chunks > 0 {
         let layouts = vec![view.clone(); inputs.len()];
-        let launch = reduce_launch(device, kind, kernel, &view.shape, &layouts, scalars, a, k, n_chunks, 1)?;
+        let launch = reduce_launch(device, kind, kernel, &view.shape, &layouts, scalars, a, k, n_chunks, 1, None)?;
         let mut operands = inputs.iter().map(|t| t.operand()).collect::<Result<Vec<_>>>()?;
         operands.push(out.operand()?);
         launch.dispatch(device, &operands)?;
