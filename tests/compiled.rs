@@ -224,7 +224,8 @@ fn w1_backward_at_nine_batch_sizes_shares_its_kernels() -> wgrad::Result<()> {
     use wgrad::ClassLoss;
     use wgrad::nn::{Linear, Module};
     let _l = serial();
-    let device = common::device();
+    // A device of its own: its pipeline count is this test's alone.
+    let device = Device::new()?;
     let compiler = Arc::new(WgslCompiler::new(&device));
     let layer = |i: usize, o: usize, seed: u64| -> wgrad::Result<Linear> {
         let l = Linear::new(i, o, true, seed, &device)?;

@@ -17,7 +17,9 @@
 //! steps interleaved so that a busy machine slows them alike; kernels and
 //! submits per step, new pipelines and driver buffers over the measured
 //! steps, peak device memory, and GFLOP/s (W1, W3) or GB/s (W2).
-//! `--matmul` times the matmul kernel alone; `--memory-steps` runs W1
+//! `--batch-sizes 10,20,..` runs W1 at each batch size in turn, compiled
+//! backward and compiled step, and times each size's first call (see
+//! `batches.rs`). `--matmul` times the matmul kernel alone; `--memory-steps` runs W1
 //! compiled that long and checks memory (see `memory.rs`). `--profile`
 //! runs one more step of each (workload, mode) with the kernel profiler on
 //! and prints where its GPU time went; `--trace DIR` also writes each of
@@ -30,6 +32,7 @@
 //! sum), which need more than 8 bindings unless tensors share arenas, and
 //! CNN (the digits examples' CNN and Adam on a batch of 64).
 
+mod batches;
 mod matmul;
 mod memory;
 mod workloads;
@@ -49,6 +52,7 @@ struct Options {
     json: Option<String>,
     svg: Option<String>,
     matmul: Vec<usize>,
+    batch_sizes: Vec<usize>,
     memory_steps: Option<usize>,
     profile: bool,
     trace: Option<String>,
@@ -65,6 +69,7 @@ fn parse() -> Result<Options, String> {
         json: None,
         svg: None,
         matmul: Vec::new(),
+        batch_sizes: Vec::new(),
         memory_steps: None,
         profile: false,
         trace: None,
@@ -124,6 +129,13 @@ fn parse() -> Result<Options, String> {
                 o.memory_steps = Some(value()?.parse::<usize>().map_err(|e| format!("--memory-steps: {e}"))?.max(5));
                 o.workloads.clear();
             }
+            "--batch-sizes" => {
+                o.batch_sizes = value()?
+                    .split(',')
+                    .map(|s| s.trim().parse::<usize>().map_err(|e| format!("--batch-sizes {s:?}: {e}")))
+                    .collect::<Result<_, _>>()?;
+                o.workloads.clear();
+            }
             "--matmul" => {
                 o.matmul = value()?
                     .split(',')
@@ -133,7 +145,7 @@ fn parse() -> Result<Options, String> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: wgrad-bench [--workload W1,..] [--mode eager,merged,compiled,step] [--steps N] [--small] [--json FILE] [--svg FILE] [--matmul 256,512] [--memory-steps 1000] [--profile] [--trace DIR] [--limits webgpu|adapter] [--arenas auto|always|never]"
+                    "usage: wgrad-bench [--workload W1,..] [--mode eager,merged,compiled,step] [--steps N] [--small] [--json FILE] [--svg FILE] [--matmul 256,512] [--memory-steps 1000] [--batch-sizes 10,20] [--profile] [--trace DIR] [--limits webgpu|adapter] [--arenas auto|always|never]"
                 );
                 std::process::exit(0);
             }
@@ -517,6 +529,10 @@ fn run(o: &Options) -> Result<(), String> {
     }
     if let Some(steps) = o.memory_steps {
         let report = memory::check(&device, steps).map_err(|e| format!("memory check: {e}"))?;
+        println!("\n{report}");
+    }
+    if !o.batch_sizes.is_empty() {
+        let report = batches::measure(&device, &o.batch_sizes).map_err(|e| format!("batch sizes: {e}"))?;
         println!("\n{report}");
     }
     if !o.matmul.is_empty() {
