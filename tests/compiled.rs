@@ -209,6 +209,7 @@ fn new_batch_sizes_recapture_but_create_no_pipelines() -> wgrad::Result<()> {
     let s = compiler.stats();
     assert_eq!(s.cache_misses, 9, "each new batch size is a new signature: {s:?}");
     assert_eq!(s.new_sizes, 8, "sizes after the first are the first's graph at another size: {s:?}");
+    assert_eq!(s.replans, 6, "sizes after the third are instantiated, not traced: {s:?}");
     let reason = compiler.last_miss_reason().unwrap_or_default();
     assert!(reason.starts_with("changed shape"), "{reason}");
     Ok(())
@@ -278,7 +279,155 @@ fn w1_backward_at_nine_batch_sizes_shares_its_kernels() -> wgrad::Result<()> {
     }
     assert_eq!(pipelines_from_third, 0, "batch sizes 30..90 (eager and compiled) create no pipeline");
     let s = compiler.stats();
-    assert_eq!((s.cache_misses, s.new_sizes, s.fallbacks), (9, 8, 0), "{s:?}");
+    assert_eq!((s.cache_misses, s.new_sizes, s.replans, s.fallbacks), (9, 8, 6, 0), "three traces: {s:?}");
+    Ok(())
+}
+
+/// A batch family's fit is a guard, not a guess: a size whose signature
+/// the fit of three traced sizes does not predict (a scalar `min(B, 5)`
+/// that was affine on 2, 3, 4) traces, and a family with a number that is
+/// no form of the batch size (a reshape to `B * B`) traces every size, and
+/// a batch of 1 traces and is not fitted. Every result equals the closed
+/// form.
+#[test]
+fn batch_families_replan_only_the_sizes_their_fit_predicts() -> wgrad::Result<()> {
+    let _l = serial();
+    let device = common::device();
+    let (compiler, _guard) = install(&device);
+    // d/dx sum(x * s) = s, with s = min(B, 5) at batch B.
+    let mut traces = Vec::new();
+    for b in [2usize, 3, 4, 7, 6, 5, 9] {
+        let x = Tensor::from_slice(&(0..b * 3).map(|i| i as f32).collect::<Vec<_>>(), [b, 3], &device)?
+            .requires_grad(true)?;
+        let s = b.min(5) as f64;
+        x.mul(s)?.tanh()?.sum_all()?.backward()?;
+        let want: Vec<f32> = (0..b * 3).map(|i| (s * (1.0 - ((i as f64 * s).tanh()).powi(2))) as f32).collect();
+        assert_close(&format!("min(B, 5) at batch {b}"), &vec(&x.grad().expect("grad")), &want);
+        let st = compiler.stats();
+        traces.push(st.cache_misses - st.replans);
+    }
+    // 2, 3, 4 traced (fitted: s = B); 7, 6 and 5 have s = 5, not predicted: traced; 5 is
+    // the fit's own prediction (s = 5 at B = 5) and 9 is not.
+    assert_eq!(traces, vec![1, 2, 3, 4, 5, 5, 6], "{:?}", compiler.stats());
+
+    // A reshape to B * B: not affine in B, every size traces.
+    let before = compiler.stats();
+    for b in 2..7usize {
+        let x = Tensor::from_slice(&(0..b * b).map(|i| i as f32 * 0.1).collect::<Vec<_>>(), [b, b], &device)?
+            .requires_grad(true)?;
+        x.reshape([b * b])?.square()?.sum_all()?.backward()?;
+        let want: Vec<f32> = (0..b * b).map(|i| 2.0 * (i as f32 * 0.1)).collect();
+        assert_close(&format!("B * B at batch {b}"), &vec(&x.grad().expect("grad")), &want);
+    }
+    let after = compiler.stats();
+    assert_eq!((after.cache_misses - before.cache_misses, after.replans - before.replans), (5, 0), "{after:?}");
+
+    // A batch of 1 is traced and left out of the fit: 1, 4, 6 and 8 trace
+    // (the fit is of 4, 6 and 8), 5 and 1 again do not.
+    let mut traces = Vec::new();
+    let before = compiler.stats();
+    for b in [1usize, 4, 6, 8, 5, 1] {
+        let x = Tensor::from_slice(&(0..b * 2).map(|i| i as f32 * 0.3).collect::<Vec<_>>(), [b, 2], &device)?
+            .requires_grad(true)?;
+        x.tanh()?.mean(&[0], false)?.sum_all()?.backward()?;
+        let want: Vec<f32> = (0..b * 2).map(|i| ((1.0 - (i as f64 * 0.3).tanh().powi(2)) / b as f64) as f32).collect();
+        assert_close(&format!("mean over batch {b}"), &vec(&x.grad().expect("grad")), &want);
+        let st = compiler.stats();
+        traces.push((st.cache_misses - st.replans) - (before.cache_misses - before.replans));
+    }
+    assert_eq!(traces, vec![1, 2, 3, 4, 4, 4], "{:?}", compiler.stats());
+    Ok(())
+}
+
+/// Issue 16's differential test for the compiled backward: random small
+/// programs (width, activations, centering over the batch, layer_norm,
+/// class or regression loss with mean or sum reduction) at random batch
+/// sizes, a repeated size, a last partial batch and a batch of 1, eagerly
+/// and compiled on the same inputs: every gradient equal, whether the size
+/// was traced, replanned from the program's batch family or replayed; three
+/// sizes and the batch of 1 traced per program.
+#[test]
+fn random_programs_at_random_batch_sizes_backward_matches_eager() -> wgrad::Result<()> {
+    use wgrad::nn::{Linear, Module};
+    use wgrad::{ClassLoss, Reduction};
+    let _l = serial();
+    let device = common::device();
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    for program in 0..8u64 {
+        let width = 3 + next(10) as usize;
+        let acts: Vec<u64> = (0..1 + next(3)).map(|_| next(4)).collect();
+        let (center, norm, classes, mean) = (next(2) == 0, next(2) == 0, next(2) == 0, next(3) != 0);
+        let mut sizes: Vec<usize> = (0..6).map(|_| 2 + next(30) as usize).collect();
+        sizes.extend([sizes[1], 1 + next(5) as usize, 1]);
+        let req = |t: Tensor| t.requires_grad(true);
+        let l1 = Linear::new(5, width, true, 900 + program, &device)?;
+        let l2 = Linear::new(width, 3, true, 950 + program, &device)?;
+        let (l1, l2) = (
+            Linear { weight: req(l1.weight)?, bias: l1.bias.map(req).transpose()? },
+            Linear { weight: req(l2.weight)?, bias: l2.bias.map(req).transpose()? },
+        );
+        let params: Vec<Tensor> = l1.parameters().into_iter().chain(l2.parameters()).collect();
+        let loss_of = |x: &Tensor, y: &Tensor| -> wgrad::Result<Tensor> {
+            let mut h = l1.forward(x)?;
+            for a in &acts {
+                h = match a {
+                    0 => h.relu()?,
+                    1 => h.tanh()?,
+                    2 => h.sigmoid()?,
+                    _ => h.gelu()?,
+                };
+            }
+            if center {
+                // A batch statistic: its backward carries 1 / B.
+                h = h.sub(&h.mean(&[0], true)?)?;
+            }
+            if norm {
+                h = h.layer_norm(&[width], None, None, 1e-5)?;
+            }
+            let out = l2.forward(&h)?;
+            let reduction = if mean { Reduction::Mean } else { Reduction::Sum };
+            match classes {
+                true => out.cross_entropy(y, ClassLoss { reduction, ..ClassLoss::default() }),
+                false => out.mse_loss(y, reduction),
+            }
+        };
+        let compiler = Arc::new(WgslCompiler::new(&device));
+        for (i, &b) in sizes.iter().enumerate() {
+            let seed = program * 100 + i as u64;
+            let x = wgrad::nn::uniform([b, 5], 1.0, seed, &device)?.detach();
+            let y = match classes {
+                true => Tensor::from_slice(
+                    &(0..b as i32).map(|j| (j * 5 + i as i32) % 3).collect::<Vec<_>>(),
+                    [b],
+                    &device,
+                )?,
+                false => wgrad::nn::uniform([b, 3], 1.0, seed + 50, &device)?.detach(),
+            };
+            params.iter().for_each(Tensor::zero_grad);
+            loss_of(&x, &y)?.backward()?;
+            let eager: Vec<Vec<f32>> = params.iter().map(|p| vec(&p.grad().expect("grad"))).collect();
+            params.iter().for_each(Tensor::zero_grad);
+            let guard = CompilerGuard::install_arc(compiler.clone())?;
+            loss_of(&x, &y)?.backward()?;
+            drop(guard);
+            for (k, (p, want)) in params.iter().zip(&eager).enumerate() {
+                let what = format!(
+                    "program {program} (acts {acts:?}, center {center}, norm {norm}, classes {classes}, mean {mean}) batch {b} parameter {k}"
+                );
+                assert_close(&what, &vec(&p.grad().expect("grad")), want);
+            }
+        }
+        let s = compiler.stats();
+        assert_eq!(s.fallbacks, 0, "program {program}: {s:?}");
+        // Three sizes to fit and the batch of 1 (a size range of its own).
+        assert_eq!(s.cache_misses - s.replans, 4, "program {program}: four sizes traced, the others replanned: {s:?}");
+    }
     Ok(())
 }
 

@@ -24,14 +24,14 @@ use crate::metadata::Shape;
 
 /// An integer of the graph at batch size B: `a * B + c`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Affine {
+pub(crate) struct Affine {
     a: i64,
     c: i64,
 }
 
 /// A scalar of the graph at batch size B.
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Scalar {
+pub(crate) enum Scalar {
     /// The same at every size.
     Constant,
     /// `a * B + c`.
@@ -135,30 +135,40 @@ impl BatchModel {
     /// Fits the graphs traced at batch sizes `b`, `b - 1` and `b - 2`
     /// (`graphs` in that order), or says why they do not fit.
     pub fn fit(graphs: [&CapturedGraph; 3], b: usize) -> Result<BatchModel, String> {
-        let [n0, n1, n2] = graphs.map(numbers);
+        BatchModel::fit_at([(graphs[0], b), (graphs[1], b - 1), (graphs[2], b - 2)])
+    }
+
+    /// Fits graphs traced at three distinct batch sizes, the template being
+    /// the first, or says why they do not fit.
+    pub fn fit_at(graphs: [(&CapturedGraph, usize); 3]) -> Result<BatchModel, String> {
+        let sizes = graphs.map(|(_, b)| b);
+        let [n0, n1, n2] = graphs.map(|(g, _)| numbers(g));
         if n0.shape != n1.shape || n0.shape != n2.shape {
-            return Err("the step traces to a different graph at another batch size".into());
+            return Err("the graph is another at another batch size".into());
         }
-        let mut ints = Vec::with_capacity(n0.ints.len());
-        for ((&x0, &x1), &x2) in n0.ints.iter().zip(&n1.ints).zip(&n2.ints) {
-            let (x0, x1, x2) = (x0 as i64, x1 as i64, x2 as i64);
-            let a = x0 - x1;
-            if x1 - x2 != a {
-                return Err(format!(
-                    "a size ({x2}, {x1}, {x0} at batch sizes {}, {}, {b}) is not affine in the batch size",
-                    b - 2,
-                    b - 1
-                ));
-            }
-            ints.push(Affine { a, c: x0 - a * b as i64 });
-        }
-        let mut scalars = Vec::with_capacity(n0.scalars.len());
-        for ((&s0, &s1), &s2) in n0.scalars.iter().zip(&n1.scalars).zip(&n2.scalars) {
-            scalars.push(fit_scalar([s0, s1, s2], b).ok_or_else(|| {
-                format!("a scalar ({s2}, {s1}, {s0} at batch sizes {}, {}, {b}) depends on the batch size in a way wgrad does not model (constant, a B + c, 1 / (a B + c))", b - 2, b - 1)
-            })?);
-        }
-        Ok(BatchModel { template: graphs[0].clone(), base: b, ints, scalars })
+        let ints = n0
+            .ints
+            .iter()
+            .zip(&n1.ints)
+            .zip(&n2.ints)
+            .map(|((&x0, &x1), &x2)| {
+                fit_int([x0 as i64, x1 as i64, x2 as i64], sizes).ok_or_else(|| {
+                    format!("a size ({x0}, {x1}, {x2} at batch sizes {sizes:?}) is not affine in the batch size")
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let scalars = n0
+            .scalars
+            .iter()
+            .zip(&n1.scalars)
+            .zip(&n2.scalars)
+            .map(|((&s0, &s1), &s2)| {
+                fit_scalar([s0, s1, s2], sizes).ok_or_else(|| {
+                    format!("a scalar ({s0}, {s1}, {s2} at batch sizes {sizes:?}) depends on the batch size in a way wgrad does not model (constant, a B + c, 1 / (a B + c))")
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(BatchModel { template: graphs[0].0.clone(), base: sizes[0], ints, scalars })
     }
 
     /// The batch size the template was traced at.
@@ -175,18 +185,13 @@ impl BatchModel {
         walk(
             &mut g,
             &mut |x| {
-                let Affine { a, c } = self.ints[i];
+                let v = self.ints[i].at(b);
                 i += 1;
-                let v = a * b + c;
                 ok &= v >= 0;
                 *x = v.max(0) as usize;
             },
             &mut |s| {
-                *s = match self.scalars[k] {
-                    Scalar::Constant => *s,
-                    Scalar::Affine { a, c } => a * b as f64 + c,
-                    Scalar::Reciprocal { a, c } => 1.0 / (a * b + c) as f64,
-                };
+                *s = self.scalars[k].at(b, *s);
                 k += 1;
             },
             &mut String::new(),
@@ -195,30 +200,63 @@ impl BatchModel {
     }
 }
 
-/// A scalar seen at batch sizes `b`, `b - 1`, `b - 2` as a function of
-/// the batch size, one that gives the same f64 at the three sizes. At
-/// other sizes it gives what eager mode computes for integer forms (a
-/// mean's `1 / (B K)`), and may differ in the last bits of an f64 for a
-/// fractional slope (`0.1 B`), which the f32 the kernel reads hides.
-fn fit_scalar(s: [f64; 3], b: usize) -> Option<Scalar> {
-    let sizes = [b as f64, (b - 1) as f64, (b - 2) as f64];
+impl Affine {
+    pub(crate) fn at(self, b: i64) -> i64 {
+        self.a * b + self.c
+    }
+}
+
+impl Scalar {
+    /// The scalar at batch size `b`; `traced` is its value at the traced size.
+    pub(crate) fn at(self, b: i64, traced: f64) -> f64 {
+        match self {
+            Scalar::Constant => traced,
+            Scalar::Affine { a, c } => a * b as f64 + c,
+            Scalar::Reciprocal { a, c } => 1.0 / (a * b + c) as f64,
+        }
+    }
+}
+
+/// An integer seen at three distinct batch sizes as `a B + c` with integer
+/// `a` and `c`, if it is one.
+pub(crate) fn fit_int(x: [i64; 3], sizes: [usize; 3]) -> Option<Affine> {
+    let b = sizes.map(|s| s as i64);
+    let (dx, db) = (x[0] - x[1], b[0] - b[1]);
+    if db == 0 || dx % db != 0 {
+        return None;
+    }
+    let a = dx / db;
+    let fit = Affine { a, c: x[0] - a * b[0] };
+    (0..3).all(|i| fit.at(b[i]) == x[i]).then_some(fit)
+}
+
+/// A scalar seen at three distinct batch sizes as a function of the batch
+/// size, one that gives the same f64 at the three sizes. At other sizes it
+/// gives what eager mode computes for integer forms (a mean's `1 / (B K)`),
+/// and may differ in the last bits of an f64 for a fractional slope
+/// (`0.1 B`), which the f32 the kernel reads hides.
+pub(crate) fn fit_scalar(s: [f64; 3], sizes: [usize; 3]) -> Option<Scalar> {
+    let b = sizes.map(|s| s as i64);
     if s[0].to_bits() == s[1].to_bits() && s[1].to_bits() == s[2].to_bits() {
         return Some(Scalar::Constant);
     }
-    let a = s[0] - s[1];
-    let c = s[0] - a * sizes[0];
-    if (0..3).all(|i| (a * sizes[i] + c).to_bits() == s[i].to_bits()) {
-        return Some(Scalar::Affine { a, c });
+    if b[0] == b[1] {
+        return None;
+    }
+    let a = (s[0] - s[1]) / (b[0] - b[1]) as f64;
+    let affine = Scalar::Affine { a, c: s[0] - a * b[0] as f64 };
+    if (0..3).all(|i| affine.at(b[i], s[i]).to_bits() == s[i].to_bits()) {
+        return Some(affine);
     }
     // 1 / (a B + c) with integer a and c: 1 / s is that integer.
-    let r: Vec<f64> = s.iter().map(|v| (1.0 / v).round()).collect();
-    let (ra, rc) = (r[0] - r[1], r[0] - (r[0] - r[1]) * sizes[0]);
-    let (a, c) = (ra as i64, rc as i64);
-    let fits = (0..3).all(|i| {
-        let n = a * (b - i) as i64 + c;
-        n != 0 && (1.0 / n as f64).to_bits() == s[i].to_bits()
-    });
-    fits.then_some(Scalar::Reciprocal { a, c })
+    let r = s.map(|v| (1.0 / v).round());
+    if !r.iter().all(|v| v.is_finite() && v.abs() < 1e15) {
+        return None;
+    }
+    let Affine { a, c } = fit_int(r.map(|v| v as i64), sizes)?;
+    let reciprocal = Scalar::Reciprocal { a, c };
+    let fits = (0..3).all(|i| a * b[i] + c != 0 && reciprocal.at(b[i], s[i]).to_bits() == s[i].to_bits());
+    fits.then_some(reciprocal)
 }
 
 #[cfg(test)]
@@ -227,16 +265,32 @@ mod tests {
 
     #[test]
     fn scalars_fit_constant_affine_and_reciprocal_forms() {
-        assert_eq!(fit_scalar([0.5, 0.5, 0.5], 10), Some(Scalar::Constant));
+        let near = [10, 9, 8];
+        assert_eq!(fit_scalar([0.5, 0.5, 0.5], near), Some(Scalar::Constant));
         // A mean over [B, 7]: 1 / (7 B).
         let mean = |b: usize| 1.0 / (7 * b) as f64;
-        assert_eq!(fit_scalar([mean(10), mean(9), mean(8)], 10), Some(Scalar::Reciprocal { a: 7, c: 0 }));
+        assert_eq!(fit_scalar([mean(10), mean(9), mean(8)], near), Some(Scalar::Reciprocal { a: 7, c: 0 }));
+        // The same seen at sizes far apart, in any order.
+        assert_eq!(fit_scalar([mean(10), mean(40), mean(20)], [10, 40, 20]), Some(Scalar::Reciprocal { a: 7, c: 0 }));
         // An unbiased variance over the batch: 1 / (B - 1).
         let var = |b: usize| 1.0 / (b - 1) as f64;
-        assert_eq!(fit_scalar([var(10), var(9), var(8)], 10), Some(Scalar::Reciprocal { a: 1, c: -1 }));
-        assert_eq!(fit_scalar([20.0, 18.0, 16.0], 10), Some(Scalar::Affine { a: 2.0, c: 0.0 }));
-        // sqrt(B) is none of these.
+        assert_eq!(fit_scalar([var(10), var(9), var(8)], near), Some(Scalar::Reciprocal { a: 1, c: -1 }));
+        assert_eq!(fit_scalar([20.0, 18.0, 16.0], near), Some(Scalar::Affine { a: 2.0, c: 0.0 }));
+        assert_eq!(fit_scalar([20.0, 80.0, 40.0], [10, 40, 20]), Some(Scalar::Affine { a: 2.0, c: 0.0 }));
+        // sqrt(B) and 1 / B^2 are none of these, near or far.
         let root = |b: usize| (b as f64).sqrt();
-        assert_eq!(fit_scalar([root(10), root(9), root(8)], 10), None);
+        assert_eq!(fit_scalar([root(10), root(9), root(8)], near), None);
+        let square = |b: usize| 1.0 / (b * b) as f64;
+        assert_eq!(fit_scalar([square(10), square(30), square(20)], [10, 30, 20]), None);
+    }
+
+    #[test]
+    fn integers_fit_only_exact_integer_lines() {
+        assert_eq!(fit_int([30, 90, 60], [10, 30, 20]), Some(Affine { a: 3, c: 0 }));
+        assert_eq!(fit_int([11, 31, 21], [10, 30, 20]), Some(Affine { a: 1, c: 1 }));
+        // B / 2 is affine with a fractional slope; B * B is not affine.
+        assert_eq!(fit_int([5, 15, 10], [10, 30, 20]), None);
+        assert_eq!(fit_int([100, 900, 400], [10, 30, 20]), None);
+        assert_eq!(fit_int([1, 2, 3], [10, 10, 20]), None);
     }
 }

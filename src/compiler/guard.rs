@@ -20,13 +20,19 @@ pub struct CompilerStats {
     pub captures: u64,
     /// Captures whose signature was cached: replayed without tracing.
     pub cache_hits: u64,
-    /// Captures that traced, optimised and lowered a new program.
+    /// Captures whose signature was not cached: a new program, traced (or,
+    /// for a new size of a fitted batch family, instantiated: `replans`),
+    /// optimised and lowered.
     pub cache_misses: u64,
     /// Cache misses that were a graph compiled before at another batch size
     /// (the same graph but for its numbers): fused to the same kernels as
     /// that size, so a new batch size creates no pipeline (see
     /// [`crate::WgslCompiler`]).
     pub new_sizes: u64,
+    /// New sizes whose graph was instantiated from the batch family's fit
+    /// of three traced sizes instead of traced: the backward formulas did
+    /// not run. Traces are `cache_misses - replans`.
+    pub replans: u64,
     /// Backward calls that ran eagerly although the compiler was installed
     /// (e.g. `create_graph`); the log says why.
     pub fallbacks: u64,
@@ -50,7 +56,9 @@ pub trait CompilerInterface: Send + Sync {
     /// device runs eagerly.
     fn device(&self) -> &Device;
     /// Called at the start of every compiled backward, once the graph's
-    /// signature is built: the cached program for it, if any.
+    /// signature is built: the cached program for it, if any (or one
+    /// built without a trace, as [`crate::WgslCompiler`] does for a new
+    /// size of a graph met at three sizes before).
     fn lookup(&self, signature: &Signature) -> Option<Arc<Program>>;
     /// Called on a cache miss with the graph the backward formulas traced
     /// into: optimise, lower and cache it.

@@ -11,6 +11,7 @@
 mod batch;
 mod dot;
 mod emit;
+mod family;
 mod fusion;
 pub(crate) mod guard;
 pub(crate) mod ir;

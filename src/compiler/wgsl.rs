@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use crate::compiler::family::{Family, numbers_in};
 use crate::compiler::fusion::Passes;
 use crate::compiler::guard::{CompilerGuard, CompilerInterface, CompilerStats};
 use crate::compiler::ir::CapturedGraph;
@@ -36,9 +37,10 @@ const MAX_BINDINGS: usize = 32;
 pub struct WgslCompiler {
     device: Device,
     cache: Mutex<HashMap<Signature, Arc<Program>>>,
-    /// Per signature without its numbers, the first graph compiled with
-    /// it: a later size of that graph is fused against it.
-    families: Mutex<HashMap<String, CapturedGraph>>,
+    /// Per signature without its numbers, the graph at the sizes it has
+    /// met: a later size is fused against the first, and, once three
+    /// sizes are traced, instantiated without tracing.
+    families: Mutex<HashMap<String, Family>>,
     last_signature: Mutex<Option<Signature>>,
     last_miss: Mutex<Option<String>>,
     stats: Mutex<CompilerStats>,
@@ -100,6 +102,56 @@ impl WgslCompiler {
     }
 }
 
+impl WgslCompiler {
+    fn note(&self, message: std::fmt::Arguments) {
+        if self.log {
+            eprintln!("[wgrad compiled] {message}");
+        }
+    }
+
+    /// The program of a new size of a fitted batch family, instantiated
+    /// without tracing, or `None` (trace it) when the signature is not one
+    /// the family predicts or the build fails (logged).
+    fn replan(&self, signature: &Signature) -> Option<Arc<Program>> {
+        let (b, graph, twin) = {
+            let families = self.families.lock();
+            let family = families.get(&signature.without_numbers())?;
+            let (b, graph) = family.instantiate(&numbers_in(&signature.text()))?;
+            (b, graph, family.first.clone())
+        };
+        self.note(format_args!("batch size {b} of a fitted batch family: re-planned without tracing"));
+        match self.build(signature, graph, Some(twin)) {
+            Ok(program) => {
+                self.stats.lock().replans += 1;
+                Some(program)
+            }
+            Err(e) => {
+                self.note(format_args!("re-planning batch size {b} failed ({e}): traced instead"));
+                None
+            }
+        }
+    }
+
+    /// Optimises, fuses and lowers `graph` (fused against `twin`, another
+    /// size of it, where given) and caches the program.
+    fn build(&self, signature: &Signature, graph: CapturedGraph, twin: Option<CapturedGraph>) -> Result<Arc<Program>> {
+        let pipelines_before = self.device.counters().pipelines_created;
+        let new_size = twin.is_some();
+        // Row kernels for any number of rows, as the rows grow with the
+        // batch (as a compiled step's batch sizes are lowered).
+        let passes = if new_size { Passes { min_rows: 1, ..self.passes } } else { self.passes };
+        let program = Arc::new(build_program(&self.device, graph, twin, self.log, passes)?);
+        let ops_fused = program.report().ops_fused;
+        let mut stats = self.stats.lock();
+        stats.ops_fused += ops_fused as u64;
+        stats.new_sizes += u64::from(new_size);
+        stats.pipelines_created += self.device.counters().pipelines_created - pipelines_before;
+        drop(stats);
+        self.cache.lock().insert(signature.clone(), program.clone());
+        Ok(program)
+    }
+}
+
 impl CompilerInterface for WgslCompiler {
     fn device(&self) -> &Device {
         &self.device
@@ -123,37 +175,41 @@ impl CompilerInterface for WgslCompiler {
             *self.last_miss.lock() = Some(reason);
         }
         *self.last_signature.lock() = Some(signature.clone());
-        hit
+        drop(stats);
+        hit.or_else(|| self.replan(signature))
     }
 
     fn compile(&self, signature: &Signature, graph: CapturedGraph) -> Result<Arc<Program>> {
-        let pipelines_before = self.device.counters().pipelines_created;
         // A graph compiled before at another batch size (the same graph but
         // for its numbers) is fused against that size, making only the
         // choices that hold at both: the same kernels at every size from
         // the second on. (A backward has no forward to trace at a smaller
         // size, so its first size is fused for itself alone.)
-        let family = signature.without_numbers();
-        let twin =
-            self.families.lock().get(&family).filter(|t| crate::compiler::batch::same_but_numbers(t, &graph)).cloned();
-        if twin.is_none() {
-            self.families.lock().entry(family).or_insert_with(|| graph.clone());
-        } else if self.log {
-            eprintln!("[wgrad compiled] a graph compiled before at other sizes: fused as those sizes are");
+        let numbers = numbers_in(&signature.text());
+        let twin = {
+            let mut families = self.families.lock();
+            let key = signature.without_numbers();
+            match families.get_mut(&key) {
+                Some(family) if crate::compiler::batch::same_but_numbers(&family.first, &graph) => {
+                    let twin = family.first.clone();
+                    if let Some(sizes) = family.observe(numbers, graph.clone()) {
+                        self.note(format_args!("batch family fitted at sizes {sizes:?}: later sizes are not traced"));
+                    } else if let Some(reason) = &family.unfit {
+                        self.note(format_args!("batch family not fitted ({reason}): every size is traced"));
+                    }
+                    Some(twin)
+                }
+                Some(_) => None,
+                None => {
+                    families.insert(key, Family::new(numbers, graph.clone()));
+                    None
+                }
+            }
+        };
+        if twin.is_some() {
+            self.note(format_args!("a graph compiled before at other sizes: fused as those sizes are"));
         }
-        let new_size = twin.is_some();
-        // Row kernels for any number of rows, as the rows grow with the
-        // batch (as a compiled step's batch sizes are lowered).
-        let passes = if new_size { Passes { min_rows: 1, ..self.passes } } else { self.passes };
-        let program = Arc::new(build_program(&self.device, graph, twin, self.log, passes)?);
-        let ops_fused = program.report().ops_fused;
-        let mut stats = self.stats.lock();
-        stats.ops_fused += ops_fused as u64;
-        stats.new_sizes += u64::from(new_size);
-        stats.pipelines_created += self.device.counters().pipelines_created - pipelines_before;
-        drop(stats);
-        self.cache.lock().insert(signature.clone(), program.clone());
-        Ok(program)
+        self.build(signature, graph, twin)
     }
 
     fn fallback(&self, reason: &str) {

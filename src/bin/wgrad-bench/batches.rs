@@ -86,11 +86,14 @@ pub fn measure(device: &Device, sizes: &[usize]) -> wgrad::Result<String> {
         let backward_again_ms = backward_step()?;
         drop(guard);
         let now = compiler.stats();
-        let backward_did = match (now.cache_misses - stats.cache_misses, now.new_sizes - stats.new_sizes) {
-            (0, _) => "replay",
-            (_, 0) => "new program",
-            _ => "new size of a graph",
-        };
+        let backward_did =
+            match (now.cache_misses - stats.cache_misses, now.replans - stats.replans, now.new_sizes - stats.new_sizes)
+            {
+                (0, _, _) => "replay",
+                (_, 0, 0) => "trace, new program",
+                (_, 0, _) => "trace, a known graph at a new size",
+                _ => "replan (no trace)",
+            };
         // Compiled step.
         let (before, stats) = (device.counters().pipelines_created, step.stats());
         let mut step_call = || -> wgrad::Result<f64> {
@@ -146,8 +149,14 @@ pub fn measure(device: &Device, sizes: &[usize]) -> wgrad::Result<String> {
     let (c, s) = (compiler.stats(), step.stats());
     let _ = writeln!(
         out,
-        "\ncompiled backward: {} programs ({} of them a known graph at a new size); compiled step: {} traces, {} replans ({} with other kernels)",
-        c.cache_misses, c.new_sizes, s.traces, s.replans, s.replans_across_boundaries
+        "\ncompiled backward: {} programs, {} traced and {} replanned from a fitted batch family ({} a known graph at a new size); compiled step: {} traces, {} replans ({} with other kernels)",
+        c.cache_misses,
+        c.cache_misses - c.replans,
+        c.replans,
+        c.new_sizes,
+        s.traces,
+        s.replans,
+        s.replans_across_boundaries
     );
     Ok(out)
 }
