@@ -34,6 +34,26 @@ pub(crate) enum Number {
 /// followed by a digit) and an exponent (`e`, an optional sign and a
 /// digit) where one follows.
 pub(crate) fn numbers_in(text: &str) -> Vec<Number> {
+    number_spans(text).into_iter().map(|(_, n)| n).collect()
+}
+
+/// `text` with each of its numbers (as [`numbers_in`] reads them) replaced
+/// by `#`: the same for a graph at every batch size, whichever way a
+/// scalar prints (`0.02`, `6.103515625e-5`).
+pub(crate) fn without_numbers(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    for (span, _) in number_spans(text) {
+        out.push_str(&text[at..span.start]);
+        out.push('#');
+        at = span.end;
+    }
+    out.push_str(&text[at..]);
+    out
+}
+
+/// The numbers of `text` with where each is written.
+fn number_spans(text: &str) -> Vec<(std::ops::Range<usize>, Number)> {
     let b = text.as_bytes();
     let digit = |i: usize| b.get(i).is_some_and(u8::is_ascii_digit);
     let digits_from = |mut i: usize| {
@@ -64,10 +84,11 @@ pub(crate) fn numbers_in(text: &str) -> Vec<Number> {
             }
         }
         let token = &text[start..i];
-        out.push(match (float, token.parse::<i64>()) {
+        let number = match (float, token.parse::<i64>()) {
             (false, Ok(n)) => Number::Int(n),
             _ => Number::Float(token.parse::<f64>().unwrap_or(f64::NAN)),
-        });
+        };
+        out.push((start..i, number));
     }
     out
 }
@@ -245,5 +266,9 @@ mod tests {
         // A mean's scalar at two sizes is two floats, not the digit runs
         // `0` and `01` of both.
         assert_ne!(numbers_in(&format!("{:?}", 0.01f64)), numbers_in(&format!("{:?}", 0.001f64)));
+        // A scalar's text without its numbers is the same however it prints.
+        let scalar = |v: f64| without_numbers(&format!("Some({v:?}) [B, 64]"));
+        assert_eq!(scalar(0.02), scalar(1.0 / 16384.0));
+        assert_eq!(scalar(0.02), "Some(#) [B, #]");
     }
 }

@@ -91,7 +91,7 @@ impl Signature {
     /// The signature without its numbers (dims, strides, offsets, scalars):
     /// the same for a graph at every batch size.
     pub(crate) fn without_numbers(&self) -> String {
-        self.text().chars().filter(|c| !c.is_ascii_digit()).collect()
+        crate::compiler::family::without_numbers(&self.text())
     }
 
     /// A stable text of the whole signature (the cache key).
@@ -103,7 +103,7 @@ impl Signature {
     /// the first line that differs, classified.
     pub fn difference(&self, previous: &Signature) -> String {
         let shapes_only = |a: &str, b: &str| {
-            let strip = |s: &str| s.chars().filter(|c| !c.is_ascii_digit()).collect::<String>();
+            let strip = crate::compiler::family::without_numbers;
             strip(a) == strip(b)
         };
         for (k, ((ka, a), (kb, b))) in self.lines.iter().zip(&previous.lines).enumerate() {
