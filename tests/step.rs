@@ -1005,6 +1005,82 @@ fn higher_order_gradients_inside_a_step_match_eager() {
     assert_eq!((stats.traces, stats.graph_breaks, stats.eager_calls), (1, 0, 0), "{stats:?}");
 }
 
+/// The gradient of a loss with a gradient penalty and a Hessian-vector
+/// product in it (a third derivative of the network) is compiled into one
+/// step and equals eager mode and central finite differences of the loss
+/// in f64, at batch sizes 5, 7 and 6 (7 and 6 replanned from 5's trace).
+#[test]
+fn gradient_penalty_gradients_match_f64_finite_differences() {
+    use wgrad::BackwardOptions;
+    let d = device();
+    let w = wgrad::nn::uniform([3, 4], 0.5, 73, &d).unwrap().detach().requires_grad(true).unwrap();
+    let body = |w: &Tensor, x: &Tensor| -> Result<Vec<Tensor>> {
+        let create = BackwardOptions { create_graph: true, ..Default::default() };
+        let y = x.matmul(w)?.tanh()?.sum_all()?;
+        let g = wgrad::grad(&[&y], &[w], None, create)?[0].clone().expect("w reaches y");
+        let hv = wgrad::grad(&[&g.sum_all()?], &[w], None, create)?[0].clone().expect("g depends on w");
+        let loss = y.add(&g.square()?.sum_all()?.mul(0.1)?)?.add(&hv.sum_all()?.mul(0.01)?)?;
+        let dw = wgrad::grad(&[&loss], &[w], None, BackwardOptions::default())?[0].clone().expect("loss depends on w");
+        Ok(vec![loss, dw])
+    };
+    // The loss in f64: t = tanh(x w), g = x^T (1 - t^2),
+    // hv[k][j] = sum_i -2 t (1 - t^2) x[i][k] (sum_k' x[i][k']).
+    let loss_f64 = |x: &[f32], rows: usize, w: &[f64]| -> f64 {
+        let (mut y, mut g, mut hv) = (0.0, [0.0f64; 12], [0.0f64; 12]);
+        for r in 0..rows {
+            let row_sum: f64 = (0..3).map(|k| x[r * 3 + k] as f64).sum();
+            for j in 0..4 {
+                let t = (0..3).map(|k| x[r * 3 + k] as f64 * w[k * 4 + j]).sum::<f64>().tanh();
+                y += t;
+                for k in 0..3 {
+                    g[k * 4 + j] += x[r * 3 + k] as f64 * (1.0 - t * t);
+                    hv[k * 4 + j] += -2.0 * t * (1.0 - t * t) * x[r * 3 + k] as f64 * row_sum;
+                }
+            }
+        }
+        y + 0.1 * g.iter().map(|v| v * v).sum::<f64>() + 0.01 * hv.iter().sum::<f64>()
+    };
+    let w_in = w.clone();
+    let mut step = compile_step(&d, move |args: &[Tensor]| body(&w_in, &args[0]));
+    let w_host: Vec<f64> = w.to_vec::<f32>().unwrap().into_iter().map(f64::from).collect();
+    for (i, rows) in [5usize, 7, 6].into_iter().enumerate() {
+        let x = wgrad::nn::uniform([rows, 3], 1.0, 400 + i as u64, &d).unwrap().detach();
+        let xh = x.to_vec::<f32>().unwrap();
+        let h = 1e-4;
+        let fd: Vec<f64> = (0..12)
+            .map(|k| {
+                let (mut up, mut down) = (w_host.clone(), w_host.clone());
+                up[k] += h;
+                down[k] -= h;
+                (loss_f64(&xh, rows, &up) - loss_f64(&xh, rows, &down)) / (2.0 * h)
+            })
+            .collect();
+        let eager = body(&w, &x).unwrap();
+        let got = step.call(&[x]).unwrap();
+        let want_loss = loss_f64(&xh, rows, &w_host);
+        for (mode, out) in [("eager", &eager), ("compiled step", &got)] {
+            let loss = out[0].to_scalar::<f32>().unwrap() as f64;
+            assert!(
+                (loss - want_loss).abs() <= 1e-5 * want_loss.abs().max(1.0),
+                "{mode} batch {rows}: loss {loss} vs f64 {want_loss}"
+            );
+            for (k, (g, r)) in out[1].to_vec::<f32>().unwrap().iter().zip(&fd).enumerate() {
+                assert!(
+                    (*g as f64 - r).abs() <= 1e-4 * r.abs().max(1.0),
+                    "{mode} batch {rows}: dL/dw[{k}] {g} vs finite differences {r}"
+                );
+            }
+        }
+        assert_close(
+            &format!("batch {rows} dL/dw"),
+            &got[1].to_vec::<f32>().unwrap(),
+            &eager[1].to_vec::<f32>().unwrap(),
+        );
+    }
+    let stats = step.stats();
+    assert_eq!((stats.traces, stats.replans, stats.graph_breaks, stats.eager_calls), (1, 2, 0, 0), "{stats:?}");
+}
+
 /// Issue 16's differential test: random small training programs (width,
 /// activations, layer_norm or not, class or regression loss, SGD or Adam)
 /// stepped at random batch sizes, a repeated size and a last partial batch
