@@ -340,7 +340,7 @@ fn batch_families_replan_only_the_sizes_their_fit_predicts() -> wgrad::Result<()
 }
 
 /// Issue 16's differential test for the compiled backward: random small
-/// programs (width, activations, centering over the batch, layer_norm,
+/// programs (width, activations, centering over the batch, layer_norm, a hook,
 /// class or regression loss with mean or sum reduction) at random batch
 /// sizes, a repeated size, a last partial batch and a batch of 1, eagerly
 /// and compiled on the same inputs: every gradient equal, whether the size
@@ -363,6 +363,7 @@ fn random_programs_at_random_batch_sizes_backward_matches_eager() -> wgrad::Resu
         let width = 3 + next(10) as usize;
         let acts: Vec<u64> = (0..1 + next(3)).map(|_| next(4)).collect();
         let (center, norm, classes, mean) = (next(2) == 0, next(2) == 0, next(2) == 0, next(3) != 0);
+        let hooked = next(2) == 0;
         let mut sizes: Vec<usize> = (0..6).map(|_| 2 + next(30) as usize).collect();
         sizes.extend([sizes[1], 1 + next(5) as usize, 1]);
         let req = |t: Tensor| t.requires_grad(true);
@@ -389,6 +390,16 @@ fn random_programs_at_random_batch_sizes_backward_matches_eager() -> wgrad::Resu
             }
             if norm {
                 h = h.layer_norm(&[width], None, None, 1e-5)?;
+            }
+            if hooked {
+                // A hook on an intermediate of the batch's size, run at
+                // replay between kernels: it reads its gradient and
+                // replaces it.
+                h.register_hook(|g| {
+                    let rows = g.dims()[0] as f64;
+                    assert_eq!(g.to_vec::<f32>().expect("readback").len(), g.numel(), "hook sees its whole gradient");
+                    Some(g.mul(0.5 + 1.0 / rows).expect("scale"))
+                })?;
             }
             let out = l2.forward(&h)?;
             let reduction = if mean { Reduction::Mean } else { Reduction::Sum };
@@ -418,7 +429,7 @@ fn random_programs_at_random_batch_sizes_backward_matches_eager() -> wgrad::Resu
             drop(guard);
             for (k, (p, want)) in params.iter().zip(&eager).enumerate() {
                 let what = format!(
-                    "program {program} (acts {acts:?}, center {center}, norm {norm}, classes {classes}, mean {mean}) batch {b} parameter {k}"
+                    "program {program} (acts {acts:?}, center {center}, norm {norm}, hooked {hooked}, classes {classes}, mean {mean}) batch {b} parameter {k}"
                 );
                 assert_close(&what, &vec(&p.grad().expect("grad")), want);
             }
