@@ -111,9 +111,10 @@ struct Entry {
     /// `.grad`s the trace read before changing them, as they were.
     guards: Vec<GradGuard>,
     sources: Vec<Source>,
-    /// How to compute each host input, and its dtype; its length is
-    /// `host_sizes` (it may grow with the batch size).
-    host: Arc<Vec<(HostValues, usize, DType)>>,
+    /// How to compute each host input, and its dtype.
+    host: Arc<Vec<(HostValues, DType)>>,
+    /// Each host input's length at this entry's batch size (a batch
+    /// family's entries share `host` and differ here).
     host_sizes: Vec<usize>,
     /// Program-owned buffers of the host inputs, made on the first replay.
     host_buffers: Mutex<Vec<Arc<PooledBuffer>>>,
@@ -506,7 +507,7 @@ where
         }
         let batch = smaller.and_then(|s| self.batch_family(s, &c));
         let passes = batch.as_ref().map_or(self.passes, |f| f.passes);
-        let host_sizes = c.host.iter().map(|(_, n, _)| *n).collect();
+        let (host, host_sizes) = c.host.into_iter().map(|(values, n, dtype)| ((values, dtype), n)).unzip();
         let extents = input_extents(&c.graph);
         let twin = batch.as_ref().and_then(|f| f.twin(f.model.base()));
         let program = crate::compiler::wgsl::build_program(&self.device, c.graph, twin, self.log, passes)?;
@@ -514,7 +515,7 @@ where
             key,
             guards: c.guards,
             sources: c.sources,
-            host: Arc::new(c.host),
+            host: Arc::new(host),
             host_sizes,
             host_buffers: Mutex::new(Vec::new()),
             commits: Arc::new(c.commits),
@@ -613,7 +614,7 @@ where
                 .host
                 .iter()
                 .zip(&entry.host_sizes)
-                .map(|((_, _, dtype), n)| self.device.alloc(4 * *n as u64, *dtype))
+                .map(|((_, dtype), n)| self.device.alloc(4 * *n as u64, *dtype))
                 .collect::<Result<_>>()?;
         }
         let mut inputs = Vec::with_capacity(entry.sources.len());
@@ -626,7 +627,7 @@ where
                     message: "internal: a guarded .grad is gone".into(),
                 })?,
                 Source::Host(k) => {
-                    let (values, _, dtype) = &entry.host[*k];
+                    let (values, dtype) = &entry.host[*k];
                     let n = &entry.host_sizes[*k];
                     let words = values(args)?;
                     if words.len() != *n {
