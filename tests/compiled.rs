@@ -219,7 +219,10 @@ fn new_batch_sizes_recapture_but_create_no_pipelines() -> wgrad::Result<()> {
 /// 10 to 90 against eager mode, with the kernels the sizes after the first
 /// share: from the second size on, each is fused against the first, so a
 /// size equal to a model dim (batch 10 beside 10 classes) fuses no kernel
-/// that other sizes cannot have.
+/// that other sizes cannot have (the first, fused alone, fuses two outputs
+/// through that coincidence, so the second may need a pipeline), and every
+/// size is lowered with row kernels for any number of rows (batch 10 is
+/// under `MIN_ROWS`). No pipeline after the second size.
 #[test]
 fn w1_backward_at_nine_batch_sizes_shares_its_kernels() -> wgrad::Result<()> {
     use wgrad::ClassLoss;
@@ -238,7 +241,7 @@ fn w1_backward_at_nine_batch_sizes_shares_its_kernels() -> wgrad::Result<()> {
         let h = model[1].forward(&model[0].forward(x)?.relu()?)?.relu()?;
         model[2].forward(&h)?.cross_entropy(y, ClassLoss::default())
     };
-    let mut kernels_from_second: Option<Vec<String>> = None;
+    let mut kernels_of_second: Option<Vec<String>> = None;
     let mut pipelines_from_third = 0;
     for (i, n) in (10..=90).step_by(10).enumerate() {
         let pipelines_before = device.counters().pipelines_created;
@@ -257,20 +260,16 @@ fn w1_backward_at_nine_batch_sizes_shares_its_kernels() -> wgrad::Result<()> {
         }
         if i == 1 {
             let program = compiler.programs().into_iter().find(|p| p.report().ir_before.contains("[20, 784]"));
-            kernels_from_second = program.map(|p| p.report().kernels.clone());
+            kernels_of_second = program.map(|p| p.report().kernels.clone());
         } else if i > 1 {
             let sizes = compiler.programs();
             let program = sizes.iter().find(|p| p.report().ir_before.contains(&format!("[{n}, 784]")));
             let kernels = program.map(|p| p.report().kernels.clone());
-            let (now, then) = (kernels.unwrap_or_default(), kernels_from_second.clone().unwrap_or_default());
+            let (now, then) = (kernels.unwrap_or_default(), kernels_of_second.clone().unwrap_or_default());
             let differing: Vec<usize> = (0..now.len().max(then.len())).filter(|&k| now.get(k) != then.get(k)).collect();
-            let first_diff = differing.first().map(|&k| {
-                let (a, b) = (now.get(k).map_or("", String::as_str), then.get(k).map_or("", String::as_str));
-                a.lines().zip(b.lines()).find(|(x, y)| x != y).map(|(x, y)| format!("{y} -> {x}"))
-            });
             assert!(
                 differing.is_empty() && !now.is_empty(),
-                "batch {n}: kernels {differing:?} of {} differ from batch 20's ({} kernels): {first_diff:?}",
+                "batch {n}: kernels {differing:?} of {} differ from batch 20's ({} kernels)",
                 now.len(),
                 then.len()
             );

@@ -137,9 +137,12 @@ impl WgslCompiler {
     fn build(&self, signature: &Signature, graph: CapturedGraph, twin: Option<CapturedGraph>) -> Result<Arc<Program>> {
         let pipelines_before = self.device.counters().pipelines_created;
         let new_size = twin.is_some();
-        // Row kernels for any number of rows, as the rows grow with the
-        // batch (as a compiled step's batch sizes are lowered).
-        let passes = if new_size { Passes { min_rows: 1, ..self.passes } } else { self.passes };
+        // Row kernels for any number of rows, at the first size too: the
+        // rows grow with the batch, and a first size under `MIN_ROWS`
+        // lowered without them gave its later sizes other kernels (W1 at
+        // batch 10 then 20: 2 new pipelines). A compiled step's batch
+        // families are lowered so too.
+        let passes = Passes { min_rows: 1, ..self.passes };
         let program = Arc::new(build_program(&self.device, graph, twin, self.log, passes)?);
         let ops_fused = program.report().ops_fused;
         let mut stats = self.stats.lock();

@@ -16,6 +16,8 @@ struct Row {
     batch: usize,
     backward_ms: f64,
     backward_pipelines: u64,
+    /// Pipelines the eager forward and update made beside the compiler's.
+    eager_pipelines: u64,
     backward_did: &'static str,
     backward_again_ms: f64,
     step_ms: f64,
@@ -82,7 +84,8 @@ pub fn measure(device: &Device, sizes: &[usize]) -> wgrad::Result<String> {
             Ok(start.elapsed().as_secs_f64() * 1e3)
         };
         let backward_ms = backward_step()?;
-        let backward_pipelines = device.counters().pipelines_created - before;
+        let all_pipelines = device.counters().pipelines_created - before;
+        let backward_pipelines = compiler.stats().pipelines_created - stats.pipelines_created;
         let backward_again_ms = backward_step()?;
         drop(guard);
         let now = compiler.stats();
@@ -115,6 +118,7 @@ pub fn measure(device: &Device, sizes: &[usize]) -> wgrad::Result<String> {
             batch: n,
             backward_ms,
             backward_pipelines,
+            eager_pipelines: all_pipelines - backward_pipelines,
             backward_did,
             backward_again_ms,
             step_ms,
@@ -128,17 +132,18 @@ pub fn measure(device: &Device, sizes: &[usize]) -> wgrad::Result<String> {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "| batch | compiled backward: first ms | replay ms | new pipelines | what it did | compiled step: first ms | replay ms | new pipelines | what it did |"
+        "| batch | compiled backward: first ms | replay ms | new pipelines: compiler (eager forward, update) | what it did | compiled step: first ms | replay ms | new pipelines | what it did |"
     );
     let _ = writeln!(out, "|---:|---:|---:|---:|---|---:|---:|---:|---|");
     for r in &rows {
         let _ = writeln!(
             out,
-            "| {} | {:.1} | {:.1} | {} | {} | {:.1} | {:.1} | {} | {} |",
+            "| {} | {:.1} | {:.1} | {} ({}) | {} | {:.1} | {:.1} | {} | {} |",
             r.batch,
             r.backward_ms,
             r.backward_again_ms,
             r.backward_pipelines,
+            r.eager_pipelines,
             r.backward_did,
             r.step_ms,
             r.step_again_ms,
