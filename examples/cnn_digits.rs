@@ -89,8 +89,13 @@ fn run(args: &digits::Args) -> wgrad::Result<()> {
     if let Some(guard) = guard {
         let s = guard.stats();
         println!(
-            "compiler: {} captures, {} cache hits, {} misses, {} kernels per replay",
-            s.captures, s.cache_hits, s.cache_misses, s.kernels_last_replay
+            "compiler: {} captures, {} cache hits, {} misses ({} traced, {} re-planned from a batch family), {} kernels per replay",
+            s.captures,
+            s.cache_hits,
+            s.cache_misses,
+            s.cache_misses - s.replans,
+            s.replans,
+            s.kernels_last_replay
         );
     }
     trainer.report();

@@ -46,8 +46,9 @@ fn run(args: &digits::Args) -> wgrad::Result<()> {
     let forward = |x: &Tensor| l2.forward(&l1.forward(x)?.relu()?);
     let params = [l1.parameters(), l2.parameters()].concat();
     let mut opt = Sgd::new(&params, args.lr, args.momentum, 0.0)?;
-    // One training step; with --step it is traced once per batch shape and
-    // replayed (the last, smaller batch is a second program).
+    // One training step; with --step it is traced at the first batch size
+    // and replayed; the last, smaller batch is the same program lowered at
+    // its size, not traced again.
     let mut train_step = |xy: &[Tensor]| -> wgrad::Result<Vec<Tensor>> {
         opt.zero_grad();
         let loss = forward(&xy[0])?.cross_entropy(&xy[1], ClassLoss::default())?;
@@ -94,8 +95,13 @@ fn run(args: &digits::Args) -> wgrad::Result<()> {
     if let Some(guard) = guard {
         let s = guard.stats();
         println!(
-            "compiler: {} captures, {} cache hits, {} misses, {} kernels per replay",
-            s.captures, s.cache_hits, s.cache_misses, s.kernels_last_replay
+            "compiler: {} captures, {} cache hits, {} misses ({} traced, {} re-planned from a batch family), {} kernels per replay",
+            s.captures,
+            s.cache_hits,
+            s.cache_misses,
+            s.cache_misses - s.replans,
+            s.replans,
+            s.kernels_last_replay
         );
     }
     trainer.report();

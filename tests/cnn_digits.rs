@@ -1,14 +1,25 @@
 //! The CNN example's model trains on the shipped digits set: its loss goes
 //! down and its test accuracy passes 95% (eager, then with the compiled
 //! backward and as a compiled step, the same seed giving the same result).
+//! Both digits examples' models (the MLP and the CNN) train on random batch
+//! sizes the same in the three modes.
 
 #[path = "../examples/digits/cnn.rs"]
 mod cnn;
 #[path = "../examples/digits/mod.rs"]
 mod digits;
 
-use wgrad::nn::Module;
-use wgrad::{Adam, ClassLoss, Device, Optimizer, StepStats, Tensor, WgslCompiler};
+use std::sync::{Mutex, MutexGuard};
+
+use wgrad::nn::{Linear, Module};
+use wgrad::{Adam, ClassLoss, Device, Optimizer, Sgd, StepStats, Tensor, WgslCompiler};
+
+/// The compiler is process-global: each test that installs one holds this.
+static LOCK: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Trains `epochs` epochs (as a compiled step if `step`); returns each
 /// epoch's mean loss and the final test accuracy (and the compiled step's
@@ -49,6 +60,7 @@ fn train(device: &Device, epochs: usize, step: bool) -> wgrad::Result<(Vec<f32>,
 
 #[test]
 fn cnn_learns_the_digits_eager_and_compiled() -> wgrad::Result<()> {
+    let _l = serial();
     let device = Device::new()?;
     let (losses, accuracy, _) = train(&device, 5, false)?;
     assert!(losses.windows(2).all(|w| w[1] < w[0]), "loss goes down every epoch: {losses:?}");
@@ -73,6 +85,104 @@ fn cnn_learns_the_digits_eager_and_compiled() -> wgrad::Result<()> {
     assert_eq!((stats.traces, stats.replans, stats.eager_calls), (1, 1, 0), "{stats:?}");
     for (c, e) in step_losses.iter().zip(&losses) {
         assert!((c - e).abs() <= 1e-5 * e.abs().max(1.0), "{step_losses:?} vs {losses:?}");
+    }
+    Ok(())
+}
+
+/// A model's forward pass.
+type Forward = dyn Fn(&Tensor) -> wgrad::Result<Tensor>;
+
+/// Every step's loss, the final parameters, and (traces, replans).
+type Run = (Vec<f32>, Vec<Vec<f32>>, (u64, u64));
+
+/// How one of the three modes runs a step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    Eager,
+    CompiledBackward,
+    Step,
+}
+
+/// One epoch of the digits at random batch sizes (8 to 64, the last batch
+/// what is left) for the MLP example's model (SGD with momentum) or the CNN
+/// example's (Adam), in `mode`: every step's loss and the final parameters,
+/// with the compilers' counts (traces, replans) where there is one.
+fn random_batches(device: &Device, cnn: bool, mode: Mode) -> wgrad::Result<Run> {
+    let data = digits::load().expect("data/digits.csv");
+    let (train_rows, _) = data.split();
+    let (model, params): (Box<Forward>, Vec<Tensor>) = if cnn {
+        let m = cnn::Cnn::new(2, device)?;
+        let params = m.parameters();
+        (Box::new(move |x: &Tensor| m.forward(x)), params)
+    } else {
+        let (l1, l2) = (Linear::new(64, 32, true, 21, device)?, Linear::new(32, 10, true, 23, device)?);
+        let params = [l1.parameters(), l2.parameters()].concat();
+        (Box::new(move |x: &Tensor| l2.forward(&l1.forward(x)?.relu()?)), params)
+    };
+    let mut opt: Box<dyn Optimizer> =
+        if cnn { Box::new(Adam::new(&params, 0.01)?) } else { Box::new(Sgd::new(&params, 0.05, 0.9, 0.0)?) };
+    let mut train_step = |xy: &[Tensor]| -> wgrad::Result<Vec<Tensor>> {
+        opt.zero_grad();
+        let loss = model(&xy[0])?.cross_entropy(&xy[1], ClassLoss::default())?;
+        loss.backward()?;
+        opt.step()?;
+        Ok(vec![loss])
+    };
+    let guard = if mode == Mode::CompiledBackward { Some(WgslCompiler::install(device)?) } else { None };
+    let mut trainer = digits::Trainer::new(device, mode == Mode::Step, &mut train_step);
+    let mut order = train_rows.clone();
+    digits::shuffle(&mut order, 5);
+    let (mut losses, mut at, mut rng) = (Vec::new(), 0, 0x2545_f491_4f6c_dd1du64);
+    while at < order.len() {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let rows = &order[at..(at + 8 + (rng % 57) as usize).min(order.len())];
+        at += rows.len();
+        let (x, y) = data.batch(rows);
+        let x = Tensor::from_slice(&x, [rows.len(), 64], device)?;
+        let y = Tensor::from_slice(&y, [rows.len()], device)?;
+        losses.push(trainer.call(x, y)?.to_scalar::<f32>()?);
+    }
+    let counts = match (&guard, trainer.stats()) {
+        (Some(g), _) => {
+            let s = g.stats();
+            (s.cache_misses - s.replans, s.replans)
+        }
+        (None, Some(s)) => (s.traces, s.replans),
+        (None, None) => (0, 0),
+    };
+    let values = params.iter().map(|p| p.to_vec::<f32>()).collect::<wgrad::Result<_>>()?;
+    Ok((losses, values, counts))
+}
+
+#[test]
+fn digits_models_at_random_batch_sizes_match_eager() -> wgrad::Result<()> {
+    let _l = serial();
+    let device = Device::new()?;
+    for cnn in [false, true] {
+        let name = if cnn { "CNN" } else { "MLP" };
+        let (losses, params, _) = random_batches(&device, cnn, Mode::Eager)?;
+        for mode in [Mode::CompiledBackward, Mode::Step] {
+            let (got_losses, got_params, (traces, replans)) = random_batches(&device, cnn, mode)?;
+            assert_eq!(got_losses.len(), losses.len());
+            for (i, (c, e)) in got_losses.iter().zip(&losses).enumerate() {
+                assert!((c - e).abs() <= 1e-4 * e.abs().max(1.0), "{name} {mode:?} step {i}: loss {c} vs eager {e}");
+            }
+            for (k, (c, e)) in got_params.iter().zip(&params).enumerate() {
+                for (i, (a, b)) in c.iter().zip(e).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-3 * b.abs().max(1.0),
+                        "{name} {mode:?} parameter {k}[{i}]: {a} vs eager {b}"
+                    );
+                }
+            }
+            // Some 40 steps of 8 to 64 images: the compiled backward traces
+            // three sizes, the step one; every other size is re-planned.
+            let want_traces = if mode == Mode::Step { 1 } else { 3 };
+            assert_eq!(traces, want_traces, "{name} {mode:?}: {replans} replans");
+            assert!(replans > 20, "{name} {mode:?}: {traces} traces, {replans} replans");
+        }
     }
     Ok(())
 }
