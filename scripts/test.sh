@@ -34,8 +34,10 @@ WGRAD_LIMITS=webgpu cargo test --lib --bins --tests "$@" -- --test-threads 2
 WGRAD_ARENAS=always cargo test --lib --bins --tests "$@" -- --test-threads 2
 cargo test --doc
 # The compiled tests with row kernels on small shapes too (min-rows=1; by
-# default only 32 rows and more get one), in both row forms, and with each
-# optional pass off: every pass on and off against eager mode.
+# default a compiled step outside a batch family gives only 32 rows and
+# more one, while the compiled backward and batch families give any number
+# of rows one), in both row forms, and with each optional pass off: every
+# pass on and off against eager mode.
 COMPILED="--test compiled_differential --test compiled --test step --test row_kernels"
 WGRAD_PASSES=min-rows=1 cargo test "$@" $COMPILED --test hostile --test cnn_digits -- --test-threads 2
 WGRAD_PASSES=min-rows=1 WGRAD_ROWS=workgroup cargo test "$@" --test compiled_differential --test step --test row_kernels -- --test-threads 2
