@@ -93,16 +93,7 @@ fn run(args: &digits::Args) -> wgrad::Result<()> {
     bar.finish_and_clear();
     report.summary(accuracy, mode, &device.info().name);
     if let Some(guard) = guard {
-        let s = guard.stats();
-        println!(
-            "compiler: {} captures, {} cache hits, {} misses ({} traced, {} re-planned from a batch family), {} kernels per replay",
-            s.captures,
-            s.cache_hits,
-            s.cache_misses,
-            s.cache_misses - s.replans,
-            s.replans,
-            s.kernels_last_replay
-        );
+        digits::report_compiler(&guard.stats());
     }
     trainer.report();
     Ok(())

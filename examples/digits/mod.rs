@@ -79,6 +79,20 @@ where
     }
 }
 
+/// Prints what the compiled backward did.
+pub fn report_compiler(s: &wgrad::CompilerStats) {
+    println!(
+        "compiler: {} captures, {} cache hits, {} misses ({} traced, {} re-planned from a batch family), {} kernels \
+         per replay",
+        s.captures,
+        s.cache_hits,
+        s.cache_misses,
+        s.cache_misses - s.replans,
+        s.replans,
+        s.kernels_last_replay
+    );
+}
+
 pub fn parse_args(name: &str, mut args: Args) -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
