@@ -19,7 +19,9 @@
 //! steps, peak device memory, and GFLOP/s (W1, W3) or GB/s (W2).
 //! `--batch-sizes 10,20,..` runs W1 at each batch size in turn, compiled
 //! backward and compiled step, and times each size's first call (see
-//! `batches.rs`). `--matmul` times the matmul kernel alone; `--memory-steps` runs W1
+//! `batches.rs`). `--rows 4x16384,..` times W4's backward eager and
+//! compiled at those [rows, cols] (row kernels at few long rows, see
+//! `rows.rs`). `--matmul` times the matmul kernel alone; `--memory-steps` runs W1
 //! compiled that long and checks memory (see `memory.rs`). `--profile`
 //! runs one more step of each (workload, mode) with the kernel profiler on
 //! and prints where its GPU time went; `--trace DIR` also writes each of
@@ -35,6 +37,7 @@
 mod batches;
 mod matmul;
 mod memory;
+mod rows;
 mod workloads;
 
 use std::fmt::Write as _;
@@ -52,6 +55,7 @@ struct Options {
     json: Option<String>,
     svg: Option<String>,
     matmul: Vec<usize>,
+    rows: Vec<(usize, usize)>,
     batch_sizes: Vec<usize>,
     memory_steps: Option<usize>,
     profile: bool,
@@ -69,6 +73,7 @@ fn parse() -> Result<Options, String> {
         json: None,
         svg: None,
         matmul: Vec::new(),
+        rows: Vec::new(),
         batch_sizes: Vec::new(),
         memory_steps: None,
         profile: false,
@@ -143,9 +148,13 @@ fn parse() -> Result<Options, String> {
                     .collect::<Result<_, _>>()?;
                 o.workloads.clear();
             }
+            "--rows" => {
+                o.rows = value()?.split(',').map(rows::parse_shape).collect::<Result<_, _>>()?;
+                o.workloads.clear();
+            }
             "-h" | "--help" => {
                 println!(
-                    "usage: wgrad-bench [--workload W1,..] [--mode eager,merged,compiled,step] [--steps N] [--small] [--json FILE] [--svg FILE] [--matmul 256,512] [--memory-steps 1000] [--batch-sizes 10,20] [--profile] [--trace DIR] [--limits webgpu|adapter] [--arenas auto|always|never]"
+                    "usage: wgrad-bench [--workload W1,..] [--mode eager,merged,compiled,step] [--steps N] [--small] [--json FILE] [--svg FILE] [--matmul 256,512] [--memory-steps 1000] [--batch-sizes 10,20] [--rows 4x16384,256x1024] [--profile] [--trace DIR] [--limits webgpu|adapter] [--arenas auto|always|never]"
                 );
                 std::process::exit(0);
             }
@@ -534,6 +543,13 @@ fn run(o: &Options) -> Result<(), String> {
     if !o.batch_sizes.is_empty() {
         let report = batches::measure(&device, &o.batch_sizes).map_err(|e| format!("batch sizes: {e}"))?;
         println!("\n{report}");
+    }
+    if !o.rows.is_empty() {
+        let mut measured = Vec::new();
+        for &(r, c) in &o.rows {
+            measured.push(rows::measure(&device, r, c, o.steps).map_err(|e| format!("rows {r}x{c}: {e}"))?);
+        }
+        println!("\n{}", rows::table(&measured));
     }
     if !o.matmul.is_empty() {
         let mut mm = Vec::new();
