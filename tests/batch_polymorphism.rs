@@ -157,18 +157,24 @@ fn cases(d: &Device) -> wgrad::Result<Vec<Case>> {
 
 /// The loss and the gradients of the parameters and the first
 /// `data_grads` data tensors, with `grad()`.
-fn loss_and_grads(case: &Case, data: &[Tensor], data_grads: usize) -> wgrad::Result<Vec<Tensor>> {
+fn loss_and_grads(
+    name: &str,
+    loss: &LossFn,
+    params: &[Tensor],
+    data: &[Tensor],
+    data_grads: usize,
+) -> wgrad::Result<Vec<Tensor>> {
     let data: Vec<Tensor> = data
         .iter()
         .enumerate()
         .map(|(k, t)| if k < data_grads { t.requires_grad(true) } else { Ok(t.clone()) })
         .collect::<wgrad::Result<_>>()?;
-    let loss = (case.loss)(&data, &case.params)?;
-    let inputs: Vec<&Tensor> = case.params.iter().chain(&data[..data_grads]).collect();
+    let loss = loss(&data, params)?;
+    let inputs: Vec<&Tensor> = params.iter().chain(&data[..data_grads]).collect();
     let grads = wgrad::grad(&[&loss], &inputs, None, BackwardOptions::default())?;
     let mut out = vec![loss];
     for (k, g) in grads.into_iter().enumerate() {
-        out.push(g.unwrap_or_else(|| panic!("{}: input {k} has no gradient", case.name)));
+        out.push(g.unwrap_or_else(|| panic!("{name}: input {k} has no gradient")));
     }
     Ok(out)
 }
@@ -219,15 +225,14 @@ fn three_ways(d: &Device, case: &Case, sizes: &[usize], check: &Check, against_e
     let ones = u64::from(leading.contains(&1));
     let compiler = Arc::new(WgslCompiler::new(d));
     let data_grads = case.data_grads;
-    let (loss, params) = (case.loss.clone(), case.params.clone());
-    let stepped = Case { name: case.name, params, data: Box::new(|_, _| Ok(Vec::new())), data_grads, rows: 1, loss };
-    let mut step = compile_step(d, move |args: &[Tensor]| loss_and_grads(&stepped, args, data_grads));
+    let (name, loss, params) = (case.name, case.loss.clone(), case.params.clone());
+    let mut step = compile_step(d, move |args: &[Tensor]| loss_and_grads(name, &loss, &params, args, data_grads));
     for (i, &b) in sizes.iter().enumerate() {
         let data = (case.data)(b, 100 + i as u64)?;
-        let eager = read(&loss_and_grads(case, &data, data_grads)?);
+        let eager = read(&loss_and_grads(case.name, &case.loss, &case.params, &data, data_grads)?);
         check(&format!("{} eager at batch {b}", case.name), &data, &eager);
         let guard = CompilerGuard::install_arc(compiler.clone())?;
-        let compiled = read(&loss_and_grads(case, &data, data_grads)?);
+        let compiled = read(&loss_and_grads(case.name, &case.loss, &case.params, &data, data_grads)?);
         drop(guard);
         let what = format!("{} compiled backward at batch {b}", case.name);
         check(&what, &data, &compiled);
@@ -248,13 +253,8 @@ fn three_ways(d: &Device, case: &Case, sizes: &[usize], check: &Check, against_e
 fn every_workload_at_random_batch_sizes_matches_eager_in_both_compilers() -> wgrad::Result<()> {
     let _l = serial();
     let d = device();
-    let mut rng = 0x5851_f42d_4c95_7f2du64;
-    let mut next = |n: u64| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng % n
-    };
+    let mut rng = common::Rng::new(0x5851_f42d_4c95_7f2du64);
+    let mut next = |n: u64| rng.below(n);
     for case in cases(&d)? {
         // Six random sizes of 2..34, one of them again, a last partial
         // batch and a batch of 1.

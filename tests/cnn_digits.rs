@@ -6,6 +6,7 @@
 
 #[path = "../examples/digits/cnn.rs"]
 mod cnn;
+mod common;
 #[path = "../examples/digits/mod.rs"]
 mod digits;
 
@@ -132,12 +133,9 @@ fn random_batches(device: &Device, cnn: bool, mode: Mode) -> wgrad::Result<Run> 
     let mut trainer = digits::Trainer::new(device, mode == Mode::Step, &mut train_step);
     let mut order = train_rows.clone();
     digits::shuffle(&mut order, 5);
-    let (mut losses, mut at, mut rng) = (Vec::new(), 0, 0x2545_f491_4f6c_dd1du64);
+    let (mut losses, mut at, mut rng) = (Vec::new(), 0, common::Rng::new(0x2545_f491_4f6c_dd1d));
     while at < order.len() {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let rows = &order[at..(at + 8 + (rng % 57) as usize).min(order.len())];
+        let rows = &order[at..(at + 8 + rng.below(57) as usize).min(order.len())];
         at += rows.len();
         let (x, y) = data.batch(rows);
         let x = Tensor::from_slice(&x, [rows.len(), 64], device)?;

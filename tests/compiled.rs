@@ -351,13 +351,8 @@ fn random_programs_at_random_batch_sizes_backward_matches_eager() -> wgrad::Resu
     use wgrad::{ClassLoss, Reduction};
     let _l = serial();
     let device = common::device();
-    let mut rng = 0x2545_f491_4f6c_dd1du64;
-    let mut next = |n: u64| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng % n
-    };
+    let mut rng = common::Rng::new(0x2545_f491_4f6c_dd1du64);
+    let mut next = |n: u64| rng.below(n);
     for program in 0..8u64 {
         let width = 3 + next(10) as usize;
         let acts: Vec<u64> = (0..1 + next(3)).map(|_| next(4)).collect();

@@ -1090,13 +1090,8 @@ fn gradient_penalty_gradients_match_f64_finite_differences() {
 #[test]
 fn random_programs_at_random_batch_sizes_match_eager() {
     let d = device();
-    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = |n: u64| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng % n
-    };
+    let mut rng = common::Rng::new(0x9e37_79b9_7f4a_7c15u64);
+    let mut next = |n: u64| rng.below(n);
     for program in 0..12u64 {
         let width = 4 + next(12) as usize;
         let acts: Vec<u64> = (0..1 + next(3)).map(|_| next(4)).collect();

@@ -146,28 +146,16 @@ impl BatchModel {
         if n0.shape != n1.shape || n0.shape != n2.shape {
             return Err("the graph is another at another batch size".into());
         }
-        let ints = n0
-            .ints
-            .iter()
-            .zip(&n1.ints)
-            .zip(&n2.ints)
-            .map(|((&x0, &x1), &x2)| {
-                fit_int([x0 as i64, x1 as i64, x2 as i64], sizes).ok_or_else(|| {
-                    format!("a size ({x0}, {x1}, {x2} at batch sizes {sizes:?}) is not affine in the batch size")
-                })
+        let ints = fit_each(&n0.ints, &n1.ints, &n2.ints, |_, &[x0, x1, x2]| {
+            fit_int([x0 as i64, x1 as i64, x2 as i64], sizes).ok_or_else(|| {
+                format!("a size ({x0}, {x1}, {x2} at batch sizes {sizes:?}) is not affine in the batch size")
             })
-            .collect::<Result<Vec<_>, String>>()?;
-        let scalars = n0
-            .scalars
-            .iter()
-            .zip(&n1.scalars)
-            .zip(&n2.scalars)
-            .map(|((&s0, &s1), &s2)| {
-                fit_scalar([s0, s1, s2], sizes).ok_or_else(|| {
-                    format!("a scalar ({s0}, {s1}, {s2} at batch sizes {sizes:?}) depends on the batch size in a way wgrad does not model (constant, a B + c, 1 / (a B + c))")
-                })
+        })?;
+        let scalars = fit_each(&n0.scalars, &n1.scalars, &n2.scalars, |_, &[s0, s1, s2]| {
+            fit_scalar([s0, s1, s2], sizes).ok_or_else(|| {
+                format!("a scalar ({s0}, {s1}, {s2} at batch sizes {sizes:?}) depends on the batch size in a way wgrad does not model (constant, a B + c, 1 / (a B + c))")
             })
-            .collect::<Result<Vec<_>, String>>()?;
+        })?;
         Ok(BatchModel { template: graphs[0].0.clone(), base: sizes[0], ints, scalars })
     }
 
@@ -215,6 +203,19 @@ impl Scalar {
             Scalar::Reciprocal { a, c } => 1.0 / (a * b + c) as f64,
         }
     }
+}
+
+/// Fits each number seen at three batch sizes (the same position of
+/// `a`, `b` and `c`, and its position) with `fit`; the first that fits no
+/// form is the error.
+/// Shared by a graph's numbers and a signature's ([`crate::compiler::family`]).
+pub(crate) fn fit_each<T: Copy, F, E>(
+    a: &[T],
+    b: &[T],
+    c: &[T],
+    fit: impl Fn(usize, &[T; 3]) -> Result<F, E>,
+) -> Result<Vec<F>, E> {
+    a.iter().zip(b).zip(c).enumerate().map(|(k, ((&x, &y), &z))| fit(k, &[x, y, z])).collect()
 }
 
 /// An integer seen at three distinct batch sizes as `a B + c` with integer

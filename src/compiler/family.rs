@@ -19,7 +19,7 @@
 //! what the backward computes, so a predicted signature is the guard that
 //! the instantiated graph is the one the formulas would trace.
 
-use crate::compiler::batch::{Affine, BatchModel, Scalar, fit_int, fit_scalar};
+use crate::compiler::batch::{Affine, BatchModel, Scalar, fit_each, fit_int, fit_scalar};
 use crate::compiler::ir::CapturedGraph;
 
 /// A number of a signature's text: an integer or a float (as `{:?}`
@@ -30,26 +30,27 @@ pub(crate) enum Number {
     Float(f64),
 }
 
-/// The numbers of `text` in order: digit runs, with a fraction (`.`
-/// followed by a digit) and an exponent (`e`, an optional sign and a
-/// digit) where one follows.
-pub(crate) fn numbers_in(text: &str) -> Vec<Number> {
-    number_spans(text).into_iter().map(|(_, n)| n).collect()
-}
-
-/// `text` with each of its numbers (as [`numbers_in`] reads them) replaced
-/// by `#`: the same for a graph at every batch size, whichever way a
+/// `text` with each of its numbers replaced by `#` (a number: a digit run,
+/// with a fraction (`.` followed by a digit) and an exponent (`e`, an
+/// optional sign and a digit) where one follows): the same for a graph at every batch size, whichever way a
 /// scalar prints (`0.02`, `6.103515625e-5`).
 pub(crate) fn without_numbers(text: &str) -> String {
+    split_numbers(text).0
+}
+
+/// [`without_numbers`] of `text` and the numbers it replaced, in order,
+/// from one read of it (a batch family's key and its size's numbers).
+pub(crate) fn split_numbers(text: &str) -> (String, Vec<Number>) {
+    let spans = number_spans(text);
     let mut out = String::with_capacity(text.len());
     let mut at = 0;
-    for (span, _) in number_spans(text) {
+    for (span, _) in &spans {
         out.push_str(&text[at..span.start]);
         out.push('#');
         at = span.end;
     }
     out.push_str(&text[at..]);
-    out
+    (out, spans.into_iter().map(|(_, n)| n).collect())
 }
 
 /// The numbers of `text` with where each is written.
@@ -219,21 +220,20 @@ fn fit(seen: &[(Vec<Number>, CapturedGraph)]) -> Result<(Model, [usize; 3]), Unf
     if sizes[2] == sizes[0] || sizes[2] == sizes[1] {
         return Err(Unfit::Because(format!("the third size changed another number than the batch size ({sizes:?})")));
     }
-    let mut numbers = Vec::with_capacity(n0.len());
-    for (k, ((a, b), c)) in n0.iter().zip(n1).zip(n2).enumerate() {
-        let fitted = match (*a, *b, *c) {
+    let numbers = fit_each(n0, n1, n2, |k, &[a, b, c]| {
+        let fitted = match (a, b, c) {
             (Number::Int(x0), Number::Int(x1), Number::Int(x2)) => fit_int([x0, x1, x2], sizes).map(NumberFit::Int),
             (Number::Float(s0), Number::Float(s1), Number::Float(s2)) => {
                 fit_scalar([s0, s1, s2], sizes).map(|f| NumberFit::Float(f, s0))
             }
             _ => None,
         };
-        numbers.push(fitted.ok_or_else(|| {
+        fitted.ok_or_else(|| {
             Unfit::Because(format!(
                 "signature number {k} ({a:?}, {b:?}, {c:?} at batch sizes {sizes:?}) is not a form of the batch size"
             ))
-        })?);
-    }
+        })
+    })?;
     let graph = BatchModel::fit_at([(g0, sizes[0]), (g1, sizes[1]), (g2, sizes[2])]).map_err(Unfit::Because)?;
     Ok((Model { batch, numbers, graph }, sizes))
 }
@@ -249,7 +249,7 @@ mod tests {
             0.1f64
         );
         assert_eq!(
-            numbers_in(&text),
+            split_numbers(&text).1,
             vec![
                 Number::Int(3),
                 Number::Float(0.1),
@@ -265,7 +265,7 @@ mod tests {
         );
         // A mean's scalar at two sizes is two floats, not the digit runs
         // `0` and `01` of both.
-        assert_ne!(numbers_in(&format!("{:?}", 0.01f64)), numbers_in(&format!("{:?}", 0.001f64)));
+        assert_ne!(split_numbers(&format!("{:?}", 0.01f64)).1, split_numbers(&format!("{:?}", 0.001f64)).1);
         // A scalar's text without its numbers is the same however it prints.
         let scalar = |v: f64| without_numbers(&format!("Some({v:?}) [B, 64]"));
         assert_eq!(scalar(0.02), scalar(1.0 / 16384.0));

@@ -88,10 +88,11 @@ impl Signature {
         Signature { lines }
     }
 
-    /// The signature without its numbers (dims, strides, offsets, scalars):
-    /// the same for a graph at every batch size.
-    pub(crate) fn without_numbers(&self) -> String {
-        crate::compiler::family::without_numbers(&self.text())
+    /// The signature's text with its numbers replaced by `#` (the same at
+    /// every batch size of a graph: its batch family's key) and those
+    /// numbers, in order ([`crate::compiler::family::split_numbers`]).
+    pub(crate) fn split_numbers(&self) -> (String, Vec<crate::compiler::family::Number>) {
+        crate::compiler::family::split_numbers(&self.text())
     }
 
     /// A stable text of the whole signature (the cache key).

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::compiler::family::{Family, numbers_in};
+use crate::compiler::family::Family;
 use crate::compiler::fusion::Passes;
 use crate::compiler::guard::{CompilerGuard, CompilerInterface, CompilerStats};
 use crate::compiler::ir::CapturedGraph;
@@ -113,10 +113,11 @@ impl WgslCompiler {
     /// without tracing, or `None` (trace it) when the signature is not one
     /// the family predicts or the build fails (logged).
     fn replan(&self, signature: &Signature) -> Option<Arc<Program>> {
+        let (key, numbers) = signature.split_numbers();
         let (b, graph, twin) = {
             let families = self.families.lock();
-            let family = families.get(&signature.without_numbers())?;
-            let (b, graph) = family.instantiate(&numbers_in(&signature.text()))?;
+            let family = families.get(&key)?;
+            let (b, graph) = family.instantiate(&numbers)?;
             (b, graph, family.first.clone())
         };
         self.note(format_args!("batch size {b} of a fitted batch family: re-planned without tracing"));
@@ -188,10 +189,9 @@ impl CompilerInterface for WgslCompiler {
         // choices that hold at both: the same kernels at every size from
         // the second on. (A backward has no forward to trace at a smaller
         // size, so its first size is fused for itself alone.)
-        let numbers = numbers_in(&signature.text());
+        let (key, numbers) = signature.split_numbers();
         let twin = {
             let mut families = self.families.lock();
-            let key = signature.without_numbers();
             match families.get_mut(&key) {
                 Some(family) if crate::compiler::batch::same_but_numbers(&family.first, &graph) => {
                     let twin = family.first.clone();
