@@ -353,3 +353,87 @@ fn size_range_boundaries_replan_and_match_f64() -> wgrad::Result<()> {
     assert!(s.replans_across_boundaries >= 3, "four-wide, chunked and split kernels differ from batch 40's: {s:?}");
     Ok(())
 }
+
+/// A weight gradient contracts over the batch (`x^T @ g`): past
+/// `MATMUL_K_CHUNK` (16,384) rows eager mode splits the contraction into
+/// runs (lavapipe ends a shader loop after 65,535 iterations, so one
+/// matmul over 70,000 rows would be silently cut short). A family fitted
+/// at small sizes must not be instantiated as one long matmul there: both
+/// compilers trace that size, and every size equals eager mode.
+#[test]
+fn a_batch_past_the_contraction_limit_traces_and_matches_eager() -> wgrad::Result<()> {
+    let _l = serial();
+    let d = device();
+    let dd = d.clone();
+    let case = Case {
+        name: "split contraction",
+        params: vec![param(&[8, 4], 31, 0.5, &d)?],
+        data: Box::new(move |b, s| Ok(vec![uniform(&[b, 8], s, &dd)?, labels(b, s, 4, &dd)?])),
+        data_grads: 0,
+        rows: 1,
+        // mean cross-entropy: its gradient is no broadcast, so the weight
+        // gradient is a real matmul over the batch.
+        loss: Arc::new(|a, p| a[0].matmul(&p[0])?.cross_entropy(&a[1], ClassLoss::default())),
+    };
+    let n = three_ways(&d, &case, &[10, 20, 30, 40, 70_000, 40], &|_, _, _| {}, true)?;
+    let (c, s) = (&n.backward, &n.step);
+    // Traced: 10, 20, 30 (the fit) and 70,000; re-planned: 40; 40 again hits.
+    assert_eq!((c.cache_misses - c.replans, c.replans, c.fallbacks), (4, 1, 0), "{c:?}");
+    // Traced: 10 and 70,000; re-planned: 20, 30, 40.
+    assert_eq!((s.traces, s.replans, s.eager_calls), (2, 3, 0), "{s:?}");
+    Ok(())
+}
+
+/// The gradient of `x[0:10:3]` along the batch places 12 rows (4 taken,
+/// each padded to the step), cut to what fits: at batch sizes 16, 32 and
+/// 48 that is always 12, but at 10 or 11 only 10 or 11 (the formula's
+/// `min`, which no signature number shows). A family fitted at 16, 32, 48
+/// must not write 12 rows into a 10-row gradient there: both compilers
+/// trace those sizes, and every size equals eager mode.
+#[test]
+fn a_strided_slice_past_the_end_of_a_small_batch_traces_and_matches_eager() -> wgrad::Result<()> {
+    let _l = serial();
+    let d = device();
+    let dd = d.clone();
+    let case = Case {
+        name: "strided slice",
+        params: vec![param(&[6, 5], 41, 0.5, &d)?],
+        data: Box::new(move |b, s| Ok(vec![uniform(&[b, 6], s, &dd)?])),
+        data_grads: 1,
+        rows: 1,
+        loss: Arc::new(|a, p| a[0].matmul(&p[0])?.tanh()?.slice_step(0, Some(0), Some(10), 3)?.sum_all()),
+    };
+    let n = three_ways(&d, &case, &[16, 32, 48, 40, 10, 11, 40], &|_, _, _| {}, true)?;
+    let (c, s) = (&n.backward, &n.step);
+    // The compiled backward traces 16, 32, 48, 10 and 11 and re-plans 40.
+    assert_eq!((c.cache_misses - c.replans, c.replans, c.fallbacks), (5, 1, 0), "{c:?}");
+    assert_eq!(s.eager_calls, 0, "{s:?}");
+    Ok(())
+}
+
+/// A first backward at batch 1 traces another graph than the sizes after
+/// it (centering over a batch of 1 sums nothing: `sum_to_shape` returns
+/// early). The family starts again from the next size, so it still fits
+/// after three more sizes instead of tracing every size.
+#[test]
+fn a_first_batch_of_one_does_not_keep_the_family_from_fitting() -> wgrad::Result<()> {
+    let _l = serial();
+    let d = device();
+    let dd = d.clone();
+    let case = Case {
+        name: "batch of one first",
+        params: vec![param(&[4, 3], 51, 0.5, &d)?],
+        data: Box::new(move |b, s| Ok(vec![uniform(&[b, 4], s, &dd)?])),
+        data_grads: 1,
+        rows: 1,
+        loss: Arc::new(|a, p| {
+            let h = a[0].matmul(&p[0])?;
+            h.sub(&h.mean(&[0], true)?)?.tanh()?.sum_all()
+        }),
+    };
+    let n = three_ways(&d, &case, &[1, 10, 20, 30, 40, 50, 1], &|_, _, _| {}, true)?;
+    let c = &n.backward;
+    // Traced: 1, 10, 20, 30; re-planned: 40 and 50; the last 1 hits.
+    assert_eq!((c.cache_misses - c.replans, c.replans, c.fallbacks), (4, 2, 0), "{c:?}");
+    Ok(())
+}

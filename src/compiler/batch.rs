@@ -164,8 +164,9 @@ impl BatchModel {
         self.base
     }
 
-    /// The graph at batch size `b`, or `None` where a size would be
-    /// negative (a batch too small for what the step slices).
+    /// The graph at batch size `b`, or `None` where the formulas would not
+    /// trace to it there (see [`BatchModel::traces_to`]): the caller traces
+    /// that size instead.
     pub fn at(&self, b: usize) -> Option<CapturedGraph> {
         let mut g = self.template.clone();
         let (mut i, mut k, mut ok) = (0, 0, true);
@@ -184,7 +185,54 @@ impl BatchModel {
             },
             &mut String::new(),
         );
-        ok.then_some(g)
+        (ok && self.traces_to(&g)).then_some(g)
+    }
+
+    /// Whether `g`, the template with every number at another batch size,
+    /// is the graph tracing would give there. The numbers being affine in
+    /// the batch size is not enough where the formulas or the executor
+    /// decide on sizes while tracing:
+    /// - a size that follows the batch is 0 or 1 there: an empty tensor or
+    ///   a broadcast dim takes other paths (`sum_to_shape` returns early,
+    ///   a reduction over nothing is an error), so such a size range is
+    ///   traced on its own, as the batch of 1 is;
+    /// - a matmul contracts over more than [`crate::exec::MATMUL_K_CHUNK`]:
+    ///   eager mode splits it into runs (one kernel would loop past
+    ///   lavapipe's 65,535 iterations and be silently cut short), so a
+    ///   weight gradient over a large batch is another graph;
+    /// - a piece of an `Assemble` overruns its window, or a view reads past
+    ///   the value it reads: a formula's `min` (the gradient of a strided
+    ///   slice cut at the end of the dim) held at the traced sizes only.
+    fn traces_to(&self, g: &CapturedGraph) -> bool {
+        let small = |now: &Shape, traced: &Shape| now.dims().iter().zip(traced.dims()).any(|(&n, &t)| n != t && n < 2);
+        let within = |u: &Use| {
+            let source = &g.values[u.value];
+            let end =
+                u.layout.shape.dims().iter().zip(&u.layout.strides).map(|(&d, &s)| (d.max(1) - 1) * s).sum::<usize>();
+            matches!(source.op, IrOp::Input { .. })
+                || u.layout.shape.numel() == 0
+                || u.layout.offset + end < source.meta.shape.numel()
+        };
+        g.values.iter().zip(&self.template.values).all(|(v, t)| {
+            let uses_fit =
+                v.op.uses()
+                    .into_iter()
+                    .zip(t.op.uses())
+                    .all(|(u, tu)| !small(&u.layout.shape, &tu.layout.shape) && within(u));
+            let op_fits = match &v.op {
+                IrOp::Matmul { a, .. } => {
+                    a.layout.shape.dims().last().is_none_or(|&k| k <= crate::exec::MATMUL_K_CHUNK)
+                }
+                IrOp::Assemble { pieces, .. } => pieces.iter().all(|(u, dim, start)| {
+                    match (u.layout.shape.dims().get(*dim), v.meta.shape.dims().get(*dim)) {
+                        (Some(len), Some(n)) => start + len <= *n,
+                        _ => false,
+                    }
+                }),
+                _ => true,
+            };
+            !small(&v.meta.shape, &t.meta.shape) && uses_fit && op_fits
+        })
     }
 }
 

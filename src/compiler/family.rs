@@ -17,7 +17,12 @@
 //! range of its own, as in the compiled step (a broadcast dim may take
 //! other formulas): it is traced, and not fitted. The signature decides
 //! what the backward computes, so a predicted signature is the guard that
-//! the instantiated graph is the one the formulas would trace.
+//! the instantiated graph is the one the formulas would trace, but for
+//! what the formulas and the executor decide on sizes while tracing (a
+//! contraction split past 16,384, a `min`, a dim of 0 or 1), which
+//! `BatchModel::at` checks on the instantiated graph: such a size traces.
+//! A first size whose graph differs from the next sizes' (a batch of 1)
+//! does not hold the family: it starts again from the next size.
 
 use crate::compiler::batch::{Affine, BatchModel, Scalar, fit_each, fit_int, fit_scalar};
 use crate::compiler::ir::CapturedGraph;
@@ -129,6 +134,11 @@ impl Family {
         Family { first: graph.clone(), seen: vec![(numbers, graph)], model: None, unfit: None }
     }
 
+    /// Whether the model is fitted (later sizes it predicts are not traced).
+    pub fn is_fitted(&self) -> bool {
+        self.model.is_some()
+    }
+
     /// Records a traced size; with the third, fits the model (or records
     /// why none fits). Returns the sizes once fitted.
     pub fn observe(&mut self, numbers: Vec<Number>, graph: CapturedGraph) -> Option<[usize; 3]> {
@@ -160,9 +170,10 @@ impl Family {
         }
     }
 
-    /// The graph at the size whose signature has `numbers`, if the model
-    /// predicts that signature exactly; with its batch size.
-    pub fn instantiate(&self, numbers: &[Number]) -> Option<(usize, CapturedGraph)> {
+    /// The batch size of the size whose signature has `numbers`, if the
+    /// model predicts that signature exactly, with the graph there unless
+    /// tracing would not give it (`BatchModel::at`: that size traces).
+    pub fn instantiate(&self, numbers: &[Number]) -> Option<(usize, Option<CapturedGraph>)> {
         let model = self.model.as_ref()?;
         let Some(&Number::Int(b)) = numbers.get(model.batch) else { return None };
         // An empty batch and a batch of 1 trace: formulas may take another
@@ -176,7 +187,7 @@ impl Family {
             _ => false,
         });
         let b = b as usize;
-        predicted.then(|| model.graph.at(b)).flatten().map(|g| (b, g))
+        predicted.then(|| (b, model.graph.at(b)))
     }
 }
 

@@ -419,7 +419,11 @@ where
         let traced_at = base.batch.as_ref().map_or(0, |f| f.model.base());
         let Some(entry) = base.at_batch(b, key.clone(), &self.device, self.log)? else {
             if self.log {
-                eprintln!("[wgrad compiled] batch size {b}: a size of the step would be negative there; tracing");
+                eprintln!(
+                    "[wgrad compiled] batch size {b}: the step traced at batch size {traced_at} does not carry over \
+                     (a size would be negative, 0 or 1, a matmul would contract past the split length, or a \
+                     piece would overrun its window); tracing"
+                );
             }
             return Ok(None);
         };

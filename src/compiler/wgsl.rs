@@ -120,6 +120,13 @@ impl WgslCompiler {
             let (b, graph) = family.instantiate(&numbers)?;
             (b, graph, family.first.clone())
         };
+        let Some(graph) = graph else {
+            self.note(format_args!(
+                "batch size {b} of a fitted batch family: traced, its graph does not carry over (a size would be 0 \
+                 or 1, a matmul would contract past the split length, or a piece would overrun its window)"
+            ));
+            return None;
+        };
         self.note(format_args!("batch size {b} of a fitted batch family: re-planned without tracing"));
         match self.build(signature, graph, Some(twin)) {
             Ok(program) => {
@@ -201,6 +208,15 @@ impl CompilerInterface for WgslCompiler {
                         self.note(format_args!("batch family not fitted ({reason}): every size is traced"));
                     }
                     Some(twin)
+                }
+                // Another graph for the same signature but its numbers: a
+                // first size of 1 (a broadcast dim takes other paths, e.g.
+                // `sum_to_shape` returns early). Unless the family is
+                // fitted, it starts again from this size, so the sizes after
+                // it fit rather than tracing forever.
+                Some(family) if !family.is_fitted() => {
+                    *family = Family::new(numbers, graph.clone());
+                    None
                 }
                 Some(_) => None,
                 None => {
