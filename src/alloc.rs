@@ -252,6 +252,9 @@ pub(crate) struct PooledBuffer {
     buffer: wgpu::Buffer,
     offset: u64,
     class: u64,
+    /// The bytes asked for (at most `class`): what the tensor may read;
+    /// the rest of the class is pool slack.
+    bytes: u64,
     home: Home,
     pool: Arc<Mutex<Pool>>,
     /// PyTorch's `VariableVersion`: bumped by every in-place write, so a
@@ -260,9 +263,15 @@ pub(crate) struct PooledBuffer {
 }
 
 impl PooledBuffer {
-    pub(crate) fn new(taken: Taken, class: u64, pool: Arc<Mutex<Pool>>) -> PooledBuffer {
+    pub(crate) fn new(taken: Taken, class: u64, bytes: u64, pool: Arc<Mutex<Pool>>) -> PooledBuffer {
         let Taken { buffer, offset, home } = taken;
-        PooledBuffer { buffer, offset, class, home, pool, version: AtomicU64::new(0) }
+        PooledBuffer { buffer, offset, class, bytes: bytes.min(class), home, pool, version: AtomicU64::new(0) }
+    }
+
+    /// The bytes the storage was asked for: reads past them are reads of
+    /// pool slack, not of the tensor.
+    pub(crate) fn requested_bytes(&self) -> u64 {
+        self.bytes
     }
 
     /// How many in-place writes this storage has seen.

@@ -585,7 +585,7 @@ impl Device {
         let class = size_class(bytes).next_multiple_of(ALLOC_ALIGN).min(limit.max(256));
         let pool = &self.inner.pool;
         if let Some(taken) = pool.lock().take(dtype, class) {
-            return Ok(Arc::new(PooledBuffer::new(taken, class, pool.clone())));
+            return Ok(Arc::new(PooledBuffer::new(taken, class, bytes, pool.clone())));
         }
         let in_arena = pool.lock().in_arena(class);
         let size = if in_arena { pool.lock().arena_bytes } else { class };
@@ -606,7 +606,7 @@ impl Device {
             p.dedicated(class, buffer)
         };
         drop(p);
-        Ok(Arc::new(PooledBuffer::new(taken, class, pool.clone())))
+        Ok(Arc::new(PooledBuffer::new(taken, class, bytes, pool.clone())))
     }
 
     /// A new storage buffer, or `None` if the device is out of memory.

@@ -1187,8 +1187,13 @@ fn batch_sizes_the_program_cannot_cover_run_eagerly_or_trace() {
     }
     let err = step.call(&[x(50)]).unwrap_err().to_string();
     assert!(err.contains("narrow"), "{err}");
+    // 42 rows would read 126 of the table's 120 elements: inside its
+    // 512-byte allocation (the pool's size class), past its end all the
+    // same. Eager mode's error, not the pool's slack.
+    let err = step.call(&[x(42)]).unwrap_err().to_string();
+    assert!(err.contains("narrow"), "{err}");
     let s = step.stats();
-    assert_eq!((s.traces, s.replans, s.eager_calls), (1, 3, 1), "{s:?}");
+    assert_eq!((s.traces, s.replans, s.eager_calls), (1, 4, 2), "{s:?}");
 
     // Indices passed in: a map per call, built from the traced sizes.
     let w = wgrad::nn::uniform([50, 4], 1.0, 79, &d).unwrap().detach();
@@ -1253,4 +1258,73 @@ fn w1_at_nine_batch_sizes_is_one_trace() {
     // size allows; the family's fusion is checked at a second size, so it
     // does not.
     assert_eq!(new_pipelines, 0, "W1 at batch sizes 10..90: new pipelines after the first call");
+}
+
+/// Indices that are part of an argument (a prefix view) are the call's:
+/// a map built from the traced call's values would replay them. The step
+/// runs eagerly (a graph break) and every call equals eager mode.
+#[test]
+fn indices_viewing_part_of_an_argument_run_eagerly() {
+    let d = device();
+    let w = wgrad::nn::uniform([10, 3], 1.0, 81, &d).unwrap().detach();
+    let w_in = w.clone();
+    let mut step =
+        compile_step(&d, move |a: &[Tensor]| Ok(vec![w_in.index_select(0, &a[0].narrow(0, 0, 4)?)?.sum_all()?]));
+    for idx in [[0i32, 1, 2, 3, 4, 5], [9, 9, 9, 9, 9, 9], [2, 7, 1, 8, 0, 0]] {
+        let idx = Tensor::from_slice(&idx, [6], &d).unwrap();
+        let want =
+            w.index_select(0, &idx.narrow(0, 0, 4).unwrap()).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let got = step.call(&[idx]).unwrap()[0].to_scalar::<f32>().unwrap();
+        assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "{got} vs {want}");
+    }
+    assert_eq!(step.stats().replays, 0, "{:?}", step.stats());
+    let bad = Tensor::from_slice(&[0i32, 1, 2, 10, 0, 0], [6], &d).unwrap();
+    assert!(step.call(&[bad]).unwrap_err().to_string().contains("index_select"));
+}
+
+/// `x[-64:]` clamps its start to 0 on 32 rows (and on 31 and 30, where
+/// the step's family is fitted) but starts at 36 on 100 rows: a step whose
+/// slices clamped is not extrapolated to other batch sizes (each traces),
+/// and every size equals eager mode.
+#[test]
+fn clamped_slices_trace_each_batch_size() {
+    let d = device();
+    let mut step =
+        compile_step(&d, |a: &[Tensor]| Ok(vec![a[0].slice_step(0, Some(-64), None, 1)?.square()?.sum_all()?]));
+    for n in [32, 100, 40, 100] {
+        let x = wgrad::nn::uniform([n, 3], 1.0, 90 + n as u64, &d).unwrap().detach();
+        let want = x.narrow(0, n.saturating_sub(64), n.min(64)).unwrap().square().unwrap().sum_all().unwrap();
+        let want = want.to_scalar::<f32>().unwrap();
+        let got = step.call(&[x]).unwrap()[0].to_scalar::<f32>().unwrap();
+        assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "batch {n}: {got} vs {want}");
+    }
+    let s = step.stats();
+    assert_eq!((s.traces, s.replans), (3, 0), "{s:?}");
+}
+
+/// A hook registered on a parameter between calls would not run in a
+/// replay: the step traces again, the hook breaks that trace, and the call
+/// runs eagerly with it, as eager mode would (the hook clamps the
+/// gradient). As after any graph break, the step then stays eager for
+/// these arguments, also once the hook is removed.
+#[test]
+fn hooks_registered_after_the_trace_run() {
+    let d = device();
+    let w = Tensor::from_slice(&[3.0f32], [1], &d).unwrap().requires_grad(true).unwrap();
+    let w_in = w.clone();
+    let mut step = compile_step(&d, move |a: &[Tensor]| {
+        w_in.zero_grad();
+        let loss = w_in.mul(&a[0])?.sum_all()?;
+        loss.backward()?;
+        Ok(vec![w_in.grad().expect("w has a gradient")])
+    });
+    let x = Tensor::from_slice(&[5.0f32], [1], &d).unwrap();
+    assert_eq!(step.call(std::slice::from_ref(&x)).unwrap()[0].to_vec::<f32>().unwrap(), vec![5.0]);
+    assert_eq!(step.call(std::slice::from_ref(&x)).unwrap()[0].to_vec::<f32>().unwrap(), vec![5.0]);
+    let handle = w.register_hook(|g| g.clamp(-1.0, 1.0).ok()).unwrap();
+    assert_eq!(step.call(std::slice::from_ref(&x)).unwrap()[0].to_vec::<f32>().unwrap(), vec![1.0]);
+    assert_eq!(step.stats().eager_calls, 1, "{:?}", step.stats());
+    handle.remove();
+    assert_eq!(step.call(std::slice::from_ref(&x)).unwrap()[0].to_vec::<f32>().unwrap(), vec![5.0]);
+    assert_eq!(step.stats().eager_calls, 2, "{:?}", step.stats());
 }

@@ -219,10 +219,17 @@ impl Entry {
 
     /// Whether this call's state matches what the trace saw.
     fn guards_pass(&self) -> bool {
-        self.guards.iter().all(|(leaf, seen)| {
+        let grads_as_seen = self.guards.iter().all(|(leaf, seen)| {
             let now = leaf.grad.lock().as_ref().map(|g| (g.dtype(), g.layout().clone()));
             now == *seen
-        })
+        });
+        // A hook registered since the trace (on a parameter, between
+        // calls) would not run in a replay: the step traces again, and the
+        // hook breaks that trace, so the call runs eagerly with it. (Hooks
+        // present at the trace broke it already.)
+        let no_new_hooks =
+            self.grads.iter().all(|(leaf, _)| leaf.hooks.lock().is_empty() && leaf.post_hooks.lock().is_empty());
+        grads_as_seen && no_new_hooks
     }
 }
 
@@ -581,6 +588,11 @@ where
             // indices are an argument).
             return self.not_batched("a gather map built from an argument's indices".into());
         }
+        if first.clamped {
+            // `x[-64:]` on 32 rows starts at 0 at 32, 31 and 30, and at 36
+            // on 100 rows: a clamp fits as a constant.
+            return self.not_batched("a slice clamped to the bounds of a dim".into());
+        }
         for (size, c) in [(b - 1, &one), (b - 2, &two)] {
             if let Some(what) = first.differs(c) {
                 return self.not_batched(format!("at batch size {size} the step {what}"));
@@ -680,8 +692,10 @@ where
             into[*k] = reusable;
         }
         for (t, &extent) in inputs.iter().zip(&entry.extents) {
-            let o = t.operand()?;
-            if ((o.range.end - o.range.start) / t.dtype().size_in_bytes() as u64) < extent as u64 {
+            // Against what the tensor's storage was asked for, not its size
+            // class: a table sliced by the batch size must not read the
+            // pool's slack past its end (eager mode's `narrow` errs there).
+            if t.pooled()?.requested_bytes() / (t.dtype().size_in_bytes() as u64) < extent as u64 {
                 return self
                     .eager(args, "the step at this batch size would read past a tensor that did not grow with it");
             }
@@ -759,6 +773,7 @@ struct Capture {
     uploads: std::collections::HashMap<usize, u64>,
     aliased: Option<&'static str>,
     arg_maps: bool,
+    clamped: bool,
     grads: GradEffects,
     assigned: Vec<(Tensor, usize)>,
     returns: Vec<Returned>,
@@ -789,7 +804,7 @@ where
     let (mut outputs, returns) = outputs_of(&returned)?;
     let (grads, assigned) = effects(&mut outputs)?;
     let (values, inputs, state) = scope.finish_step();
-    let StepState { sources, guards, host, commits, checks, uploads, aliased, arg_maps, .. } = state;
+    let StepState { sources, guards, host, commits, checks, uploads, aliased, arg_maps, clamped, .. } = state;
     let graph = CapturedGraph { values, inputs, outputs };
     let fingerprint = fingerprint(&graph, &sources, &uploads);
     let c = Capture {
@@ -802,6 +817,7 @@ where
         uploads,
         aliased,
         arg_maps,
+        clamped,
         grads,
         assigned,
         returns,

@@ -114,6 +114,11 @@ pub(crate) struct StepState {
     /// indices: it knows the traced sizes, so the step is not one program
     /// over batch sizes.
     pub arg_maps: bool,
+    /// Whether an op clamped a size to the bounds of a dim (Python's
+    /// slicing): at other batch sizes it may clamp otherwise, which no
+    /// fit over three sizes can tell, so the step is not one program over
+    /// batch sizes.
+    pub clamped: bool,
 }
 
 fn storage_key(t: &Tensor) -> Option<usize> {
@@ -367,6 +372,14 @@ pub(crate) fn arg_of(t: &Tensor) -> Option<usize> {
     })
 }
 
+/// In a step trace: whether `t` views (some of) an argument's storage.
+pub(crate) fn views_arg(t: &Tensor) -> bool {
+    TRACER.with(|tr| {
+        let tr = tr.borrow();
+        tr.as_ref().and_then(|tr| tr.step.as_ref()).is_some_and(|step| step.args.iter().any(|a| a.shares_storage(t)))
+    })
+}
+
 /// In a step trace: notes that `t` was made from host `bytes` inside the
 /// step (a constant the program will read), so `debug_retrace` compares
 /// its contents, not its identity, with a new trace's.
@@ -388,6 +401,12 @@ pub(crate) fn note_upload(t: &Tensor, bytes: &[u8]) {
 /// argument's indices (see [`StepState::arg_maps`]).
 pub(crate) fn note_arg_map() {
     with_step(|step| step.arg_maps = true);
+}
+
+/// In a step trace: notes that an op clamped a size (see
+/// [`StepState::clamped`]).
+pub(crate) fn note_clamped() {
+    with_step(|step| step.clamped = true);
 }
 
 /// In a step trace: runs `commit` when the program has been recorded.

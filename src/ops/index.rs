@@ -239,6 +239,15 @@ impl Tensor {
         if let Some(arg) = crate::compiler::trace::arg_of(index) {
             return per_call_map(op, arg, size, self.numel(), &out_shape, offsets, self.device());
         }
+        if crate::compiler::trace::views_arg(index) {
+            // Part of an argument (a prefix, a row of an edge list): its
+            // values are the call's, but only a whole argument gets a map
+            // per call; one built now would be replayed with other indices.
+            crate::compiler::trace::graph_break(
+                op,
+                "its indices are part of an argument (pass the indices as an argument of their own)",
+            )?;
+        }
         if crate::compiler::trace::is_step() && index.host_ints().is_none() {
             // Indices computed inside the step: their values are known
             // only on the device, and the map is built on the host.

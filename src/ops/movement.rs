@@ -234,9 +234,15 @@ impl Tensor {
         // Python's clamping: negatives count from the end, then clamp to 0..=n.
         let resolve =
             |i: isize| -> usize { if i < 0 { n.saturating_sub(i.unsigned_abs()) } else { (i as usize).min(n) } };
+        let clamps = |i: isize| if i < 0 { i.unsigned_abs() > n } else { i as usize > n };
+        let (start_at, end_at) = (start, end);
         let start = start.map_or(0, resolve);
         let end = end.map_or(n, resolve);
         let len = if end > start { (end - start).div_ceil(step) } else { 0 };
+        if start_at.is_some_and(clamps) || end_at.is_some_and(clamps) || end < start {
+            // Sizes a compiled step must not extrapolate to other batches.
+            crate::compiler::trace::note_clamped();
+        }
         if step == 1 || len <= 1 {
             // The stride of a dim of at most one element is never used.
             return self.narrow(d as isize, start.min(n), len);
