@@ -302,7 +302,7 @@ fn node_line(
             s.push_str("    }\n");
             format!("acc{id}")
         }
-        Node::RowReduce(..) => format!("r{id}"),
+        Node::RowReduce(..) => format!("{t}(r{id})"),
     };
     let _ = writeln!(s, "    let {}: {t} = {expr};", name(id));
     s
@@ -394,7 +394,7 @@ pub(crate) fn render_reduce_x4(k: &MapKernel, kind: ReduceKind, binds: &Binds) -
     s.push_str(&store_out(k, &names));
     let _ = writeln!(
         s,
-        "fn value4(a: u32, kk: u32) -> vec4<T> {{\n    let q = a * p(R + 1u) + kk;\n{}{}    return vec4<{t}>(v{node}_0, v{node}_1, v{node}_2, v{node}_3);\n}}",
+        "fn value4(a: u32, kk: u32) -> vec4<T> {{\n    let q = a * p(R + 1u) + kk;\n{}{}    return vec4<T>(vec4<{t}>(v{node}_0, v{node}_1, v{node}_2, v{node}_3));\n}}",
         body_x4(k, &names),
         side_stores(k, &names, 1, true)
     );
@@ -571,8 +571,10 @@ pub(crate) fn render_rows(k: &MapKernel, uniform_io: &[bool], form: RowForm, bin
         RowForm::Workgroup(n) => {
             let mut dtypes: Vec<DType> = Vec::new();
             for (node, dtype) in &k.nodes {
-                if matches!(node, Node::RowReduce(..)) && !dtypes.contains(dtype) {
-                    dtypes.push(*dtype);
+                if let Node::RowReduce(kind, _) = node
+                    && !dtypes.contains(&accumulator(*dtype, *kind))
+                {
+                    dtypes.push(accumulator(*dtype, *kind));
                 }
             }
             let mut head = String::new();
@@ -618,7 +620,7 @@ pub(crate) fn render_rows(k: &MapKernel, uniform_io: &[bool], form: RowForm, bin
             continue;
         }
         let fold = |kind: ReduceKind, dtype: DType, acc: &str, v: &str| match kind {
-            ReduceKind::Sum => format!("{acc} + {v}"),
+            ReduceKind::Sum => format!("{acc} + {}({v})", accumulator(dtype, kind).wgsl()),
             ReduceKind::Max => nan_propagating("max", acc, v, dtype),
             ReduceKind::Min => nan_propagating("min", acc, v, dtype),
         };
@@ -628,8 +630,8 @@ pub(crate) fn render_rows(k: &MapKernel, uniform_io: &[bool], form: RowForm, bin
             ReduceKind::Min => extreme_literal(dtype, true),
         };
         for &(id, kind, _) in &reductions {
-            let dtype = k.dtype(id);
-            let _ = writeln!(s, "    var r{id}: {} = {};", dtype.wgsl(), identity(kind, dtype));
+            let acc = accumulator(k.dtype(id), kind);
+            let _ = writeln!(s, "    var r{id}: {} = {};", acc.wgsl(), identity(kind, acc));
         }
         let need = cone(&reductions.iter().map(|r| r.2).collect::<Vec<_>>());
         // Lanes fold in element order, so both forms sum a row alike.
@@ -644,7 +646,8 @@ pub(crate) fn render_rows(k: &MapKernel, uniform_io: &[bool], form: RowForm, bin
             // Every invocation folds the partials in the same order, so all
             // hold the same result.
             for &(id, kind, _) in &reductions {
-                let dtype = k.dtype(id);
+                // The partials are the accumulator's type.
+                let dtype = accumulator(k.dtype(id), kind);
                 let t = dtype.wgsl();
                 let _ = writeln!(
                     s,
@@ -749,9 +752,19 @@ fn side_stores(k: &MapKernel, names: &Names<'_>, own: usize, x4: bool) -> String
 }
 
 /// The element type, identity and combine of a reduction.
+/// The type a reduction of `dtype` accumulates in: f16 sums in f32 (as
+/// PyTorch's do; in f16 a running sum stops growing at 2,048 when its
+/// terms are 1), everything else in its own dtype.
+pub(crate) fn accumulator(dtype: DType, kind: ReduceKind) -> DType {
+    match (dtype, kind) {
+        (DType::F16, ReduceKind::Sum) => DType::F32,
+        _ => dtype,
+    }
+}
+
 fn reduce_functions(dtype: DType, kind: ReduceKind, words: usize) -> String {
     let mut s = String::new();
-    let t = dtype.wgsl();
+    let t = accumulator(dtype, kind).wgsl();
     let _ = writeln!(s, "\nalias T = {t};\nconst R: u32 = {words}u;");
     let (identity, combine) = match kind {
         ReduceKind::Sum => ("T(0)".to_string(), "a + b".to_string()),
@@ -782,7 +795,7 @@ pub(crate) fn render_reduce(k: &MapKernel, kind: ReduceKind, reduced: usize, bin
         "fn value(a: u32, kk: u32) -> T {{\n    let i = a * p(R + 1u) + kk;\n{}{}    return T({});\n}}",
         body(k, &names),
         side_stores(k, &names, reduced, false),
-        parts.join(", ")
+        reduced_parts(k, &parts)
     );
     s.push_str("fn fold(acc: T, a: u32, kk: u32) -> T { return combine(acc, value(a, kk)); }\n");
     s.push_str(REDUCE_TEMPLATE);
@@ -797,13 +810,14 @@ fn reduce_head(k: &MapKernel, kind: ReduceKind, reduced: usize, names: &Names<'_
         return reduce_functions(dtype, kind, param_words(k)) + &store_out(k, names);
     }
     let mut s = String::new();
-    let _ = writeln!(s, "\nalias T = vec{reduced}<{}>;\nconst R: u32 = {}u;", dtype.wgsl(), param_words(k));
+    let acc = accumulator(dtype, kind).wgsl();
+    let _ = writeln!(s, "\nalias T = vec{reduced}<{acc}>;\nconst R: u32 = {}u;", param_words(k));
     s.push_str("fn identity() -> T { return T(); }\nfn combine(a: T, b: T) -> T { return a + b; }\n");
     s.push_str("fn store_out(i: u32, v: T) {");
     for o in 0..reduced {
         let slot = k.inputs.len() + o;
         let at = names.at(slot, &format!("p({}u) + i", view_base(slot)));
-        let _ = write!(s, " {at} = v[{o}];");
+        let _ = write!(s, " {at} = {}(v[{o}]);", dtype.wgsl());
     }
     s.push_str(" }\n");
     s
@@ -910,8 +924,19 @@ fn spell_out_direct_template(fused_epilogue: bool) -> String {
 /// `store_out(i, v)`: stores `v` at element `i` of the kernel's one
 /// (contiguous) output, at the output's offset in its buffer.
 fn store_out(k: &MapKernel, names: &Names<'_>) -> String {
+    let t = k.dtype(k.outputs[0].0).wgsl();
     let slot = k.inputs.len();
-    format!("fn store_out(i: u32, v: T) {{ {} = v; }}\n", names.at(slot, &format!("p({}u) + i", view_base(slot))))
+    format!("fn store_out(i: u32, v: T) {{ {} = {t}(v); }}\n", names.at(slot, &format!("p({}u) + i", view_base(slot))))
+}
+
+/// The reduced values `parts` (of their own dtype) as one value for `T`
+/// (a reduction's accumulator type: f16 sums add in f32): the value
+/// itself, or with siblings a vector of them, converted.
+fn reduced_parts(k: &MapKernel, parts: &[String]) -> String {
+    match parts {
+        [one] => one.clone(),
+        _ => format!("vec{}<{}>({})", parts.len(), k.dtype(k.outputs[0].0).wgsl(), parts.join(", ")),
+    }
 }
 
 /// The template words of a reduction launch (see `shaders/reduce.wgsl`).

@@ -9,8 +9,8 @@
 use std::fmt::Write;
 
 use super::{
-    Binds, MapKernel, Names, REDUCE_WORDS, ReduceKind, declare, index_at, node_line, reduce_head, split_index,
-    view_base,
+    Binds, MapKernel, Names, REDUCE_WORDS, ReduceKind, declare, index_at, node_line, reduce_head, reduced_parts,
+    split_index, view_base,
 };
 use crate::exec::kernel::{Access, Node};
 
@@ -80,7 +80,7 @@ pub(crate) fn render_reduce_columns(
             let _ = writeln!(s, "    {} = {};", names.at(n_in + o, &at), name(*node));
         }
         let parts: Vec<String> = k.outputs[..reduced].iter().map(|(n, _)| name(*n)).collect();
-        results.push(format!("combine(acc[{l}], T({}))", parts.join(", ")));
+        results.push(format!("combine(acc[{l}], T({}))", reduced_parts(k, &parts)));
     }
     let _ = writeln!(s, "    return array<T, 4>({});\n}}", results.join(", "));
     debug_assert!(!k.nodes.iter().any(|(n, _)| matches!(n, Node::SegmentSum { .. })));
