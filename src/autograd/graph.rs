@@ -125,11 +125,6 @@ pub(crate) struct LeafState {
     /// Hooks run once a backward has published the new `.grad`.
     pub post_hooks: Mutex<Vec<PostHookEntry>>,
     accumulator: Mutex<Weak<Node>>,
-    /// The compiled-step trace this leaf was made in, if any: a leaf made
-    /// inside a step (`x.requires_grad(true)` on an argument, a WGAN-GP
-    /// interpolate) is the closure's own, so the program neither guards
-    /// nor writes its `.grad` (a replay has no such leaf to change).
-    pub(crate) born_in: Option<u64>,
 }
 
 impl LeafState {
@@ -154,7 +149,6 @@ impl LeafState {
             hooks: Mutex::new(Vec::new()),
             post_hooks: Mutex::new(Vec::new()),
             accumulator: Mutex::new(Weak::new()),
-            born_in: crate::compiler::trace::step_trace_id(),
         }
     }
 

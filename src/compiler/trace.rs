@@ -245,7 +245,7 @@ pub(crate) fn graph_break(op: &'static str, reason: &str) -> Result<()> {
 /// step already changed it, the program depends on whether it exists (a
 /// guard), and a `.grad` tensor it reads is bound from the leaf at each call.
 pub(crate) fn note_grad_read(leaf: &Arc<LeafState>, now: &Option<Tensor>) {
-    with_step_of(leaf, |step| {
+    with_step(|step| {
         if step.undo.iter().any(|(l, _)| Arc::ptr_eq(l, leaf)) || step.guards.iter().any(|(l, _)| Arc::ptr_eq(l, leaf))
         {
             return;
@@ -262,30 +262,11 @@ pub(crate) fn note_grad_read(leaf: &Arc<LeafState>, now: &Option<Tensor>) {
 
 /// Notes that a step trace is about to change `leaf`'s `.grad`.
 pub(crate) fn note_grad_write(leaf: &Arc<LeafState>) {
-    with_step_of(leaf, |step| {
+    with_step(|step| {
         if !step.undo.iter().any(|(l, _)| Arc::ptr_eq(l, leaf)) {
             step.undo.push((leaf.clone(), leaf.grad.lock().clone()));
         }
     });
-}
-
-/// The id of the step trace running on this thread, if any (see
-/// `LeafState::born_in`).
-pub(crate) fn step_trace_id() -> Option<u64> {
-    TRACER.with(|t| t.try_borrow().ok()?.as_ref().filter(|tr| tr.step.is_some()).map(|tr| tr.id))
-}
-
-/// [`with_step`] for what concerns `leaf`, unless the leaf was made in
-/// this trace (the closure's own: neither guarded nor written back).
-fn with_step_of(leaf: &LeafState, f: impl FnOnce(&mut StepState)) {
-    TRACER.with(|t| {
-        if let Some(tr) = t.borrow_mut().as_mut()
-            && leaf.born_in != Some(tr.id)
-            && let Some(step) = tr.step.as_mut()
-        {
-            f(step)
-        }
-    })
 }
 
 fn with_step(f: impl FnOnce(&mut StepState)) {
