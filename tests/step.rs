@@ -1300,6 +1300,23 @@ fn clamped_slices_trace_each_batch_size() {
     }
     let s = step.stats();
     assert_eq!((s.traces, s.replans), (3, 0), "{s:?}");
+    // Clamps at the fit's smaller sizes only: `x[:10]` first called on 10
+    // rows (9 and 8 clamp), and `x[::3]`, 3 rows at 9, 8 and 7.
+    type Body = fn(&[Tensor]) -> wgrad::Result<Vec<Tensor>>;
+    let cases: [(Body, usize, usize); 2] = [
+        (|a| Ok(vec![a[0].slice_step(0, None, Some(10), 1)?.square()?.sum_all()?]), 10, 20),
+        (|a| Ok(vec![a[0].slice_step(0, None, None, 3)?.square()?.sum_all()?]), 9, 30),
+    ];
+    for (body, first, later) in cases {
+        let mut step = compile_step(&d, body);
+        for n in [first, later] {
+            let x = wgrad::nn::uniform([n, 3], 1.0, 190 + n as u64, &d).unwrap().detach();
+            let want = body(std::slice::from_ref(&x)).unwrap()[0].to_scalar::<f32>().unwrap();
+            let got = step.call(&[x]).unwrap()[0].to_scalar::<f32>().unwrap();
+            assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "batch {n}: {got} vs {want}");
+        }
+        assert_eq!(step.stats().replans, 0, "{:?}", step.stats());
+    }
 }
 
 /// A hook registered on a parameter between calls would not run in a

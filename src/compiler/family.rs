@@ -134,9 +134,10 @@ impl Family {
         Family { first: graph.clone(), seen: vec![(numbers, graph)], model: None, unfit: None }
     }
 
-    /// Whether the model is fitted (later sizes it predicts are not traced).
-    pub fn is_fitted(&self) -> bool {
-        self.model.is_some()
+    /// Whether only the first size has been seen (no fit, no other size):
+    /// a family another graph may start again from.
+    pub fn only_first(&self) -> bool {
+        self.model.is_none() && self.unfit.is_none() && self.seen.len() == 1
     }
 
     /// Records a traced size; with the third, fits the model (or records

@@ -227,8 +227,12 @@ impl Entry {
         // calls) would not run in a replay: the step traces again, and the
         // hook breaks that trace, so the call runs eagerly with it. (Hooks
         // present at the trace broke it already.)
-        let no_new_hooks =
-            self.grads.iter().all(|(leaf, _)| leaf.hooks.lock().is_empty() && leaf.post_hooks.lock().is_empty());
+        // Only leaves the step gives a new `.grad` (a backward reaches
+        // them): a hook on a leaf it merely clears would not break the
+        // trace, and every call would trace again.
+        let no_new_hooks = self.grads.iter().all(|(leaf, effect)| {
+            matches!(effect, GradEffect::Clear) || (leaf.hooks.lock().is_empty() && leaf.post_hooks.lock().is_empty())
+        });
         grads_as_seen && no_new_hooks
     }
 }
@@ -588,7 +592,7 @@ where
             // indices are an argument).
             return self.not_batched("a gather map built from an argument's indices".into());
         }
-        if first.clamped {
+        if first.clamped || one.clamped || two.clamped {
             // `x[-64:]` on 32 rows starts at 0 at 32, 31 and 30, and at 36
             // on 100 rows: a clamp fits as a constant.
             return self.not_batched("a slice clamped to the bounds of a dim".into());

@@ -211,10 +211,11 @@ impl CompilerInterface for WgslCompiler {
                 }
                 // Another graph for the same signature but its numbers: a
                 // first size of 1 (a broadcast dim takes other paths, e.g.
-                // `sum_to_shape` returns early). Unless the family is
-                // fitted, it starts again from this size, so the sizes after
-                // it fit rather than tracing forever.
-                Some(family) if !family.is_fitted() => {
+                // `sum_to_shape` returns early). A family that has seen
+                // only its first size starts again from this one, so the
+                // sizes after it fit rather than tracing forever; one with
+                // more keeps them.
+                Some(family) if family.only_first() => {
                     *family = Family::new(numbers, graph.clone());
                     None
                 }

@@ -239,7 +239,12 @@ impl Tensor {
         let start = start.map_or(0, resolve);
         let end = end.map_or(n, resolve);
         let len = if end > start { (end - start).div_ceil(step) } else { 0 };
-        if start_at.is_some_and(clamps) || end_at.is_some_and(clamps) || end < start {
+        // A strided length ceil((end - start) / step) that follows the dim
+        // (an open or negative end or start) may be the same at three
+        // neighbouring sizes and differ beyond: not affine either.
+        let follows_dim = |i: Option<isize>| i.is_none_or(|i| i < 0);
+        let strided_follows = step > 1 && (follows_dim(end_at) || start_at.is_some_and(|i| i < 0));
+        if start_at.is_some_and(clamps) || end_at.is_some_and(clamps) || end < start || strided_follows {
             // Sizes a compiled step must not extrapolate to other batches.
             crate::compiler::trace::note_clamped();
         }
