@@ -502,8 +502,9 @@ fn column_reductions_match_the_host() {
 /// f16 sums accumulate in f32, as PyTorch's do: in f16 a running sum of
 /// ones stops at 2,048 (2,049 rounds back to it). A softmax of zeros over
 /// rows of 4,096 is 1/4,096 everywhere (f16 accumulation gave 1/2,048),
-/// and a sum of 8 x 4,096 ones is 32,768, in the compiled step's row
-/// kernel, its reductions and eager mode.
+/// a sum of 8 x 4,096 ones is 32,768 and a mean of 64 x 4,096 ones is 1
+/// (summed and scaled in f32), in the compiled step's row kernel, its
+/// reductions and eager mode.
 #[test]
 fn f16_long_rows_accumulate_in_f32() {
     let _l = serial();
@@ -517,10 +518,13 @@ fn f16_long_rows_accumulate_in_f32() {
             h.softmax(-1)?.to_dtype(DType::F32)?,
             h.add(1.0)?.sum(&[-1], false)?.to_dtype(DType::F32)?,
             h.narrow(0, 0, 8)?.add(1.0)?.sum_all()?.to_dtype(DType::F32)?,
+            // Means sum and scale in f32: 262,144 ones sum past f16's 65,504.
+            h.add(1.0)?.mean_all()?.to_dtype(DType::F32)?,
+            h.add(1.0)?.mean(&[-1], false)?.to_dtype(DType::F32)?,
         ])
     };
     let x = Tensor::zeros([64, 4096], DType::F32, &common::device()).unwrap();
-    let want = [1.0 / 4096.0, 4096.0, 32768.0];
+    let want = [1.0 / 4096.0, 4096.0, 32768.0, 1.0, 1.0];
     let eager = body(std::slice::from_ref(&x)).unwrap();
     let mut step = compile_step(&common::device(), body);
     let stepped = step.call(std::slice::from_ref(&x)).unwrap();

@@ -3,7 +3,7 @@
 use crate::autograd::record;
 use crate::error::{Error, Result};
 use crate::exec::ReduceKind;
-use crate::metadata::{Shape, resolve_axis};
+use crate::metadata::{DType, Shape, resolve_axis};
 use crate::ops::{Op, float_only};
 use crate::tensor::Tensor;
 
@@ -72,7 +72,18 @@ impl Tensor {
         float_only("mean", self.dtype())?;
         let norm = normalize_axes("mean", self, axes)?;
         let count: usize = norm.iter().map(|&a| self.dims()[a]).product();
-        self.sum_axes(&norm, keepdim)?.mul(1.0 / count as f64)
+        self.scaled_sum(&norm, keepdim, count)
+    }
+
+    /// The sum over `axes` times `1 / count`. f16 is summed and scaled in
+    /// f32 and rounded once, as PyTorch's mean is: an f16 sum of 100,000
+    /// ones is inf (past 65,504), their mean 1.
+    fn scaled_sum(&self, axes: &[usize], keepdim: bool, count: usize) -> Result<Tensor> {
+        if self.dtype() == DType::F16 {
+            let wide = self.to_dtype(DType::F32)?.sum_axes(axes, keepdim)?.mul(1.0 / count as f64)?;
+            return wide.to_dtype(DType::F16);
+        }
+        self.sum_axes(axes, keepdim)?.mul(1.0 / count as f64)
     }
 
     /// Maximum over `axes`; the gradient goes to the arg-max (split between ties).
@@ -95,7 +106,8 @@ impl Tensor {
     pub fn mean_all(&self) -> Result<Tensor> {
         float_only("mean_all", self.dtype())?;
         // The mean of no elements is 0/0 = NaN, as in PyTorch.
-        self.sum_all()?.mul(1.0 / self.numel() as f64)
+        let axes: Vec<usize> = (0..self.rank()).collect();
+        self.scaled_sum(&axes, false, self.numel())
     }
 
     /// Maximum of all elements, as a scalar.
