@@ -22,6 +22,11 @@ use crate::compiler::ir::{CapturedGraph, IrOp, Use};
 use crate::layout::Layout;
 use crate::metadata::Shape;
 
+/// Why [`BatchModel::at`] gives no graph at a size, for the logs of both
+/// compilers.
+pub(crate) const DOES_NOT_CARRY_OVER: &str = "does not carry over (a size would be negative, 0 or 1, a matmul would \
+     contract past the split length, or a piece would overrun its window)";
+
 /// An integer of the graph at batch size B: `a * B + c`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Affine {

@@ -37,8 +37,9 @@ pub(crate) enum Number {
 
 /// `text` with each of its numbers replaced by `#` (a number: a digit run,
 /// with a fraction (`.` followed by a digit) and an exponent (`e`, an
-/// optional sign and a digit) where one follows): the same for a graph at every batch size, whichever way a
-/// scalar prints (`0.02`, `6.103515625e-5`).
+/// optional sign and a digit) where one follows): the same for a graph at
+/// every batch size, whichever way a scalar prints (`0.02`,
+/// `6.103515625e-5`).
 pub(crate) fn without_numbers(text: &str) -> String {
     split_numbers(text).0
 }

@@ -226,9 +226,8 @@ impl Entry {
         // A hook registered since the trace (on a parameter, between
         // calls) would not run in a replay: the step traces again, and the
         // hook breaks that trace, so the call runs eagerly with it. (Hooks
-        // present at the trace broke it already.)
-        // Only leaves the step gives a new `.grad` (a backward reaches
-        // them): a hook on a leaf it merely clears would not break the
+        // present at the trace broke it already.) Only on leaves the step
+        // gives a new `.grad`: a hook on a leaf it merely clears breaks no
         // trace, and every call would trace again.
         let no_new_hooks = self.grads.iter().all(|(leaf, effect)| {
             matches!(effect, GradEffect::Clear) || (leaf.hooks.lock().is_empty() && leaf.post_hooks.lock().is_empty())
@@ -431,9 +430,8 @@ where
         let Some(entry) = base.at_batch(b, key.clone(), &self.device, self.log)? else {
             if self.log {
                 eprintln!(
-                    "[wgrad compiled] batch size {b}: the step traced at batch size {traced_at} does not carry over \
-                     (a size would be negative, 0 or 1, a matmul would contract past the split length, or a \
-                     piece would overrun its window); tracing"
+                    "[wgrad compiled] batch size {b}: the step traced at batch size {traced_at} {}; tracing",
+                    crate::compiler::batch::DOES_NOT_CARRY_OVER
                 );
             }
             return Ok(None);

@@ -122,8 +122,8 @@ impl WgslCompiler {
         };
         let Some(graph) = graph else {
             self.note(format_args!(
-                "batch size {b} of a fitted batch family: traced, its graph does not carry over (a size would be 0 \
-                 or 1, a matmul would contract past the split length, or a piece would overrun its window)"
+                "batch size {b} of a fitted batch family: traced, its graph {}",
+                crate::compiler::batch::DOES_NOT_CARRY_OVER
             ));
             return None;
         };

@@ -571,10 +571,11 @@ pub(crate) fn render_rows(k: &MapKernel, uniform_io: &[bool], form: RowForm, bin
         RowForm::Workgroup(n) => {
             let mut dtypes: Vec<DType> = Vec::new();
             for (node, dtype) in &k.nodes {
-                if let Node::RowReduce(kind, _) = node
-                    && !dtypes.contains(&accumulator(*dtype, *kind))
-                {
-                    dtypes.push(accumulator(*dtype, *kind));
+                if let Node::RowReduce(kind, _) = node {
+                    let acc = accumulator(*dtype, *kind);
+                    if !dtypes.contains(&acc) {
+                        dtypes.push(acc);
+                    }
                 }
             }
             let mut head = String::new();
@@ -751,7 +752,6 @@ fn side_stores(k: &MapKernel, names: &Names<'_>, own: usize, x4: bool) -> String
     s
 }
 
-/// The element type, identity and combine of a reduction.
 /// The type a reduction of `dtype` accumulates in: f16 sums in f32 (as
 /// PyTorch's do; in f16 a running sum stops growing at 2,048 when its
 /// terms are 1), everything else in its own dtype.
@@ -762,6 +762,7 @@ pub(crate) fn accumulator(dtype: DType, kind: ReduceKind) -> DType {
     }
 }
 
+/// The element type, identity and combine of a reduction.
 fn reduce_functions(dtype: DType, kind: ReduceKind, words: usize) -> String {
     let mut s = String::new();
     let t = accumulator(dtype, kind).wgsl();
