@@ -5,8 +5,9 @@
 // accumulates a 4x4 block in registers, reading 16-deep slices of A and B
 // staged in workgroup memory.
 
-// The generator defines above: `T`, the accessors of the operands
-// (`load_a(i)`, `load_b(i)`: element i of A's and B's buffers) and of the
+// The generator defines above: `T`, the element type, `A`, the type
+// products accumulate in (f32 for f16), the accessors of the operands
+// (`load_a(i)`, `load_b(i)`: element i of A's and B's buffers, as `A`) and of the
 // result (`store_out(i, v)`, `load_out(i)`: element i of C, at C's offset
 // in its buffer), whatever the epilogue reads, `M` (where this
 // template's words start) and `epilogue(acc, i)`, the elementwise function
@@ -20,8 +21,8 @@
 const TILE: u32 = 64u;
 const DEPTH: u32 = 16u;
 
-var<workgroup> a_tile: array<array<T, 64>, 16>;
-var<workgroup> b_tile: array<array<T, 64>, 16>;
+var<workgroup> a_tile: array<array<A, 64>, 16>;
+var<workgroup> b_tile: array<array<A, 64>, 16>;
 
 @compute @workgroup_size(16, 16)
 fn main(
@@ -35,10 +36,10 @@ fn main(
     let a_base = p(M + 3u) + batch * p(M + 4u);
     let b_base = p(M + 7u) + batch * p(M + 8u);
 
-    var acc: array<array<T, 4>, 4>;
+    var acc: array<array<A, 4>, 4>;
     for (var i = 0u; i < 4u; i = i + 1u) {
         for (var j = 0u; j < 4u; j = j + 1u) {
-            acc[i][j] = T(0);
+            acc[i][j] = A(0);
         }
     }
 
@@ -48,14 +49,14 @@ fn main(
             let e = li + l * 256u;
             let m = e / DEPTH;
             let ka = e % DEPTH;
-            var va = T(0);
+            var va = A(0);
             if (row0 + m < p(M + 0u) && k0 + ka < p(M + 2u)) {
                 va = load_a(a_base + (row0 + m) * p(M + 5u) + (k0 + ka) * p(M + 6u));
             }
             a_tile[ka][m] = va;
             let kb = e / TILE;
             let n = e % TILE;
-            var vb = T(0);
+            var vb = A(0);
             if (k0 + kb < p(M + 2u) && col0 + n < p(M + 1u)) {
                 vb = load_b(b_base + (k0 + kb) * p(M + 9u) + (col0 + n) * p(M + 10u));
             }
@@ -63,8 +64,8 @@ fn main(
         }
         workgroupBarrier();
         for (var kk = 0u; kk < DEPTH; kk = kk + 1u) {
-            var ra: array<T, 4>;
-            var rb: array<T, 4>;
+            var ra: array<A, 4>;
+            var rb: array<A, 4>;
             for (var i = 0u; i < 4u; i = i + 1u) {
                 ra[i] = a_tile[kk][lid.y + i * 16u];
                 rb[i] = b_tile[kk][lid.x + i * 16u];

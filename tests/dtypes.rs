@@ -90,3 +90,39 @@ fn f16_when_supported() -> wgrad::Result<()> {
     assert_eq!(grad, vec![1.0, -2.0, 4.0, 0.5]);
     Ok(())
 }
+
+/// f16 products and scatter-adds accumulate in f32 and round once, as
+/// PyTorch's do: in f16 a running sum of ones stops at 2,048, so a dot
+/// product of 4,096 ones gave 2,048 and so did the gradient of a row
+/// selected 4,096 times. Both matmul forms (the vector and the batched
+/// product) and the compiled backward's fused epilogue are checked.
+#[test]
+fn f16_long_contractions_accumulate_in_f32() -> wgrad::Result<()> {
+    use half::f16;
+    let d = device();
+    if !d.supports_f16() {
+        eprintln!("no f16");
+        return Ok(());
+    }
+    let ones = |shape: &[usize]| Tensor::ones(shape.to_vec(), DType::F16, &d);
+    let read = |t: &Tensor| -> wgrad::Result<Vec<f32>> { Ok(t.to_vec::<f16>()?.iter().map(|v| v.to_f32()).collect()) };
+    let dot = ones(&[1, 4096])?.matmul(&ones(&[4096, 1])?)?;
+    assert_eq!(read(&dot)?, vec![4096.0]);
+    let batched = ones(&[3, 70, 4096])?.matmul(&ones(&[4096, 66])?)?;
+    assert!(read(&batched)?.iter().all(|&v| v == 4096.0), "batched f16 matmul");
+    // Through a fused epilogue: relu(a @ b) and its backward.
+    let a = ones(&[65, 4096])?.requires_grad(true)?;
+    let b = ones(&[4096, 65])?.requires_grad(true)?;
+    let y = a.matmul(&b)?.relu()?;
+    assert!(read(&y)?.iter().all(|&v| v == 4096.0), "f16 matmul + relu");
+    y.sum_all()?.backward()?;
+    assert!(read(&a.grad().expect("a.grad"))?.iter().all(|&v| v == 65.0));
+    // Row 0 selected 4,096 times: its gradient sums 4,096 ones.
+    let w = ones(&[2, 8])?.requires_grad(true)?;
+    let ids = Tensor::zeros([4096], DType::U32, &d)?;
+    w.index_select(0, &ids)?.sum_all()?.backward()?;
+    let g = read(&w.grad().expect("w.grad"))?;
+    assert_eq!(&g[..8], &[4096.0; 8]);
+    assert_eq!(&g[8..], &[0.0; 8]);
+    Ok(())
+}

@@ -278,7 +278,9 @@ fn node_line(
         Node::Gather(j, off) => names.at(j, &format!("p({}u) + {}", view_base(j), v(off))),
         Node::SegmentSum { values, starts, positions, batched } => {
             let (bv, bs, bp) = (view_base(values), view_base(starts), view_base(positions));
-            let _ = writeln!(s, "    var acc{id}: {t} = {t}(0);");
+            // f16 segments add in f32, as sums do (see `accumulator`).
+            let wide = accumulator(*dtype, ReduceKind::Sum).wgsl();
+            let _ = writeln!(s, "    var acc{id}: {wide} = {wide}(0);");
             // Batched: segment `i % S` of one image's map, over the values
             // of image `i / S` (S and E lead the starts).
             let (segment, values_at) = match batched {
@@ -297,10 +299,13 @@ fn node_line(
             );
             let _ = writeln!(s, "    for (var k = {first}; k < {last}; k = k + 1u) {{");
             let position = names.at(positions, &format!("p({bp}u) + k"));
-            let _ =
-                writeln!(s, "        acc{id} = acc{id} + {};", names.at(values, &format!("{values_at} + {position}")));
+            let _ = writeln!(
+                s,
+                "        acc{id} = acc{id} + {wide}({});",
+                names.at(values, &format!("{values_at} + {position}"))
+            );
             s.push_str("    }\n");
-            format!("acc{id}")
+            format!("{t}(acc{id})")
         }
         Node::RowReduce(..) => format!("{t}(r{id})"),
     };
@@ -834,16 +839,19 @@ pub(crate) fn render_matmul(epilogue: &MapKernel, dtype: DType, template: Matmul
     let t = dtype.wgsl();
     let operands = epilogue.inputs.len() + epilogue.outputs.len();
     let (a, b) = (operands, operands + 1);
-    let _ = writeln!(s, "alias T = {t};\nconst M: u32 = {}u;", param_words(epilogue));
-    let _ = writeln!(s, "fn load_a(i: u32) -> T {{ return {}; }}", names.at(a, "i"));
-    let _ = writeln!(s, "fn load_b(i: u32) -> T {{ return {}; }}", names.at(b, "i"));
+    // `A`, the accumulator: f16 products add in f32 (as PyTorch's do), or
+    // a dot product of 4,096 f16 ones would stop at 2,048.
+    let wide = accumulator(dtype, ReduceKind::Sum).wgsl();
+    let _ = writeln!(s, "alias T = {t};\nalias A = {wide};\nconst M: u32 = {}u;", param_words(epilogue));
+    let _ = writeln!(s, "fn load_a(i: u32) -> A {{ return A({}); }}", names.at(a, "i"));
+    let _ = writeln!(s, "fn load_b(i: u32) -> A {{ return A({}); }}", names.at(b, "i"));
     let out = names.at(epilogue.inputs.len(), &format!("p({}u) + i", view_base(epilogue.inputs.len())));
     let _ = writeln!(s, "fn load_out(i: u32) -> T {{ return {out}; }}");
     s.push_str(&store_out(epilogue, &names));
     // The epilogue stores its other outputs itself (at the product's index).
     let _ = writeln!(
         s,
-        "fn epilogue(acc: T, i: u32) -> T {{\n{}{}    return v{node};\n}}",
+        "fn epilogue(wide: A, i: u32) -> T {{\n    let acc = T(wide);\n{}{}    return v{node};\n}}",
         body(epilogue, &names),
         side_stores(epilogue, &names, 1, false)
     );
@@ -861,7 +869,7 @@ const DIRECT_EPILOGUE: &str = "    for (var q = 0u; q < 128u; q = q + 1u) {
         let col = col0 + 8u * (q % 8u);
         if (row < m && col < n) {
             let at = c_base + row * n + col;
-            store_out(at, epilogue(load_out(at), at));
+            store_out(at, epilogue(A(load_out(at)), at));
         }
     }
 ";
@@ -896,11 +904,11 @@ fn spell_out_direct_template(fused_epilogue: bool) -> String {
     for i in 0..rows {
         let _ = writeln!(step, "        let va{i} = load_a(r{i} + a_off);");
         for j in 0..cols {
-            let _ = writeln!(declare, "    var acc{i}_{j} = T(0);");
+            let _ = writeln!(declare, "    var acc{i}_{j} = A(0);");
             let _ = writeln!(step, "        acc{i}_{j} = acc{i}_{j} + va{i} * vb{j};");
             let _ = writeln!(
                 store,
-                "    if (row0 + {i}u < m && col0 + {c}u < n) {{ store_out(c_base + (row0 + {i}u) * n + col0 + {c}u, acc{i}_{j}); }}",
+                "    if (row0 + {i}u < m && col0 + {c}u < n) {{ store_out(c_base + (row0 + {i}u) * n + col0 + {c}u, T(acc{i}_{j})); }}",
                 c = 8 * j
             );
         }
