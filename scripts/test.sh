@@ -42,4 +42,5 @@ COMPILED="--test compiled_differential --test compiled --test step --test row_ke
 WGRAD_PASSES=min-rows=1 cargo test "$@" $COMPILED --test hostile --test cnn_digits -- --test-threads 2
 WGRAD_PASSES=min-rows=1 WGRAD_ROWS=workgroup cargo test "$@" --test compiled_differential --test step --test row_kernels -- --test-threads 2
 WGRAD_PASSES=min-rows=1,-remat cargo test "$@" --test compiled_differential --test row_kernels -- --test-threads 2
-WGRAD_PASSES=-rows,-reduce-stores,-epilogues cargo test "$@" $COMPILED -- --test-threads 2
+WGRAD_PASSES=min-rows=1,-row-sums cargo test "$@" --test compiled_differential --test row_kernels -- --test-threads 2
+WGRAD_PASSES=-rows,-reduce-stores,-epilogues,-row-sums cargo test "$@" $COMPILED -- --test-threads 2

@@ -535,3 +535,89 @@ fn f16_long_rows_accumulate_in_f32() {
         }
     }
 }
+
+/// A layer_norm + softmax step compiled with `passes` (eager with `None`):
+/// the loss and every gradient, and the row loops the pass saved.
+fn norm_softmax_step(passes: Option<wgrad::Passes>, x: &Tensor, t: &Tensor) -> (Vec<Vec<f32>>, usize) {
+    let body = |p: &[Tensor], a: &[Tensor]| -> Result<Vec<Tensor>> {
+        p.iter().for_each(Tensor::zero_grad);
+        let k = a[0].dims()[1];
+        let y = p[0].layer_norm(&[k], None, None, 1e-5)?.mul(&p[1])?.add(&p[2])?;
+        let loss = y.softmax(-1)?.mul(&a[0])?.sum_all()?;
+        loss.backward()?;
+        let mut out = vec![loss];
+        out.extend(p.iter().map(|t| t.grad().unwrap()));
+        Ok(out)
+    };
+    let k = x.dims()[1];
+    let params = || -> Vec<Tensor> {
+        let p = vec![x.clone(), randn(&[k], 31), randn(&[k], 32)];
+        p.into_iter().map(|t| t.detach().mul(1.0).unwrap().requires_grad(true).unwrap()).collect()
+    };
+    let read = |ts: Vec<Tensor>| -> Vec<Vec<f32>> { ts.iter().map(|t| t.to_vec::<f32>().unwrap()).collect() };
+    match passes {
+        None => (read(body(&params(), std::slice::from_ref(t)).unwrap()), 0),
+        Some(p) => {
+            let leaves = params();
+            let mut step = compile_step(&common::device(), move |a: &[Tensor]| body(&leaves, a)).with_passes(p);
+            let out = read(step.call(std::slice::from_ref(t)).unwrap());
+            (out, step.reports().iter().map(|r| r.row_loops_saved).sum())
+        }
+    }
+}
+
+/// Row sums distributed over per-row factors (`Passes::row_sums`): the
+/// layer_norm + softmax step (W4's graph) makes three fewer loops over
+/// each row and equals eager, as it does with the pass off; rows whose
+/// per-row factors are infinite or NaN (a constant row has no spread, so
+/// layer_norm divides by sqrt(eps); a row holding inf gives inf and NaN
+/// factors) take the checked sums' second loop and give eager's
+/// infinities and NaN, element for element.
+#[test]
+fn row_sums_distribute_over_per_row_factors() {
+    let _l = serial();
+    let on = wgrad::Passes { min_rows: 1, ..wgrad::Passes::default() };
+    let off = wgrad::Passes { row_sums: false, ..on };
+    let mut data: Vec<f32> = randn(&[48, 64], 33).to_vec::<f32>().unwrap();
+    data[5 * 64..6 * 64].iter_mut().for_each(|v| *v = 2.5); // a constant row
+    data[7 * 64 + 3] = f32::INFINITY;
+    data[9 * 64 + 60] = f32::NEG_INFINITY;
+    data[11 * 64 + 10] = f32::NAN;
+    data[13 * 64 + 1] = 3.0e38; // finite, but its square overflows
+    let x = t(&data, &[48, 64]);
+    let mut weights: Vec<f32> = randn(&[48, 64], 34).to_vec::<f32>().unwrap();
+    weights[17 * 64 + 2] = f32::INFINITY; // an infinite upstream gradient
+    weights[19 * 64..20 * 64].iter_mut().for_each(|v| *v *= 1e36); // large, finite
+    let w = t(&weights, &[48, 64]);
+    let (want, _) = norm_softmax_step(None, &x, &w);
+    let (got_on, saved) = norm_softmax_step(Some(on), &x, &w);
+    let (got_off, none) = norm_softmax_step(Some(off), &x, &w);
+    assert!(saved >= 3 || !wgrad::Passes::from_env().rows, "{saved} row loops saved");
+    assert_eq!(none, 0);
+    for (mode, got) in [("row sums on", got_on), ("row sums off", got_off)] {
+        for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+            // The loss sums every row: the non-finite rows make it NaN.
+            close(&format!("{mode} out {i}"), g, e);
+        }
+    }
+}
+
+/// A row sum over an infinite per-row factor: `Σ x2 / c` with `c` a row
+/// sum of 0 is NaN where `x2` changes sign (`+inf + -inf`), though the
+/// distributed `(Σ x2) / c` is an infinity, and likewise `Σ x2 · c` with
+/// `c` infinite. The checked sum sums such rows again as written.
+#[test]
+fn distributed_row_sums_keep_eager_nan() {
+    let _l = serial();
+    let (a, k) = (48, 16);
+    let mut x: Vec<f32> = (0..a * k).map(|i| ((i * 29 % 13) as f32) - 4.0).collect();
+    for (j, v) in x[..k].iter_mut().enumerate() {
+        *v = if j % 2 == 0 { 1.5 } else { -1.5 }; // row 0 sums to 0
+    }
+    x[3 * k + 2] = f32::INFINITY; // row 3 sums to inf
+    let x2: Vec<f32> = (0..a * k).map(|i| if i % 3 == 0 { -2.0 } else { 1.25 }).collect();
+    fwd("sums over infinite per-row factors", &[t(&x, &[a, k]), t(&x2, &[a, k])], |a| {
+        let c = a[0].sum(&[-1], true)?;
+        Ok(vec![a[1].div(&c)?.sum(&[-1], false)?, a[1].mul(&c)?.sum(&[-1], false)?])
+    });
+}

@@ -779,7 +779,7 @@ fn op_cost(node: &Node) -> usize {
         Node::Input(_) | Node::Scalar(_) | Node::Index | Node::Arg => 0,
         Node::Unary(UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Relu, _) => 1,
         Node::Unary(..) | Node::Random(..) | Node::RandomAt(..) | Node::SegmentSum { .. } => 4,
-        Node::RowReduce(..) => 4,
+        Node::RowReduce(..) | Node::CheckedRowSum { .. } => 4,
         Node::Binary(..) | Node::Compare(..) | Node::Select(..) | Node::Cast(_) | Node::Gather(..) => 1,
     }
 }
@@ -820,6 +820,10 @@ pub struct Passes {
     /// computes. Off for the direct matmul template (CPU adapters), whose
     /// epilogue pass costs more there than separate kernels do.
     pub epilogues: bool,
+    /// A row sum that reads earlier row sums only as per-row factors is
+    /// distributed over them, so it joins an earlier loop over the row
+    /// (see `compiler::row_sums`).
+    pub row_sums: bool,
 }
 
 impl Default for Passes {
@@ -830,13 +834,15 @@ impl Default for Passes {
             remat: true,
             reduce_stores: true,
             epilogues: true,
+            row_sums: true,
         }
     }
 }
 
 impl Passes {
     /// The default passes changed by `WGRAD_PASSES`, a list: a pass named
-    /// with a minus is off (`-rows`, `-remat`, `-reduce-stores`, `-epilogues`),
+    /// with a minus is off (`-rows`, `-remat`, `-reduce-stores`, `-epilogues`,
+    /// `-row-sums`),
     /// `min-rows=N` sets [`Passes::min_rows`].
     pub fn from_env() -> Passes {
         let mut p = Passes::default();
@@ -848,6 +854,7 @@ impl Passes {
                     _ if item == "-remat" => p.remat = false,
                     _ if item == "-reduce-stores" => p.reduce_stores = false,
                     _ if item == "-epilogues" => p.epilogues = false,
+                    _ if item == "-row-sums" => p.row_sums = false,
                     _ => {}
                 }
             }

@@ -17,6 +17,7 @@ pub(crate) mod guard;
 pub(crate) mod ir;
 mod lower;
 mod passes;
+mod row_sums;
 mod rows;
 pub(crate) mod runtime;
 mod signature;

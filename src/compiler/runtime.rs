@@ -109,6 +109,10 @@ pub struct ProgramReport {
     pub removed: usize,
     /// Values computed inside another value's kernel.
     pub ops_fused: usize,
+    /// Loops over rows that row kernels no longer make: row sums
+    /// distributed over the per-row factors they read
+    /// ([`crate::Passes::row_sums`]).
+    pub row_loops_saved: usize,
     /// Bytes of intermediates if each had its own buffer.
     pub unplanned_bytes: u64,
     /// Bytes of the intermediate buffers after sharing by liveness.

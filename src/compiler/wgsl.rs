@@ -293,7 +293,8 @@ pub(crate) fn build_program(
         dedicated_bytes: device.dedicated_bytes(),
     };
     let passes_done = started.elapsed();
-    let (steps, ops_fused) = fusion::schedule(&graph, twin.as_ref(), limits, passes);
+    let (mut steps, ops_fused) = fusion::schedule(&graph, twin.as_ref(), limits, passes);
+    let row_loops_saved = if passes.row_sums { crate::compiler::row_sums::distribute(&mut steps) } else { 0 };
     let fused = started.elapsed();
     let report = ProgramReport {
         ir_before,
@@ -302,6 +303,7 @@ pub(crate) fn build_program(
         simplified: pass_stats.simplified,
         merged: pass_stats.merged,
         removed: pass_stats.removed,
+        row_loops_saved,
         dot: dot::render(&graph, &steps),
         ..ProgramReport::default()
     };
@@ -321,9 +323,10 @@ pub(crate) fn build_program(
             pass_stats.simplified, pass_stats.merged, pass_stats.removed, r.ir_after
         );
         eprintln!(
-            "[wgrad compiled] {} kernels, {} ops fused, intermediates {} B planned ({} B unshared)",
+            "[wgrad compiled] {} kernels, {} ops fused, {} loops over rows saved by distributing row sums, intermediates {} B planned ({} B unshared)",
             program.kernel_count(),
             r.ops_fused,
+            r.row_loops_saved,
             r.planned_bytes,
             r.unplanned_bytes
         );

@@ -308,6 +308,8 @@ fn node_line(
             format!("{t}(acc{id})")
         }
         Node::RowReduce(..) => format!("{t}(r{id})"),
+        // `render_rows` declares the sum before this line.
+        Node::CheckedRowSum { .. } => format!("{t}(g{id})"),
     };
     let _ = writeln!(s, "    let {}: {t} = {expr};", name(id));
     s
@@ -557,13 +559,7 @@ pub(crate) fn render_rows(k: &MapKernel, uniform_io: &[bool], form: RowForm, bin
         s.push_str("    }\n");
         s
     };
-    // Row reductions that depend on none of each other share a loop: the
-    // level of a node is the number of row reductions it waits for.
-    let mut level = vec![0usize; k.nodes.len()];
-    for (id, (node, _)) in k.nodes.iter().enumerate() {
-        let below = node_operands(node).iter().map(|&o| level[o]).max().unwrap_or(0);
-        level[id] = below + usize::from(matches!(node, Node::RowReduce(..)));
-    }
+    let level = row_levels(k);
     match form {
         RowForm::PerInvocation | RowForm::PerInvocationVec4 => {
             let _ = writeln!(
@@ -612,6 +608,9 @@ pub(crate) fn render_rows(k: &MapKernel, uniform_io: &[bool], form: RowForm, bin
         // Row-uniform values the next loop (or the stores) may read.
         for id in 0..k.nodes.len() {
             if uniform[id] && level[id] < l && !emitted[id] && !matches!(k.nodes[id].0, Node::RowReduce(..)) {
+                if let Node::CheckedRowSum { fast, src } = k.nodes[id].0 {
+                    s.push_str(&checked_sum(k, &names, id, fast, src, &cone(&[src]), &plain, &read));
+                }
                 s.push_str(&node_line(k, &names, id, "a", &plain, &read));
                 emitted[id] = true;
             }
@@ -712,13 +711,57 @@ pub(crate) fn render_rows(k: &MapKernel, uniform_io: &[bool], form: RowForm, bin
     s
 }
 
+/// The sum `g{id}` of a [`Node::CheckedRowSum`]: its fast value, or where
+/// that is not finite, `src` summed over the row as written (the `need`ed
+/// nodes evaluated at each element). The loop runs one element at a time
+/// in every form, by every invocation alone: a rare path, and one without
+/// barriers (this branch is not uniform control flow to WGSL).
+#[allow(clippy::too_many_arguments)]
+fn checked_sum(
+    k: &MapKernel,
+    names: &Names<'_>,
+    id: usize,
+    fast: usize,
+    src: usize,
+    need: &[bool],
+    name: &dyn Fn(usize) -> String,
+    read: &dyn Fn(usize) -> String,
+) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "    var g{id}: f32 = f32({});", name(fast));
+    let _ = writeln!(s, "    if ((bitcast<u32>(g{id}) & 0x7f800000u) == 0x7f800000u) {{");
+    let _ = writeln!(s, "        g{id} = 0.0;");
+    let _ = writeln!(s, "        for (var k = 0u; k < row_len; k = k + 1u) {{");
+    let _ = writeln!(s, "            let i = a * row_len + k;");
+    for n in (0..k.nodes.len()).filter(|&n| need[n]) {
+        for line in node_line(k, names, n, "i", name, read).lines() {
+            let _ = writeln!(s, "        {line}");
+        }
+    }
+    let _ = writeln!(s, "            g{id} = g{id} + f32({});", name(src));
+    s.push_str("        }\n    }\n");
+    s
+}
+
+/// Row reductions that depend on none of each other share a loop: the
+/// level of a node is the number of row reductions it waits for (a row
+/// kernel loops over its rows the highest level plus one times).
+pub(crate) fn row_levels(k: &MapKernel) -> Vec<usize> {
+    let mut level = vec![0usize; k.nodes.len()];
+    for (id, (node, _)) in k.nodes.iter().enumerate() {
+        let below = node_operands(node).iter().map(|&o| level[o]).max().unwrap_or(0);
+        level[id] = below + usize::from(matches!(node, Node::RowReduce(..)));
+    }
+    level
+}
+
 /// Which nodes of a row kernel are the same at every element of a row.
-fn row_uniform_nodes(k: &MapKernel, uniform_inputs: &[bool]) -> Vec<bool> {
+pub(crate) fn row_uniform_nodes(k: &MapKernel, uniform_inputs: &[bool]) -> Vec<bool> {
     let mut uniform = vec![false; k.nodes.len()];
     for (id, (node, _)) in k.nodes.iter().enumerate() {
         uniform[id] = match *node {
             Node::Input(j) => uniform_inputs[j],
-            Node::Scalar(_) | Node::RowReduce(..) | Node::Arg => true,
+            Node::Scalar(_) | Node::RowReduce(..) | Node::CheckedRowSum { .. } | Node::Arg => true,
             Node::Index | Node::Random(..) | Node::RandomAt(..) | Node::SegmentSum { .. } => false,
             _ => node_operands(node).iter().all(|&o| uniform[o]),
         };
@@ -735,6 +778,7 @@ pub(crate) fn node_operands(node: &Node) -> Vec<usize> {
         Node::Unary(_, a) | Node::Cast(a) | Node::RowReduce(_, a) | Node::Gather(_, a) => vec![a],
         Node::Binary(_, a, b) | Node::Compare(_, a, b) | Node::RandomAt(_, a, b) => vec![a, b],
         Node::Select(c, a, b) => vec![c, a, b],
+        Node::CheckedRowSum { fast, src } => vec![fast, src],
     }
 }
 

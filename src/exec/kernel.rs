@@ -94,6 +94,15 @@ pub(crate) enum Node {
     /// the result anywhere after (softmax's max and sum, layer_norm's mean
     /// and variance).
     RowReduce(crate::exec::ReduceKind, NodeId),
+    /// The row sum of `src` (an element-varying node), known as `fast` (a
+    /// row-uniform node: the sum distributed over per-row factors, see
+    /// `compiler::row_sums`) when `fast` is finite; otherwise summed over
+    /// the row as written, so an inf or NaN comes out as the undistributed
+    /// sum's would. Only in a row kernel.
+    CheckedRowSum {
+        fast: NodeId,
+        src: NodeId,
+    },
 }
 
 impl Node {
@@ -125,6 +134,7 @@ impl Node {
                 batched,
             },
             Node::RowReduce(kind, a) => Node::RowReduce(kind, id(a)),
+            Node::CheckedRowSum { fast, src } => Node::CheckedRowSum { fast: id(fast), src: id(src) },
         }
     }
 }
@@ -213,6 +223,7 @@ impl MapKernel {
                 Node::RowReduce(crate::exec::ReduceKind::Sum, _) => Some("row sum"),
                 Node::RowReduce(crate::exec::ReduceKind::Max, _) => Some("row max"),
                 Node::RowReduce(crate::exec::ReduceKind::Min, _) => Some("row min"),
+                Node::CheckedRowSum { .. } => Some("row sum"),
             })
             .collect();
         names.join(", ")

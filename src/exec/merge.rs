@@ -231,6 +231,10 @@ impl PendingMaps {
                 Node::Input(b) => bindings_used[b] = true,
                 Node::Scalar(_) | Node::Index | Node::Random(..) | Node::Arg => {}
                 Node::Unary(_, a) | Node::Cast(a) | Node::RowReduce(_, a) => need(a),
+                Node::CheckedRowSum { fast, src } => {
+                    need(fast);
+                    need(src);
+                }
                 Node::Binary(_, x, y) | Node::Compare(_, x, y) | Node::RandomAt(_, x, y) => {
                     need(x);
                     need(y);

@@ -328,6 +328,30 @@ fn row_kernels_validate() {
     }
 }
 
+/// A checked row sum ([`Node::CheckedRowSum`]): its fast value, and the
+/// loop summing the operand again where that is not finite, in every form
+/// (the row-sums pass makes these, `compiler::row_sums`).
+#[test]
+fn checked_row_sums_validate() {
+    use crate::exec::codegen::RowForm;
+    // Σ (x / s) with s = Σ x, distributed as (Σ x) / s.
+    let mut k = MapKernel::default();
+    let x = k.input(DType::F32);
+    let s = k.push(Node::RowReduce(ReduceKind::Sum, x), DType::F32);
+    let q = k.push(Node::Binary(BinaryOp::Div, x, s), DType::F32);
+    let fast = k.push(Node::Binary(BinaryOp::Div, s, s), DType::F32);
+    let sum = k.push(Node::CheckedRowSum { fast, src: q }, DType::F32);
+    let y = k.push(Node::Binary(BinaryOp::Mul, q, sum), DType::F32);
+    k.output(y);
+    k.output(sum);
+    for form in [RowForm::PerInvocation, RowForm::PerInvocationVec4, RowForm::Workgroup(64)] {
+        let io = [false, false, true];
+        let source = rendered(&k, &[], |b| codegen::render_rows(&k, &io, form, b));
+        assert!(source.first().contains("0x7f800000u) == 0x7f800000u"), "{}", source.first());
+        validate(&format!("checked row sum {form:?}"), &source);
+    }
+}
+
 #[test]
 fn planar_reads_validate() {
     let mut k = MapKernel::default();
