@@ -1345,3 +1345,41 @@ fn hooks_registered_after_the_trace_run() {
     assert_eq!(step.call(std::slice::from_ref(&x)).unwrap()[0].to_vec::<f32>().unwrap(), vec![5.0]);
     assert_eq!(step.stats().eager_calls, 2, "{:?}", step.stats());
 }
+
+/// A leaf made inside the step every call (FGSM's perturbed input,
+/// differentiated with `backward()` to read its `.grad`) is held weakly by
+/// the program: gone after the call, it is neither guarded nor set, so the
+/// step traces once and replays. (Before, the `.grad` the last replay set
+/// failed the guard: a trace and one more cached program every call.)
+/// Equals eager mode every call.
+#[test]
+fn a_leaf_made_inside_the_step_keeps_the_cache_bounded() {
+    let d = device();
+    let make = |seed: u64| wgrad::nn::uniform([3, 4], 0.5, seed, &d).unwrap().detach().requires_grad(true).unwrap();
+    let (w_eager, w_step) = (make(81), make(81));
+    let body = |w: &Tensor, x: &Tensor, opt: &mut dyn Optimizer| -> Result<Vec<Tensor>> {
+        opt.zero_grad();
+        let x_adv = x.detach().requires_grad(true)?;
+        x_adv.matmul(w)?.tanh()?.sum_all()?.backward()?;
+        let push = x_adv.grad().expect("x_adv.grad").sign()?.mul(0.05)?;
+        opt.zero_grad();
+        let loss = x.add(&push)?.matmul(w)?.tanh()?.sum_all()?;
+        loss.backward()?;
+        opt.step()?;
+        Ok(vec![loss])
+    };
+    let mut eager_opt = Sgd::new(std::slice::from_ref(&w_eager), 0.1, 0.0, 0.0).unwrap();
+    let mut opt = Sgd::new(std::slice::from_ref(&w_step), 0.1, 0.0, 0.0).unwrap();
+    let w_in = w_step.clone();
+    let mut step = compile_step(&d, move |args: &[Tensor]| body(&w_in, &args[0], &mut opt));
+    for i in 0..20 {
+        let x = wgrad::nn::uniform([5, 3], 1.0, 400 + i, &d).unwrap().detach();
+        let want = body(&w_eager, &x, &mut eager_opt).unwrap();
+        let got = step.call(&[x]).unwrap();
+        assert_close(&format!("call {i} loss"), &got[0].to_vec::<f32>().unwrap(), &want[0].to_vec::<f32>().unwrap());
+        assert_close(&format!("call {i} w"), &w_step.to_vec::<f32>().unwrap(), &w_eager.to_vec::<f32>().unwrap());
+    }
+    let s = step.stats();
+    assert_eq!((s.traces, s.replays, s.eager_calls), (1, 20, 0), "{s:?}");
+    assert_eq!(step.reports().len(), 1);
+}

@@ -18,7 +18,7 @@
 //! graph break: that call, and later calls with its signature, run the
 //! closure eagerly, and the reason is counted and logged.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
 
@@ -79,6 +79,37 @@ type Outputs = Vec<(ValueId, OutputRole)>;
 /// What each changed `.grad` becomes after a replay.
 type GradEffects = Vec<(Arc<LeafState>, GradEffect)>;
 
+/// A leaf whose `.grad` a cached step guards or sets: held, or held weakly
+/// when the closure made it in a trace (`LeafState::born_in`). FGSM's
+/// perturbed input is made anew every call: once the call is over nothing
+/// else holds it, and a replay neither guards nor sets it (before, its
+/// `.grad` set by the last replay failed the guard, so every call traced
+/// again and cached one more program). A leaf made in a trace that stays
+/// held (a parameter a module makes on its first call) is guarded and set
+/// as any other.
+#[derive(Clone)]
+enum LeafRef {
+    Held(Arc<LeafState>),
+    Made(Weak<LeafState>),
+}
+
+impl LeafRef {
+    fn new(leaf: Arc<LeafState>) -> LeafRef {
+        match leaf.born_in {
+            Some(_) => LeafRef::Made(Arc::downgrade(&leaf)),
+            None => LeafRef::Held(leaf),
+        }
+    }
+
+    /// The leaf, unless it was made in a trace and nothing holds it now.
+    fn get(&self) -> Option<Arc<LeafState>> {
+        match self {
+            LeafRef::Held(leaf) => Some(leaf.clone()),
+            LeafRef::Made(leaf) => leaf.upgrade(),
+        }
+    }
+}
+
 /// A returned tensor: a program output (every returned tensor is one, so
 /// an argument or a `.grad` returned is this call's, not the trace's).
 #[derive(Clone)]
@@ -109,7 +140,7 @@ impl ArgKey {
 struct Entry {
     key: ArgKey,
     /// `.grad`s the trace read before changing them, as they were.
-    guards: Vec<GradGuard>,
+    guards: Vec<(LeafRef, Option<(DType, Layout)>)>,
     sources: Vec<Source>,
     /// How to compute each host input, and its dtype.
     host: Arc<Vec<(HostValues, DType)>>,
@@ -120,7 +151,7 @@ struct Entry {
     host_buffers: Mutex<Vec<Arc<PooledBuffer>>>,
     commits: Arc<Vec<Commit>>,
     checks: Vec<(usize, ArgCheck)>,
-    grads: GradEffects,
+    grads: Vec<(LeafRef, GradEffect)>,
     /// Tensors updated in place, with the input slot of each.
     assigned: Vec<(Tensor, usize)>,
     returns: Vec<Returned>,
@@ -220,8 +251,10 @@ impl Entry {
     /// Whether this call's state matches what the trace saw.
     fn guards_pass(&self) -> bool {
         let grads_as_seen = self.guards.iter().all(|(leaf, seen)| {
-            let now = leaf.grad.lock().as_ref().map(|g| (g.dtype(), g.layout().clone()));
-            now == *seen
+            leaf.get().is_none_or(|leaf| {
+                let now = leaf.grad.lock().as_ref().map(|g| (g.dtype(), g.layout().clone()));
+                now == *seen
+            })
         });
         // A hook registered since the trace (on a parameter, between
         // calls) would not run in a replay: the step traces again, and the
@@ -230,7 +263,8 @@ impl Entry {
         // gives a new `.grad`: a hook on a leaf it merely clears breaks no
         // trace, and every call would trace again.
         let no_new_hooks = self.grads.iter().all(|(leaf, effect)| {
-            matches!(effect, GradEffect::Clear) || (leaf.hooks.lock().is_empty() && leaf.post_hooks.lock().is_empty())
+            matches!(effect, GradEffect::Clear)
+                || leaf.get().is_none_or(|leaf| leaf.hooks.lock().is_empty() && leaf.post_hooks.lock().is_empty())
         });
         grads_as_seen && no_new_hooks
     }
@@ -526,14 +560,14 @@ where
         let program = crate::compiler::wgsl::build_program(&self.device, c.graph, twin, self.log, passes)?;
         let entry = Entry {
             key,
-            guards: c.guards,
+            guards: c.guards.into_iter().map(|(leaf, seen)| (LeafRef::new(leaf), seen)).collect(),
             sources: c.sources,
             host: Arc::new(host),
             host_sizes,
             host_buffers: Mutex::new(Vec::new()),
             commits: Arc::new(c.commits),
             checks: c.checks,
-            grads: c.grads,
+            grads: c.grads.into_iter().map(|(leaf, effect)| (LeafRef::new(leaf), effect)).collect(),
             assigned: c.assigned,
             returns: c.returns,
             program,
@@ -684,7 +718,8 @@ where
         // whole program is recorded.
         let mut into = Vec::new();
         for (leaf, effect) in &entry.grads {
-            let GradEffect::Output(k) = effect else { continue };
+            let (GradEffect::Output(k), Some(leaf)) = (effect, leaf.get()) else { continue };
+            let leaf = &leaf;
             let read = entry.sources.iter().any(|s| matches!(s, Source::Grad(l) if Arc::ptr_eq(l, leaf)));
             let meta = &entry.program.outputs[*k].1;
             let reusable = (!read).then(|| reusable_grad(leaf, meta)).flatten();
@@ -707,6 +742,7 @@ where
         };
         // Recorded: apply the effects as eager mode would have.
         for (leaf, effect) in &entry.grads {
+            let Some(leaf) = leaf.get() else { continue };
             *leaf.grad.lock() = match effect {
                 GradEffect::Clear => None,
                 GradEffect::Output(k) => Some(outputs[*k].clone()),
@@ -843,7 +879,10 @@ impl Capture {
             _ => false,
         };
         let same_grads = self.grads.len() == other.grads.len()
-            && self.grads.iter().zip(&other.grads).all(|((l, e), (m, f))| Arc::ptr_eq(l, m) && e == f);
+            && self.grads.iter().zip(&other.grads).all(|((l, e), (m, f))| {
+                // Leaves each trace made itself play the same part.
+                (Arc::ptr_eq(l, m) || (l.born_in.is_some() && m.born_in.is_some())) && e == f
+            });
         let same_assigns = self.assigned.len() == other.assigned.len()
             && self.assigned.iter().zip(&other.assigned).all(|((t, i), (u, j))| t.shares_storage(u) && i == j);
         if self.sources.len() != other.sources.len()

@@ -269,6 +269,12 @@ pub(crate) fn note_grad_write(leaf: &Arc<LeafState>) {
     });
 }
 
+/// The id of the step trace running on this thread, if any (see
+/// `LeafState::born_in`).
+pub(crate) fn step_trace_id() -> Option<u64> {
+    TRACER.with(|t| t.try_borrow().ok()?.as_ref().filter(|tr| tr.step.is_some()).map(|tr| tr.id))
+}
+
 fn with_step(f: impl FnOnce(&mut StepState)) {
     TRACER.with(|t| {
         if let Some(step) = t.borrow_mut().as_mut().and_then(|t| t.step.as_mut()) {
