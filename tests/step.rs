@@ -1383,3 +1383,31 @@ fn a_leaf_made_inside_the_step_keeps_the_cache_bounded() {
     assert_eq!((s.traces, s.replays, s.eager_calls), (1, 20, 0), "{s:?}");
     assert_eq!(step.reports().len(), 1);
 }
+
+/// A `.grad` the step reads that moves (another view) before every call fails
+/// every program's guards: past 8 programs for one argument signature the
+/// step drops them and runs that signature eagerly (as PyTorch does past
+/// its recompile limit), with the right answer every call.
+#[test]
+fn state_that_changes_every_call_stops_tracing() {
+    let d = device();
+    let p = Tensor::zeros([2], DType::F32, &d).unwrap().requires_grad(true).unwrap();
+    let p_in = p.clone();
+    let mut step = compile_step(&d, move |a: &[Tensor]| {
+        let g = p_in.grad().expect("a .grad is set before every call");
+        Ok(vec![g.sum_all()?.add(&a[0].sum_all()?)?])
+    });
+    let x = Tensor::from_slice(&[1.0f32, 2.0], [2], &d).unwrap();
+    for n in 1..=12usize {
+        // The same shape at another offset of a larger tensor each call.
+        let g = Tensor::ones([n + 2], DType::F32, &d).unwrap().mul(n as f64).unwrap().narrow(0, n, 2).unwrap();
+        p.set_grad(Some(g)).unwrap();
+        let got = step.call(std::slice::from_ref(&x)).unwrap()[0].to_vec::<f32>().unwrap();
+        assert_eq!(got, vec![2.0 * n as f32 + 3.0], "call {n}");
+        assert!(step.reports().len() <= 8, "call {n}: {} programs", step.reports().len());
+    }
+    let s = step.stats();
+    assert_eq!((s.traces, s.graph_breaks, s.eager_calls), (8, 1, 4), "{s:?}");
+    assert!(step.last_graph_break().is_some_and(|r| r.contains("8 programs")), "{:?}", step.last_graph_break());
+    assert_eq!(step.reports().len(), 0);
+}

@@ -270,6 +270,10 @@ impl Entry {
     }
 }
 
+/// The most programs a step keeps for one argument signature whose guards
+/// failed (see [`CompiledStep::call`]); past it, the signature runs eagerly.
+const RETRACE_LIMIT: usize = 8;
+
 /// A training step compiled as one program. See [`compile_step`].
 pub struct CompiledStep<F> {
     device: Device,
@@ -360,6 +364,11 @@ where
     /// Runs one step on `args`: replays its program, tracing it first if
     /// this signature is new. On an `Err` found before the program is
     /// recorded, parameters, optimizer state and `.grad`s are as before.
+    ///
+    /// A program is replayed only while the `.grad`s it read are as they
+    /// were when it was traced; otherwise the step traces again. After 8
+    /// programs of one argument signature (state that changes every call)
+    /// the signature runs eagerly, and its programs are dropped.
     pub fn call(&mut self, args: &[Tensor]) -> Result<Vec<Tensor>> {
         self.stats.calls += 1;
         if let Some(a) = args.iter().find(|a| a.device() != &self.device) {
@@ -396,6 +405,19 @@ where
                 && let Some(i) = self.replan(&key)? =>
             {
                 i
+            }
+            None if self.cache.iter().filter(|e| e.key == key).count() >= RETRACE_LIMIT => {
+                // Every program of this signature failed its guards: the
+                // state they depend on changes every call. Drop them (each
+                // owns buffers) and run eagerly, as PyTorch does past its
+                // recompile limit.
+                self.cache.retain(|e| e.key != key);
+                let reason = format!(
+                    "{RETRACE_LIMIT} programs of one argument signature each found the state it was traced with \
+                     changed on a later call (a .grad the step reads appears, disappears, or changes its shape or view)"
+                );
+                self.broke(key, reason);
+                return self.run_eagerly(args);
             }
             hit => match self.trace(args, key)? {
                 Traced::Broke => return self.run_eagerly(args),
