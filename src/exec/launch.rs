@@ -369,10 +369,16 @@ pub(crate) fn reduce_chunks(a: usize, k: usize, kernel: &MapKernel) -> usize {
     let cost = kernel.nodes.len().max(1);
     let min_chunk = (MIN_CHUNK * 8 / cost).clamp(4, MIN_CHUNK);
     let one_pass = k <= ONE_PASS && (a >= 64 || cost <= 16);
-    let parallel = if a >= TARGET_THREADS || k <= min_chunk || one_pass || a == 0 {
+    // A costly element (a fused step's forward and backward) spreads over
+    // more invocations, each folding fewer: W2's step (40 nodes, 2^20
+    // elements) took 9.0 ms folding 16 vec4s per invocation and 4.8 ms
+    // folding 3-4 (lavapipe on a Zen 5 EPYC, `scripts/bench-ab.sh`); the
+    // cheap reductions of the other workloads did not move.
+    let target = TARGET_THREADS * (cost / 8).clamp(1, 8);
+    let parallel = if a >= target || k <= min_chunk || one_pass || a == 0 {
         1
     } else {
-        k.div_ceil(min_chunk).min(TARGET_THREADS.div_ceil(a)).max(1)
+        k.div_ceil(min_chunk).min(target.div_ceil(a)).max(1)
     };
     let segments = kernel.nodes.iter().filter(|(n, _)| matches!(n, Node::SegmentSum { .. })).count();
     let per_step = 1 + kernel.inputs.len() * MAX_RANK + segments * (super::SEGMENT_CHUNK + 1);
