@@ -36,11 +36,14 @@ cargo test --doc
 # The compiled tests with row kernels on small shapes too (min-rows=1; by
 # default a compiled step outside a batch family gives only 32 rows and
 # more one, while the compiled backward and batch families give any number
-# of rows one), in both row forms, and with each optional pass off: every
+# of rows one), in every row form, and with each optional pass off: every
 # pass on and off against eager mode.
 COMPILED="--test compiled_differential --test compiled --test step --test row_kernels"
 WGRAD_PASSES=min-rows=1 cargo test "$@" $COMPILED --test hostile --test cnn_digits -- --test-threads 2
 WGRAD_PASSES=min-rows=1 WGRAD_ROWS=workgroup cargo test "$@" --test compiled_differential --test step --test row_kernels -- --test-threads 2
+# The workgroup form with subgroup operations, where the adapter has them
+# (lavapipe does; elsewhere this repeats the plain workgroup form).
+WGRAD_PASSES=min-rows=1 WGRAD_ROWS=subgroups cargo test "$@" --test step --test row_kernels -- --test-threads 2
 WGRAD_PASSES=min-rows=1,-remat cargo test "$@" --test compiled_differential --test row_kernels -- --test-threads 2
 WGRAD_PASSES=min-rows=1,-row-sums cargo test "$@" --test compiled_differential --test row_kernels -- --test-threads 2
 WGRAD_PASSES=-rows,-reduce-stores,-epilogues,-row-sums cargo test "$@" $COMPILED -- --test-threads 2

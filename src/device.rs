@@ -306,6 +306,13 @@ impl Device {
         let ainfo = adapter.get_info();
         let f16 = options.limits == LimitsPreset::Adapter && adapter.features().contains(wgpu::Features::SHADER_F16);
         let mut required_features = if f16 { wgpu::Features::SHADER_F16 } else { wgpu::Features::empty() };
+        // Subgroup operations for row kernels' workgroup form, where the
+        // adapter has them (not under WebGPU's limits: a browser may not).
+        let subgroups =
+            options.limits == LimitsPreset::Adapter && adapter.features().contains(wgpu::Features::SUBGROUP);
+        if subgroups {
+            required_features |= wgpu::Features::SUBGROUP;
+        }
         // Timestamps for the profiler, where the adapter has them; unused
         // (and free) while it is off.
         let offered = adapter.features();
@@ -379,15 +386,18 @@ impl Device {
                 _ => MatmulTemplate::Tiled,
             }
         };
-        // Row kernels: a workgroup per row on GPUs; `WGRAD_ROWS=invocation|
-        // workgroup` overrides (for benchmarking both forms on an adapter).
+        // Row kernels: a workgroup per row on GPUs, its partials combined
+        // by subgroup operations where the adapter has them;
+        // `WGRAD_ROWS=invocation|workgroup|subgroups` overrides (for
+        // benchmarking the forms on an adapter).
         let rows = {
             use crate::exec::codegen::RowForm;
             match std::env::var("WGRAD_ROWS").as_deref() {
                 Ok("invocation") => RowForm::PerInvocation,
-                Ok("workgroup") => RowForm::Workgroup(64),
+                Ok("workgroup") => RowForm::Workgroup { size: 64, subgroups: false },
+                Ok("subgroups") => RowForm::Workgroup { size: 64, subgroups },
                 _ if ainfo.device_type == wgpu::DeviceType::Cpu => RowForm::PerInvocation,
-                _ => RowForm::Workgroup(64),
+                _ => RowForm::Workgroup { size: 64, subgroups },
             }
         };
         // Arenas as large as one binding may span, up to MAX_ARENA_BYTES.

@@ -436,11 +436,18 @@ pub(crate) enum RowForm {
     /// llvmpipe loads storage one scalar per SIMD lane in a loop, which a
     /// vec4 shares four ways: W4's row kernel 5.4 -> 2.6 ms on lavapipe.
     PerInvocationVec4,
-    /// A workgroup of this many invocations per row, each taking every
-    /// n-th element, combining partial results through workgroup memory
-    /// (two barriers per row reduction): neighbouring invocations read
-    /// neighbouring elements.
-    Workgroup(u32),
+    /// A workgroup of `size` invocations per row, each taking every
+    /// `size`-th element, combining partial results through workgroup
+    /// memory (two barriers per row reduction): neighbouring invocations
+    /// read neighbouring elements. With `subgroups` (the adapter has
+    /// subgroup operations), each invocation folds the partials of its
+    /// lane (`part[lane]`, `part[lane + subgroup_size]`, ...) and the
+    /// subgroup combines them (`subgroupAdd`, `subgroupMax`, `subgroupMin`),
+    /// `size / subgroup_size` steps instead of `size`. Subgroup sizes are
+    /// powers of two (Vulkan, Metal and D3D say so), so each subgroup of
+    /// a workgroup of 64 covers every partial, and every subgroup combines
+    /// the same values the same way.
+    Workgroup { size: u32, subgroups: bool },
 }
 
 /// A row kernel over an [A, K] iteration (words 2 and 3): a row per
@@ -542,7 +549,7 @@ pub(crate) fn render_rows(k: &MapKernel, uniform_io: &[bool], form: RowForm, bin
                     }
                 }
             }
-            RowForm::Workgroup(n) => {
+            RowForm::Workgroup { size: n, .. } => {
                 let _ = write!(
                     s,
                     "    for (var k = lid; k < row_len; k = k + {n}u) {{\n        let i = a * row_len + k;\n"
@@ -569,7 +576,7 @@ pub(crate) fn render_rows(k: &MapKernel, uniform_io: &[bool], form: RowForm, bin
                  \x20   let a = gid.x + gid.y * nwg.x * {ROWS_PER_GROUP}u;"
             );
         }
-        RowForm::Workgroup(n) => {
+        RowForm::Workgroup { size: n, subgroups } => {
             let mut dtypes: Vec<DType> = Vec::new();
             for (node, dtype) in &k.nodes {
                 if let Node::RowReduce(kind, _) = node {
@@ -587,8 +594,12 @@ pub(crate) fn render_rows(k: &MapKernel, uniform_io: &[bool], form: RowForm, bin
                 s,
                 "{head}\n@compute @workgroup_size({n})\n\
                  fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, \
-                 @builtin(local_invocation_index) lid: u32) {{\n\
-                 \x20   let a = wid.x + wid.y * nwg.x;"
+                 @builtin(local_invocation_index) lid: u32{}) {{\n\
+                 \x20   let a = wid.x + wid.y * nwg.x;",
+                match subgroups {
+                    true => ", @builtin(subgroup_invocation_id) lane: u32, @builtin(subgroup_size) lanes: u32",
+                    false => "",
+                }
             );
         }
     };
@@ -647,13 +658,24 @@ pub(crate) fn render_rows(k: &MapKernel, uniform_io: &[bool], form: RowForm, bin
             }
             s
         }));
-        if let RowForm::Workgroup(n) = form {
+        if let RowForm::Workgroup { size: n, subgroups } = form {
             // Every invocation folds the partials in the same order, so all
             // hold the same result.
             for &(id, kind, _) in &reductions {
                 // The partials are the accumulator's type.
                 let dtype = accumulator(k.dtype(id), kind);
                 let t = dtype.wgsl();
+                if subgroups && let Some(combine) = subgroup_combine(kind, dtype, &format!("r{id}")) {
+                    let _ = writeln!(
+                        s,
+                        "    part_{t}[lid] = r{id};\n    workgroupBarrier();\n    r{id} = {};\n    \
+                         for (var j = lane; j < {n}u; j = j + lanes) {{ r{id} = {}; }}\n    r{id} = {combine};\n    \
+                         workgroupBarrier();",
+                        identity(kind, dtype),
+                        fold(kind, dtype, &format!("r{id}"), &format!("part_{t}[j]"))
+                    );
+                    continue;
+                }
                 let _ = writeln!(
                     s,
                     "    part_{t}[lid] = r{id};\n    workgroupBarrier();\n    r{id} = {};\n    \
@@ -702,13 +724,32 @@ pub(crate) fn render_rows(k: &MapKernel, uniform_io: &[bool], form: RowForm, bin
     }
     let once = match form {
         RowForm::PerInvocation | RowForm::PerInvocationVec4 => "",
-        RowForm::Workgroup(_) => "if (lid == 0u) ",
+        RowForm::Workgroup { .. } => "if (lid == 0u) ",
     };
     for (o, (node, _)) in k.outputs.iter().enumerate().filter(|(o, _)| uniform_outputs[*o]) {
         let _ = writeln!(s, "    {once}{{ {} = v{node}; }}", names.at(n_in + o, &at(n_in + o, true)));
     }
     s.push_str("}\n");
     s
+}
+
+/// The subgroup's combination of each lane's `acc` for a reduction of
+/// `kind` over `dtype`, NaN propagating as [`nan_propagating`] does (a
+/// NaN in any lane makes a max or min NaN); `None` for f16, whose
+/// subgroup operations need an extension wgpu does not ask for.
+fn subgroup_combine(kind: ReduceKind, dtype: DType, acc: &str) -> Option<String> {
+    if dtype == DType::F16 {
+        return None;
+    }
+    let op = match kind {
+        ReduceKind::Sum => return Some(format!("subgroupAdd({acc})")),
+        ReduceKind::Max => "subgroupMax",
+        ReduceKind::Min => "subgroupMin",
+    };
+    Some(match nan_test(acc, dtype) {
+        Some(nan) => format!("select({op}({acc}), bitcast<f32>(0x7fc00000u), subgroupAny({nan}))"),
+        None => format!("{op}({acc})"),
+    })
 }
 
 /// The sum `g{id}` of a [`Node::CheckedRowSum`]: its fast value, or where

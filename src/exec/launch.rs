@@ -555,7 +555,7 @@ pub(crate) fn rows_launch(
         codegen::RowForm::PerInvocation | codegen::RowForm::PerInvocationVec4 => {
             device.grid_of(a as u64, codegen::ROWS_PER_GROUP)?
         }
-        codegen::RowForm::Workgroup(n) => device.grid_of(a as u64 * n as u64, n)?,
+        codegen::RowForm::Workgroup { size: n, .. } => device.grid_of(a as u64 * n as u64, n)?,
     };
     let (dtypes, written, offset_words) = map_operands(&kernel);
     let template = Template::Rows { kernel, uniform_io, form };

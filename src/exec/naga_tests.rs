@@ -319,7 +319,12 @@ fn row_kernels_validate() {
             let y = k.push(Node::Binary(BinaryOp::Div, d, scaled), dtype);
             k.output(y);
             k.output(scaled);
-            for form in [RowForm::PerInvocation, RowForm::PerInvocationVec4, RowForm::Workgroup(64)] {
+            for form in [
+                RowForm::PerInvocation,
+                RowForm::PerInvocationVec4,
+                RowForm::Workgroup { size: 64, subgroups: false },
+                RowForm::Workgroup { size: 64, subgroups: true },
+            ] {
                 let io = [false, true, false, true];
                 let source = rendered(&k, &[], |b| codegen::render_rows(&k, &io, form, b));
                 validate(&format!("rows {kind:?} {dtype:?} {form:?}"), &source);
@@ -344,7 +349,12 @@ fn checked_row_sums_validate() {
     let y = k.push(Node::Binary(BinaryOp::Mul, q, sum), DType::F32);
     k.output(y);
     k.output(sum);
-    for form in [RowForm::PerInvocation, RowForm::PerInvocationVec4, RowForm::Workgroup(64)] {
+    for form in [
+        RowForm::PerInvocation,
+        RowForm::PerInvocationVec4,
+        RowForm::Workgroup { size: 64, subgroups: false },
+        RowForm::Workgroup { size: 64, subgroups: true },
+    ] {
         let io = [false, false, true];
         let source = rendered(&k, &[], |b| codegen::render_rows(&k, &io, form, b));
         assert!(source.first().contains("0x7f800000u) == 0x7f800000u"), "{}", source.first());
