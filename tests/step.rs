@@ -1411,3 +1411,33 @@ fn state_that_changes_every_call_stops_tracing() {
     assert!(step.last_graph_break().is_some_and(|r| r.contains("8 programs")), "{:?}", step.last_graph_break());
     assert_eq!(step.reports().len(), 0);
 }
+
+/// Labels checked through a prefix view of an argument (the first rows of
+/// a padded label buffer) are checked as eager mode checks them: only the
+/// prefix. Before, a replay checked the whole argument and refused the
+/// padding. A bad label inside the prefix is still an error, compiled as
+/// eager.
+#[test]
+fn labels_checked_through_a_prefix_check_only_the_prefix() {
+    let d = device();
+    let logits = wgrad::nn::uniform([4, 3], 1.0, 5, &d).unwrap().detach();
+    let body = |a: &[Tensor]| -> Result<Vec<Tensor>> {
+        let y = a[1].narrow(0, 0, 4)?;
+        Ok(vec![a[0].cross_entropy(&y, ClassLoss::default())?])
+    };
+    let mut step = compile_step(&d, body);
+    for call in 0..3 {
+        let padded = Tensor::from_slice(&[0i32, 2, 1, call % 3, -7, -7, 99, -7], [8], &d).unwrap();
+        let args = [logits.clone(), padded];
+        let want = body(&args).unwrap()[0].to_vec::<f32>().unwrap();
+        let got = step.call(&args).unwrap()[0].to_vec::<f32>().unwrap();
+        assert_close(&format!("call {call}"), &got, &want);
+    }
+    let bad = Tensor::from_slice(&[0i32, 5, 1, 0, -7, -7, 99, -7], [8], &d).unwrap();
+    let args = [logits.clone(), bad];
+    assert!(body(&args).is_err());
+    let err = step.call(&args).unwrap_err();
+    assert!(err.to_string().contains("cross_entropy"), "{err}");
+    let s = step.stats();
+    assert_eq!((s.traces, s.eager_calls), (1, 0), "{s:?}");
+}

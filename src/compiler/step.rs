@@ -150,7 +150,7 @@ struct Entry {
     /// Program-owned buffers of the host inputs, made on the first replay.
     host_buffers: Mutex<Vec<Arc<PooledBuffer>>>,
     commits: Arc<Vec<Commit>>,
-    checks: Vec<(usize, ArgCheck)>,
+    checks: Vec<(usize, Option<usize>, ArgCheck)>,
     grads: Vec<(LeafRef, GradEffect)>,
     /// Tensors updated in place, with the input slot of each.
     assigned: Vec<(Tensor, usize)>,
@@ -649,7 +649,8 @@ where
         if first.clamped || one.clamped || two.clamped {
             // `x[-64:]` on 32 rows starts at 0 at 32, 31 and 30, and at 36
             // on 100 rows: a clamp fits as a constant.
-            return self.not_batched("a slice clamped to the bounds of a dim".into());
+            return self
+                .not_batched("a slice clamped to the bounds of a dim, or a check of part of an argument".into());
         }
         for (size, c) in [(b - 1, &one), (b - 2, &two)] {
             if let Some(what) = first.differs(c) {
@@ -679,8 +680,9 @@ where
     /// Replays entry `index` on `args` and applies its effects.
     fn replay(&mut self, index: usize, args: &[Tensor]) -> Result<Vec<Tensor>> {
         let entry = &self.cache[index];
-        for (i, check) in &entry.checks {
-            check(&args[*i].int_values("CompiledStep::call", "labels are i32 or u32")?)?;
+        for (i, prefix, check) in &entry.checks {
+            let values = args[*i].int_values("CompiledStep::call", "labels are i32 or u32")?;
+            check(&values[..prefix.unwrap_or(values.len()).min(values.len())])?;
         }
         let mut host_buffers = entry.host_buffers.lock();
         if host_buffers.is_empty() {
@@ -829,7 +831,7 @@ struct Capture {
     guards: Vec<GradGuard>,
     host: Vec<(HostValues, usize, DType)>,
     commits: Vec<Commit>,
-    checks: Vec<(usize, ArgCheck)>,
+    checks: Vec<(usize, Option<usize>, ArgCheck)>,
     uploads: std::collections::HashMap<usize, u64>,
     aliased: Option<&'static str>,
     arg_maps: bool,

@@ -100,7 +100,10 @@ pub(crate) struct StepState {
     /// Host inputs: how to compute them, their length and dtype.
     pub host: Vec<(HostValues, usize, DType)>,
     pub commits: Vec<Commit>,
-    pub checks: Vec<(usize, ArgCheck)>,
+    /// Checks of host-known argument values: the argument, how many of
+    /// its first values the checked tensor saw (`None`: all of them), and
+    /// the check.
+    pub checks: Vec<(usize, Option<usize>, ArgCheck)>,
     /// Per host counter (by address), its uses so far in this trace.
     uses: HashMap<usize, u64>,
     /// Set when an argument's buffer is also a tensor the step updates in
@@ -115,9 +118,10 @@ pub(crate) struct StepState {
     /// over batch sizes.
     pub arg_maps: bool,
     /// Whether an op clamped a size to the bounds of a dim (Python's
-    /// slicing): at other batch sizes it may clamp otherwise, which no
-    /// fit over three sizes can tell, so the step is not one program over
-    /// batch sizes.
+    /// slicing), or a check saw only a prefix of an argument: at other
+    /// batch sizes it may clamp otherwise, or the prefix not follow the
+    /// batch, which no fit over three sizes can tell, so the step is not
+    /// one program over batch sizes.
     pub clamped: bool,
 }
 
@@ -423,10 +427,18 @@ pub(crate) fn on_commit(commit: Commit) {
 /// In a step trace, for an integer tensor whose host values an op checked:
 /// if it is an argument of the call, `check` runs on that argument at
 /// every call (a replay makes every check eager mode makes).
+///
+/// A tensor with host values is the argument or a prefix of it (the first
+/// rows: `Tensor::with_layout` keeps host values for nothing else), and
+/// the check sees only that prefix, as eager mode's does. A prefix makes
+/// the step one program per batch size: its length need not follow the
+/// batch size as the argument's does.
 pub(crate) fn check_arg(t: &Tensor, check: ArgCheck) {
     with_step(|step| {
         if let Some(i) = step.args.iter().position(|a| a.shares_storage(t)) {
-            step.checks.push((i, check));
+            let prefix = (t.numel() < step.args[i].numel()).then(|| t.numel());
+            step.clamped |= prefix.is_some();
+            step.checks.push((i, prefix, check));
         }
     });
 }
