@@ -126,3 +126,33 @@ fn f16_long_contractions_accumulate_in_f32() -> wgrad::Result<()> {
     assert_eq!(&g[8..], &[0.0; 8]);
     Ok(())
 }
+
+/// A long f16 sum is split into chunks whose partial sums are kept in f32:
+/// here every chunk's partial is ±3,840,000 (past f16's 65,504) and they
+/// cancel, so the sum is 0, as PyTorch's; with f16 partials it was inf -
+/// inf = NaN. Eager and as a compiled step.
+#[test]
+fn f16_partial_sums_are_kept_in_f32() -> wgrad::Result<()> {
+    use half::f16;
+    let d = device();
+    if !d.supports_f16() {
+        eprintln!("no f16");
+        return Ok(());
+    }
+    // Signs alternate by element and by groups of 4, 8, ... 128: whatever
+    // stride the chunks take, some chunk holds one sign only.
+    for block in [1usize, 4, 16, 128] {
+        let data: Vec<f16> =
+            (0..1usize << 16).map(|i| f16::from_f32(if (i / block) % 2 == 0 { 60000.0 } else { -60000.0 })).collect();
+        let x = Tensor::from_slice(&data, [1 << 16], &d)?;
+        let eager = x.sum_all()?.to_dtype(DType::F32)?.to_vec::<f32>()?;
+        assert_eq!(eager, vec![0.0], "eager, signs alternating every {block}");
+        let mut step = wgrad::compile_step(&d, |a: &[Tensor]| Ok(vec![a[0].sum_all()?.to_dtype(DType::F32)?]));
+        let stepped = step.call(std::slice::from_ref(&x))?[0].to_vec::<f32>()?;
+        assert_eq!(stepped, vec![0.0], "step, signs alternating every {block}");
+        // A row sum over [4, 16384] too (the partials of four rows).
+        let rows = x.reshape([4, 1 << 14])?.sum(&[-1], false)?.to_dtype(DType::F32)?.to_vec::<f32>()?;
+        assert_eq!(rows, vec![0.0; 4], "rows, signs alternating every {block}");
+    }
+    Ok(())
+}

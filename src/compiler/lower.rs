@@ -12,7 +12,8 @@ use crate::compiler::ir::{CapturedGraph, IrOp, OutputRole, ValueId};
 use crate::compiler::runtime::{Action, Buf, Dispatch, Program, ProgramReport};
 use crate::device::Device;
 use crate::error::Result;
-use crate::exec::kernel::{Access, MapKernel};
+use crate::exec::ReduceKind;
+use crate::exec::kernel::{Access, MapKernel, Node};
 use crate::exec::{self, Launch};
 use crate::layout::Layout;
 use crate::metadata::{DType, Shape};
@@ -120,14 +121,19 @@ impl BufferPlan {
 /// The partial-result buffers a chunked reduction of `a` results over `k`
 /// needs, pass by pass: (elements, dtype) of each pass's output that is
 /// not the reduction's own value.
-fn reduce_partials(a: usize, k: usize, kernel: &MapKernel, dtype: DType) -> Vec<usize> {
+fn reduce_partials(a: usize, k: usize, kernel: &MapKernel, kind: ReduceKind, dtype: DType) -> (Vec<usize>, DType) {
     let mut sizes = Vec::new();
     let mut chunks = exec::reduce_chunks(a, k, kernel);
+    let partial = if chunks > 1 { exec::partial_dtype(dtype, kind) } else { dtype };
     while chunks > 1 {
         sizes.push(a * chunks);
-        chunks = exec::reduce_chunks(a, chunks, &MapKernel::copy(dtype));
+        chunks = exec::reduce_chunks(a, chunks, &MapKernel::copy(partial));
     }
-    sizes
+    if partial != dtype {
+        // The sum in the partials' dtype, before it is rounded into the value.
+        sizes.push(a);
+    }
+    (sizes, partial)
 }
 
 fn bytes_of(g: &CapturedGraph, v: ValueId) -> u64 {
@@ -246,7 +252,11 @@ impl Lowering<'_> {
                 }
                 let layouts: Vec<Layout> = reads.iter().map(|u| u.layout.clone()).collect();
                 let mut chunks = exec::reduce_chunks(a, k, kernel);
-                let dtype = self.g.values[*value].meta.dtype;
+                let value_dtype = self.g.values[*value].meta.dtype;
+                // Partials in the accumulator's dtype (f32 for an f16 sum),
+                // the last pass's sum then rounded into the value.
+                let dtype = if chunks > 1 { exec::partial_dtype(value_dtype, *kind) } else { value_dtype };
+                let widened = dtype != value_dtype;
                 let target = self.buf(*value);
                 let elem = dtype.size_in_bytes() as u64;
                 let mut pass = 0;
@@ -267,19 +277,12 @@ impl Lowering<'_> {
                     }
                     _ => (1, 1),
                 });
-                let launch = exec::reduce_launch(
-                    device,
-                    *kind,
-                    kernel.clone(),
-                    shape,
-                    &layouts,
-                    scalars,
-                    a,
-                    k,
-                    chunks,
-                    reduced,
-                    twin,
-                )?;
+                let first = match widened {
+                    true => exec::with_partial_dtype(kernel.clone(), dtype),
+                    false => kernel.clone(),
+                };
+                let launch =
+                    exec::reduce_launch(device, *kind, first, shape, &layouts, scalars, a, k, chunks, reduced, twin)?;
                 let mut bufs: Vec<Buf> = reads.iter().map(|u| self.buf(u.value)).collect();
                 bufs.push(dst);
                 bufs.extend(siblings.iter().map(|&v| self.buf(v)));
@@ -289,7 +292,11 @@ impl Lowering<'_> {
                     let next = exec::reduce_chunks(a, chunks, &MapKernel::copy(dtype));
                     let src = dst;
                     pass += 1;
-                    dst = if next == 1 { target } else { self.partial(pass, (a * next) as u64 * elem, dtype) };
+                    dst = match (next, widened) {
+                        (1, false) => target,
+                        (1, true) => self.partial(pass, a as u64 * elem, dtype),
+                        _ => self.partial(pass, (a * next) as u64 * elem, dtype),
+                    };
                     let partials = Layout::contiguous(Shape::new([a, chunks]));
                     let launch = exec::reduce_launch(
                         device,
@@ -307,6 +314,25 @@ impl Lowering<'_> {
                     )?;
                     self.push(launch, vec![src, dst])?;
                     chunks = next;
+                }
+                if widened {
+                    let mut cast = MapKernel::default();
+                    let x = cast.input(dtype);
+                    let rounded = cast.push(Node::Cast(x), value_dtype);
+                    cast.output(rounded);
+                    let view = Layout::contiguous(Shape::new([a]));
+                    let twin = self.twin.map(|_| 1);
+                    let launch = exec::map_launch_sized(
+                        device,
+                        "cast",
+                        cast,
+                        &view.shape,
+                        std::slice::from_ref(&view),
+                        std::slice::from_ref(&view),
+                        &[],
+                        twin,
+                    )?;
+                    self.push(launch, vec![dst, target])?;
                 }
                 Ok(())
             }
@@ -525,11 +551,12 @@ pub(crate) fn lower(
                 needs.push((Need::Value(v), i, last_read[v].max(i), bytes, dtype));
             }
         }
-        if let Step::Reduce { value, kernel, a, k, .. } = step {
+        if let Step::Reduce { value, kernel, kind, a, k, .. } = step {
             let dtype = g.values[*value].meta.dtype;
             if *a > 0 {
-                for (pass, n) in reduce_partials(*a, *k, kernel, dtype).into_iter().enumerate() {
-                    needs.push((Need::Partial(i, pass), i, i, (n * dtype.size_in_bytes()) as u64, dtype));
+                let (sizes, partial) = reduce_partials(*a, *k, kernel, *kind, dtype);
+                for (pass, n) in sizes.into_iter().enumerate() {
+                    needs.push((Need::Partial(i, pass), i, i, (n * partial.size_in_bytes()) as u64, partial));
                 }
             }
         }

@@ -601,6 +601,23 @@ pub(crate) fn reduce(kind: ReduceKind, x: &Tensor, axes: &[usize], keepdim: bool
     Ok(out.reshape_view(Shape::new(out_dims)))
 }
 
+/// The dtype a reduction of `dtype` keeps its partial results in between
+/// passes: its accumulator's (f16 sums' partials are f32, so partials
+/// that overflow f16 and cancel later still give PyTorch's sum).
+pub(crate) fn partial_dtype(dtype: DType, kind: ReduceKind) -> DType {
+    codegen::accumulator(dtype, kind)
+}
+
+/// `kernel` (a reduction's first pass) with its reduced value, output 0,
+/// converted to `dtype` before it is stored (its partials' dtype).
+pub(crate) fn with_partial_dtype(mut kernel: MapKernel, dtype: DType) -> MapKernel {
+    let out = kernel.outputs[0].0;
+    if kernel.dtype(out) != dtype {
+        kernel.outputs[0].0 = kernel.push(Node::Cast(out), dtype);
+    }
+    kernel
+}
+
 /// Reduces `kernel` evaluated over the [a, k] iteration `view` (of which
 /// `inputs[0]` supplies the layouts' buffer), in as many passes as needed.
 fn reduce_pass(
@@ -615,6 +632,12 @@ fn reduce_pass(
     let device = inputs[0].device();
     let dtype = kernel.dtype(kernel.outputs[0].0);
     let n_chunks = reduce_chunks(a, k, &kernel);
+    if n_chunks > 1 && partial_dtype(dtype, kind) != dtype {
+        // Partials in the accumulator's dtype, the result rounded once.
+        let wide = partial_dtype(dtype, kind);
+        let sum = reduce_pass(kind, with_partial_dtype(kernel, wide), inputs, view, scalars, a, k)?;
+        return sum.to_dtype(dtype);
+    }
     let out = Tensor::empty(Shape::new([a * n_chunks]), dtype, device)?;
     if a * n_chunks > 0 {
         let layouts = vec![view.clone(); inputs.len()];

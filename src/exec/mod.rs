@@ -14,8 +14,8 @@ pub(crate) mod merge;
 mod naga_tests;
 
 pub(crate) use launch::{
-    Launch, assemble, map, map_launch, map_launch_sized, matmul, matmul_launches, reduce, reduce_chunks, reduce_launch,
-    reduce_view, rows_launch,
+    Launch, assemble, map, map_launch, map_launch_sized, matmul, matmul_launches, partial_dtype, reduce, reduce_chunks,
+    reduce_launch, reduce_view, rows_launch, with_partial_dtype,
 };
 
 /// Mesa's llvmpipe (lavapipe, the CI device) silently ends an invocation
