@@ -621,3 +621,75 @@ fn distributed_row_sums_keep_eager_nan() {
         Ok(vec![a[1].div(&c)?.sum(&[-1], false)?, a[1].mul(&c)?.sum(&[-1], false)?])
     });
 }
+
+/// Where a distributed row sum would lose what the sum as written keeps,
+/// the checked sum sums the row as written (found by a review, each
+/// failing before): addends that cancel (`Σ (a·u - b·u)` with a ≈ b:
+/// `u·Σa - u·Σb` was 300% off), a zero whose sign flips an infinity later
+/// (`-0` where eager's sum is `+0`), and terms that underflow when the
+/// distribution multiplies before it divides (`Σ (x / s)·w` as
+/// `(Σ x·w) / s` with x, w near 1e-23). With the pass on, each equals the
+/// program without it bit for bit (the same loop), and eager mode within
+/// 1e-4 where the sum does not cancel.
+#[test]
+fn distributed_row_sums_fall_back_where_they_would_lose_accuracy() {
+    let _l = serial();
+    type Body = fn(&[Tensor]) -> Result<Vec<Tensor>>;
+    let check = |name: &str, args: &[Tensor], f: Body, cancels: bool| {
+        let read = |ts: Vec<Tensor>| -> Vec<Vec<f32>> { ts.iter().map(|t| t.to_vec::<f32>().unwrap()).collect() };
+        let want = read(f(args).unwrap());
+        let on = wgrad::Passes { min_rows: 1, ..wgrad::Passes::default() };
+        let mut step = compile_step(&common::device(), f).with_passes(on);
+        let got = read(step.call(args).unwrap());
+        let saved: usize = step.reports().iter().map(|r| r.row_loops_saved).sum();
+        assert!(saved > 0 || !wgrad::Passes::from_env().rows, "{name}: the pass did not run");
+        let off = wgrad::Passes { row_sums: false, ..on };
+        let written = read(compile_step(&common::device(), f).with_passes(off).call(args).unwrap());
+        for (o, ((g, s), w)) in got.iter().zip(&written).zip(&want).enumerate() {
+            for (i, ((g, s), w)) in g.iter().zip(s).zip(w).enumerate() {
+                let eager = cancels || (g.is_nan() && w.is_nan()) || g == w || (g - w).abs() <= 1e-4 * w.abs();
+                assert!(
+                    g.to_bits() == s.to_bits() && eager,
+                    "{name} out {o}[{i}]: {g:e}, as written {s:e}, eager {w:e}"
+                );
+            }
+        }
+    };
+    let (a, k) = (48, 1024);
+    let mut rng = common::Rng::new(999);
+    let av: Vec<f32> = (0..a * k).map(|_| 1.0 + 1e-3 * (rng.below(2001) as f32 / 1000.0 - 1.0)).collect();
+    let args = [t(&av, &[a, k]), t(&vec![1.0; a * k], &[a, k]), t(&vec![0.7 / k as f32; a * k], &[a, k])];
+    check(
+        "cancelling addends",
+        &args,
+        |a| {
+            let u = a[2].sum(&[-1], true)?;
+            Ok(vec![a[0].mul(&u)?.sub(&a[1].mul(&u)?)?.sum(&[-1], true)?])
+        },
+        true,
+    );
+    let (a, k) = (48, 64);
+    let x: Vec<f32> = (0..a * k).map(|i| -1.0 - (i % 3) as f32).collect();
+    let z: Vec<f32> = (0..a * k).map(|i| if i % 2 == 0 { 1.5 } else { -1.5 }).collect();
+    check(
+        "the sign of zero",
+        &[t(&x, &[a, k]), t(&z, &[a, k])],
+        |a| {
+            let u = a[1].sum(&[-1], true)?; // 0
+            let s = a[0].mul(&u)?.sum(&[-1], true)?; // +0 as written, -0 distributed
+            Ok(vec![a[0].div(&s)?.sum(&[-1], true)?, s])
+        },
+        false,
+    );
+    let x: Vec<f32> = (0..a * k).map(|i| 1.0e-23 * (1.0 + (i % 7) as f32)).collect();
+    let w: Vec<f32> = (0..a * k).map(|i| 1.0e-23 * (1.0 + (i % 5) as f32)).collect();
+    check(
+        "underflowing terms",
+        &[t(&x, &[a, k]), t(&w, &[a, k])],
+        |a| {
+            let (s1, s2) = (a[0].sum(&[-1], true)?, a[1].sum(&[-1], true)?);
+            Ok(vec![a[0].div(&s1)?.mul(&a[1])?.sum(&[-1], true)?.div(&s2)?])
+        },
+        false,
+    );
+}

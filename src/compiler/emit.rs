@@ -210,7 +210,13 @@ impl<'a> Emitter<'a> {
                 Node::Select(c, a, b) => Node::Select(map[c], map[a], map[b]),
                 Node::Cast(a) => Node::Cast(map[a]),
                 Node::RowReduce(kind, a) => Node::RowReduce(kind, map[a]),
-                Node::CheckedRowSum { fast, src } => Node::CheckedRowSum { fast: map[fast], src: map[src] },
+                Node::CheckedRowSum { fast, src, addends, magnitude, smallest } => Node::CheckedRowSum {
+                    fast: map[fast],
+                    src: map[src],
+                    addends: map[addends],
+                    magnitude: map[magnitude],
+                    smallest: map[smallest],
+                },
             };
             map[id] = self.kernel.push(new, *dtype);
         }

@@ -193,7 +193,7 @@ pub(crate) fn kernel_expr(k: &MapKernel, node: usize, scalars: &[f64]) -> String
         Node::Gather(j, off) => format!("${j}[{}]", e(off)),
         Node::SegmentSum { values, .. } => format!("segment_sum(${values})"),
         Node::RowReduce(kind, a) => format!("row_{}({})", format!("{kind:?}").to_lowercase(), e(a)),
-        Node::CheckedRowSum { fast, src } => format!("row_sum({} or {})", e(fast), e(src)),
+        Node::CheckedRowSum { fast, src, .. } => format!("row_sum({} or {})", e(fast), e(src)),
     }
 }
 

@@ -16,16 +16,23 @@
 //!   depend on the factors, negation), never a product of two values that
 //!   both depend on them: `Σ (x - m)²` (a variance) stays as written;
 //! - each addend of a distributed `a + b` has been multiplied or divided
-//!   by a factor, so it was rounded before the addition and the
-//!   distributed form's error is of the same order as the original's
-//!   (distributing `x - m` with `x` an exact input would not be: `Σ x · w
-//!   - m · Σ w` cancels where `Σ (x - m) · w` did not);
-//! - a distributed sum that is not finite (an inf or NaN factor, an
-//!   overflowing partial sum) is summed again as written, in the same
-//!   kernel ([`Node::CheckedRowSum`]), so infinities and NaN come out as
-//!   the eager sum's do. A distributed sum can be finite where the
-//!   undistributed one overflowed (the products overflow, their sum would
-//!   not): then it is the better answer, not eager's inf.
+//!   by a factor, so the sum as written rounds each addend before adding
+//!   it, as the distributed sums do;
+//! - the distributed sum is checked in the kernel ([`Node::CheckedRowSum`])
+//!   and where it is not to be trusted the row is summed again as written:
+//!   an inf or NaN (so they come out as eager's), a zero (whose sign the
+//!   sum as written may not share: `-0` would flip an infinity later), a
+//!   term near underflow (the distribution multiplies before it divides),
+//!   and addends that cancel where the written ones did not: the error of
+//!   summing K addends, about `ε·sqrt(K)·Σ|f·Σt|`, past 2^-13 of the
+//!   result and past four times the rounding error the sum as written
+//!   makes anyway (`Σ (a·u - b·u)` with a ≈ b). A review found each of
+//!   these (`tests/row_kernels.rs`). Where the rows have inherent
+//!   cancellation (a layer_norm backward's sums over centred values) the
+//!   distributed sums keep the written sum's order of error, and run.
+//!   A distributed sum can be finite where the undistributed one
+//!   overflowed (the products overflow, their sum would not): then it is
+//!   the better answer, not eager's inf.
 //!
 //! The rewrite is kept only where it removes a loop, and only while the
 //! kernel's worst case (every checked sum summing again) stays within the
@@ -206,21 +213,39 @@ impl Rewriter<'_> {
             let built = self.built.clone();
             match self.split(src, at) {
                 Some(addends) if addends.iter().all(|t| t.term.is_some()) => {
-                    let mut fast: Option<NodeId> = None;
+                    // The sum, and what its check reads (see the node).
+                    let (mut fast, mut values, mut magnitude, mut smallest): (
+                        Option<NodeId>,
+                        Option<NodeId>,
+                        Option<NodeId>,
+                        Option<NodeId>,
+                    ) = (None, None, None, None);
+                    let add = |r: &mut Self, acc: Option<NodeId>, v: NodeId, op: BinaryOp| {
+                        Some(acc.map_or(v, |acc| r.build(Node::Binary(op, acc, v))))
+                    };
                     for t in addends {
-                        let mut v = self.build(Node::RowReduce(ReduceKind::Sum, t.term?));
+                        let term = t.term?;
+                        let mut v = self.build(Node::RowReduce(ReduceKind::Sum, term));
+                        let absolute = self.build(Node::Unary(UnaryOp::Abs, term));
+                        let absolute = self.build(Node::RowReduce(ReduceKind::Sum, absolute));
+                        let mut size = absolute;
                         for (op, f) in t.factors {
                             v = self.build(Node::Binary(op, v, f));
+                            size = self.build(Node::Binary(op, size, f));
                         }
+                        let (value, size) =
+                            (self.build(Node::Unary(UnaryOp::Abs, v)), self.build(Node::Unary(UnaryOp::Abs, size)));
                         if t.negated {
                             v = self.build(Node::Unary(UnaryOp::Neg, v));
                         }
-                        fast = Some(match fast {
-                            Some(sum) => self.build(Node::Binary(BinaryOp::Add, sum, v)),
-                            None => v,
-                        });
+                        fast = add(self, fast, v, BinaryOp::Add);
+                        values = add(self, values, value, BinaryOp::Add);
+                        magnitude = add(self, magnitude, size, BinaryOp::Add);
+                        smallest = add(self, smallest, absolute, BinaryOp::Minimum);
                     }
-                    return Some(self.push(Node::CheckedRowSum { fast: fast?, src }, DType::F32));
+                    let (fast, addends, magnitude, smallest) = (fast?, values?, magnitude?, smallest?);
+                    let checked = Node::CheckedRowSum { fast, src, addends, magnitude, smallest };
+                    return Some(self.push(checked, DType::F32));
                 }
                 _ => {
                     // Drop what the failed split built.

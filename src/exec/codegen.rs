@@ -619,8 +619,8 @@ pub(crate) fn render_rows(k: &MapKernel, uniform_io: &[bool], form: RowForm, bin
         // Row-uniform values the next loop (or the stores) may read.
         for id in 0..k.nodes.len() {
             if uniform[id] && level[id] < l && !emitted[id] && !matches!(k.nodes[id].0, Node::RowReduce(..)) {
-                if let Node::CheckedRowSum { fast, src } = k.nodes[id].0 {
-                    s.push_str(&checked_sum(k, &names, id, fast, src, &cone(&[src]), &plain, &read));
+                if let Node::CheckedRowSum { src, .. } = k.nodes[id].0 {
+                    s.push_str(&checked_sum(k, &names, id, &cone(&[src]), &plain, &read));
                 }
                 s.push_str(&node_line(k, &names, id, "a", &plain, &read));
                 emitted[id] = true;
@@ -753,24 +753,39 @@ fn subgroup_combine(kind: ReduceKind, dtype: DType, acc: &str) -> Option<String>
 }
 
 /// The sum `g{id}` of a [`Node::CheckedRowSum`]: its fast value, or where
-/// that is not finite, `src` summed over the row as written (the `need`ed
-/// nodes evaluated at each element). The loop runs one element at a time
-/// in every form, by every invocation alone: a rare path, and one without
-/// barriers (this branch is not uniform control flow to WGSL).
-#[allow(clippy::too_many_arguments)]
+/// that is not to be trusted (see the node), `src` summed over the row as
+/// written (the `need`ed nodes evaluated at each element). The tests are on
+/// bits and on finite values: WGSL may assume no float is NaN. The loop
+/// runs one element at a time in every form, by every invocation alone: a
+/// rare path, and one without barriers (this branch is not uniform control
+/// flow to WGSL).
 fn checked_sum(
     k: &MapKernel,
     names: &Names<'_>,
     id: usize,
-    fast: usize,
-    src: usize,
     need: &[bool],
     name: &dyn Fn(usize) -> String,
     read: &dyn Fn(usize) -> String,
 ) -> String {
+    let Node::CheckedRowSum { src, fast, addends, magnitude, smallest } = k.nodes[id].0 else {
+        return String::new();
+    };
     let mut s = String::new();
+    let non_finite = |x: String| format!("(bitcast<u32>({x}) & 0x7f800000u) == 0x7f800000u");
     let _ = writeln!(s, "    var g{id}: f32 = f32({});", name(fast));
-    let _ = writeln!(s, "    if ((bitcast<u32>(g{id}) & 0x7f800000u) == 0x7f800000u) {{");
+    let _ = writeln!(s, "    let d{id}: f32 = f32({});", name(addends));
+    let _ = writeln!(s, "    let m{id}: f32 = f32({});", name(magnitude));
+    let _ = writeln!(s, "    let t{id}: f32 = f32({});", name(smallest));
+    // ε = 2^-24; the summation error of K addends about ε sqrt(K) each.
+    let _ = writeln!(
+        s,
+        "    if ({} || {} || {} || {} || g{id} == 0.0 || t{id} < 7.7037198e-34 || \
+         sqrt(f32(row_len)) * 5.9604645e-8 * d{id} > max(abs(g{id}) * 1.2207031e-4, m{id} * 2.3841858e-7)) {{",
+        non_finite(format!("g{id}")),
+        non_finite(format!("d{id}")),
+        non_finite(format!("m{id}")),
+        non_finite(format!("t{id}"))
+    );
     let _ = writeln!(s, "        g{id} = 0.0;");
     let _ = writeln!(s, "        for (var k = 0u; k < row_len; k = k + 1u) {{");
     let _ = writeln!(s, "            let i = a * row_len + k;");
@@ -819,7 +834,9 @@ pub(crate) fn node_operands(node: &Node) -> Vec<usize> {
         Node::Unary(_, a) | Node::Cast(a) | Node::RowReduce(_, a) | Node::Gather(_, a) => vec![a],
         Node::Binary(_, a, b) | Node::Compare(_, a, b) | Node::RandomAt(_, a, b) => vec![a, b],
         Node::Select(c, a, b) => vec![c, a, b],
-        Node::CheckedRowSum { fast, src } => vec![fast, src],
+        Node::CheckedRowSum { fast, src, addends, magnitude, smallest } => {
+            vec![fast, src, addends, magnitude, smallest]
+        }
     }
 }
 

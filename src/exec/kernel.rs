@@ -96,12 +96,25 @@ pub(crate) enum Node {
     RowReduce(crate::exec::ReduceKind, NodeId),
     /// The row sum of `src` (an element-varying node), known as `fast` (a
     /// row-uniform node: the sum distributed over per-row factors, see
-    /// `compiler::row_sums`) when `fast` is finite; otherwise summed over
-    /// the row as written, so an inf or NaN comes out as the undistributed
-    /// sum's would. Only in a row kernel.
+    /// `compiler::row_sums`) when that is trustworthy; otherwise summed
+    /// over the row as written. Row-uniform too: `addends`, the sum of the
+    /// distributed addends' absolute values (`Σ_j |f_j · Σ t_j|`),
+    /// `magnitude`, the same over their terms' absolute values
+    /// (`Σ_j |f_j| · Σ |t_j|`), and `smallest`, the least `Σ |t_j|`.
+    /// `fast` is used when all are finite, `fast` is not zero (whose sign
+    /// the sum as written may not share), no term is near underflow
+    /// (`smallest` at least 2^-110), and the error of summing the
+    /// distributed addends (about `ε · sqrt(K) · addends`) is below both
+    /// 2^-13 of `|fast|` and four times the error the sum as written
+    /// makes anyway in rounding its addends (`4 ε · magnitude`): addends
+    /// that cancel where the written ones did not are summed as written.
+    /// Only in a row kernel.
     CheckedRowSum {
         fast: NodeId,
         src: NodeId,
+        addends: NodeId,
+        magnitude: NodeId,
+        smallest: NodeId,
     },
 }
 
@@ -134,7 +147,13 @@ impl Node {
                 batched,
             },
             Node::RowReduce(kind, a) => Node::RowReduce(kind, id(a)),
-            Node::CheckedRowSum { fast, src } => Node::CheckedRowSum { fast: id(fast), src: id(src) },
+            Node::CheckedRowSum { fast, src, addends, magnitude, smallest } => Node::CheckedRowSum {
+                fast: id(fast),
+                src: id(src),
+                addends: id(addends),
+                magnitude: id(magnitude),
+                smallest: id(smallest),
+            },
         }
     }
 }

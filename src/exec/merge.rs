@@ -231,9 +231,12 @@ impl PendingMaps {
                 Node::Input(b) => bindings_used[b] = true,
                 Node::Scalar(_) | Node::Index | Node::Random(..) | Node::Arg => {}
                 Node::Unary(_, a) | Node::Cast(a) | Node::RowReduce(_, a) => need(a),
-                Node::CheckedRowSum { fast, src } => {
+                Node::CheckedRowSum { fast, src, addends, magnitude, smallest } => {
                     need(fast);
                     need(src);
+                    need(addends);
+                    need(magnitude);
+                    need(smallest);
                 }
                 Node::Binary(_, x, y) | Node::Compare(_, x, y) | Node::RandomAt(_, x, y) => {
                     need(x);

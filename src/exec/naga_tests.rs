@@ -345,7 +345,10 @@ fn checked_row_sums_validate() {
     let s = k.push(Node::RowReduce(ReduceKind::Sum, x), DType::F32);
     let q = k.push(Node::Binary(BinaryOp::Div, x, s), DType::F32);
     let fast = k.push(Node::Binary(BinaryOp::Div, s, s), DType::F32);
-    let sum = k.push(Node::CheckedRowSum { fast, src: q }, DType::F32);
+    let absolute = k.push(Node::Unary(UnaryOp::Abs, x), DType::F32);
+    let magnitude = k.push(Node::RowReduce(ReduceKind::Sum, absolute), DType::F32);
+    let sum =
+        k.push(Node::CheckedRowSum { fast, src: q, addends: magnitude, magnitude, smallest: magnitude }, DType::F32);
     let y = k.push(Node::Binary(BinaryOp::Mul, q, sum), DType::F32);
     k.output(y);
     k.output(sum);
