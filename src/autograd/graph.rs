@@ -125,11 +125,6 @@ pub(crate) struct LeafState {
     /// Hooks run once a backward has published the new `.grad`.
     pub post_hooks: Mutex<Vec<PostHookEntry>>,
     accumulator: Mutex<Weak<Node>>,
-    /// The compiled-step trace this leaf was made in, if any (FGSM's
-    /// perturbed input, a lazily made parameter): a program holds such a
-    /// leaf weakly, and once nothing else does, neither guards nor sets
-    /// its `.grad` (see `compiler::step`).
-    pub(crate) born_in: Option<u64>,
 }
 
 impl LeafState {
@@ -154,7 +149,6 @@ impl LeafState {
             hooks: Mutex::new(Vec::new()),
             post_hooks: Mutex::new(Vec::new()),
             accumulator: Mutex::new(Weak::new()),
-            born_in: crate::compiler::trace::step_trace_id(),
         }
     }
 

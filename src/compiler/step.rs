@@ -80,13 +80,13 @@ type Outputs = Vec<(ValueId, OutputRole)>;
 type GradEffects = Vec<(Arc<LeafState>, GradEffect)>;
 
 /// A leaf whose `.grad` a cached step guards or sets: held, or held weakly
-/// when the closure made it in a trace (`LeafState::born_in`). FGSM's
-/// perturbed input is made anew every call: once the call is over nothing
-/// else holds it, and a replay neither guards nor sets it (before, its
-/// `.grad` set by the last replay failed the guard, so every call traced
-/// again and cached one more program). A leaf made in a trace that stays
-/// held (a parameter a module makes on its first call) is guarded and set
-/// as any other.
+/// when nothing but the trace held it once the closure returned (FGSM's
+/// perturbed input, made anew every call). Such a leaf is gone: a replay
+/// neither guards nor sets it (before, its `.grad` set by the last replay
+/// failed the guard, so every call traced again and cached one more
+/// program). A leaf the closure made and kept (in a field, or a parameter
+/// a module makes on its first call) is held, guarded and set as any
+/// other, so what it holds is this call's.
 #[derive(Clone)]
 enum LeafRef {
     Held(Arc<LeafState>),
@@ -94,10 +94,11 @@ enum LeafRef {
 }
 
 impl LeafRef {
-    fn new(leaf: Arc<LeafState>) -> LeafRef {
-        match leaf.born_in {
-            Some(_) => LeafRef::Made(Arc::downgrade(&leaf)),
-            None => LeafRef::Held(leaf),
+    /// The leaf behind `leaf`, held if anything else holds it.
+    fn of(leaf: Weak<LeafState>) -> LeafRef {
+        match leaf.upgrade() {
+            Some(held) => LeafRef::Held(held),
+            None => LeafRef::Made(leaf),
         }
     }
 
@@ -270,8 +271,9 @@ impl Entry {
     }
 }
 
-/// The most programs a step keeps for one argument signature whose guards
-/// failed (see [`CompiledStep::call`]); past it, the signature runs eagerly.
+/// The most programs a step traces for one argument signature whose
+/// guards failed (see [`CompiledStep::call`]); past it, a call that no
+/// program matches runs eagerly.
 const RETRACE_LIMIT: usize = 8;
 
 /// A training step compiled as one program. See [`compile_step`].
@@ -368,7 +370,8 @@ where
     /// A program is replayed only while the `.grad`s it read are as they
     /// were when it was traced; otherwise the step traces again. After 8
     /// programs of one argument signature (state that changes every call)
-    /// the signature runs eagerly, and its programs are dropped.
+    /// it traces no more: a call that matches one of them replays it, any
+    /// other runs eagerly.
     pub fn call(&mut self, args: &[Tensor]) -> Result<Vec<Tensor>> {
         self.stats.calls += 1;
         if let Some(a) = args.iter().find(|a| a.device() != &self.device) {
@@ -408,16 +411,17 @@ where
             }
             None if self.cache.iter().filter(|e| e.key == key).count() >= RETRACE_LIMIT => {
                 // Every program of this signature failed its guards: the
-                // state they depend on changes every call. Drop them (each
-                // owns buffers) and run eagerly, as PyTorch does past its
-                // recompile limit.
-                self.cache.retain(|e| e.key != key);
+                // state they depend on changes from call to call. Trace no
+                // more of it; a call whose state a program was traced with
+                // still replays, any other runs eagerly (PyTorch's
+                // recompile limit, in its run-only mode).
                 let reason = format!(
                     "{RETRACE_LIMIT} programs of one argument signature each found the state it was traced with \
-                     changed on a later call (a .grad the step reads appears, disappears, or changes its shape or view)"
+                     changed on a later call (a .grad the step reads appears, disappears, or changes its shape \
+                     or view, or a hook was registered since); no more are traced, and calls that match none \
+                     run eagerly"
                 );
-                self.broke(key, reason);
-                return self.run_eagerly(args);
+                return self.eager(args, &reason);
             }
             hit => match self.trace(args, key)? {
                 Traced::Broke => return self.run_eagerly(args),
@@ -580,16 +584,19 @@ where
         let extents = input_extents(&c.graph);
         let twin = batch.as_ref().and_then(|f| f.twin(f.model.base()));
         let program = crate::compiler::wgsl::build_program(&self.device, c.graph, twin, self.log, passes)?;
+        // Every leaf weakly first, then held where something else holds it.
+        let guards: Vec<_> = c.guards.into_iter().map(|(leaf, seen)| (Arc::downgrade(&leaf), seen)).collect();
+        let grads: Vec<_> = c.grads.into_iter().map(|(leaf, effect)| (Arc::downgrade(&leaf), effect)).collect();
         let entry = Entry {
             key,
-            guards: c.guards.into_iter().map(|(leaf, seen)| (LeafRef::new(leaf), seen)).collect(),
+            guards: guards.into_iter().map(|(leaf, seen)| (LeafRef::of(leaf), seen)).collect(),
             sources: c.sources,
             host: Arc::new(host),
             host_sizes,
             host_buffers: Mutex::new(Vec::new()),
             commits: Arc::new(c.commits),
             checks: c.checks,
-            grads: c.grads.into_iter().map(|(leaf, effect)| (LeafRef::new(leaf), effect)).collect(),
+            grads: grads.into_iter().map(|(leaf, effect)| (LeafRef::of(leaf), effect)).collect(),
             assigned: c.assigned,
             returns: c.returns,
             program,
@@ -889,6 +896,15 @@ where
 }
 
 impl Capture {
+    /// Whether nothing but this capture holds `leaf` (a leaf its closure
+    /// made and dropped).
+    fn only_here(&self, leaf: &Arc<LeafState>) -> bool {
+        let mine = self.grads.iter().filter(|(l, _)| Arc::ptr_eq(l, leaf)).count()
+            + self.guards.iter().filter(|(l, _)| Arc::ptr_eq(l, leaf)).count()
+            + self.sources.iter().filter(|s| matches!(s, Source::Grad(l) if Arc::ptr_eq(l, leaf))).count();
+        Arc::strong_count(leaf) == mine
+    }
+
     /// What `other` (a trace at another batch size) reads or changes that
     /// this trace does not, if anything: the two must bind the same
     /// tensors and have the same effects to be one step.
@@ -904,8 +920,8 @@ impl Capture {
         };
         let same_grads = self.grads.len() == other.grads.len()
             && self.grads.iter().zip(&other.grads).all(|((l, e), (m, f))| {
-                // Leaves each trace made itself play the same part.
-                (Arc::ptr_eq(l, m) || (l.born_in.is_some() && m.born_in.is_some())) && e == f
+                // Leaves each trace made and dropped play the same part.
+                (Arc::ptr_eq(l, m) || (self.only_here(l) && other.only_here(m))) && e == f
             });
         let same_assigns = self.assigned.len() == other.assigned.len()
             && self.assigned.iter().zip(&other.assigned).all(|((t, i), (u, j))| t.shares_storage(u) && i == j);

@@ -273,12 +273,6 @@ pub(crate) fn note_grad_write(leaf: &Arc<LeafState>) {
     });
 }
 
-/// The id of the step trace running on this thread, if any (see
-/// `LeafState::born_in`).
-pub(crate) fn step_trace_id() -> Option<u64> {
-    TRACER.with(|t| t.try_borrow().ok()?.as_ref().filter(|tr| tr.step.is_some()).map(|tr| tr.id))
-}
-
 fn with_step(f: impl FnOnce(&mut StepState)) {
     TRACER.with(|t| {
         if let Some(step) = t.borrow_mut().as_mut().and_then(|t| t.step.as_mut()) {
@@ -308,6 +302,18 @@ pub(crate) fn assign(target: &Tensor, value: &Tensor) -> Result<()> {
             return Err(Error::InvalidArgument {
                 op: "compiled step",
                 message: "internal: an in-place update of a view (targets own their whole buffer)".into(),
+            });
+        }
+        // Made from host data in this trace (PGD's perturbation, zeros from
+        // a slice, updated by an optimizer made in the step): eager mode
+        // starts each call from the host data, but a replay would update
+        // the buffer the last replay left.
+        if tr.step.as_ref().is_some_and(|s| s.uploads.contains_key(&key)) {
+            return Err(Error::GraphBreak {
+                op: "in-place update",
+                reason: "of a tensor the step made from host data (a replay would start from the last call's \
+                         values); make it outside the step to compile the step"
+                    .into(),
             });
         }
         // The target is an input of the program (the buffer written back).
