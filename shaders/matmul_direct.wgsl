@@ -13,8 +13,9 @@
 // at the `//!` markers: llvmpipe leaves loops of this size rolled, and an
 // array of accumulators indexed in a loop lives in memory, not registers.
 //
-// Same interface as matmul.wgsl: `T`, the accessors (`load_a`, `load_b`,
-// `store_out`, `load_out`), `M` and `epilogue(acc, i)` come from the generator;
+// Same interface as matmul.wgsl: `T`, `A` (the accumulator type, f32 for
+// f16), the accessors (`load_a`, `load_b` returning `A`, `store_out`,
+// `load_out`), `M` and `epilogue(acc: A, i)` come from the generator;
 // words from M: m, n, k, a_offset, a_batch, a_row, a_col, b_offset,
 // b_batch, b_row, b_col, base_x, base_y, base_z. A workgroup covers a
 // 64x64 tile.

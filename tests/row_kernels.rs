@@ -629,8 +629,10 @@ fn distributed_row_sums_keep_eager_nan() {
 /// (`-0` where eager's sum is `+0`), and terms that underflow when the
 /// distribution multiplies before it divides (`Σ (x / s)·w` as
 /// `(Σ x·w) / s` with x, w near 1e-23). With the pass on, each equals the
-/// program without it bit for bit (the same loop), and eager mode within
-/// 1e-4 where the sum does not cancel.
+/// program without it: bit for bit in the forms with a row per invocation
+/// (the same loop), within 1e-6 in the workgroup forms (whose sums as
+/// written fold strided partials), always with the same sign of zero; and
+/// eager mode within 1e-4 where the sum does not cancel.
 #[test]
 fn distributed_row_sums_fall_back_where_they_would_lose_accuracy() {
     let _l = serial();
@@ -648,10 +650,10 @@ fn distributed_row_sums_fall_back_where_they_would_lose_accuracy() {
         for (o, ((g, s), w)) in got.iter().zip(&written).zip(&want).enumerate() {
             for (i, ((g, s), w)) in g.iter().zip(s).zip(w).enumerate() {
                 let eager = cancels || (g.is_nan() && w.is_nan()) || g == w || (g - w).abs() <= 1e-4 * w.abs();
-                assert!(
-                    g.to_bits() == s.to_bits() && eager,
-                    "{name} out {o}[{i}]: {g:e}, as written {s:e}, eager {w:e}"
-                );
+                let workgroups = matches!(std::env::var("WGRAD_ROWS").as_deref(), Ok("workgroup" | "subgroups"));
+                let as_written = g.to_bits() == s.to_bits()
+                    || (workgroups && *g != 0.0 && (g - s).abs() <= 1e-6 * s.abs().max(f32::MIN_POSITIVE));
+                assert!(as_written && eager, "{name} out {o}[{i}]: {g:e}, as written {s:e}, eager {w:e}");
             }
         }
     };

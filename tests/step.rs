@@ -1516,4 +1516,29 @@ fn an_in_place_update_of_a_tensor_made_from_host_data_runs_eagerly() {
         }
     }
     assert!(step.last_graph_break().is_some_and(|r| r.contains("host data")), "{:?}", step.last_graph_break());
+    // The same made on the device (`zeros`): a graph break too, not an
+    // internal error.
+    let body = |w: &Tensor, x: &Tensor| -> Result<Vec<Tensor>> {
+        let delta = Tensor::zeros([x.dims()[0], 3], DType::F32, x.device())?.requires_grad(true)?;
+        let mut dopt = Sgd::new(std::slice::from_ref(&delta), 0.5, 0.0, 0.0)?;
+        dopt.zero_grad();
+        x.add(&delta)?.matmul(w)?.tanh()?.sum_all()?.neg()?.backward()?;
+        dopt.step()?;
+        w.zero_grad();
+        Ok(vec![x.add(&delta)?.matmul(w)?.tanh()?.sum_all()?, delta.mul(1.0)?])
+    };
+    let w_in = w_step.clone();
+    let mut step = compile_step(&d, move |args: &[Tensor]| body(&w_in, &args[0]));
+    for i in 0..2 {
+        let want = body(&w_eager, &x).unwrap();
+        let got = step.call(std::slice::from_ref(&x)).unwrap();
+        for (k, (g, e)) in got.iter().zip(&want).enumerate() {
+            assert_close(
+                &format!("zeros: call {i} output {k}"),
+                &g.to_vec::<f32>().unwrap(),
+                &e.to_vec::<f32>().unwrap(),
+            );
+        }
+    }
+    assert!(step.last_graph_break().is_some_and(|r| r.contains("made inside")), "{:?}", step.last_graph_break());
 }

@@ -119,8 +119,10 @@ impl BufferPlan {
 }
 
 /// The partial-result buffers a chunked reduction of `a` results over `k`
-/// needs, pass by pass: (elements, dtype) of each pass's output that is
-/// not the reduction's own value.
+/// needs, pass by pass (the elements of each pass's output that is not
+/// the reduction's own value, and for a widened f16 sum the `a` sums
+/// before they are cast), and their dtype (the accumulator's when the
+/// reduction is chunked).
 fn reduce_partials(a: usize, k: usize, kernel: &MapKernel, kind: ReduceKind, dtype: DType) -> (Vec<usize>, DType) {
     let mut sizes = Vec::new();
     let mut chunks = exec::reduce_chunks(a, k, kernel);

@@ -18,7 +18,7 @@
 //! graph break: that call, and later calls with its signature, run the
 //! closure eagerly, and the reason is counted and logged.
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 
@@ -46,8 +46,10 @@ pub struct StepStats {
     pub replays: u64,
     /// Traces that met something a program cannot replay.
     pub graph_breaks: u64,
-    /// Calls that ran the closure eagerly (after a graph break, or because
-    /// a replay could not run).
+    /// Calls that ran the closure eagerly: after a graph break, because a
+    /// replay could not run, because an argument requires grad, or because
+    /// the signature's programs no longer match and it traces no more
+    /// (the retrace limit; [`CompiledStep::last_graph_break`] says why).
     pub eager_calls: u64,
     /// Kernels the last replay dispatched.
     pub kernels_last_replay: u64,
@@ -79,38 +81,6 @@ type Outputs = Vec<(ValueId, OutputRole)>;
 /// What each changed `.grad` becomes after a replay.
 type GradEffects = Vec<(Arc<LeafState>, GradEffect)>;
 
-/// A leaf whose `.grad` a cached step guards or sets: held, or held weakly
-/// when nothing but the trace held it once the closure returned (FGSM's
-/// perturbed input, made anew every call). Such a leaf is gone: a replay
-/// neither guards nor sets it (before, its `.grad` set by the last replay
-/// failed the guard, so every call traced again and cached one more
-/// program). A leaf the closure made and kept (in a field, or a parameter
-/// a module makes on its first call) is held, guarded and set as any
-/// other, so what it holds is this call's.
-#[derive(Clone)]
-enum LeafRef {
-    Held(Arc<LeafState>),
-    Made(Weak<LeafState>),
-}
-
-impl LeafRef {
-    /// The leaf behind `leaf`, held if anything else holds it.
-    fn of(leaf: Weak<LeafState>) -> LeafRef {
-        match leaf.upgrade() {
-            Some(held) => LeafRef::Held(held),
-            None => LeafRef::Made(leaf),
-        }
-    }
-
-    /// The leaf, unless it was made in a trace and nothing holds it now.
-    fn get(&self) -> Option<Arc<LeafState>> {
-        match self {
-            LeafRef::Held(leaf) => Some(leaf.clone()),
-            LeafRef::Made(leaf) => leaf.upgrade(),
-        }
-    }
-}
-
 /// A returned tensor: a program output (every returned tensor is one, so
 /// an argument or a `.grad` returned is this call's, not the trace's).
 #[derive(Clone)]
@@ -141,7 +111,7 @@ impl ArgKey {
 struct Entry {
     key: ArgKey,
     /// `.grad`s the trace read before changing them, as they were.
-    guards: Vec<(LeafRef, Option<(DType, Layout)>)>,
+    guards: Vec<GradGuard>,
     sources: Vec<Source>,
     /// How to compute each host input, and its dtype.
     host: Arc<Vec<(HostValues, DType)>>,
@@ -152,7 +122,7 @@ struct Entry {
     host_buffers: Mutex<Vec<Arc<PooledBuffer>>>,
     commits: Arc<Vec<Commit>>,
     checks: Vec<(usize, Option<usize>, ArgCheck)>,
-    grads: Vec<(LeafRef, GradEffect)>,
+    grads: GradEffects,
     /// Tensors updated in place, with the input slot of each.
     assigned: Vec<(Tensor, usize)>,
     returns: Vec<Returned>,
@@ -252,10 +222,8 @@ impl Entry {
     /// Whether this call's state matches what the trace saw.
     fn guards_pass(&self) -> bool {
         let grads_as_seen = self.guards.iter().all(|(leaf, seen)| {
-            leaf.get().is_none_or(|leaf| {
-                let now = leaf.grad.lock().as_ref().map(|g| (g.dtype(), g.layout().clone()));
-                now == *seen
-            })
+            let now = leaf.grad.lock().as_ref().map(|g| (g.dtype(), g.layout().clone()));
+            now == *seen
         });
         // A hook registered since the trace (on a parameter, between
         // calls) would not run in a replay: the step traces again, and the
@@ -264,8 +232,7 @@ impl Entry {
         // gives a new `.grad`: a hook on a leaf it merely clears breaks no
         // trace, and every call would trace again.
         let no_new_hooks = self.grads.iter().all(|(leaf, effect)| {
-            matches!(effect, GradEffect::Clear)
-                || leaf.get().is_none_or(|leaf| leaf.hooks.lock().is_empty() && leaf.post_hooks.lock().is_empty())
+            matches!(effect, GradEffect::Clear) || (leaf.hooks.lock().is_empty() && leaf.post_hooks.lock().is_empty())
         });
         grads_as_seen && no_new_hooks
     }
@@ -421,6 +388,7 @@ where
                      or view, or a hook was registered since); no more are traced, and calls that match none \
                      run eagerly"
                 );
+                self.last_break = Some(reason.clone());
                 return self.eager(args, &reason);
             }
             hit => match self.trace(args, key)? {
@@ -436,7 +404,8 @@ where
         self.stats
     }
 
-    /// Why the last graph break happened (the op and the reason).
+    /// Why the last graph break happened (the op and the reason), or why
+    /// the step stopped tracing a signature (the retrace limit).
     pub fn last_graph_break(&self) -> Option<&str> {
         self.last_break.as_deref()
     }
@@ -548,7 +517,7 @@ where
         self.stats.traces += 1;
         if self.log {
             let reason = if self.cache.iter().any(|e| e.key == key) {
-                "a .grad the step reads changed (exists, or its shape)"
+                "a .grad the step reads changed (exists, its shape or view), or a hook was registered since"
             } else {
                 "new argument signature"
             };
@@ -584,19 +553,26 @@ where
         let extents = input_extents(&c.graph);
         let twin = batch.as_ref().and_then(|f| f.twin(f.model.base()));
         let program = crate::compiler::wgsl::build_program(&self.device, c.graph, twin, self.log, passes)?;
-        // Every leaf weakly first, then held where something else holds it.
+        // A leaf nothing but the trace held once the closure returned
+        // (FGSM's perturbed input, made anew every call) is gone: the
+        // program neither guards nor sets it (before, the `.grad` the last
+        // replay set failed its guard, so every call traced again and
+        // cached one more program). A leaf the closure made and kept (in a
+        // field; a parameter a module makes on first use) is guarded and
+        // set as any other, so what it holds is this call's. Every leaf
+        // weakly first, then kept where something else holds it.
         let guards: Vec<_> = c.guards.into_iter().map(|(leaf, seen)| (Arc::downgrade(&leaf), seen)).collect();
         let grads: Vec<_> = c.grads.into_iter().map(|(leaf, effect)| (Arc::downgrade(&leaf), effect)).collect();
         let entry = Entry {
             key,
-            guards: guards.into_iter().map(|(leaf, seen)| (LeafRef::of(leaf), seen)).collect(),
+            guards: guards.into_iter().filter_map(|(leaf, seen)| Some((leaf.upgrade()?, seen))).collect(),
             sources: c.sources,
             host: Arc::new(host),
             host_sizes,
             host_buffers: Mutex::new(Vec::new()),
             commits: Arc::new(c.commits),
             checks: c.checks,
-            grads: grads.into_iter().map(|(leaf, effect)| (LeafRef::of(leaf), effect)).collect(),
+            grads: grads.into_iter().filter_map(|(leaf, effect)| Some((leaf.upgrade()?, effect))).collect(),
             assigned: c.assigned,
             returns: c.returns,
             program,
@@ -656,8 +632,10 @@ where
         if first.clamped || one.clamped || two.clamped {
             // `x[-64:]` on 32 rows starts at 0 at 32, 31 and 30, and at 36
             // on 100 rows: a clamp fits as a constant.
-            return self
-                .not_batched("a slice clamped to the bounds of a dim, or a check of part of an argument".into());
+            return self.not_batched("a slice clamped to the bounds of a dim".into());
+        }
+        if first.prefix_checks || one.prefix_checks || two.prefix_checks {
+            return self.not_batched("labels or indices checked through a prefix of an argument".into());
         }
         for (size, c) in [(b - 1, &one), (b - 2, &two)] {
             if let Some(what) = first.differs(c) {
@@ -749,8 +727,7 @@ where
         // whole program is recorded.
         let mut into = Vec::new();
         for (leaf, effect) in &entry.grads {
-            let (GradEffect::Output(k), Some(leaf)) = (effect, leaf.get()) else { continue };
-            let leaf = &leaf;
+            let GradEffect::Output(k) = effect else { continue };
             let read = entry.sources.iter().any(|s| matches!(s, Source::Grad(l) if Arc::ptr_eq(l, leaf)));
             let meta = &entry.program.outputs[*k].1;
             let reusable = (!read).then(|| reusable_grad(leaf, meta)).flatten();
@@ -773,7 +750,6 @@ where
         };
         // Recorded: apply the effects as eager mode would have.
         for (leaf, effect) in &entry.grads {
-            let Some(leaf) = leaf.get() else { continue };
             *leaf.grad.lock() = match effect {
                 GradEffect::Clear => None,
                 GradEffect::Output(k) => Some(outputs[*k].clone()),
@@ -843,6 +819,7 @@ struct Capture {
     aliased: Option<&'static str>,
     arg_maps: bool,
     clamped: bool,
+    prefix_checks: bool,
     grads: GradEffects,
     assigned: Vec<(Tensor, usize)>,
     returns: Vec<Returned>,
@@ -873,7 +850,9 @@ where
     let (mut outputs, returns) = outputs_of(&returned)?;
     let (grads, assigned) = effects(&mut outputs)?;
     let (values, inputs, state) = scope.finish_step();
-    let StepState { sources, guards, host, commits, checks, uploads, aliased, arg_maps, clamped, .. } = state;
+    let StepState {
+        sources, guards, host, commits, checks, uploads, aliased, arg_maps, clamped, prefix_checks, ..
+    } = state;
     let graph = CapturedGraph { values, inputs, outputs };
     let fingerprint = fingerprint(&graph, &sources, &uploads);
     let c = Capture {
@@ -887,6 +866,7 @@ where
         aliased,
         arg_maps,
         clamped,
+        prefix_checks,
         grads,
         assigned,
         returns,

@@ -118,11 +118,14 @@ pub(crate) struct StepState {
     /// over batch sizes.
     pub arg_maps: bool,
     /// Whether an op clamped a size to the bounds of a dim (Python's
-    /// slicing), or a check saw only a prefix of an argument: at other
-    /// batch sizes it may clamp otherwise, or the prefix not follow the
-    /// batch, which no fit over three sizes can tell, so the step is not
-    /// one program over batch sizes.
+    /// slicing): at other batch sizes it may clamp otherwise, which no
+    /// fit over three sizes can tell, so the step is not one program over
+    /// batch sizes.
     pub clamped: bool,
+    /// Whether a check saw only a prefix of an argument: the prefix need
+    /// not follow the batch size, so the step is not one program over
+    /// batch sizes either.
+    pub prefix_checks: bool,
 }
 
 fn storage_key(t: &Tensor) -> Option<usize> {
@@ -293,9 +296,14 @@ pub(crate) fn assign(target: &Tensor, value: &Tensor) -> Result<()> {
             copy_of(tr, u, target.metadata())
         };
         let Some(key) = storage_key(target) else {
-            return Err(Error::InvalidArgument {
-                op: "compiled step",
-                message: "internal: assigned a traced tensor".into(),
+            // Made inside the step (`Tensor::zeros(..).requires_grad(true)`
+            // updated by an optimizer made in the step): not a buffer a
+            // program can write back into.
+            return Err(Error::GraphBreak {
+                op: "in-place update",
+                reason: "its target was made inside the step; create it outside the step (and reset it each \
+                         call if it should start afresh) to compile the step"
+                    .into(),
             });
         };
         if !target.is_contiguous() || target.layout().offset != 0 {
@@ -311,8 +319,9 @@ pub(crate) fn assign(target: &Tensor, value: &Tensor) -> Result<()> {
         if tr.step.as_ref().is_some_and(|s| s.uploads.contains_key(&key)) {
             return Err(Error::GraphBreak {
                 op: "in-place update",
-                reason: "of a tensor the step made from host data (a replay would start from the last call's \
-                         values); make it outside the step to compile the step"
+                reason: "its target was made from host data inside the step: eager mode starts it from that \
+                         data every call, a replay would continue from the last call's values; create it outside \
+                         the step (and reset it each call) to compile the step"
                     .into(),
             });
         }
@@ -443,7 +452,7 @@ pub(crate) fn check_arg(t: &Tensor, check: ArgCheck) {
     with_step(|step| {
         if let Some(i) = step.args.iter().position(|a| a.shares_storage(t)) {
             let prefix = (t.numel() < step.args[i].numel()).then(|| t.numel());
-            step.clamped |= prefix.is_some();
+            step.prefix_checks |= prefix.is_some();
             step.checks.push((i, prefix, check));
         }
     });

@@ -102,13 +102,13 @@ pub(crate) enum Node {
     /// `magnitude`, the same over their terms' absolute values
     /// (`Σ_j |f_j| · Σ |t_j|`), and `smallest`, the least `Σ |t_j|`.
     /// `fast` is used when all are finite, `fast` is not zero (whose sign
-    /// the sum as written may not share), no term is near underflow
-    /// (`smallest` at least 2^-110), and the error of summing the
-    /// distributed addends (about `ε · sqrt(K) · addends`) is below both
-    /// 2^-13 of `|fast|` and four times the error the sum as written
-    /// makes anyway in rounding its addends (`4 ε · magnitude`): addends
-    /// that cancel where the written ones did not are summed as written.
-    /// Only in a row kernel.
+    /// the sum as written may not share), no addend's `Σ |t_j|` is below
+    /// 2^-110 (its terms near underflow), and the error of summing the
+    /// distributed addends (about `ε · sqrt(K) · addends`) is below either
+    /// 2^-13 of `|fast|` or four times the error the sum as written makes
+    /// anyway in rounding its addends (`4 ε · magnitude`): addends that
+    /// cancel where the written ones did not are summed as written (one
+    /// element at a time, in element order). Only in a row kernel.
     CheckedRowSum {
         fast: NodeId,
         src: NodeId,

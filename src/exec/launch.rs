@@ -375,7 +375,7 @@ pub(crate) fn reduce_chunks(a: usize, k: usize, kernel: &MapKernel) -> usize {
     // folding 3-4 (lavapipe on a Zen 5 EPYC, `scripts/bench-ab.sh`); the
     // cheap reductions of the other workloads did not move.
     let target = TARGET_THREADS * (cost / 8).clamp(1, 8);
-    let parallel = if a >= target || k <= min_chunk || one_pass || a == 0 {
+    let parallel = if a >= TARGET_THREADS || k <= min_chunk || one_pass || a == 0 {
         1
     } else {
         k.div_ceil(min_chunk).min(target.div_ceil(a)).max(1)

@@ -334,7 +334,7 @@ fn row_kernels_validate() {
 }
 
 /// A checked row sum ([`Node::CheckedRowSum`]): its fast value, and the
-/// loop summing the operand again where that is not finite, in every form
+/// loop summing the operand again where that is not trusted, in every form
 /// (the row-sums pass makes these, `compiler::row_sums`).
 #[test]
 fn checked_row_sums_validate() {
