@@ -295,6 +295,7 @@ pub(crate) fn build_program(
     let passes_done = started.elapsed();
     let (mut steps, ops_fused) = fusion::schedule(&graph, twin.as_ref(), limits, passes);
     let row_loops_saved = if passes.row_sums { crate::compiler::row_sums::distribute(&mut steps) } else { 0 };
+    let pass_lines = if log { pass_lines(&steps, row_loops_saved) } else { Vec::new() };
     let fused = started.elapsed();
     let report = ProgramReport {
         ir_before,
@@ -330,9 +331,48 @@ pub(crate) fn build_program(
             r.planned_bytes,
             r.unplanned_bytes
         );
+        for line in &pass_lines {
+            eprintln!("[wgrad compiled] {line}");
+        }
+        eprintln!(
+            "[wgrad compiled] memory plan: the program holds {} B at most, the liveness bound is {} B ({:.2}x)",
+            r.program_bytes,
+            r.liveness_bound_bytes,
+            r.program_bytes as f64 / r.liveness_bound_bytes.max(1) as f64
+        );
         for (i, k) in r.kernels.iter().enumerate() {
             eprintln!("[wgrad compiled] kernel {i}:\n{k}");
         }
     }
     Ok(program)
+}
+
+/// One log line per fusion pass: what each did to this program (the
+/// passes themselves are in `fusion`, `rows` and `row_sums`).
+fn pass_lines(steps: &[fusion::Step], row_loops_saved: usize) -> Vec<String> {
+    use fusion::Step;
+    let rows: Vec<usize> =
+        steps.iter().filter_map(|s| if let Step::Rows { passes, .. } = s { Some(*passes) } else { None }).collect();
+    // A value computed inside more than one kernel is recomputed where it
+    // is read instead of stored (rematerialized).
+    let mut computed_in: std::collections::HashMap<crate::compiler::ValueId, usize> = Default::default();
+    for s in steps {
+        for &v in s.inlined() {
+            *computed_in.entry(v).or_default() += 1;
+        }
+    }
+    let recomputed = computed_in.values().filter(|&&n| n > 1).count();
+    let side_stores: usize =
+        steps.iter().map(|s| if let Step::Reduce { stores, .. } = s { stores.len() } else { 0 }).sum();
+    let siblings: usize =
+        steps.iter().map(|s| if let Step::Reduce { siblings, .. } = s { siblings.len() } else { 0 }).sum();
+    let epilogue_outputs: usize =
+        steps.iter().map(|s| if let Step::Matmul { stores, .. } = s { stores.len() } else { 0 }).sum();
+    vec![
+        format!("row kernels: {} (loops over each row: {rows:?})", rows.len()),
+        format!("row sums distributed over per-row factors: {row_loops_saved} loops over rows saved"),
+        format!("rematerialization: {recomputed} values recomputed where they are read instead of stored"),
+        format!("reductions storing what they walk: {side_stores} values stored, {siblings} sibling sums folded in"),
+        format!("matmul epilogues: {epilogue_outputs} more outputs stored beside products (activations, updates)"),
+    ]
 }
