@@ -1346,6 +1346,26 @@ fn hooks_registered_after_the_trace_run() {
     assert_eq!(step.stats().eager_calls, 2, "{:?}", step.stats());
 }
 
+type Kept = Rc<std::cell::RefCell<Option<Tensor>>>;
+
+/// An FGSM step: the loss at `x` pushed along the sign of its gradient,
+/// taken through a leaf made here (kept in `keep` when given), then an
+/// SGD step on `w`.
+fn fgsm(w: &Tensor, x: &Tensor, opt: &mut dyn Optimizer, keep: Option<&Kept>) -> Result<Vec<Tensor>> {
+    opt.zero_grad();
+    let x_adv = x.detach().requires_grad(true)?;
+    x_adv.matmul(w)?.tanh()?.sum_all()?.backward()?;
+    let push = x_adv.grad().expect("x_adv.grad").sign()?.mul(0.05)?;
+    if let Some(slot) = keep {
+        *slot.borrow_mut() = Some(x_adv);
+    }
+    opt.zero_grad();
+    let loss = x.add(&push)?.matmul(w)?.tanh()?.sum_all()?;
+    loss.backward()?;
+    opt.step()?;
+    Ok(vec![loss])
+}
+
 /// A leaf made inside the step every call (FGSM's perturbed input,
 /// differentiated with `backward()` to read its `.grad`) is held weakly by
 /// the program: gone after the call, it is neither guarded nor set, so the
@@ -1357,24 +1377,13 @@ fn a_leaf_made_inside_the_step_keeps_the_cache_bounded() {
     let d = device();
     let make = |seed: u64| wgrad::nn::uniform([3, 4], 0.5, seed, &d).unwrap().detach().requires_grad(true).unwrap();
     let (w_eager, w_step) = (make(81), make(81));
-    let body = |w: &Tensor, x: &Tensor, opt: &mut dyn Optimizer| -> Result<Vec<Tensor>> {
-        opt.zero_grad();
-        let x_adv = x.detach().requires_grad(true)?;
-        x_adv.matmul(w)?.tanh()?.sum_all()?.backward()?;
-        let push = x_adv.grad().expect("x_adv.grad").sign()?.mul(0.05)?;
-        opt.zero_grad();
-        let loss = x.add(&push)?.matmul(w)?.tanh()?.sum_all()?;
-        loss.backward()?;
-        opt.step()?;
-        Ok(vec![loss])
-    };
     let mut eager_opt = Sgd::new(std::slice::from_ref(&w_eager), 0.1, 0.0, 0.0).unwrap();
     let mut opt = Sgd::new(std::slice::from_ref(&w_step), 0.1, 0.0, 0.0).unwrap();
     let w_in = w_step.clone();
-    let mut step = compile_step(&d, move |args: &[Tensor]| body(&w_in, &args[0], &mut opt));
+    let mut step = compile_step(&d, move |args: &[Tensor]| fgsm(&w_in, &args[0], &mut opt, None));
     for i in 0..20 {
         let x = wgrad::nn::uniform([5, 3], 1.0, 400 + i, &d).unwrap().detach();
-        let want = body(&w_eager, &x, &mut eager_opt).unwrap();
+        let want = fgsm(&w_eager, &x, &mut eager_opt, None).unwrap();
         let got = step.call(&[x]).unwrap();
         assert_close(&format!("call {i} loss"), &got[0].to_vec::<f32>().unwrap(), &want[0].to_vec::<f32>().unwrap());
         assert_close(&format!("call {i} w"), &w_step.to_vec::<f32>().unwrap(), &w_eager.to_vec::<f32>().unwrap());
@@ -1449,35 +1458,21 @@ fn labels_checked_through_a_prefix_check_only_the_prefix() {
 /// leaf made in a trace weakly).
 #[test]
 fn a_leaf_made_inside_the_step_and_kept_has_this_calls_grad() {
-    use std::cell::RefCell;
     let d = device();
     let make = |seed: u64| wgrad::nn::uniform([3, 4], 0.5, seed, &d).unwrap().detach().requires_grad(true).unwrap();
     let (w_eager, w_step) = (make(81), make(81));
-    type Slot = Rc<RefCell<Option<Tensor>>>;
-    let body = |w: &Tensor, x: &Tensor, opt: &mut dyn Optimizer, slot: &Slot| -> Result<Vec<Tensor>> {
-        opt.zero_grad();
-        let x_adv = x.detach().requires_grad(true)?;
-        x_adv.matmul(w)?.tanh()?.sum_all()?.backward()?;
-        let push = x_adv.grad().expect("x_adv.grad").sign()?.mul(0.05)?;
-        *slot.borrow_mut() = Some(x_adv);
-        opt.zero_grad();
-        let loss = x.add(&push)?.matmul(w)?.tanh()?.sum_all()?;
-        loss.backward()?;
-        opt.step()?;
-        Ok(vec![loss])
-    };
     let mut eager_opt = Sgd::new(std::slice::from_ref(&w_eager), 0.1, 0.0, 0.0).unwrap();
     let mut opt = Sgd::new(std::slice::from_ref(&w_step), 0.1, 0.0, 0.0).unwrap();
-    let (eager_slot, step_slot): (Slot, Slot) = (Rc::default(), Rc::default());
+    let (eager_slot, step_slot): (Kept, Kept) = (Rc::default(), Rc::default());
     let (w_in, slot_in) = (w_step.clone(), step_slot.clone());
-    let mut step = compile_step(&d, move |args: &[Tensor]| body(&w_in, &args[0], &mut opt, &slot_in));
+    let mut step = compile_step(&d, move |args: &[Tensor]| fgsm(&w_in, &args[0], &mut opt, Some(&slot_in)));
     for (i, b) in [2usize, 2, 2, 3, 5, 2, 4].into_iter().enumerate() {
         let x = wgrad::nn::uniform([b, 3], 1.0, 400 + i as u64, &d).unwrap().detach();
-        let want = body(&w_eager, &x, &mut eager_opt, &eager_slot).unwrap();
+        let want = fgsm(&w_eager, &x, &mut eager_opt, Some(&eager_slot)).unwrap();
         let got = step.call(&[x]).unwrap();
         assert_close(&format!("call {i} loss"), &got[0].to_vec::<f32>().unwrap(), &want[0].to_vec::<f32>().unwrap());
         assert_close(&format!("call {i} w"), &w_step.to_vec::<f32>().unwrap(), &w_eager.to_vec::<f32>().unwrap());
-        let kept = |s: &Slot| s.borrow().as_ref().unwrap().grad().unwrap().to_vec::<f32>().unwrap();
+        let kept = |s: &Kept| s.borrow().as_ref().unwrap().grad().unwrap().to_vec::<f32>().unwrap();
         assert_close(&format!("call {i} kept x_adv.grad"), &kept(&step_slot), &kept(&eager_slot));
     }
 }
