@@ -110,16 +110,10 @@ impl Rewriter<'_> {
     fn push(&mut self, node: Node, dtype: DType) -> NodeId {
         let id = self.k.push(node, dtype);
         // Uniformity and level of the new node, as codegen sees them.
-        let operands = crate::exec::codegen::node_operands(&node);
-        let uniform = match node {
-            Node::Input(j) => self.uniform_inputs[j],
-            Node::Scalar(_) | Node::RowReduce(..) | Node::CheckedRowSum { .. } | Node::Arg => true,
-            Node::Index | Node::Random(..) | Node::RandomAt(..) | Node::SegmentSum { .. } => false,
-            _ => operands.iter().all(|&o| self.uniform[o]),
-        };
-        let below = operands.iter().map(|&o| self.level[o]).max().unwrap_or(0);
+        let uniform = crate::exec::codegen::row_uniform(&node, &self.uniform, self.uniform_inputs);
+        let level = crate::exec::codegen::row_level(&node, &self.level);
         self.uniform.push(uniform);
-        self.level.push(below + usize::from(matches!(node, Node::RowReduce(..))));
+        self.level.push(level);
         id
     }
 

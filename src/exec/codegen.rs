@@ -803,26 +803,39 @@ fn checked_sum(
 /// level of a node is the number of row reductions it waits for (a row
 /// kernel loops over its rows the highest level plus one times).
 pub(crate) fn row_levels(k: &MapKernel) -> Vec<usize> {
-    let mut level = vec![0usize; k.nodes.len()];
-    for (id, (node, _)) in k.nodes.iter().enumerate() {
-        let below = node_operands(node).iter().map(|&o| level[o]).max().unwrap_or(0);
-        level[id] = below + usize::from(matches!(node, Node::RowReduce(..)));
+    let mut level = Vec::with_capacity(k.nodes.len());
+    for (node, _) in &k.nodes {
+        let l = row_level(node, &level);
+        level.push(l);
     }
     level
 }
 
+/// The level of `node` given the levels of earlier nodes (see [`row_levels`]).
+pub(crate) fn row_level(node: &Node, level: &[usize]) -> usize {
+    let below = node_operands(node).iter().map(|&o| level[o]).max().unwrap_or(0);
+    below + usize::from(matches!(node, Node::RowReduce(..)))
+}
+
 /// Which nodes of a row kernel are the same at every element of a row.
 pub(crate) fn row_uniform_nodes(k: &MapKernel, uniform_inputs: &[bool]) -> Vec<bool> {
-    let mut uniform = vec![false; k.nodes.len()];
-    for (id, (node, _)) in k.nodes.iter().enumerate() {
-        uniform[id] = match *node {
-            Node::Input(j) => uniform_inputs[j],
-            Node::Scalar(_) | Node::RowReduce(..) | Node::CheckedRowSum { .. } | Node::Arg => true,
-            Node::Index | Node::Random(..) | Node::RandomAt(..) | Node::SegmentSum { .. } => false,
-            _ => node_operands(node).iter().all(|&o| uniform[o]),
-        };
+    let mut uniform = Vec::with_capacity(k.nodes.len());
+    for (node, _) in &k.nodes {
+        let same = row_uniform(node, &uniform, uniform_inputs);
+        uniform.push(same);
     }
     uniform
+}
+
+/// Whether `node` is the same at every element of a row, given which
+/// earlier nodes are (`uniform`) and which inputs are.
+pub(crate) fn row_uniform(node: &Node, uniform: &[bool], uniform_inputs: &[bool]) -> bool {
+    match *node {
+        Node::Input(j) => uniform_inputs[j],
+        Node::Scalar(_) | Node::RowReduce(..) | Node::CheckedRowSum { .. } | Node::Arg => true,
+        Node::Index | Node::Random(..) | Node::RandomAt(..) | Node::SegmentSum { .. } => false,
+        _ => node_operands(node).iter().all(|&o| uniform[o]),
+    }
 }
 
 /// The nodes a node reads.
