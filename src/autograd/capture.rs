@@ -10,14 +10,16 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use crate::autograd::engine::{
-    BackwardOptions, GraphTask, NewGrads, WalkEnv, accumulated, finish, leaf_of, run_hooks, walk,
+    BackwardOptions, GraphTask, NewGrads, WalkEnv, accumulated, finish, leaf_of, mismatch_error, run_hooks, walk,
 };
 use crate::autograd::grad_mode::set_grad_enabled;
 use crate::autograd::graph::{Node, NodeKind};
+use crate::autograd::shadow::Learn;
 use crate::compiler::ir::{CapturedGraph, OutputRole};
 use crate::compiler::trace::{self, TraceScope};
 use crate::compiler::{CompilerInterface, Signature};
 use crate::error::Result;
+use crate::metadata::InputMetadata;
 use crate::tensor::Tensor;
 
 /// The tensors a program is bound to, in signature order, and which of
@@ -26,9 +28,10 @@ use crate::tensor::Tensor;
 /// merge what is computed from it.
 pub(crate) struct Bindings {
     pub tensors: Vec<Tensor>,
-    seeds: Range<usize>,
+    pub seeds: Range<usize>,
     pub saved: HashMap<usize, Vec<usize>>,
-    old_grads: HashMap<usize, usize>,
+    /// Node position of a leaf -> the slot of its old `.grad`.
+    pub old_grads: HashMap<usize, usize>,
     /// Whether the program adds the old `.grad`s itself. Not when the graph
     /// has hooks: a hook may change a `.grad` mid-backward (`zero_grad`,
     /// `set_grad`), and eager mode reads `.grad` after every hook has run,
@@ -74,10 +77,16 @@ pub(crate) fn bindings(task: &GraphTask) -> Bindings {
 struct TraceEnv<'a> {
     bindings: &'a Bindings,
     placeholders: Vec<Tensor>,
+    /// For a shadow of the backward at another batch size: what the walk
+    /// learns of its leaves.
+    learn: Option<&'a mut Learn>,
 }
 
 impl WalkEnv for TraceEnv<'_> {
     fn saved(&mut self, position: usize, _: &Node) -> Result<Vec<Tensor>> {
+        if let Some(learn) = self.learn.as_deref_mut() {
+            learn.at = position;
+        }
         let slots = self.bindings.saved.get(&position).map(Vec::as_slice).unwrap_or(&[]);
         Ok(slots.iter().map(|&s| self.placeholders[s].clone()).collect())
     }
@@ -87,15 +96,29 @@ impl WalkEnv for TraceEnv<'_> {
     fn hooks(&mut self, position: usize, _: &Node, g: Tensor) -> Result<Tensor> {
         trace::hook(position, &g)
     }
+    fn mismatch(&mut self, node: &Node, input: usize, child: usize, got: InputMetadata) -> Result<()> {
+        match self.learn.as_deref_mut() {
+            Some(learn) if learn.other_shapes.get(&child) == Some(&got) => {
+                learn.flips.push(child);
+                Ok(())
+            }
+            _ => Err(mismatch_error(node, input, got)),
+        }
+    }
 }
 
 /// Traces the backward formulas into a graph whose outputs are the new
 /// `.grad`s (old + new where a `.grad` exists) and the captured gradients.
-fn capture(task: &GraphTask, bindings: &Bindings, device: &crate::Device) -> Result<CapturedGraph> {
+pub(crate) fn capture(
+    task: &GraphTask,
+    bindings: &Bindings,
+    device: &crate::Device,
+    learn: Option<&mut Learn>,
+) -> Result<CapturedGraph> {
     let scope = TraceScope::start(device)?;
     let _mode = set_grad_enabled(false);
     let placeholders: Vec<Tensor> = bindings.tensors.iter().map(trace::input).collect();
-    let mut env = TraceEnv { bindings, placeholders };
+    let mut env = TraceEnv { bindings, placeholders, learn };
     let result = walk(task, &mut env)?;
     let mut outputs = Vec::new();
     for (i, g) in result.leaf_grads {
@@ -134,7 +157,11 @@ pub(crate) fn run_compiled(
     let signature = Signature::of(task, options, &bindings);
     let program = match compiler.lookup(&signature) {
         Some(program) => program,
-        None => compiler.compile(&signature, capture(task, &bindings, &device)?)?,
+        None => {
+            let graph = capture(task, &bindings, &device, None)?;
+            let mut smaller = || crate::autograd::shadow::smaller_sizes(task, &bindings, options, &device);
+            compiler.compile_with_sizes(&signature, graph, &mut smaller)?
+        }
     };
     if program.is_replaying_here() {
         compiler.fallback("a hook of this program started a backward with the same signature");

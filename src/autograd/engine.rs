@@ -12,6 +12,7 @@ use std::sync::Arc;
 use crate::autograd::grad_mode::set_grad_enabled;
 use crate::autograd::graph::{AutogradMeta, Hook, LeafState, Node, NodeKind};
 use crate::error::{Error, Result};
+use crate::metadata::InputMetadata;
 use crate::tensor::Tensor;
 
 /// Options of a backward pass, as in PyTorch.
@@ -337,6 +338,25 @@ pub(crate) trait WalkEnv {
     fn seed(&mut self, r: usize, seed: &Tensor) -> Tensor;
     /// `g` after the hooks of the node at `position` (which has some).
     fn hooks(&mut self, position: usize, node: &Node, g: Tensor) -> Result<Tensor>;
+    /// The gradient `got` that `node`'s formula gave its input `input` does
+    /// not have the metadata of that input (the node at `child`): an error,
+    /// except where a walk over a graph at another batch size learns from
+    /// it which way a leaf follows the batch (`autograd::shadow`).
+    fn mismatch(&mut self, node: &Node, input: usize, child: usize, got: InputMetadata) -> Result<()> {
+        let _ = child;
+        Err(mismatch_error(node, input, got))
+    }
+}
+
+/// The error of a formula whose gradient for input `input` of `node` has
+/// metadata `got`, not its input's.
+pub(crate) fn mismatch_error(node: &Node, input: usize, got: InputMetadata) -> Error {
+    Error::GradientMismatch {
+        op: node.name(),
+        input,
+        expected: Box::new(node.edges[input].metadata().unwrap_or_else(|| got.clone())),
+        got: Box::new(got),
+    }
 }
 
 /// What a walk produced: the gradient reaching each leaf (by position),
@@ -385,15 +405,11 @@ pub(crate) fn walk(task: &GraphTask, env: &mut dyn WalkEnv) -> Result<WalkResult
                 let grads = op.backward(&saved, &g, needs)?;
                 for (e, (edge, grad)) in node.edges.iter().zip(grads).enumerate() {
                     let (Some(child), Some(grad), true) = (&edge.node, grad, needs[e]) else { continue };
+                    let at = task.index[&key(child)];
                     if grad.metadata() != child.metadata {
-                        return Err(Error::GradientMismatch {
-                            op: node.name(),
-                            input: e,
-                            expected: Box::new(child.metadata.clone()),
-                            got: Box::new(grad.metadata()),
-                        });
+                        env.mismatch(node, e, at, grad.metadata())?;
                     }
-                    accumulate(&mut pending[task.index[&key(child)]], grad)?;
+                    accumulate(&mut pending[at], grad)?;
                 }
             }
         }

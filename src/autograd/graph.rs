@@ -201,7 +201,7 @@ pub struct Node {
 static NEXT_SEQ: AtomicU64 = AtomicU64::new(0);
 
 impl Node {
-    fn new(kind: NodeKind, edges: Vec<Edge>, metadata: InputMetadata, saved: Vec<Tensor>) -> Node {
+    pub(crate) fn new(kind: NodeKind, edges: Vec<Edge>, metadata: InputMetadata, saved: Vec<Tensor>) -> Node {
         Node {
             seq: NEXT_SEQ.fetch_add(1, Ordering::Relaxed),
             kind,

@@ -10,6 +10,7 @@ mod engine;
 mod grad_mode;
 mod graph;
 mod hooks;
+pub(crate) mod shadow;
 
 pub use engine::{BackwardOptions, backward, grad};
 pub(crate) use engine::{GraphTask, key};

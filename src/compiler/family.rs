@@ -1,15 +1,18 @@
 //! The compiled backward's batch families (issue 16): one backward graph
-//! seen at several batch sizes, and, once it has been traced at three,
-//! the graph at any other size without tracing.
+//! seen at several batch sizes, and, once it has been fitted, the graph at
+//! any other size without tracing.
 //!
 //! A backward has no forward to run again at a smaller size (the compiled
-//! step traces its closure at `B - 1` and `B - 2` for that), so the
-//! family learns from the sizes the program meets: its first three sizes
-//! are traced, and their graphs are fitted as a function of the batch
-//! size ([`BatchModel`]). So are the numbers of their signatures (every
-//! dim, stride, offset and scalar the signature shows). The batch size is
-//! the integer of the signatures that changes least between the first two
-//! sizes.
+//! step traces its closure at `B - 1` and `B - 2` for that). At its first
+//! size of 4 or more a family is fitted from the traced size and the
+//! graph's shadows at `B - 1` and `B - 2` (`autograd::shadow`:
+//! [`Family::from_shadows`]); otherwise, or once a guess from shadows is
+//! taken back, it learns from the sizes the program meets: its first
+//! three sizes are traced. Either way three graphs are fitted as a
+//! function of the batch size ([`BatchModel`]), and so are the numbers of
+//! their signatures (every dim, stride, offset and scalar the signature
+//! shows). The batch size is the integer of the signatures that changes
+//! least between the first two sizes.
 //! A later size whose signature is the fitted one, number for number, is
 //! that graph at its batch size: it is instantiated and lowered, not
 //! traced. A signature the fit does not predict (a number that is not
@@ -123,6 +126,12 @@ pub(crate) struct Family {
     /// The graph at the first size: later sizes are fused against it (see
     /// [`crate::WgslCompiler`]).
     pub first: CapturedGraph,
+    /// The first size's signature numbers.
+    first_numbers: Vec<Number>,
+    /// Whether the model was fitted at the first size from its shadows
+    /// (`autograd::shadow`): a guess of which numbers follow the batch,
+    /// which a size it does not predict takes back.
+    guessed: bool,
     /// The traced sizes' signature numbers and graphs, until the model is fitted.
     seen: Vec<(Vec<Number>, CapturedGraph)>,
     model: Option<Model>,
@@ -132,7 +141,55 @@ pub(crate) struct Family {
 
 impl Family {
     pub fn new(numbers: Vec<Number>, graph: CapturedGraph) -> Family {
-        Family { first: graph.clone(), seen: vec![(numbers, graph)], model: None, unfit: None }
+        Family {
+            first: graph.clone(),
+            first_numbers: numbers.clone(),
+            guessed: false,
+            seen: vec![(numbers, graph)],
+            model: None,
+            unfit: None,
+        }
+    }
+
+    /// The family of a first size fitted with that size's shadows at two
+    /// smaller sizes, or why they fit no model (every number is checked
+    /// as for traced sizes). Returns the sizes fitted too.
+    pub fn from_shadows(
+        numbers: Vec<Number>,
+        graph: CapturedGraph,
+        shadows: Vec<(Vec<Number>, CapturedGraph)>,
+    ) -> std::result::Result<(Family, [usize; 3]), String> {
+        let mut family = Family::new(numbers, graph);
+        let mut fitted = None;
+        for (n, g) in shadows {
+            fitted = family.observe(n, g);
+        }
+        let Some(sizes) = fitted else {
+            return Err(family.unfit.unwrap_or_else(|| "two shadows that fit with it were not made".into()));
+        };
+        family.guessed = true;
+        Ok((family, sizes))
+    }
+
+    /// The graph at batch size `b + 1`, from the model: what the program
+    /// at `b` is fused against, so that every size gets the same kernels.
+    pub fn twin(&self, b: usize) -> Option<CapturedGraph> {
+        self.model.as_ref()?.graph.at(b + 1)
+    }
+
+    /// Whether a model guessed from shadows fails to predict the size
+    /// whose signature has `numbers` (a batch of 2 or more: a batch of 1
+    /// is a size range of its own, and proves nothing).
+    pub fn mispredicts(&self, numbers: &[Number]) -> bool {
+        let Some(model) = self.model.as_ref().filter(|_| self.guessed) else { return false };
+        let big = matches!(numbers.get(model.batch), Some(&Number::Int(b)) if b >= 2);
+        big && self.predicted_size(numbers).is_none()
+    }
+
+    /// Takes back a model guessed from shadows: the family learns from the
+    /// sizes it traces, starting again from its first.
+    pub fn forget_guess(&mut self) {
+        *self = Family::new(self.first_numbers.clone(), self.first.clone());
     }
 
     /// Whether only the first size has been seen (no fit, no other size):
@@ -177,6 +234,14 @@ impl Family {
     /// tracing would not give it (`BatchModel::at`: that size traces).
     pub fn instantiate(&self, numbers: &[Number]) -> Option<(usize, Option<CapturedGraph>)> {
         let model = self.model.as_ref()?;
+        let b = self.predicted_size(numbers)?;
+        Some((b, model.graph.at(b)))
+    }
+
+    /// The batch size of the signature with `numbers`, if the model
+    /// predicts it exactly (2 or more).
+    fn predicted_size(&self, numbers: &[Number]) -> Option<usize> {
+        let model = self.model.as_ref()?;
         let Some(&Number::Int(b)) = numbers.get(model.batch) else { return None };
         // An empty batch and a batch of 1 trace: formulas may take another
         // path for an empty tensor or a broadcast dim.
@@ -188,8 +253,7 @@ impl Family {
             (Number::Float(x), NumberFit::Float(f, first)) => f.at(b, *first).to_bits() == x.to_bits(),
             _ => false,
         });
-        let b = b as usize;
-        predicted.then(|| (b, model.graph.at(b)))
+        predicted.then_some(b as usize)
     }
 }
 

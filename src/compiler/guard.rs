@@ -30,9 +30,15 @@ pub struct CompilerStats {
     /// [`crate::WgslCompiler`]).
     pub new_sizes: u64,
     /// New sizes whose graph was instantiated from the batch family's fit
-    /// of three traced sizes instead of traced: the backward formulas did
-    /// not run. Traces are `cache_misses - replans`.
+    /// (of the first size and its shadows, or of three traced sizes)
+    /// instead of traced: the backward formulas did not run. Traces are
+    /// `cache_misses - replans`.
     pub replans: u64,
+    /// Graphs whose batch family was fitted at their first size, from
+    /// the traced size and its shadows at two smaller sizes (the graph
+    /// made at those sizes from its nodes, traced without buffers): their
+    /// later sizes are instantiated where the fit predicts them.
+    pub shadow_fits: u64,
     /// Backward calls that ran eagerly although the compiler was installed
     /// (e.g. `create_graph`); the log says why.
     pub fallbacks: u64,
@@ -58,11 +64,26 @@ pub trait CompilerInterface: Send + Sync {
     /// Called at the start of every compiled backward, once the graph's
     /// signature is built: the cached program for it, if any (or one
     /// built without a trace, as [`crate::WgslCompiler`] does for a new
-    /// size of a graph met at three sizes before).
+    /// size of a graph whose batch family it has fitted).
     fn lookup(&self, signature: &Signature) -> Option<Arc<Program>>;
     /// Called on a cache miss with the graph the backward formulas traced
     /// into: optimise, lower and cache it.
     fn compile(&self, signature: &Signature, graph: CapturedGraph) -> Result<Arc<Program>>;
+    /// [`CompilerInterface::compile`], with the same backward at two
+    /// smaller batch sizes (their signatures and graphs, traced from the
+    /// graph's shadow at those sizes, or none where no shadow could be
+    /// made) a call of `smaller` away. [`crate::WgslCompiler`] asks for
+    /// them at a graph's first size, to fit its batch family there;
+    /// by default they are not asked for.
+    fn compile_with_sizes(
+        &self,
+        signature: &Signature,
+        graph: CapturedGraph,
+        smaller: &mut dyn FnMut() -> Vec<(Signature, CapturedGraph)>,
+    ) -> Result<Arc<Program>> {
+        let _ = smaller;
+        self.compile(signature, graph)
+    }
     /// Called when a backward runs eagerly although this compiler is installed.
     fn fallback(&self, reason: &str);
     /// Called after every replay of `program`.

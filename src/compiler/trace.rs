@@ -526,6 +526,14 @@ fn copy_of(tr: &mut Tracer, u: Use, meta: InputMetadata) -> ValueId {
 }
 
 /// A placeholder for a tensor bound at replay (same view, no data).
+/// A tensor that is only a view's shape (dtype, layout, device): what a
+/// backward at another batch size is traced from (`autograd::shadow`). It
+/// belongs to no trace (traces are numbered from 1), so any op on it is an
+/// error; [`input`] reads only its view.
+pub(crate) fn shape_only(layout: Layout, dtype: DType, device: &Device) -> Tensor {
+    Tensor::from_parts(Storage::Traced(0, 0), layout, dtype, device.clone())
+}
+
 pub(crate) fn input(t: &Tensor) -> Tensor {
     with(|tr| {
         let slot = tr.inputs;

@@ -128,7 +128,7 @@ impl WgslCompiler {
             return None;
         };
         self.note(format_args!("batch size {b} of a fitted batch family: re-planned without tracing"));
-        match self.build(signature, graph, Some(twin)) {
+        match self.build(signature, graph, Some(twin), true) {
             Ok(program) => {
                 self.stats.lock().replans += 1;
                 Some(program)
@@ -141,10 +141,16 @@ impl WgslCompiler {
     }
 
     /// Optimises, fuses and lowers `graph` (fused against `twin`, another
-    /// size of it, where given) and caches the program.
-    fn build(&self, signature: &Signature, graph: CapturedGraph, twin: Option<CapturedGraph>) -> Result<Arc<Program>> {
+    /// size of it, where given) and caches the program; `new_size`: a
+    /// graph compiled before at another size.
+    fn build(
+        &self,
+        signature: &Signature,
+        graph: CapturedGraph,
+        twin: Option<CapturedGraph>,
+        new_size: bool,
+    ) -> Result<Arc<Program>> {
         let pipelines_before = self.device.counters().pipelines_created;
-        let new_size = twin.is_some();
         // Row kernels for any number of rows, at the first size too: the
         // rows grow with the batch, and a first size under `MIN_ROWS`
         // lowered without them gave its later sizes other kernels (W1 at
@@ -199,6 +205,13 @@ impl CompilerInterface for WgslCompiler {
         let (key, numbers) = signature.split_numbers();
         let twin = {
             let mut families = self.families.lock();
+            if let Some(family) = families.get_mut(&key).filter(|f| f.mispredicts(&numbers)) {
+                self.note(format_args!(
+                    "the batch family fitted at its first size from shadows did not predict this size: taken \
+                     back, sizes are traced and fitted"
+                ));
+                family.forget_guess();
+            }
             match families.get_mut(&key) {
                 Some(family) if crate::compiler::batch::same_but_numbers(&family.first, &graph) => {
                     let twin = family.first.clone();
@@ -229,7 +242,51 @@ impl CompilerInterface for WgslCompiler {
         if twin.is_some() {
             self.note(format_args!("a graph compiled before at other sizes: fused as those sizes are"));
         }
-        self.build(signature, graph, twin)
+        let new_size = twin.is_some();
+        self.build(signature, graph, twin, new_size)
+    }
+
+    /// At a graph's first size, fits its batch family from the traced size
+    /// and its shadows at two smaller sizes (`autograd::shadow`), so that
+    /// no later size is traced where the fit predicts it, and fuses the
+    /// first size against the graph one size up, as every later size is.
+    fn compile_with_sizes(
+        &self,
+        signature: &Signature,
+        graph: CapturedGraph,
+        smaller: &mut dyn FnMut() -> Vec<(Signature, CapturedGraph)>,
+    ) -> Result<Arc<Program>> {
+        let (key, numbers) = signature.split_numbers();
+        if self.families.lock().contains_key(&key) {
+            return self.compile(signature, graph);
+        }
+        let mut shadows = Vec::new();
+        for (s, g) in smaller() {
+            let (k, n) = s.split_numbers();
+            if k != key || !crate::compiler::batch::same_but_numbers(&graph, &g) {
+                self.note(format_args!("a shadow at a smaller batch size is another graph: not fitted"));
+                shadows.clear();
+                break;
+            }
+            shadows.push((n, g));
+        }
+        let (family, twin) = match Family::from_shadows(numbers.clone(), graph.clone(), shadows) {
+            Ok((family, sizes)) => {
+                self.note(format_args!(
+                    "batch family fitted at its first size from shadows at sizes {sizes:?}: later sizes it \
+                     predicts are not traced"
+                ));
+                self.stats.lock().shadow_fits += 1;
+                let twin = family.twin(sizes[0]);
+                (family, twin)
+            }
+            Err(reason) => {
+                self.note(format_args!("no batch family fitted at the first size ({reason})"));
+                (Family::new(numbers, graph.clone()), None)
+            }
+        };
+        self.families.lock().insert(key, family);
+        self.build(signature, graph, twin, false)
     }
 
     fn fallback(&self, reason: &str) {

@@ -271,7 +271,13 @@ impl Tensor {
         let spread =
             self.reshape([outer, len, 1, inner])?.pad_narrowed(&Shape::new([outer, len, step, inner]), 2, 0)?;
         // The gaps after the last element may run past the end of `dim`.
-        let fits = (len * step).min(n - start);
+        let Some(room) = n.checked_sub(start) else {
+            return Err(Error::InvalidArgument {
+                op: "slice_step",
+                message: format!("internal: its gradient starts at {start}, past dim {dim} of {shape}"),
+            });
+        };
+        let fits = (len * step).min(room);
         let placed = spread.reshape([outer, len * step, inner])?.narrow(1, 0, fits)?;
         placed.pad_narrowed(&Shape::new([outer, n, inner]), 1, start)?.reshape(shape.clone())
     }

@@ -89,10 +89,12 @@ pub fn measure(device: &Device, sizes: &[usize]) -> wgrad::Result<String> {
         let backward_again_ms = backward_step()?;
         drop(guard);
         let now = compiler.stats();
+        let shadows = now.shadow_fits > stats.shadow_fits;
         let backward_did =
             match (now.cache_misses - stats.cache_misses, now.replans - stats.replans, now.new_sizes - stats.new_sizes)
             {
                 (0, _, _) => "replay",
+                (_, 0, 0) if shadows => "trace, new program, family fitted from its shadows",
                 (_, 0, 0) => "trace, new program",
                 (_, 0, _) => "trace, a known graph at a new size",
                 _ => "replan (no trace)",
@@ -154,11 +156,12 @@ pub fn measure(device: &Device, sizes: &[usize]) -> wgrad::Result<String> {
     let (c, s) = (compiler.stats(), step.stats());
     let _ = writeln!(
         out,
-        "\ncompiled backward: {} programs, {} traced and {} replanned from a fitted batch family ({} a known graph at a new size); compiled step: {} traces, {} replans ({} with other kernels)",
+        "\ncompiled backward: {} programs, {} traced and {} replanned from a fitted batch family ({} a known graph at a new size, {} families fitted from shadows); compiled step: {} traces, {} replans ({} with other kernels)",
         c.cache_misses,
         c.cache_misses - c.replans,
         c.replans,
         c.new_sizes,
+        c.shadow_fits,
         s.traces,
         s.replans,
         s.replans_across_boundaries
