@@ -380,6 +380,36 @@ fn a_wrong_guess_from_shadows_is_taken_back_at_the_next_size() -> wgrad::Result<
     Ok(())
 }
 
+/// A first size where the data and a parameter have the same shape (x
+/// [8, 8] @ w [8, 8], both wanting gradients): which leaf follows the
+/// batch is found by walking the shadow with each flipped (a guess that
+/// resizes both fails in the matmul's formula). One trace, and every size
+/// equals eager mode for both gradients.
+#[test]
+fn a_square_first_size_finds_which_leaf_is_data() -> wgrad::Result<()> {
+    let _l = serial();
+    let device = common::device();
+    let compiler = Arc::new(WgslCompiler::new(&device));
+    let w = Tensor::randn([8, 8], 81, &device)?.mul(0.3)?.detach().requires_grad(true)?;
+    for (i, b) in [8usize, 12, 30, 5, 64].into_iter().enumerate() {
+        let x = wgrad::nn::uniform([b, 8], 1.0, 900 + i as u64, &device)?.detach().requires_grad(true)?;
+        let grads = |compiled: bool| -> wgrad::Result<Vec<Vec<f32>>> {
+            let guard = if compiled { Some(CompilerGuard::install_arc(compiler.clone())?) } else { None };
+            let loss = x.matmul(&w)?.tanh()?.sum_all()?;
+            let g = wgrad::grad(&[&loss], &[&x, &w], None, wgrad::BackwardOptions::default())?;
+            drop(guard);
+            g.iter().map(|t| vec(t.as_ref().expect("grad"))).map(Ok).collect()
+        };
+        let (eager, compiled) = (grads(false)?, grads(true)?);
+        for (k, (c, e)) in compiled.iter().zip(&eager).enumerate() {
+            assert_close(&format!("batch {b} gradient {k}"), c, e);
+        }
+    }
+    let s = compiler.stats();
+    assert_eq!((s.cache_misses - s.replans, s.replans, s.shadow_fits), (1, 4, 1), "{s:?}");
+    Ok(())
+}
+
 /// Shadows whose ops would contradict their shapes are not made: the tail
 /// of a flattened batch (`x.flatten()[-3::2]`, at first size 4) or of a
 /// batch concatenated to itself starts at a number that follows the batch

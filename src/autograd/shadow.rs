@@ -15,9 +15,11 @@
 //! leading dim follows its input there, and a mean's scalar 1 / (k·B)
 //! (times a sum over k·B elements) becomes 1 / (k·B'). Strides and offsets stay: growing the outermost dim
 //! of a row-major view moves neither. A leaf is a parameter (its shape
-//! stays) or data (it follows the batch); the walk learns which from the
-//! gradient that reaches it, and walks again where a leaf it guessed wrong
-//! is saved by a node too.
+//! stays, as does an op of parameters alone) or data (it follows the
+//! batch). Which is searched for: all parameters first, then every leaf
+//! whose leading dim could follow the batch, walking again with the
+//! leaves flipped whose gradient came in their other shape, or, where a
+//! formula failed, with each leaf of the failing node flipped in turn.
 //!
 //! A shadow is a guess only in *which* graph it makes: the formulas that
 //! trace it are the real ones, so a shadow is the backward of a graph with
@@ -27,7 +29,7 @@
 //! the batch size, taken for it) mispredicts the next size, which is then
 //! traced, and the family learns from traced sizes as before.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use crate::autograd::capture::{Bindings, capture};
@@ -46,8 +48,12 @@ use crate::tensor::Tensor;
 /// below it are all 2 or more (a batch of 1 is a size range of its own).
 const MIN_BATCH: usize = 4;
 
-/// How often one guess of which leaves follow the batch is walked again.
-const WALKS_PER_GUESS: usize = 4;
+/// How many shadow walks the search for which leaves follow the batch
+/// may take.
+const MAX_WALKS: usize = 8;
+
+/// The positions of the leaves that follow the batch.
+type Scaled = BTreeSet<usize>;
 
 /// What a shadow walk learns of its leaves.
 #[derive(Default)]
@@ -94,21 +100,16 @@ fn summed(node: &Node) -> Option<usize> {
     }
 }
 
-/// The leaf of an accumulator node, by identity.
-fn leaf_id(leaf: &Arc<LeafState>) -> *const LeafState {
-    Arc::as_ptr(leaf)
-}
-
 /// Per node position, whether the node keeps its shape at every batch
 /// size: a leaf not in `scaled` (a parameter), or an op all of whose
 /// inputs are such nodes (a weight's transpose). An op with an input that
 /// wants no gradient may read data, so it follows the batch.
-fn fixed_nodes(task: &GraphTask, scaled: &HashSet<*const LeafState>) -> Vec<bool> {
+fn fixed_nodes(task: &GraphTask, scaled: &Scaled) -> Vec<bool> {
     let mut fixed = vec![false; task.order.len()];
     for i in (0..task.order.len()).rev() {
         let node = &task.order[i];
         fixed[i] = match &node.kind {
-            NodeKind::AccumulateGrad(leaf) => !scaled.contains(&leaf_id(leaf)),
+            NodeKind::AccumulateGrad(_) => !scaled.contains(&i),
             NodeKind::Op(_) => {
                 !node.edges.is_empty()
                     && node.edges.iter().zip(&task.needs[i]).all(|(e, &need)| {
@@ -136,38 +137,25 @@ pub(crate) fn smaller_sizes(
     }
     let near = Resize { from: b, to: b - 1 };
     // Leaves whose leading dim follows a batch size of `b`.
-    let candidates: HashSet<*const LeafState> = task
+    let candidates: Scaled = task
         .order
         .iter()
-        .filter_map(|n| match &n.kind {
-            NodeKind::AccumulateGrad(leaf) if near.leading(&leaf.metadata.shape) != leaf.metadata.shape => {
-                Some(leaf_id(leaf))
-            }
-            _ => None,
+        .enumerate()
+        .filter(|(_, n)| match &n.kind {
+            NodeKind::AccumulateGrad(leaf) => near.leading(&leaf.metadata.shape) != leaf.metadata.shape,
+            NodeKind::Op(_) => false,
         })
+        .map(|(i, _)| i)
         .collect();
     // Parameters first (the leaves of a training step), then data.
-    let mut guesses = vec![HashSet::new()];
-    if !candidates.is_empty() {
-        guesses.push(candidates);
-    }
-    for guess in guesses {
-        let Some(scaled) = settle(task, bindings, device, near, guess) else { continue };
-        // A graph whose every op keeps its shape (all leaves kept, where
-        // every input is a leaf) is no shadow at another size.
-        let fixed = fixed_nodes(task, &scaled);
-        if task.order.iter().zip(&fixed).all(|(n, &kept)| kept || matches!(n.kind, NodeKind::AccumulateGrad(_))) {
-            continue;
-        }
-        let shadows: Option<Vec<_>> = [b - 1, b - 2]
-            .into_iter()
-            .map(|to| shadow(task, bindings, options, device, Resize { from: b, to }, &scaled).ok())
-            .collect();
-        if let Some(shadows) = shadows {
-            return shadows;
-        }
-    }
-    Vec::new()
+    let Some(scaled) = search(task, bindings, device, near, vec![Scaled::new(), candidates]) else {
+        return Vec::new();
+    };
+    [b - 1, b - 2]
+        .into_iter()
+        .map(|to| shadow(task, bindings, options, device, Resize { from: b, to }, &scaled).ok())
+        .collect::<Option<Vec<_>>>()
+        .unwrap_or_default()
 }
 
 /// The batch size of a backward: the leading dim most op nodes' gradients
@@ -182,43 +170,58 @@ fn batch_size(task: &GraphTask) -> Option<usize> {
     counts.into_iter().max_by_key(|&(d, n)| (n, std::cmp::Reverse(d))).map(|(d, _)| d)
 }
 
-/// Which leaves follow the batch, starting from `scaled`: walks the shadow
-/// at `resize` and flips the leaves whose gradient came in their other
-/// shape (or, where a formula failed, the leaves of the failing node),
-/// until a walk flips none.
-fn settle(
+/// Which leaves follow the batch: a search from `starts`, each state a set
+/// of leaf positions, by walks of the shadow at `resize`. A walk whose
+/// leaves got their gradients in their other shape goes on with those
+/// flipped; one whose formula failed goes on with each leaf of the
+/// failing node flipped in turn (a square matmul's two leaves, one data,
+/// one a parameter). The first walk that flips none and resizes an op is
+/// the answer.
+fn search(
     task: &GraphTask,
     bindings: &Bindings,
     device: &Device,
     resize: Resize,
-    mut scaled: HashSet<*const LeafState>,
-) -> Option<HashSet<*const LeafState>> {
-    for _ in 0..WALKS_PER_GUESS {
-        let (shadow_task, shadow_bindings) = build(task, bindings, device, resize, &scaled).ok()?;
+    starts: Vec<Scaled>,
+) -> Option<Scaled> {
+    let mut queue: VecDeque<Scaled> = starts.into_iter().collect();
+    let mut seen: HashSet<Scaled> = queue.iter().cloned().collect();
+    for _ in 0..MAX_WALKS {
+        let scaled = queue.pop_front()?;
+        let Ok((shadow_task, shadow_bindings)) = build(task, bindings, device, resize, &scaled) else { continue };
         let mut learn = Learn { other_shapes: other_shapes(task, resize, &scaled), ..Learn::default() };
         let traced = capture(&shadow_task, &shadow_bindings, device, Some(&mut learn));
-        let mut flips = learn.flips;
-        if traced.is_err() && flips.is_empty() {
-            // The node whose formula failed: its leaves were guessed wrong,
-            // or nothing here can be guessed right.
-            let failed = &task.order[learn.at];
-            flips = failed
+        let next: Vec<Scaled> = match (traced, learn.flips.is_empty()) {
+            // A graph whose every op keeps its shape (all leaves kept,
+            // where every input is a leaf) is no shadow at another size.
+            (Ok(_), true)
+                if fixed_nodes(task, &scaled)
+                    .iter()
+                    .zip(&task.order)
+                    .any(|(&kept, n)| !kept && matches!(n.kind, NodeKind::Op(_))) =>
+            {
+                return Some(scaled);
+            }
+            (Ok(_), true) => Vec::new(),
+            (_, false) => vec![scaled.symmetric_difference(&learn.flips.iter().copied().collect()).copied().collect()],
+            (Err(_), true) => task.order[learn.at]
                 .edges
                 .iter()
                 .filter_map(|e| e.node.as_ref())
                 .filter(|c| matches!(c.kind, NodeKind::AccumulateGrad(_)))
-                .filter_map(|c| task.index.get(&key(c)).copied())
-                .collect();
-        }
-        if flips.is_empty() {
-            return traced.ok().map(|_| scaled);
-        }
-        for position in flips {
-            if let NodeKind::AccumulateGrad(leaf) = &task.order[position].kind {
-                let id = leaf_id(leaf);
-                if !scaled.remove(&id) {
-                    scaled.insert(id);
-                }
+                .filter_map(|c| task.index.get(&key(c)))
+                .map(|&leaf| {
+                    let mut flipped = scaled.clone();
+                    if !flipped.remove(&leaf) {
+                        flipped.insert(leaf);
+                    }
+                    flipped
+                })
+                .collect(),
+        };
+        for state in next {
+            if seen.insert(state.clone()) {
+                queue.push_back(state);
             }
         }
     }
@@ -227,13 +230,13 @@ fn settle(
 
 /// Per leaf position, its gradient's metadata with the other shape than
 /// `scaled` gives it, where the two differ.
-fn other_shapes(task: &GraphTask, resize: Resize, scaled: &HashSet<*const LeafState>) -> HashMap<usize, InputMetadata> {
+fn other_shapes(task: &GraphTask, resize: Resize, scaled: &Scaled) -> HashMap<usize, InputMetadata> {
     let mut out = HashMap::new();
     for (i, node) in task.order.iter().enumerate() {
         if let NodeKind::AccumulateGrad(leaf) = &node.kind {
             let grown = resize.meta(&leaf.metadata);
             if grown != leaf.metadata {
-                out.insert(i, if scaled.contains(&leaf_id(leaf)) { leaf.metadata.clone() } else { grown });
+                out.insert(i, if scaled.contains(&i) { leaf.metadata.clone() } else { grown });
             }
         }
     }
@@ -247,7 +250,7 @@ fn shadow(
     options: BackwardOptions,
     device: &Device,
     resize: Resize,
-    scaled: &HashSet<*const LeafState>,
+    scaled: &Scaled,
 ) -> Result<(Signature, CapturedGraph)> {
     let (shadow_task, shadow_bindings) = build(task, bindings, device, resize, scaled)?;
     let graph = capture(&shadow_task, &shadow_bindings, device, None)?;
@@ -261,26 +264,21 @@ fn build(
     bindings: &Bindings,
     device: &Device,
     resize: Resize,
-    scaled: &HashSet<*const LeafState>,
+    scaled: &Scaled,
 ) -> Result<(GraphTask, Bindings)> {
     let internal = |what: &str| Error::InvalidArgument {
         op: "compiled backward",
         message: format!("internal: a shadow of the backward {what}"),
     };
     // Which leaf each old `.grad` slot belongs to.
-    let mut grad_leaf: HashMap<usize, *const LeafState> = HashMap::new();
-    for (&position, &slot) in &bindings.old_grads {
-        if let NodeKind::AccumulateGrad(leaf) = &task.order[position].kind {
-            grad_leaf.insert(slot, leaf_id(leaf));
-        }
-    }
+    let grad_leaf: HashMap<usize, usize> = bindings.old_grads.iter().map(|(&leaf, &slot)| (slot, leaf)).collect();
     let fixed = fixed_nodes(task, scaled);
     // Whether a bound tensor keeps its shape: a parameter's `.grad`, a
     // parameter, or a value computed from parameters alone (a weight's
     // transpose). Any other tensor, a leaf of no node here too, is data.
     let keeps_shape = |slot: usize, t: &Tensor| {
-        if let Some(id) = grad_leaf.get(&slot) {
-            return !scaled.contains(id);
+        if let Some(leaf) = grad_leaf.get(&slot) {
+            return !scaled.contains(leaf);
         }
         let node = match &t.0.autograd {
             AutogradMeta::Leaf(leaf) => leaf.accumulator(),
@@ -319,8 +317,7 @@ fn build(
         }
         let (kind, metadata) = match &node.kind {
             NodeKind::AccumulateGrad(leaf) => {
-                let metadata =
-                    if scaled.contains(&leaf_id(leaf)) { resize.meta(&leaf.metadata) } else { leaf.metadata.clone() };
+                let metadata = if scaled.contains(&i) { resize.meta(&leaf.metadata) } else { leaf.metadata.clone() };
                 let state = Arc::new(LeafState::new(metadata.clone()));
                 if let Some(&slot) = old_grad_of.get(&i) {
                     *state.grad.lock() = Some(tensors[slot].clone());

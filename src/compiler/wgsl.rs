@@ -261,7 +261,10 @@ impl CompilerInterface for WgslCompiler {
             return self.compile(signature, graph);
         }
         let mut shadows = Vec::new();
-        for (s, g) in smaller() {
+        let started = std::time::Instant::now();
+        let made = smaller();
+        let shadow_ms = started.elapsed().as_secs_f64() * 1e3;
+        for (s, g) in made {
             let (k, n) = s.split_numbers();
             if k != key || !crate::compiler::batch::same_but_numbers(&graph, &g) {
                 self.note(format_args!("a shadow at a smaller batch size is another graph: not fitted"));
@@ -273,15 +276,15 @@ impl CompilerInterface for WgslCompiler {
         let (family, twin) = match Family::from_shadows(numbers.clone(), graph.clone(), shadows) {
             Ok((family, sizes)) => {
                 self.note(format_args!(
-                    "batch family fitted at its first size from shadows at sizes {sizes:?}: later sizes it \
-                     predicts are not traced"
+                    "batch family fitted at its first size from shadows at sizes {sizes:?} (made and traced in \
+                     {shadow_ms:.1} ms): later sizes it predicts are not traced"
                 ));
                 self.stats.lock().shadow_fits += 1;
                 let twin = family.twin(sizes[0]);
                 (family, twin)
             }
             Err(reason) => {
-                self.note(format_args!("no batch family fitted at the first size ({reason})"));
+                self.note(format_args!("no batch family fitted at the first size ({reason}; {shadow_ms:.1} ms)"));
                 (Family::new(numbers, graph.clone()), None)
             }
         };
