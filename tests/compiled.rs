@@ -380,6 +380,42 @@ fn a_wrong_guess_from_shadows_is_taken_back_at_the_next_size() -> wgrad::Result<
     Ok(())
 }
 
+/// Two graphs whose signatures differ only in a number (a hook on an
+/// intermediate or not: the hook count) are two batch families under one
+/// key: each is fitted at its first size, and neither takes back the
+/// other's fit. Alternating them over six sizes traces each once.
+#[test]
+fn graphs_that_differ_in_a_hook_count_keep_their_own_families() -> wgrad::Result<()> {
+    let _l = serial();
+    let device = common::device();
+    let compiler = Arc::new(WgslCompiler::new(&device));
+    let w = Tensor::randn([6, 5], 91, &device)?.mul(0.4)?.detach().requires_grad(true)?;
+    let c = Tensor::randn([5], 92, &device)?.detach().requires_grad(true)?;
+    for (i, b) in [4usize, 12, 40, 5, 9, 20].into_iter().enumerate() {
+        let x = wgrad::nn::uniform([b, 6], 1.0, 950 + i as u64, &device)?.detach();
+        for hooked in [false, true] {
+            let grads = |compiled: bool| -> wgrad::Result<Vec<Vec<f32>>> {
+                let guard = if compiled { Some(CompilerGuard::install_arc(compiler.clone())?) } else { None };
+                let h = x.matmul(&w)?.add(&c)?;
+                if hooked {
+                    h.register_hook(|g| Some(g.mul(2.0).expect("scale")))?;
+                }
+                let loss = h.tanh()?.mean_all()?;
+                let g = wgrad::grad(&[&loss], &[&w, &c], None, wgrad::BackwardOptions::default())?;
+                drop(guard);
+                g.iter().map(|t| vec(t.as_ref().expect("grad"))).map(Ok).collect()
+            };
+            let (eager, compiled) = (grads(false)?, grads(true)?);
+            for (k, (got, want)) in compiled.iter().zip(&eager).enumerate() {
+                assert_close(&format!("batch {b} hooked {hooked} gradient {k}"), got, want);
+            }
+        }
+    }
+    let s = compiler.stats();
+    assert_eq!((s.cache_misses - s.replans, s.replans, s.shadow_fits), (2, 10, 2), "{s:?}");
+    Ok(())
+}
+
 /// A first size where the data and a parameter have the same shape (x
 /// [8, 8] @ w [8, 8], both wanting gradients): which leaf follows the
 /// batch is found by walking the shadow with each flipped (a guess that

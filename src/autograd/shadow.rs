@@ -9,7 +9,9 @@
 //! *shadow* of the backward, which the compiler fits with the traced size
 //! as it fits three traced sizes (`compiler/family.rs`).
 //!
-//! The batch size B is the leading dim that most op nodes' gradients have.
+//! The batch size B is the leading dim that most op nodes' gradients have
+//! (of two tied, the smaller, then, where its shadows cannot be made, the
+//! other).
 //! At size B' a leading dim that is a multiple k·B becomes k·B' (a
 //! gradient, a saved view, an op's input shape), an op's length along the
 //! leading dim follows its input there, and a mean's scalar 1 / (k·B)
@@ -131,10 +133,22 @@ pub(crate) fn smaller_sizes(
     options: BackwardOptions,
     device: &Device,
 ) -> Vec<(Signature, CapturedGraph)> {
-    let Some(b) = batch_size(task) else { return Vec::new() };
-    if b < MIN_BATCH {
-        return Vec::new();
+    for b in batch_sizes(task) {
+        if let Some(shadows) = shadows_for(task, bindings, options, device, b) {
+            return shadows;
+        }
     }
+    Vec::new()
+}
+
+/// The shadows at `b - 1` and `b - 2`, taking `b` for the batch size.
+fn shadows_for(
+    task: &GraphTask,
+    bindings: &Bindings,
+    options: BackwardOptions,
+    device: &Device,
+    b: usize,
+) -> Option<Vec<(Signature, CapturedGraph)>> {
     let near = Resize { from: b, to: b - 1 };
     // Leaves whose leading dim follows a batch size of `b`.
     let candidates: Scaled = task
@@ -148,26 +162,26 @@ pub(crate) fn smaller_sizes(
         .map(|(i, _)| i)
         .collect();
     // Parameters first (the leaves of a training step), then data.
-    let Some(scaled) = search(task, bindings, device, near, vec![Scaled::new(), candidates]) else {
-        return Vec::new();
-    };
+    let scaled = search(task, bindings, device, near, vec![Scaled::new(), candidates])?;
     [b - 1, b - 2]
         .into_iter()
         .map(|to| shadow(task, bindings, options, device, Resize { from: b, to }, &scaled).ok())
-        .collect::<Option<Vec<_>>>()
-        .unwrap_or_default()
+        .collect()
 }
 
-/// The batch size of a backward: the leading dim most op nodes' gradients
-/// have (the smallest of those tied).
-fn batch_size(task: &GraphTask) -> Option<usize> {
+/// The batch sizes to try: the leading dim that most op nodes' gradients
+/// have, or the two smallest of those tied, where 4 or more.
+fn batch_sizes(task: &GraphTask) -> Vec<usize> {
     let mut counts: HashMap<usize, usize> = HashMap::new();
     for node in &task.order {
         if let (NodeKind::Op(_), Some(&d)) = (&node.kind, node.metadata.shape.dims().first()) {
             *counts.entry(d).or_default() += 1;
         }
     }
-    counts.into_iter().max_by_key(|&(d, n)| (n, std::cmp::Reverse(d))).map(|(d, _)| d)
+    let most = counts.values().copied().max().unwrap_or(0);
+    let mut tied: Vec<usize> = counts.into_iter().filter(|&(_, n)| n == most).map(|(d, _)| d).collect();
+    tied.sort_unstable();
+    tied.into_iter().take(2).filter(|&d| d >= MIN_BATCH).collect()
 }
 
 /// Which leaves follow the batch: a search from `starts`, each state a set

@@ -25,7 +25,7 @@
 //! contraction split past 16,384, a `min`, a dim of 0 or 1), which
 //! `BatchModel::at` checks on the instantiated graph: such a size traces.
 //! A first size whose graph differs from the next sizes' (a batch of 1)
-//! does not hold the family: it starts again from the next size.
+//! is a family of its own: the next size starts another.
 
 use crate::compiler::batch::{Affine, BatchModel, Scalar, fit_each, fit_int, fit_scalar};
 use crate::compiler::ir::CapturedGraph;
@@ -190,12 +190,6 @@ impl Family {
     /// sizes it traces, starting again from its first.
     pub fn forget_guess(&mut self) {
         *self = Family::new(self.first_numbers.clone(), self.first.clone());
-    }
-
-    /// Whether only the first size has been seen (no fit, no other size):
-    /// a family another graph may start again from.
-    pub fn only_first(&self) -> bool {
-        self.model.is_none() && self.unfit.is_none() && self.seen.len() == 1
     }
 
     /// Records a traced size; with the third, fits the model (or records

@@ -37,10 +37,12 @@ const MAX_BINDINGS: usize = 32;
 pub struct WgslCompiler {
     device: Device,
     cache: Mutex<HashMap<Signature, Arc<Program>>>,
-    /// Per signature without its numbers, the graph at the sizes it has
-    /// met: a later size is fused against the first, and, once three
-    /// sizes are traced, instantiated without tracing.
-    families: Mutex<HashMap<String, Family>>,
+    /// Per signature without its numbers, the batch families of the graphs
+    /// with such signatures (one per graph but for its numbers): a later
+    /// size is fused against the family's first and, once the family is
+    /// fitted (at its first size from shadows, or from three traced
+    /// sizes), instantiated without tracing.
+    families: Mutex<HashMap<String, Vec<Family>>>,
     last_signature: Mutex<Option<Signature>>,
     last_miss: Mutex<Option<String>>,
     stats: Mutex<CompilerStats>,
@@ -116,9 +118,10 @@ impl WgslCompiler {
         let (key, numbers) = signature.split_numbers();
         let (b, graph, twin) = {
             let families = self.families.lock();
-            let family = families.get(&key)?;
-            let (b, graph) = family.instantiate(&numbers)?;
-            (b, graph, family.first.clone())
+            families.get(&key)?.iter().find_map(|family| {
+                let (b, graph) = family.instantiate(&numbers)?;
+                Some((b, graph, family.first.clone()))
+            })?
         };
         let Some(graph) = graph else {
             self.note(format_args!(
@@ -199,21 +202,26 @@ impl CompilerInterface for WgslCompiler {
     fn compile(&self, signature: &Signature, graph: CapturedGraph) -> Result<Arc<Program>> {
         // A graph compiled before at another batch size (the same graph but
         // for its numbers) is fused against that size, making only the
-        // choices that hold at both: the same kernels at every size from
-        // the second on. (A backward has no forward to trace at a smaller
-        // size, so its first size is fused for itself alone.)
+        // choices that hold at both: the same kernels at every size. (A
+        // first size is fused against its twin one size up where its
+        // family was fitted from shadows, `compile_with_sizes`, and for
+        // itself alone otherwise.)
         let (key, numbers) = signature.split_numbers();
         let twin = {
             let mut families = self.families.lock();
-            if let Some(family) = families.get_mut(&key).filter(|f| f.mispredicts(&numbers)) {
-                self.note(format_args!(
-                    "the batch family fitted at its first size from shadows did not predict this size: taken \
-                     back, sizes are traced and fitted"
-                ));
-                family.forget_guess();
-            }
-            match families.get_mut(&key) {
-                Some(family) if crate::compiler::batch::same_but_numbers(&family.first, &graph) => {
+            // Graphs whose signatures differ only in numbers (a batch of
+            // 1, where a broadcast dim takes other paths; another hook
+            // count) are families of their own under one key.
+            let list = families.entry(key).or_default();
+            match list.iter_mut().find(|f| crate::compiler::batch::same_but_numbers(&f.first, &graph)) {
+                Some(family) => {
+                    if family.mispredicts(&numbers) {
+                        self.note(format_args!(
+                            "the batch family fitted at its first size from shadows did not predict this size: \
+                             taken back, sizes are traced and fitted"
+                        ));
+                        family.forget_guess();
+                    }
                     let twin = family.first.clone();
                     if let Some(sizes) = family.observe(numbers, graph.clone()) {
                         self.note(format_args!("batch family fitted at sizes {sizes:?}: later sizes are not traced"));
@@ -222,19 +230,8 @@ impl CompilerInterface for WgslCompiler {
                     }
                     Some(twin)
                 }
-                // Another graph for the same signature but its numbers: a
-                // first size of 1 (a broadcast dim takes other paths, e.g.
-                // `sum_to_shape` returns early). A family that has seen
-                // only its first size starts again from this one, so the
-                // sizes after it fit rather than tracing forever; one with
-                // more keeps them.
-                Some(family) if family.only_first() => {
-                    *family = Family::new(numbers, graph.clone());
-                    None
-                }
-                Some(_) => None,
                 None => {
-                    families.insert(key, Family::new(numbers, graph.clone()));
+                    list.push(Family::new(numbers, graph.clone()));
                     None
                 }
             }
@@ -257,7 +254,12 @@ impl CompilerInterface for WgslCompiler {
         smaller: &mut dyn FnMut() -> Vec<(Signature, CapturedGraph)>,
     ) -> Result<Arc<Program>> {
         let (key, numbers) = signature.split_numbers();
-        if self.families.lock().contains_key(&key) {
+        let known = self
+            .families
+            .lock()
+            .get(&key)
+            .is_some_and(|list| list.iter().any(|f| crate::compiler::batch::same_but_numbers(&f.first, &graph)));
+        if known {
             return self.compile(signature, graph);
         }
         let mut shadows = Vec::new();
@@ -288,7 +290,7 @@ impl CompilerInterface for WgslCompiler {
                 (Family::new(numbers, graph.clone()), None)
             }
         };
-        self.families.lock().insert(key, family);
+        self.families.lock().entry(key).or_default().push(family);
         self.build(signature, graph, twin, false)
     }
 
