@@ -28,6 +28,23 @@ fn wgrad_isnan(x: f32) -> bool {
     return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u;
 }
 
+// Whether `a + b` and `a - b` are NaN in IEEE arithmetic (a NaN operand, or
+// infinities that cancel), decided on the bits. The same assumption lets a
+// driver fold `x - x` and `x + (-x)` to 0 (llvmpipe does, in one kernel or
+// across fused ops), where PyTorch gives NaN for an infinite or NaN x; a
+// sum or difference selects NaN where these say so.
+fn wgrad_sum_is_nan(a: f32, b: f32) -> bool {
+    let ua = bitcast<u32>(a);
+    let cancel = (ua & 0x7fffffffu) == 0x7f800000u && (bitcast<u32>(b) ^ 0x80000000u) == ua;
+    return wgrad_isnan(a) || wgrad_isnan(b) || cancel;
+}
+
+fn wgrad_difference_is_nan(a: f32, b: f32) -> bool {
+    let ua = bitcast<u32>(a);
+    let cancel = (ua & 0x7fffffffu) == 0x7f800000u && bitcast<u32>(b) == ua;
+    return wgrad_isnan(a) || wgrad_isnan(b) || cancel;
+}
+
 // The logistic function with one exp: e = exp(-|x|) never overflows, and
 // each branch is the accurate one for its sign (e / (1 + e) keeps the
 // subnormal results of very negative x). NaN stays NaN.

@@ -502,3 +502,61 @@ fn a_grad_sharing_another_parameters_buffer_updates_correctly() {
     let err = wgrad::Sgd::new(&[p1.clone(), p1.clone()], 0.1, 0.0, 0.0).err().expect("duplicate parameter");
     assert!(err.to_string().contains("share one buffer"), "{err}");
 }
+
+/// Cancelling arithmetic keeps IEEE's NaN: drivers may assume floats are
+/// never NaN or infinite and fold `x - x` and `x + (-x)` to 0 (llvmpipe
+/// does, in one kernel or across fused ops), and compile `!=` as an
+/// ordered comparison (false with a NaN operand). PyTorch gives NaN for
+/// `inf - inf`, `NaN - NaN` and `inf + (-inf)`, and `NaN != x` is true: so
+/// does every mode here, f16 too.
+#[test]
+fn cancelling_arithmetic_and_not_equal_keep_nan() {
+    let (nan, inf) = (f32::NAN, f32::INFINITY);
+    let x = f32s(&[nan, inf, -inf, 1.5], &[4]);
+    let cancel = |r: Tensor| {
+        let r = r.to_vec::<f32>().unwrap();
+        assert!(r[0].is_nan() && r[1].is_nan() && r[2].is_nan() && r[3] == 0.0, "{r:?}");
+    };
+    cancel(x.sub(&x).unwrap());
+    cancel(x.add(x.neg().unwrap()).unwrap());
+    // Fused: the pending group makes the two ops one kernel.
+    let y = x.mul(2.0).unwrap();
+    cancel(y.sub(&y).unwrap());
+    cancel(y.add(y.neg().unwrap()).unwrap());
+    let h = x.to_dtype(DType::F16);
+    if let Ok(h) = h {
+        let r = h.sub(&h).unwrap().to_dtype(DType::F32).unwrap().to_vec::<f32>().unwrap();
+        assert!(r[0].is_nan() && r[1].is_nan() && r[2].is_nan() && r[3] == 0.0, "f16: {r:?}");
+    }
+    // A sum that does not cancel stays what it is.
+    let s = x.add(f32s(&[1.0, inf, 1.0, -1.5], &[4])).unwrap().to_vec::<f32>().unwrap();
+    assert!(s[0].is_nan() && s[1] == inf && s[2] == -inf && s[3] == 0.0, "{s:?}");
+    let other = f32s(&[1.0, inf, nan, 1.5], &[4]);
+    assert_eq!(x.ne(&x).unwrap().to_vec::<u32>().unwrap(), vec![1, 0, 0, 0]);
+    assert_eq!(x.ne(&other).unwrap().to_vec::<u32>().unwrap(), vec![1, 0, 1, 0]);
+    assert_eq!(x.eq(&x).unwrap().to_vec::<u32>().unwrap(), vec![0, 1, 1, 1]);
+}
+
+/// The centering backward over a batch of 1 cancels in one fused kernel
+/// (`g + (-g)`): with an infinite scale (an unbiased variance's 1 / (B - 1)
+/// at B = 1) eager mode's gradient is NaN, and so is the compiled one.
+#[test]
+fn the_compiled_backward_keeps_nan_where_a_fused_kernel_cancels() {
+    let _turn = COMPILER.lock().unwrap_or_else(|e| e.into_inner());
+    let d = device();
+    let w = Tensor::randn([6, 5], 1, &d).unwrap().detach().requires_grad(true).unwrap();
+    let x = wgrad::nn::uniform([1, 6], 1.0, 3, &d).unwrap().detach();
+    let grad = |compiled: bool| {
+        let guard = compiled.then(|| wgrad::WgslCompiler::install(&d).unwrap());
+        w.zero_grad();
+        let h = x.matmul(&w).unwrap();
+        let var = h.sub(h.mean(&[0], true).unwrap()).unwrap().square().unwrap().sum(&[0], false).unwrap();
+        var.mul(f64::INFINITY).unwrap().sum_all().unwrap().backward().unwrap();
+        drop(guard);
+        w.grad().unwrap().to_vec::<f32>().unwrap()
+    };
+    for compiled in [false, true] {
+        let g = grad(compiled);
+        assert!(g.iter().all(|v| v.is_nan()), "compiled {compiled}: {g:?}");
+    }
+}

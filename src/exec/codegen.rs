@@ -264,7 +264,7 @@ fn node_line(
         }
         Node::Unary(op, a) => op.wgsl(&v(a), *dtype),
         Node::Binary(op, a, b) => op.wgsl(&v(a), &v(b), *dtype),
-        Node::Compare(op, a, b) => format!("select(0u, 1u, {})", op.wgsl(&v(a), &v(b))),
+        Node::Compare(op, a, b) => format!("select(0u, 1u, {})", op.wgsl(&v(a), &v(b), k.dtype(a))),
         Node::Select(c, a, b) => {
             // Non-zero is true, NaN included (`NaN != 0` may fold to false).
             let zero = zero_literal(k.dtype(c));

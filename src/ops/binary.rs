@@ -41,11 +41,12 @@ impl BinaryOp {
         }
     }
 
+    /// The WGSL expression of the op on `a` and `b` (of type `dtype`).
     pub(crate) fn wgsl(self, a: &str, b: &str, dtype: DType) -> String {
         let t = dtype.wgsl();
         match self {
-            BinaryOp::Add => format!("{a} + {b}"),
-            BinaryOp::Sub => format!("{a} - {b}"),
+            BinaryOp::Add => nan_exact("+", "wgrad_sum_is_nan", a, b, dtype),
+            BinaryOp::Sub => nan_exact("-", "wgrad_difference_is_nan", a, b, dtype),
             BinaryOp::Mul => format!("{a} * {b}"),
             BinaryOp::Div => format!("{a} / {b}"),
             // Integers: WGSL truncates and defines x / 0 = x; floor instead,
@@ -264,5 +265,18 @@ impl Tensor {
     /// `scalar / self` (true division, as [`Tensor::div`]).
     pub fn rdiv(&self, scalar: f64) -> Result<Tensor> {
         binary(BinaryOp::Div, Operand::Scalar(scalar), self.into())
+    }
+}
+
+/// `a op b` for a float sum or difference, NaN exactly where IEEE's is
+/// (`is_nan` names the helper that says where; see
+/// `shaders/elementwise_helpers.wgsl`): drivers may assume floats are
+/// never NaN or infinite and fold `x - x` to 0, which is NaN for an
+/// infinite x in PyTorch. Integers as they are.
+fn nan_exact(op: &str, is_nan: &str, a: &str, b: &str, dtype: DType) -> String {
+    match dtype {
+        DType::F32 => format!("select({a} {op} {b}, bitcast<f32>(0x7fc00000u), {is_nan}({a}, {b}))"),
+        DType::F16 => format!("select({a} {op} {b}, f16(bitcast<f32>(0x7fc00000u)), {is_nan}(f32({a}), f32({b})))"),
+        DType::I32 | DType::U32 => format!("{a} {op} {b}"),
     }
 }

@@ -29,7 +29,17 @@ impl CmpOp {
         }
     }
 
-    pub(crate) fn wgsl(self, a: &str, b: &str) -> String {
+    /// The WGSL condition on `a` and `b` (of type `dtype`).
+    pub(crate) fn wgsl(self, a: &str, b: &str, dtype: DType) -> String {
+        // `!=` is true where an operand is NaN, as in IEEE and PyTorch;
+        // llvmpipe compiles it as an ordered comparison (false there), so
+        // NaN is tested on the bits. The other comparisons are false with a
+        // NaN operand, as their WGSL forms are.
+        if let (CmpOp::Ne, Some(nan_a), Some(nan_b)) =
+            (self, crate::exec::codegen::nan_test(a, dtype), crate::exec::codegen::nan_test(b, dtype))
+        {
+            return format!("({a} != {b} || {nan_a} || {nan_b})");
+        }
         let op = match self {
             CmpOp::Eq => "==",
             CmpOp::Ne => "!=",
