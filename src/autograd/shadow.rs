@@ -305,14 +305,8 @@ fn build(
         .tensors
         .iter()
         .enumerate()
-        .map(|(slot, t)| {
-            let layout = t.layout();
-            let shape = if keeps_shape(slot, t) { layout.shape.clone() } else { resize.leading(&layout.shape) };
-            let layout = Layout { shape, strides: layout.strides.clone(), offset: layout.offset };
-            crate::compiler::trace::shape_only(layout, t.dtype(), device)
-        })
+        .map(|(slot, t)| shadow_view(t, keeps_shape(slot, t), resize, device))
         .collect();
-    let old_grad_of: HashMap<usize, usize> = bindings.old_grads.clone();
     // Nodes from the leaves up, so that a node's children exist first.
     let n = task.order.len();
     let mut nodes: Vec<Option<Arc<Node>>> = vec![None; n];
@@ -333,15 +327,12 @@ fn build(
             NodeKind::AccumulateGrad(leaf) => {
                 let metadata = if scaled.contains(&i) { resize.meta(&leaf.metadata) } else { leaf.metadata.clone() };
                 let state = Arc::new(LeafState::new(metadata.clone()));
-                if let Some(&slot) = old_grad_of.get(&i) {
+                if let Some(&slot) = bindings.old_grads.get(&i) {
                     *state.grad.lock() = Some(tensors[slot].clone());
                 } else if let Some(g) = leaf.grad.lock().as_ref() {
                     // A `.grad` the program does not add (a graph with
                     // hooks): its view is in the signature all the same.
-                    let l = g.layout();
-                    let shape = if fixed[i] { l.shape.clone() } else { resize.leading(&l.shape) };
-                    let layout = Layout { shape, strides: l.strides.clone(), offset: l.offset };
-                    *state.grad.lock() = Some(crate::compiler::trace::shape_only(layout, g.dtype(), device));
+                    *state.grad.lock() = Some(shadow_view(g, fixed[i], resize, device));
                 }
                 (NodeKind::AccumulateGrad(state), metadata)
             }
@@ -388,6 +379,16 @@ fn build(
         accumulates: bindings.accumulates,
     };
     Ok((shadow_task, shadow_bindings))
+}
+
+/// `t`'s view at `resize`'s size, without a buffer: as it is where it
+/// `keeps` its shape, its leading dim resized otherwise (strides and offset
+/// stay).
+fn shadow_view(t: &Tensor, keeps: bool, resize: Resize, device: &Device) -> Tensor {
+    let l = t.layout();
+    let shape = if keeps { l.shape.clone() } else { resize.leading(&l.shape) };
+    let layout = Layout { shape, strides: l.strides.clone(), offset: l.offset };
+    crate::compiler::trace::shape_only(layout, t.dtype(), device)
 }
 
 /// `op` at `resize`'s size: an input shape follows the shadow of that input
